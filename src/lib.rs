@@ -1,0 +1,19 @@
+//! wedge-autopsy: autopsy before shooting.
+//!
+//! Given a VMID, prove which process is that VM's QEMU, capture its state read-only
+//! (QMP, /proc, kernel and user stacks) into a sealed, hash-verified archive, and only
+//! then, if asked, restart it. See README.md for the guarantees this crate keeps.
+
+pub mod archive;
+pub mod autopsy;
+pub mod cancel;
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod procfs;
+pub mod qmp;
+pub mod redact;
+pub mod runbook;
+pub mod stacks;
+pub mod step;
+pub mod target;

@@ -1,0 +1,1 @@
+//! QMP client (in progress on a branch).
