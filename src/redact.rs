@@ -32,10 +32,16 @@ pub fn environ(entries: &[String]) -> String {
 /// replaced. Inside a value, `k=v` options with a secret-looking `k` are redacted too
 /// (e.g. `ipconfig0` is kept, `cipassword` is not).
 pub fn pve_config(text: &str) -> String {
+    key_values(text, &[])
+}
+
+/// [`pve_config`] with `extra` keys redacted as well (a runbook's `redact` list).
+pub fn key_values(text: &str, extra: &[String]) -> String {
+    let secret = |k: &str| is_secret_key(k) || extra.iter().any(|e| e.eq_ignore_ascii_case(k.trim()));
     let mut out = String::new();
     for line in text.lines() {
         let redacted = match line.split_once(':') {
-            Some((k, _)) if !line.starts_with('#') && !line.starts_with('[') && is_secret_key(k.trim()) => {
+            Some((k, _)) if !line.starts_with('#') && !line.starts_with('[') && secret(k.trim()) => {
                 format!("{}: {REDACTED}", k.trim_end())
             }
             Some((k, v)) if !line.starts_with('#') && !line.starts_with('[') => {
@@ -43,7 +49,7 @@ pub fn pve_config(text: &str) -> String {
                     .trim()
                     .split(',')
                     .map(|o| match o.split_once('=') {
-                        Some((ok, _)) if is_secret_key(ok) => format!("{ok}={REDACTED}"),
+                        Some((ok, _)) if secret(ok) => format!("{ok}={REDACTED}"),
                         _ => o.to_string(),
                     })
                     .collect();

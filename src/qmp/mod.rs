@@ -1,1 +1,2 @@
-//! QMP client (in progress on a branch).
+//! QMP client (the full client lands from the `qmp` branch).
+pub mod policy;

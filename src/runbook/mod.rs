@@ -1,1 +1,476 @@
-//! (being written)
+//! Runbooks: the capture plan as data (`runbooks/*.toml`), checked before anything runs.
+//!
+//! A runbook is strict TOML: unknown keys, duplicate ids or outputs, unknown placeholders,
+//! a QMP command outside the read-only allowlist, a shell string where an argv belongs,
+//! or a timeout over the cap are all load-time errors naming file, line and key. The
+//! default runbook is embedded, so the tool works with nothing installed.
+
+mod template;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use template::{Template, Vars};
+
+use crate::config::parse_duration;
+
+/// Runbooks compiled into the binary: `(name, text)`.
+pub const BUILT_IN: &[(&str, &str)] = &[("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml"))];
+pub const DEFAULT: &str = "qemu-wedge";
+/// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
+pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
+pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
+const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core"];
+const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRunbook {
+    schema: u32,
+    name: String,
+    description: String,
+    deadline: Option<String>,
+    #[serde(default)]
+    step: Vec<RawStep>,
+}
+
+/// Every key any step kind may use; which keys a kind accepts is checked after parsing,
+/// so a misplaced key gets a message naming the kind.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    id: String,
+    kind: String,
+    timeout: Option<String>,
+    #[serde(default)]
+    optional: bool,
+    output: Option<String>,
+    command: Option<toml::Value>,
+    arguments: Option<toml::Table>,
+    samples: Option<u32>,
+    interval: Option<String>,
+    methods: Option<Vec<String>>,
+    backtrace: Option<String>,
+    path: Option<String>,
+    redact: Option<Vec<String>>,
+    argv: Option<toml::Value>,
+    output_cap: Option<u64>,
+    min_free: Option<String>,
+}
+
+/// A checked runbook.
+#[derive(Debug, Clone)]
+pub struct Runbook {
+    pub name: String,
+    pub description: String,
+    /// `built-in` or the file it was read from.
+    pub source: String,
+    pub deadline: Duration,
+    pub steps: Vec<Step>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub id: String,
+    pub timeout: Duration,
+    pub optional: bool,
+    pub kind: StepKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StepKind {
+    Proc,
+    Host,
+    Qmp {
+        command: String,
+        arguments: Option<serde_json::Value>,
+        samples: u32,
+        /// `None`: the run's `sample_interval`.
+        interval: Option<Duration>,
+        output: Template,
+    },
+    QomThrottle {
+        output: Template,
+    },
+    Stacks {
+        methods: Vec<String>,
+        backtrace: String,
+    },
+    File {
+        path: Template,
+        output: Template,
+        redact: Vec<String>,
+    },
+    Command {
+        argv: Vec<Template>,
+        output: Template,
+        output_cap: usize,
+    },
+    Core {
+        output: Template,
+        min_free: u64,
+    },
+}
+
+impl StepKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StepKind::Proc => "proc",
+            StepKind::Host => "host",
+            StepKind::Qmp { .. } => "qmp",
+            StepKind::QomThrottle { .. } => "qom-throttle",
+            StepKind::Stacks { .. } => "stacks",
+            StepKind::File { .. } => "file",
+            StepKind::Command { .. } => "command",
+            StepKind::Core { .. } => "core",
+        }
+    }
+}
+
+/// One problem in a runbook, located as precisely as the text allows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}{}{}: {message}", line.map(|l| format!(":{l}")).unwrap_or_default(), key.as_ref().map(|k| format!(": {k}")).unwrap_or_default())]
+pub struct RunbookError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// All the problems found in one runbook.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
+pub struct RunbookErrors(pub Vec<RunbookError>);
+
+/// Finds a runbook by name (operator dir first, then built-in) or by path.
+pub fn load(name_or_path: &str, operator_dir: &Path) -> Result<Runbook, RunbookErrors> {
+    let one = |message: String| RunbookErrors(vec![RunbookError { file: name_or_path.into(), line: None, key: None, message }]);
+    let is_path = name_or_path.contains('/') || name_or_path.ends_with(".toml");
+    let path = if is_path { PathBuf::from(name_or_path) } else { operator_dir.join(format!("{name_or_path}.toml")) };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => parse(&text, &path.display().to_string()),
+        Err(e) if is_path => Err(one(format!("cannot read: {e}"))),
+        Err(_) => match BUILT_IN.iter().find(|(n, _)| *n == name_or_path) {
+            Some((_, text)) => parse(text, "built-in"),
+            None => Err(one(format!(
+                "no runbook named {name_or_path:?} in {} or built in; `wedge-autopsy runbook list` shows them",
+                operator_dir.display()
+            ))),
+        },
+    }
+}
+
+/// Names of every runbook reachable by name: `(name, source)`, operator's shadowing built-ins.
+pub fn list(operator_dir: &Path) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(operator_dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                if let Some(stem) = p.file_stem() {
+                    out.push((stem.to_string_lossy().into_owned(), p.display().to_string()));
+                }
+            }
+        }
+    }
+    for (name, _) in BUILT_IN {
+        if !out.iter().any(|(n, _)| n == name) {
+            out.push((name.to_string(), "built-in".into()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Parses and checks a runbook's text. `file` names it in errors.
+pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
+    let raw: RawRunbook = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|s| line_of(text, s.start));
+        RunbookErrors(vec![RunbookError { file: file.into(), line, key: None, message: e.message().trim().to_string() }])
+    })?;
+    let mut errs = Vec::new();
+    let mut err = |step: Option<usize>, key: &str, message: String| {
+        let line = match step {
+            Some(i) => locate(text, i, key),
+            None => locate_top(text, key),
+        };
+        errs.push(RunbookError { file: file.into(), line, key: Some(key.into()), message });
+    };
+    if raw.schema != 1 {
+        err(None, "schema", format!("schema {} is not supported by this version (expected 1)", raw.schema));
+    }
+    let deadline = match raw.deadline.as_deref().map(parse_duration) {
+        None => Duration::from_secs(120),
+        Some(Ok(d)) if d <= MAX_DEADLINE && !d.is_zero() => d,
+        Some(Ok(_)) => {
+            err(None, "deadline", format!("must be between 1s and {}s", MAX_DEADLINE.as_secs()));
+            Duration::ZERO
+        }
+        Some(Err(e)) => {
+            err(None, "deadline", e);
+            Duration::ZERO
+        }
+    };
+    if raw.step.is_empty() {
+        err(None, "step", "a runbook needs at least one [[step]]".into());
+    }
+    let mut ids = BTreeSet::new();
+    let mut outputs = BTreeSet::new();
+    let mut steps = Vec::new();
+    for (i, s) in raw.step.iter().enumerate() {
+        if !ids.insert(s.id.clone()) {
+            err(Some(i), "id", format!("duplicate step id {:?}", s.id));
+        }
+        if s.id.is_empty() || !s.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            err(Some(i), "id", format!("{:?}: use letters, digits, '-' and '_'", s.id));
+        }
+        if !KINDS.contains(&s.kind.as_str()) {
+            err(Some(i), "kind", format!("unknown kind {:?}; one of {}", s.kind, KINDS.join(", ")));
+            continue;
+        }
+        let timeout = match s.timeout.as_deref().map(parse_duration) {
+            None => Duration::from_secs(10),
+            Some(Ok(d)) if d <= MAX_STEP_TIMEOUT && !d.is_zero() => d,
+            Some(Ok(_)) => {
+                err(Some(i), "timeout", format!("must be between 1ms and {}s", MAX_STEP_TIMEOUT.as_secs()));
+                continue;
+            }
+            Some(Err(e)) => {
+                err(Some(i), "timeout", e);
+                continue;
+            }
+        };
+        let allowed: &[&str] = match s.kind.as_str() {
+            "proc" | "host" => &[],
+            "qmp" => &["command", "arguments", "samples", "interval", "output"],
+            "qom-throttle" => &["output"],
+            "stacks" => &["methods", "backtrace"],
+            "file" => &["path", "output", "redact"],
+            "command" => &["argv", "output", "output_cap"],
+            "core" => &["output", "min_free"],
+            _ => unreachable!(),
+        };
+        for (key, set) in [
+            ("output", s.output.is_some()),
+            ("command", s.command.is_some()),
+            ("arguments", s.arguments.is_some()),
+            ("samples", s.samples.is_some()),
+            ("interval", s.interval.is_some()),
+            ("methods", s.methods.is_some()),
+            ("backtrace", s.backtrace.is_some()),
+            ("path", s.path.is_some()),
+            ("redact", s.redact.is_some()),
+            ("argv", s.argv.is_some()),
+            ("output_cap", s.output_cap.is_some()),
+            ("min_free", s.min_free.is_some()),
+        ] {
+            if set && !allowed.contains(&key) {
+                let hint = if s.kind == "command" && key == "command" {
+                    "; a command step takes `argv = [\"program\", \"arg\", …]`, never a shell string"
+                } else {
+                    ""
+                };
+                err(Some(i), key, format!("not a key of a {} step{hint}", s.kind));
+            }
+        }
+        let mut output = |default: String, err: &mut dyn FnMut(Option<usize>, &str, String)| -> Option<Template> {
+            let text = s.output.clone().unwrap_or(default);
+            let t = match Template::parse(&text) {
+                Ok(t) => t,
+                Err(e) => {
+                    err(Some(i), "output", e);
+                    return None;
+                }
+            };
+            if !t.is_relative_path() {
+                err(Some(i), "output", format!("{text:?}: must be a relative path inside the archive, without '..'"));
+            }
+            if !outputs.insert(text.clone()) {
+                err(Some(i), "output", format!("duplicate output {text:?}"));
+            }
+            Some(t)
+        };
+        let kind = match s.kind.as_str() {
+            "proc" => Some(StepKind::Proc),
+            "host" => Some(StepKind::Host),
+            "qmp" => {
+                let command = match &s.command {
+                    Some(toml::Value::String(c)) => c.clone(),
+                    _ => {
+                        err(Some(i), "command", "a qmp step needs `command = \"query-…\"`".into());
+                        continue;
+                    }
+                };
+                let arguments = s.arguments.as_ref().map(|t| serde_json::to_value(t).expect("toml table is json"));
+                if let Err(refusal) = crate::qmp::policy::check(&command, arguments.as_ref()) {
+                    err(Some(i), "command", refusal.to_string());
+                }
+                let samples = s.samples.unwrap_or(1);
+                if !(1..=10).contains(&samples) {
+                    err(Some(i), "samples", "must be 1 to 10".into());
+                }
+                let interval = match s.interval.as_deref().map(parse_duration) {
+                    None => None,
+                    Some(Ok(d)) if d <= Duration::from_secs(60) => Some(d),
+                    Some(Ok(_)) => {
+                        err(Some(i), "interval", "at most 60s".into());
+                        None
+                    }
+                    Some(Err(e)) => {
+                        err(Some(i), "interval", e);
+                        None
+                    }
+                };
+                output(format!("qmp/{command}.json"), &mut err)
+                    .map(|output| StepKind::Qmp { command, arguments, samples, interval, output })
+            }
+            "qom-throttle" => output("qmp/throttle-groups.json".into(), &mut err).map(|output| StepKind::QomThrottle { output }),
+            "stacks" => {
+                let methods = s.methods.clone().unwrap_or_else(|| vec!["native".into(), "gdb".into()]);
+                for m in &methods {
+                    if !["native", "gdb"].contains(&m.as_str()) {
+                        err(Some(i), "methods", format!("unknown method {m:?}; native or gdb"));
+                    }
+                }
+                let backtrace = s.backtrace.clone().unwrap_or_else(|| "bt".into());
+                if !["bt", "bt full"].contains(&backtrace.as_str()) {
+                    err(Some(i), "backtrace", "\"bt\" or \"bt full\"".into());
+                }
+                Some(StepKind::Stacks { methods, backtrace })
+            }
+            "file" => {
+                let path = match s.path.as_deref().map(Template::parse) {
+                    Some(Ok(t)) => Some(t),
+                    Some(Err(e)) => {
+                        err(Some(i), "path", e);
+                        None
+                    }
+                    None => {
+                        err(Some(i), "path", "a file step needs `path`".into());
+                        None
+                    }
+                };
+                let name = s.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("file").to_string();
+                let out = output(format!("files/{name}"), &mut err);
+                match (path, out) {
+                    (Some(path), Some(output)) => Some(StepKind::File { path, output, redact: s.redact.clone().unwrap_or_default() }),
+                    _ => None,
+                }
+            }
+            "command" => {
+                let argv = match &s.argv {
+                    Some(toml::Value::Array(a)) if !a.is_empty() => {
+                        let strs: Option<Vec<String>> = a.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                        match strs {
+                            Some(v) => v,
+                            None => {
+                                err(Some(i), "argv", "every argv element must be a string".into());
+                                continue;
+                            }
+                        }
+                    }
+                    Some(toml::Value::String(_)) => {
+                        err(Some(i), "argv", "is a shell string; write it as a list: argv = [\"program\", \"arg\", …] (no shell is ever used)".into());
+                        continue;
+                    }
+                    _ => {
+                        err(Some(i), "argv", "a command step needs a non-empty `argv` list".into());
+                        continue;
+                    }
+                };
+                let prog = argv[0].rsplit('/').next().unwrap_or_default();
+                if SHELLS.contains(&prog) {
+                    err(Some(i), "argv", format!("runs a shell ({prog}); run the program directly with its arguments as a list"));
+                }
+                let mut tmpl = Vec::new();
+                for a in &argv {
+                    match Template::parse(a) {
+                        Ok(t) => tmpl.push(t),
+                        Err(e) => err(Some(i), "argv", e),
+                    }
+                }
+                let name = prog.to_string();
+                output(format!("commands/{name}.txt"), &mut err).map(|output| StepKind::Command {
+                    argv: tmpl,
+                    output,
+                    output_cap: s.output_cap.unwrap_or(8 << 20) as usize,
+                })
+            }
+            "core" => {
+                let min_free = match s.min_free.as_deref().map(parse_size) {
+                    None => 2 << 30,
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => {
+                        err(Some(i), "min_free", e);
+                        0
+                    }
+                };
+                output("core/core".into(), &mut err).map(|output| StepKind::Core { output, min_free })
+            }
+            _ => unreachable!(),
+        };
+        if let Some(kind) = kind {
+            steps.push(Step { id: s.id.clone(), timeout, optional: s.optional, kind });
+        }
+    }
+    if !errs.is_empty() {
+        return Err(RunbookErrors(errs));
+    }
+    Ok(Runbook { name: raw.name, description: raw.description, source: file.into(), deadline, steps })
+}
+
+/// Parses `512M`, `2G`, `10G`, `1T` or a plain byte count.
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (t, 1u64),
+        Some((i, _)) => {
+            let m = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("invalid size {text:?}: write e.g. \"512M\", \"10G\"")),
+            };
+            (&t[..i], m)
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("invalid size {text:?}: write e.g. \"512M\", \"10G\""))
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// Line of `key` inside the `index`-th `[[step]]` table (or of the table header).
+fn locate(text: &str, index: usize, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let header = lines.iter().enumerate().filter(|(_, l)| l.trim() == "[[step]]").nth(index).map(|(n, _)| n)?;
+    for (n, l) in lines.iter().enumerate().skip(header + 1) {
+        let t = l.trim_start();
+        if t.starts_with('[') {
+            break;
+        }
+        if t.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')) {
+            return Some(n + 1);
+        }
+    }
+    Some(header + 1)
+}
+
+fn locate_top(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .position(|l| l.trim_start().strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')))
+        .map(|n| n + 1)
+}
+
+#[cfg(test)]
+mod tests;
