@@ -7,12 +7,14 @@
 pub mod archive;
 pub mod autopsy;
 pub mod cancel;
+pub mod cli;
 pub mod config;
 pub mod error;
 pub mod exec;
 pub mod procfs;
 pub mod qmp;
 pub mod redact;
+pub mod render;
 pub mod runbook;
 pub mod stacks;
 pub mod step;

@@ -1,1 +1,159 @@
-fn main() {}
+//! `wedge-autopsy`: parse arguments, call the library, map the outcome to an exit code.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use wedge_autopsy::archive::manifest::Trigger;
+use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
+use wedge_autopsy::autopsy::{self, Request, Silent};
+use wedge_autopsy::cancel::Cancel;
+use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
+use wedge_autopsy::config::Settings;
+use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::render::{self, StderrLines};
+use wedge_autopsy::runbook;
+use wedge_autopsy::target::VmId;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { Exit::BadInput as u8 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if cli.command.is_some() {
+        // Read-only subcommands end quietly when their reader goes away (`| head`). The
+        // autopsy keeps Rust's default (SIGPIPE ignored): a closed pipe must not stop a seal.
+        // SAFETY: called before any other thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
+        None => autopsy_cmd(&cli.autopsy, &settings),
+        Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
+        Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
+    });
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");
+            ExitCode::from(e.exit() as u8)
+        }
+    }
+}
+
+fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
+    let Some(vmid) = args.vmid.as_deref() else {
+        return Err(Error::BadInput("a VMID is required: wedge-autopsy <VMID> (see --help)".into()));
+    };
+    let vmid: VmId = vmid.parse().map_err(Error::Target)?;
+    let rb_name = args.runbook.clone().or(settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
+    let runbook = runbook::load(&rb_name, &settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let stacks = args.stacks.map(|s| match s {
+        StacksArg::Native => vec!["native".to_string(), "gdb".to_string()],
+        StacksArg::Gdb => vec!["gdb".to_string()],
+        StacksArg::None => vec![],
+    });
+    let req = Request {
+        vmid,
+        runbook,
+        stacks,
+        no_qmp: args.no_qmp,
+        trigger: Trigger::manual(args.reason.clone()),
+        command_line: std::env::args().collect(),
+    };
+    if args.dry_run {
+        let target = autopsy::prepare(&req, settings).ok();
+        print!("{}", autopsy::plan(&req, settings, target.as_ref()));
+        return Ok(Exit::Ok);
+    }
+    let target = autopsy::prepare(&req, settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
+    let report = rt.block_on(async {
+        let cancel = Cancel::new();
+        autopsy::cancel_on_signals(&cancel).map_err(anyhow::Error::from)?;
+        let lines = StderrLines::new();
+        let progress: &dyn autopsy::Progress = if args.quiet { &Silent } else { &lines };
+        autopsy::run(&req, settings, target, progress, &cancel).await
+    })?;
+    if args.json {
+        // Ignore EPIPE: the archive is sealed whether or not anyone reads this.
+        let _ = writeln!(std::io::stdout(), "{}", render::autopsy_json(&report));
+    }
+    if let Some(e) = &report.seal_error {
+        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
+    }
+    Ok(report.exit())
+}
+
+fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error> {
+    match action {
+        RunbookAction::List => {
+            for (name, source) in runbook::list(&settings.runbook_dir) {
+                let desc = runbook::load(&name, &settings.runbook_dir).map(|r| r.description).unwrap_or_else(|e| format!("INVALID: {e}"));
+                println!("{name:<20} {source:<40} {desc}");
+            }
+            Ok(Exit::Ok)
+        }
+        RunbookAction::Show { name } => {
+            let path = settings.runbook_dir.join(format!("{name}.toml"));
+            let text = std::fs::read_to_string(&name)
+                .or_else(|_| std::fs::read_to_string(&path))
+                .ok()
+                .or_else(|| runbook::BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()))
+                .ok_or_else(|| Error::BadInput(format!("no runbook named {name:?}; `wedge-autopsy runbook list` shows them")))?;
+            print!("{text}");
+            Ok(Exit::Ok)
+        }
+        RunbookAction::Check { files } => {
+            let mut bad = 0;
+            for f in &files {
+                match std::fs::read_to_string(f) {
+                    Ok(text) => match runbook::parse(&text, &f.display().to_string()) {
+                        Ok(rb) => println!("{}: ok ({} steps)", f.display(), rb.steps.len()),
+                        Err(errs) => {
+                            bad += 1;
+                            eprintln!("{errs}");
+                        }
+                    },
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("{}: cannot read: {e}", f.display());
+                    }
+                }
+            }
+            Ok(if bad == 0 { Exit::Ok } else { Exit::BadInput })
+        }
+    }
+}
+
+fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&str>) -> Result<Exit, Error> {
+    if verify {
+        let r = archive::verify(path).map_err(|e| Error::Seal(e.to_string()))?;
+        if !json {
+            println!("verified: {} files, sha256 {}", r.files, r.sha256);
+        }
+    }
+    let reader = ArchiveReader::open(path).map_err(|e| Error::BadInput(e.to_string()))?;
+    if let Some(p) = cat {
+        let bytes = reader.read(p).ok_or_else(|| Error::BadInput(format!("{p} is not in the archive; --json lists the files")))?;
+        std::io::stdout().write_all(&bytes).map_err(anyhow::Error::from)?;
+        return Ok(Exit::Ok);
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reader.manifest).map_err(anyhow::Error::from)?);
+        return Ok(Exit::Ok);
+    }
+    let m = &reader.manifest;
+    println!("VM {} pid {} on {} — {} → {} (host offset {})", m.vmid.unwrap_or(0), m.pid.unwrap_or(0), m.host, m.started_at.to_rfc3339(), m.ended_at.to_rfc3339(), m.utc_offset);
+    for s in &m.steps {
+        println!("  {:<24} {:<11} {:>6} ms  {}", s.id, s.status.as_str(), s.duration_ms, s.error.as_deref().unwrap_or(""));
+    }
+    for f in &m.files {
+        println!("  {:>10}  {}  {}", f.size, &f.sha256[..12], f.path);
+    }
+    Ok(Exit::Ok)
+}

@@ -124,6 +124,28 @@ impl StepSink {
         Ok(())
     }
 
+    /// Reserves archive path `rel` for a file another program writes (a core dump):
+    /// creates its parent directory and returns the real path to hand to that program.
+    pub fn reserve(&self, rel: &str) -> Result<PathBuf, SinkError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let full = self.resolve(rel)?;
+        let mut st = self.inner.lock().unwrap();
+        if !st.open {
+            return Err(SinkError::Closed);
+        }
+        if let Some(parent) = full.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|source| SinkError::Io { path: rel.to_string(), source })?;
+        }
+        if !st.files.iter().any(|f| f == rel) {
+            st.files.push(rel.to_string());
+        }
+        Ok(full)
+    }
+
     /// Records a non-fatal problem for the manifest.
     pub fn note(&self, msg: impl Into<String>) {
         let mut st = self.inner.lock().unwrap();

@@ -1,0 +1,295 @@
+//! The autopsy: resolve and prove the target, run the runbook step by step under
+//! deadlines, and seal whatever was captured, whatever happened.
+//!
+//! Steps run in the runbook's order. Each has its own deadline and the runbook a global
+//! one; a step that overruns is abandoned (its output sink closed) and the next starts.
+//! Blocking collectors run on their own threads; QMP steps share one session. A sampled
+//! QMP step takes its later samples in the background while other steps run. SIGINT,
+//! SIGTERM and SIGHUP stop the run, mark what did not finish as interrupted, and seal.
+
+mod progress;
+mod qmp_lane;
+mod steps;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde::Serialize;
+
+pub use progress::{Progress, Silent};
+
+use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
+use crate::archive::{self, Sealed, Staging};
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::error::{Error, Exit};
+use crate::runbook::{Runbook, StepKind, Vars};
+use crate::step::{StepRecord, StepStatus};
+use crate::target::{self, Layout, Target, VmId};
+
+/// What the caller asks for, beyond the settings.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub vmid: VmId,
+    pub runbook: Runbook,
+    /// `--stacks`: replaces every stacks step's methods; empty = `none` (step skipped).
+    pub stacks: Option<Vec<String>>,
+    /// `--no-qmp`: capture without QMP (socket missing or deliberately avoided).
+    pub no_qmp: bool,
+    pub trigger: Trigger,
+    pub command_line: Vec<String>,
+}
+
+/// The result of a run that got as far as an archive attempt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub vmid: VmId,
+    pub pid: i32,
+    pub target: Target,
+    pub steps: Vec<StepRecord>,
+    pub sealed: Option<Sealed>,
+    pub seal_error: Option<String>,
+    pub interrupted: bool,
+    pub started_at: chrono::DateTime<Utc>,
+    pub duration_ms: u64,
+}
+
+impl Report {
+    /// The exit code this run deserves (before any restart).
+    pub fn exit(&self) -> Exit {
+        if self.sealed.is_none() {
+            Exit::SealFailed
+        } else if self.steps.iter().any(|s| s.status.is_problem() && !s.optional) {
+            Exit::Partial
+        } else {
+            Exit::Ok
+        }
+    }
+}
+
+/// Resolves the target for `req`, checking everything a run needs before touching it.
+pub fn prepare(req: &Request, settings: &Settings) -> Result<Target, Error> {
+    let layout = Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() };
+    let target = target::resolve(req.vmid, &layout)?;
+    if !target.qmp_present && !req.no_qmp {
+        return Err(target::TargetError::SocketMissing {
+            vmid: req.vmid,
+            pid: target.pid,
+            path: target.qmp_socket.display().to_string(),
+        }
+        .into());
+    }
+    Ok(target)
+}
+
+/// The resolved plan, for `--dry-run`: one line per step, nothing touched.
+pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> String {
+    let vars = vars(req.vmid, target, settings);
+    let mut out = format!(
+        "runbook {} ({}), deadline {}s, VM {}{}\n",
+        req.runbook.name,
+        req.runbook.source,
+        req.runbook.deadline.as_secs(),
+        req.vmid,
+        target.map(|t| format!(", pid {} (proven by {:?})", t.pid, t.proof)).unwrap_or_default()
+    );
+    for s in &req.runbook.steps {
+        let what = match &s.kind {
+            StepKind::Qmp { command, arguments, samples, interval, .. } => {
+                let iv = interval.unwrap_or(settings.sample_interval);
+                let args = arguments.as_ref().map(|a| format!(" {a}")).unwrap_or_default();
+                if *samples > 1 {
+                    format!("QMP {command}{args}, {samples} samples {}ms apart", iv.as_millis())
+                } else {
+                    format!("QMP {command}{args}")
+                }
+            }
+            StepKind::Stacks { methods, .. } => {
+                let m = req.stacks.as_ref().unwrap_or(methods);
+                if m.is_empty() {
+                    "stacks: none (skipped)".into()
+                } else {
+                    format!("stacks: first that works of {}", m.join(", "))
+                }
+            }
+            StepKind::File { path, output, .. } => format!("copy {} -> {}", path.render(&vars), output.render(&vars)),
+            StepKind::Command { argv, output, .. } => {
+                format!("run {:?} -> {}", argv.iter().map(|a| a.render(&vars)).collect::<Vec<_>>(), output.render(&vars))
+            }
+            StepKind::Core { output, min_free } => {
+                format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
+            }
+            StepKind::Proc => "process and per-thread /proc files".into(),
+            StepKind::Host => "host /proc files and kernel log".into(),
+            StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
+        };
+        out.push_str(&format!("  {:<24} {:>5}ms{}  {what}\n", s.id, s.timeout.as_millis(), if s.optional { " opt" } else { "    " }));
+    }
+    out.push_str(&format!(
+        "archive: {}/autopsy-{}-<UTC>-<host>.tar.zst (0600), then read back and hash-checked\n",
+        settings.out.display(),
+        req.vmid
+    ));
+    out
+}
+
+fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {
+    Vars {
+        vmid: vmid.to_string(),
+        pid: target.map(|t| t.pid.to_string()).unwrap_or_else(|| "<pid>".into()),
+        run_dir: s.run_dir.display().to_string(),
+        pve_dir: s.pve_dir.display().to_string(),
+        qmp: target
+            .map(|t| t.qmp_socket.display().to_string())
+            .unwrap_or_else(|| s.run_dir.join(format!("{vmid}.qmp")).display().to_string()),
+    }
+}
+
+/// Installs handlers so SIGINT/SIGTERM/SIGHUP set `cancel` instead of killing us.
+pub fn cancel_on_signals(cancel: &Cancel) -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    for kind in [SignalKind::interrupt(), SignalKind::terminate(), SignalKind::hangup()] {
+        let mut s = signal(kind)?;
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                c.cancel();
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Runs the autopsy of a proven `target` and seals the archive.
+///
+/// Errors only when nothing could be staged (unwritable `--out`); every later failure is
+/// a step status or `seal_error` in the report.
+pub async fn run(
+    req: &Request,
+    settings: &Settings,
+    target: Target,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<Report, Error> {
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let host = crate::config::local_node_name();
+    let name = archive::archive_name(req.vmid.get(), started_at, &host);
+    let stale = archive::cleanup_stale(&settings.out);
+    let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
+    let vars = vars(req.vmid, Some(&target), settings);
+    let deadline = t0 + req.runbook.deadline;
+
+    let mut ctx = steps::Ctx {
+        target: &target,
+        settings,
+        vars: &vars,
+        staging: &staging,
+        cancel,
+        stacks_override: req.stacks.clone(),
+        qmp: qmp_lane::Lane::new(target.qmp_socket.clone(), req.no_qmp),
+    };
+    // A sampled QMP step's record is only final when its last sample is in.
+    enum Slot {
+        Done(StepRecord),
+        Sampling(tokio::task::JoinHandle<StepRecord>, StepRecord),
+    }
+    let mut slots: Vec<Slot> = Vec::new();
+    for step in &req.runbook.steps {
+        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. });
+        if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
+            progress.started("qmp-connect");
+            let rec = ctx.qmp.connect(deadline, cancel).await;
+            progress.finished(&rec);
+            slots.push(Slot::Done(rec));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let slot = if cancel.is_cancelled() {
+            Slot::Done(steps::not_run(step, StepStatus::Interrupted, "not started: the run was interrupted"))
+        } else if left.is_zero() {
+            Slot::Done(steps::not_run(step, StepStatus::Timeout, "not started: the runbook's deadline was reached"))
+        } else {
+            progress.started(&step.id);
+            match steps::run(&mut ctx, step, step.timeout.min(left)).await {
+                steps::Ran::Done(rec) => Slot::Done(rec),
+                steps::Ran::Sampling(handle) => {
+                    let fallback = steps::not_run(step, StepStatus::Failed, "sampling task failed");
+                    Slot::Sampling(handle, fallback)
+                }
+            }
+        };
+        if let Slot::Done(rec) = &slot {
+            progress.finished(rec);
+        }
+        slots.push(slot);
+    }
+    let mut records = Vec::with_capacity(slots.len());
+    for slot in slots {
+        records.push(match slot {
+            Slot::Done(rec) => rec,
+            Slot::Sampling(handle, fallback) => {
+                let rec = handle.await.unwrap_or(fallback);
+                progress.finished(&rec);
+                rec
+            }
+        });
+    }
+    ctx.qmp.finish(&staging).await;
+    let interrupted = cancel.is_cancelled();
+    let mut manifest = Manifest {
+        schema: manifest::SCHEMA,
+        tool: Default::default(),
+        host,
+        node: settings.node.clone(),
+        vmid: Some(req.vmid.get()),
+        pid: Some(target.pid),
+        command_line: req.command_line.clone(),
+        trigger: req.trigger.clone(),
+        started_at,
+        ended_at: Utc::now(),
+        utc_offset: manifest::local_offset(),
+        runbook: RunbookRef { name: req.runbook.name.clone(), source: req.runbook.source.clone() },
+        target: serde_json::to_value(&target).ok(),
+        interrupted,
+        steps: records.clone(),
+        files: Vec::new(),
+    };
+    if !stale.is_empty() {
+        if let Some(first) = manifest.steps.first_mut() {
+            first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
+        }
+    }
+    progress.started("seal");
+    let seal_start = Instant::now();
+    let result = tokio::task::spawn_blocking({
+        let manifest = manifest.clone();
+        let staging = Staging { out: staging.out.clone(), name: staging.name.clone(), dir: staging.dir.clone() };
+        move || staging.seal(manifest)
+    })
+    .await;
+    let (sealed, seal_error) = match result {
+        Ok(Ok(s)) => (Some(s), None),
+        Ok(Err(e)) => (None, Some(e.to_string())),
+        Err(e) => (None, Some(format!("seal task failed: {e}"))),
+    };
+    progress.sealed(sealed.as_ref(), seal_error.as_deref(), seal_start.elapsed());
+    manifest.steps = records;
+    Ok(Report {
+        vmid: req.vmid,
+        pid: target.pid,
+        target,
+        steps: manifest.steps,
+        sealed,
+        seal_error,
+        interrupted,
+        started_at,
+        duration_ms: t0.elapsed().as_millis() as u64,
+    })
+}
+
+/// Waits until `cancel` is set (polling; the flag is set from a signal task).
+pub(crate) async fn cancelled(cancel: &Cancel) {
+    while !cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

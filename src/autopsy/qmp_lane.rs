@@ -1,0 +1,161 @@
+//! The run's one QMP session, shared by every QMP step and the background samplers.
+//!
+//! Connected lazily at the first QMP step and recorded as step `qmp-connect`, so the
+//! manifest tells "no greeting" (socket held or QEMU frozen) from "greeting but
+//! `qmp_capabilities` unanswered" (main loop wedged). Once QMP failed or timed out, later
+//! QMP steps are skipped without sending anything.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use crate::archive::Staging;
+use crate::cancel::Cancel;
+use crate::qmp::{QmpClient, QmpConfig, QmpError, Reply};
+use crate::step::{StepRecord, StepStatus};
+
+#[derive(Clone)]
+pub struct Lane {
+    socket: PathBuf,
+    no_qmp: bool,
+    attempted: bool,
+    /// Why QMP is not usable; set by a failed connect or the first timeout.
+    unavailable: Arc<std::sync::Mutex<Option<String>>>,
+    client: Arc<Mutex<Option<QmpClient>>>,
+    connect_notes: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+/// Why a QMP step produced no reply.
+pub enum LaneError {
+    /// Nothing was sent: QMP was never usable or was given up on earlier.
+    NotSent(String),
+    Qmp(QmpError),
+}
+
+impl Lane {
+    pub fn new(socket: PathBuf, no_qmp: bool) -> Lane {
+        Lane {
+            socket,
+            no_qmp,
+            attempted: false,
+            unavailable: Default::default(),
+            client: Default::default(),
+            connect_notes: Default::default(),
+        }
+    }
+
+    pub fn attempted(&self) -> bool {
+        self.attempted
+    }
+
+    /// Connects (retrying within the budget while another client holds the socket).
+    pub async fn connect(&mut self, deadline: Instant, cancel: &Cancel) -> StepRecord {
+        self.attempted = true;
+        let start = Utc::now();
+        let t0 = Instant::now();
+        let mut rec = StepRecord {
+            id: "qmp-connect".into(),
+            kind: "qmp".into(),
+            status: StepStatus::Ok,
+            start,
+            duration_ms: 0,
+            error: None,
+            notes: vec![],
+            files: vec![],
+            optional: false,
+        };
+        if self.no_qmp {
+            rec.status = StepStatus::Skipped;
+            rec.error = Some("--no-qmp: QMP not used".into());
+            *self.unavailable.lock().unwrap() = Some("--no-qmp".into());
+            return rec;
+        }
+        let mut cfg = QmpConfig::default();
+        cfg.connect_budget = cfg.connect_budget.min(deadline.saturating_duration_since(Instant::now()));
+        let budget = cfg.connect_budget + cfg.capabilities_timeout + Duration::from_secs(1);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(budget, QmpClient::connect(&self.socket, &cfg)) => r,
+            _ = super::cancelled(cancel) => {
+                rec.status = StepStatus::Interrupted;
+                rec.error = Some("interrupted while connecting".into());
+                *self.unavailable.lock().unwrap() = Some("interrupted".into());
+                rec.duration_ms = t0.elapsed().as_millis() as u64;
+                return rec;
+            }
+        };
+        match outcome {
+            Ok(Ok(client)) => {
+                if let Some(g) = client.greeting() {
+                    rec.notes.push(format!("greeting: {}", compact(g, 200)));
+                }
+                *self.client.lock().await = Some(client);
+            }
+            Ok(Err(e)) => {
+                rec.status = StepStatus::Failed;
+                rec.error = Some(format!("{} ({})", e, e.classify()));
+                self.connect_notes.lock().unwrap().extend_from_slice(
+                    serde_json::json!({"t": Utc::now().to_rfc3339(), "dir": "note", "kind": e.classify(), "error": e.to_string()})
+                        .to_string()
+                        .as_bytes(),
+                );
+                *self.unavailable.lock().unwrap() = Some(format!("QMP connect failed: {}", e.classify()));
+            }
+            Err(_) => {
+                rec.status = StepStatus::Timeout;
+                rec.error = Some(format!("connect did not finish within {} ms", budget.as_millis()));
+                *self.unavailable.lock().unwrap() = Some("QMP connect timed out".into());
+            }
+        }
+        rec.duration_ms = t0.elapsed().as_millis() as u64;
+        rec
+    }
+
+    /// Runs one read-only command; `NotSent` if QMP is (or became) unusable.
+    pub async fn execute(&self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Reply, LaneError> {
+        if let Some(why) = self.unavailable.lock().unwrap().clone() {
+            return Err(LaneError::NotSent(why));
+        }
+        let mut guard = self.client.lock().await;
+        let Some(client) = guard.as_mut() else {
+            return Err(LaneError::NotSent("no QMP session".into()));
+        };
+        match client.execute(command, args, timeout).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if matches!(e, QmpError::Timeout { .. } | QmpError::Closed | QmpError::ReplyTooLarge { .. } | QmpError::Protocol(_)) {
+                    *self.unavailable.lock().unwrap() = Some(format!("QMP gave up after {command}: {}", e.classify()));
+                }
+                Err(LaneError::Qmp(e))
+            }
+        }
+    }
+
+    /// Saves the transcript and events, then closes the session (pvestatd wants the socket).
+    pub async fn finish(&self, staging: &Staging) {
+        let sink = staging.sink();
+        let client = self.client.lock().await.take();
+        let mut transcript = self.connect_notes.lock().unwrap().clone();
+        if let Some(c) = &client {
+            transcript.extend_from_slice(&c.transcript_jsonl());
+            let events = serde_json::to_vec_pretty(c.events()).unwrap_or_default();
+            let _ = sink.write("qmp/events.json", &events);
+        }
+        if !transcript.is_empty() {
+            let _ = sink.write("qmp/transcript.jsonl", &transcript);
+        }
+        sink.close();
+    }
+}
+
+fn compact(v: &Value, max: usize) -> String {
+    let s = v.to_string();
+    if s.chars().count() > max {
+        format!("{}…", s.chars().take(max).collect::<String>())
+    } else {
+        s
+    }
+}

@@ -1,0 +1,481 @@
+//! One function per step kind: run it under its deadline and turn the outcome into a
+//! [`StepRecord`]. Collectors that block (/proc reads, ptrace, external programs) run on
+//! their own OS thread; when the deadline passes the thread is abandoned and its sink
+//! closed, so a read stuck behind a D-state thread cannot hold up the rest.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{json, Value};
+
+use super::qmp_lane::{Lane, LaneError};
+use crate::archive::{Evidence, Staging};
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::exec::{self, ExecError, Spec};
+use crate::runbook::{Step, StepKind, Template, Vars};
+use crate::stacks::{self, StackError, StackRequest, ThreadStates};
+use crate::step::{StepOutcome, StepRecord, StepSink, StepStatus};
+use crate::target::Target;
+
+/// After a cancel, how long a blocking step gets to clean up (detach, kill its child).
+const CLEANUP_GRACE: Duration = Duration::from_secs(3);
+
+pub struct Ctx<'a> {
+    pub target: &'a Target,
+    pub settings: &'a Settings,
+    pub vars: &'a Vars,
+    pub staging: &'a Staging,
+    pub cancel: &'a Cancel,
+    pub stacks_override: Option<Vec<String>>,
+    pub qmp: Lane,
+}
+
+pub enum Ran {
+    Done(StepRecord),
+    /// A sampled QMP step whose later samples are still being taken.
+    Sampling(tokio::task::JoinHandle<StepRecord>),
+}
+
+fn record(step: &Step, status: StepStatus, start: chrono::DateTime<Utc>, took: Duration) -> StepRecord {
+    StepRecord {
+        id: step.id.clone(),
+        kind: step.kind.name().into(),
+        status,
+        start,
+        duration_ms: took.as_millis() as u64,
+        error: None,
+        notes: vec![],
+        files: vec![],
+        optional: step.optional,
+    }
+}
+
+/// A record for a step that never started.
+pub fn not_run(step: &Step, status: StepStatus, why: &str) -> StepRecord {
+    let mut r = record(step, status, Utc::now(), Duration::ZERO);
+    r.error = Some(why.into());
+    r
+}
+
+pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
+    let start = Utc::now();
+    let t0 = Instant::now();
+    let sink = ctx.staging.sink();
+    let outcome = match &step.kind {
+        StepKind::Qmp { command, arguments, samples, interval, output } => {
+            return qmp_step(ctx, step, command, arguments.clone(), *samples, *interval, output, timeout, sink).await;
+        }
+        StepKind::QomThrottle { output } => Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await),
+        _ => {
+            let job = blocking_job(ctx, step, sink.clone());
+            run_blocking(job, timeout, ctx.cancel).await
+        }
+    };
+    Ran::Done(finish(step, start, t0.elapsed(), outcome, &sink, timeout))
+}
+
+/// How a step's execution ended, before it becomes a record.
+enum Ended {
+    Done(StepOutcome),
+    Timeout,
+    Interrupted,
+}
+
+fn finish(step: &Step, start: chrono::DateTime<Utc>, took: Duration, ended: Ended, sink: &StepSink, timeout: Duration) -> StepRecord {
+    let (files, notes) = sink.close();
+    let (status, error) = match ended {
+        Ended::Done(StepOutcome::Ok) => (StepStatus::Ok, None),
+        Ended::Done(StepOutcome::Skipped(why)) => (StepStatus::Skipped, Some(why)),
+        Ended::Done(StepOutcome::Failed(why)) => (StepStatus::Failed, Some(why)),
+        Ended::Timeout => (StepStatus::Timeout, Some(format!("did not finish within {} ms; abandoned, output so far kept", timeout.as_millis()))),
+        Ended::Interrupted => (StepStatus::Interrupted, Some("interrupted by signal; output so far kept".into())),
+    };
+    let mut r = record(step, status, start, took);
+    r.error = error;
+    r.files = files;
+    r.notes = notes;
+    r
+}
+
+type Job = Box<dyn FnOnce() -> StepOutcome + Send + 'static>;
+
+/// Runs `job` on its own thread; gives up at `timeout` or on cancel (after a grace
+/// period in which the job can detach or kill what it started).
+async fn run_blocking(job: Job, timeout: Duration, cancel: &Cancel) -> Ended {
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(job());
+    });
+    tokio::select! {
+        r = &mut rx => r.map(Ended::Done).unwrap_or(Ended::Done(StepOutcome::Failed("collector thread panicked".into()))),
+        _ = tokio::time::sleep(timeout) => Ended::Timeout,
+        _ = super::cancelled(cancel) => {
+            let _ = tokio::time::timeout(CLEANUP_GRACE, rx).await;
+            Ended::Interrupted
+        }
+    }
+}
+
+fn blocking_job(ctx: &Ctx<'_>, step: &Step, sink: StepSink) -> Job {
+    let pid = ctx.target.pid;
+    let cancel = ctx.cancel.clone();
+    let vars = ctx.vars.clone();
+    match step.kind.clone() {
+        StepKind::Proc => Box::new(move || match crate::procfs::capture_process(pid, &sink, &cancel) {
+            Ok(_) => StepOutcome::Ok,
+            Err(e) => StepOutcome::Failed(e),
+        }),
+        StepKind::Host => Box::new(move || match crate::procfs::capture_host(&sink) {
+            Ok(_) => StepOutcome::Ok,
+            Err(e) => StepOutcome::Failed(e),
+        }),
+        StepKind::File { path, output, redact } => Box::new(move || file_step(&path, &output, &redact, &vars, &sink)),
+        StepKind::Command { argv, output, output_cap } => {
+            let timeout = step.timeout;
+            Box::new(move || command_step(&argv, &output, output_cap, timeout, &vars, &sink, &cancel))
+        }
+        StepKind::Stacks { methods, backtrace } => {
+            let methods = ctx.stacks_override.clone().unwrap_or(methods);
+            let target = ctx.target.clone();
+            let labels = thread_labels(ctx.staging);
+            let deadline = Instant::now() + step.timeout;
+            Box::new(move || stacks_step(&target, &methods, &backtrace, labels, deadline, &sink, &cancel))
+        }
+        StepKind::Core { output, min_free } => {
+            let out_dir = ctx.staging.dir.clone();
+            let target = ctx.target.clone();
+            let deadline = Instant::now() + step.timeout;
+            Box::new(move || core_step(&target, &output.render(&vars), min_free, &out_dir, deadline, &sink, &cancel))
+        }
+        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } => unreachable!("QMP steps run on the lane"),
+    }
+}
+
+fn file_step(path: &Template, output: &Template, redact: &[String], vars: &Vars, sink: &StepSink) -> StepOutcome {
+    let src = path.render(vars);
+    let text = match read_capped(&src, 16 << 20) {
+        Ok(t) => t,
+        Err(e) => return StepOutcome::Failed(format!("cannot read {src}: {e}")),
+    };
+    let redacted = crate::redact::key_values(&String::from_utf8_lossy(&text), redact);
+    match sink.write(&output.render(vars), redacted.as_bytes()) {
+        Ok(()) => StepOutcome::Ok,
+        Err(e) => StepOutcome::Failed(e.to_string()),
+    }
+}
+
+fn read_capped(path: &str, cap: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    std::fs::File::open(path)?.take(cap).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+fn command_step(
+    argv: &[Template],
+    output: &Template,
+    cap: usize,
+    timeout: Duration,
+    vars: &Vars,
+    sink: &StepSink,
+    cancel: &Cancel,
+) -> StepOutcome {
+    let argv: Vec<String> = argv.iter().map(|a| a.render(vars)).collect();
+    let mut spec = Spec::new(argv.clone(), timeout);
+    spec.output_cap = cap;
+    let out = match exec::run(&spec, cancel) {
+        Ok(o) => o,
+        Err(ExecError::NotFound(p)) => return StepOutcome::Skipped(format!("{p} is not installed")),
+        Err(e) => return StepOutcome::Failed(e.to_string()),
+    };
+    let rel = output.render(vars);
+    if let Err(e) = sink.write(&rel, &out.stdout) {
+        return StepOutcome::Failed(e.to_string());
+    }
+    if !out.stderr.is_empty() {
+        let _ = sink.write(&format!("{rel}.stderr"), &out.stderr);
+    }
+    if out.truncated {
+        sink.note(format!("output capped at {cap} bytes"));
+    }
+    if out.timed_out {
+        return StepOutcome::Failed(format!("killed (with its process group) at the {} ms deadline", timeout.as_millis()));
+    }
+    if out.cancelled {
+        return StepOutcome::Failed("killed: run interrupted".into());
+    }
+    match out.status {
+        Some(s) if s.success() => StepOutcome::Ok,
+        Some(s) => {
+            let tail = String::from_utf8_lossy(&out.stderr);
+            let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+            StepOutcome::Failed(format!("{} exited with {s}: {last}", argv[0]))
+        }
+        None => StepOutcome::Failed("terminated".into()),
+    }
+}
+
+/// Thread labels from QMP replies already captured: `CPU n` and iothread ids.
+fn thread_labels(ev: &dyn Evidence) -> BTreeMap<i32, String> {
+    let mut labels = BTreeMap::new();
+    if let Some(v) = ev.read_json("qmp/query-cpus-fast.json") {
+        for cpu in v["return"].as_array().into_iter().flatten() {
+            if let (Some(tid), Some(idx)) = (cpu["thread-id"].as_i64(), cpu["cpu-index"].as_i64()) {
+                labels.insert(tid as i32, format!("CPU {idx}"));
+            }
+        }
+    }
+    if let Some(v) = ev.read_json("qmp/query-iothreads.json") {
+        for it in v["return"].as_array().into_iter().flatten() {
+            if let (Some(tid), Some(id)) = (it["thread-id"].as_i64(), it["id"].as_str()) {
+                labels.insert(tid as i32, format!("iothread {id}"));
+            }
+        }
+    }
+    labels
+}
+
+fn stacks_step(
+    target: &Target,
+    methods: &[String],
+    backtrace: &str,
+    labels: BTreeMap<i32, String>,
+    deadline: Instant,
+    sink: &StepSink,
+    cancel: &Cancel,
+) -> StepOutcome {
+    if methods.is_empty() {
+        return StepOutcome::Skipped("--stacks none".into());
+    }
+    if !target.still_same() {
+        return StepOutcome::Failed(format!("pid {} is no longer VM {}'s QEMU; not traced", target.pid, target.vmid));
+    }
+    let before = ThreadStates::read(target.pid).unwrap_or_default();
+    let req = StackRequest { pid: target.pid, sink, deadline, cancel, labels };
+    let mut outcome = StepOutcome::Failed("no stack method ran".into());
+    for name in methods {
+        let method: Option<Box<dyn stacks::StackMethod>> = if name == "gdb" {
+            Some(Box::new(stacks::gdb::Gdb { backtrace: backtrace.into(), ..Default::default() }))
+        } else {
+            stacks::method(name)
+        };
+        let Some(method) = method else {
+            sink.note(format!("stack method {name} is not available in this build"));
+            continue;
+        };
+        match method.capture(&req) {
+            Ok(summary) => {
+                sink.note(format!("{name}: {summary}"));
+                outcome = StepOutcome::Ok;
+                break;
+            }
+            Err(StackError::Interrupted) => {
+                outcome = StepOutcome::Failed("interrupted".into());
+                break;
+            }
+            Err(e @ StackError::NoProcess(_)) => {
+                outcome = StepOutcome::Failed(e.to_string());
+                break;
+            }
+            Err(e) => {
+                sink.note(format!("{name} failed: {e}"));
+                outcome = StepOutcome::Failed(format!("{name}: {e}"));
+                if Instant::now() >= deadline || cancel.is_cancelled() {
+                    break;
+                }
+            }
+        }
+    }
+    let restore = stacks::restore_stopped(target.pid, &before, &|| target.still_same());
+    if !restore.newly_stopped.is_empty() {
+        sink.note(format!(
+            "threads {:?} were left stopped by the stack method; {}",
+            restore.newly_stopped,
+            if restore.resumed { "resumed with SIGCONT" } else { "NOT resumed" }
+        ));
+    }
+    if let Some(e) = restore.error {
+        sink.note(e);
+    }
+    outcome
+}
+
+fn core_step(
+    target: &Target,
+    rel: &str,
+    min_free: u64,
+    staging_dir: &std::path::Path,
+    deadline: Instant,
+    sink: &StepSink,
+    cancel: &Cancel,
+) -> StepOutcome {
+    let free = match nix::sys::statvfs::statvfs(staging_dir) {
+        Ok(s) => s.blocks_available() as u64 * s.fragment_size() as u64,
+        Err(e) => return StepOutcome::Failed(format!("cannot check free space: {e}")),
+    };
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", target.pid))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .unwrap_or(0)
+        * 1024;
+    if free < min_free + rss {
+        return StepOutcome::Skipped(format!(
+            "refused: {} MiB free, a core needs about {} MiB plus the {} MiB floor; free space or lower min_free",
+            free >> 20,
+            rss >> 20,
+            min_free >> 20
+        ));
+    }
+    if !target.still_same() {
+        return StepOutcome::Failed(format!("pid {} is no longer VM {}'s QEMU; not dumped", target.pid, target.vmid));
+    }
+    let path = match sink.reserve(rel) {
+        Ok(p) => p,
+        Err(e) => return StepOutcome::Failed(e.to_string()),
+    };
+    let before = ThreadStates::read(target.pid).unwrap_or_default();
+    let argv = vec![
+        "gdb".to_string(),
+        "-p".into(),
+        target.pid.to_string(),
+        "-batch".into(),
+        "-nx".into(),
+        "-iex".into(),
+        "set debuginfod enabled off".into(),
+        "-ex".into(),
+        format!("gcore {}", path.display()),
+    ];
+    let spec = Spec::new(argv, deadline.saturating_duration_since(Instant::now()));
+    let out = exec::run(&spec, cancel);
+    let restore = stacks::restore_stopped(target.pid, &before, &|| target.still_same());
+    if !restore.newly_stopped.is_empty() {
+        sink.note(format!("threads {:?} left stopped by gdb; resumed: {}", restore.newly_stopped, restore.resumed));
+    }
+    match out {
+        Err(ExecError::NotFound(_)) => StepOutcome::Skipped("gdb is not installed (apt install gdb)".into()),
+        Err(e) => StepOutcome::Failed(e.to_string()),
+        Ok(o) if o.success() && path.exists() => StepOutcome::Ok,
+        Ok(o) => StepOutcome::Failed(format!("gcore failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
+    }
+}
+
+/// Output path of sample `n` of `samples`: `qmp/x.json` → `qmp/x.2.json`.
+fn sample_path(rel: &str, n: u32, samples: u32) -> String {
+    if samples == 1 {
+        return rel.to_string();
+    }
+    match rel.rsplit_once('.') {
+        Some((stem, ext)) if !ext.contains('/') => format!("{stem}.{n}.{ext}"),
+        _ => format!("{rel}.{n}"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn qmp_step(
+    ctx: &mut Ctx<'_>,
+    step: &Step,
+    command: &str,
+    args: Option<Value>,
+    samples: u32,
+    interval: Option<std::time::Duration>,
+    output: &Template,
+    timeout: Duration,
+    sink: StepSink,
+) -> Ran {
+    let start = Utc::now();
+    let t0 = Instant::now();
+    let rel = output.render(ctx.vars);
+    let first = one_sample(&ctx.qmp, command, args.clone(), timeout, &sample_path(&rel, 1, samples), &sink).await;
+    if samples == 1 || !matches!(first, Ended::Done(StepOutcome::Ok)) {
+        return Ran::Done(finish(step, start, t0.elapsed(), first, &sink, timeout));
+    }
+    let lane = ctx.qmp.clone();
+    let cancel = ctx.cancel.clone();
+    let interval = interval.unwrap_or(ctx.settings.sample_interval);
+    let step = step.clone();
+    let command = command.to_string();
+    Ran::Sampling(tokio::spawn(async move {
+        let mut ended = Ended::Done(StepOutcome::Ok);
+        for n in 2..=samples {
+            let due = t0 + interval * (n - 1);
+            tokio::select! {
+                _ = tokio::time::sleep_until(due.into()) => {}
+                _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }
+            }
+            ended = one_sample(&lane, &command, args.clone(), timeout, &sample_path(&rel, n, samples), &sink).await;
+            if !matches!(ended, Ended::Done(StepOutcome::Ok)) {
+                break;
+            }
+        }
+        finish(&step, start, t0.elapsed(), ended, &sink, timeout)
+    }))
+}
+
+async fn one_sample(lane: &Lane, command: &str, args: Option<Value>, timeout: Duration, rel: &str, sink: &StepSink) -> Ended {
+    match lane.execute(command, args, timeout).await {
+        Ok(reply) => match sink.write(rel, &reply.raw) {
+            Ok(()) => Ended::Done(StepOutcome::Ok),
+            Err(e) => Ended::Done(StepOutcome::Failed(e.to_string())),
+        },
+        Err(LaneError::NotSent(why)) => Ended::Done(StepOutcome::Skipped(format!("not sent: {why}"))),
+        Err(LaneError::Qmp(e)) => {
+            if matches!(e, crate::qmp::QmpError::Timeout { .. }) {
+                Ended::Timeout
+            } else {
+                Ended::Done(StepOutcome::Failed(format!("{e} ({})", e.classify())))
+            }
+        }
+    }
+}
+
+/// Throttle groups: `qom-list /objects`, then `qom-get <group> limits` for each
+/// `throttle-group` child. `-drive` throttling has no group object; it shows in query-block.
+async fn throttle(lane: &Lane, rel: &str, timeout: Duration, sink: &StepSink) -> StepOutcome {
+    let deadline = Instant::now() + timeout;
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let list = match lane.execute("qom-list", Some(json!({"path": "/objects"})), left()).await {
+        Ok(r) => r,
+        Err(LaneError::NotSent(why)) => return StepOutcome::Skipped(format!("not sent: {why}")),
+        Err(LaneError::Qmp(e)) => return StepOutcome::Failed(format!("qom-list /objects: {e}")),
+    };
+    let mut groups = serde_json::Map::new();
+    for obj in list.value.as_array().into_iter().flatten() {
+        let (Some(name), Some(ty)) = (obj["name"].as_str(), obj["type"].as_str()) else { continue };
+        if !ty.contains("throttle-group") {
+            continue;
+        }
+        let path = format!("/objects/{name}");
+        match lane.execute("qom-get", Some(json!({"path": path, "property": "limits"})), left()).await {
+            Ok(r) => {
+                groups.insert(name.to_string(), r.value);
+            }
+            Err(LaneError::NotSent(why)) => {
+                sink.note(format!("{path}: not sent: {why}"));
+                break;
+            }
+            Err(LaneError::Qmp(e)) => sink.note(format!("{path} limits: {e}")),
+        }
+    }
+    if groups.is_empty() {
+        sink.note("no throttle-group objects (with -drive throttling the limits are in query-block)");
+    }
+    let doc = json!({"objects": list.value, "groups": groups});
+    match sink.write(rel, &serde_json::to_vec_pretty(&doc).unwrap_or_default()) {
+        Ok(()) => StepOutcome::Ok,
+        Err(e) => StepOutcome::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample_path;
+
+    #[test]
+    fn sample_paths() {
+        assert_eq!(sample_path("qmp/query-blockstats.json", 1, 1), "qmp/query-blockstats.json");
+        assert_eq!(sample_path("qmp/query-blockstats.json", 2, 2), "qmp/query-blockstats.2.json");
+        assert_eq!(sample_path("qmp/raw", 1, 2), "qmp/raw.1");
+    }
+}

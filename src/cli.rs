@@ -1,0 +1,133 @@
+//! Command-line definitions. Kept in the library so man pages and completions can be
+//! generated from the same source; `main.rs` parses and dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "wedge-autopsy",
+    version,
+    about = "Autopsy before shooting: seal a wedged QEMU/KVM VM's evidence into a verified archive",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal;\n70 internal error."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(flatten)]
+    pub autopsy: AutopsyArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Settings every subcommand accepts; flags win over the config file.
+#[derive(Debug, Args, Clone, Default)]
+pub struct Global {
+    /// Config file [default: /etc/wedge-autopsy/config.toml]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Where QEMU's pidfiles and QMP sockets live [default: /var/run/qemu-server]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// The Proxmox cluster filesystem [default: /etc/pve]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub pve_dir: Option<PathBuf>,
+    /// Where archives are written [default: /var/lib/wedge-autopsy]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Time between the two query-blockstats samples, e.g. 2s, 500ms, 0 [default: 2s]
+    #[arg(long, global = true, value_name = "DURATION")]
+    pub sample_interval: Option<String>,
+    /// This node's name as the cluster knows it [default: short hostname]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub node: Option<String>,
+}
+
+impl Global {
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            run_dir: self.run_dir.clone(),
+            pve_dir: self.pve_dir.clone(),
+            out: self.out.clone(),
+            sample_interval: self.sample_interval.clone(),
+            node: self.node.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StacksArg {
+    Native,
+    Gdb,
+    None,
+}
+
+/// The autopsy itself: `wedge-autopsy <VMID>`.
+#[derive(Debug, Args, Default)]
+pub struct AutopsyArgs {
+    /// The VM to capture, as `qm list` shows it (100–999999999)
+    #[arg(value_name = "VMID")]
+    pub vmid: Option<String>,
+    /// Print one JSON object on stdout (archive, sha256, vmid, pid, steps, sealed)
+    #[arg(long)]
+    pub json: bool,
+    /// Print the resolved plan and touch nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stack method: native (ptrace snapshot, gdb fallback), gdb, or none
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub stacks: Option<StacksArg>,
+    /// Runbook name or path [default: qemu-wedge]
+    #[arg(long, value_name = "NAME|PATH")]
+    pub runbook: Option<String>,
+    /// Capture without QMP (when the socket is missing or must not be touched)
+    #[arg(long)]
+    pub no_qmp: bool,
+    /// Why this autopsy was started (recorded in the manifest), e.g. an incident id
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// No progress lines on stderr
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List, show, check runbooks (example: wedge-autopsy runbook check my.toml)
+    Runbook {
+        #[command(subcommand)]
+        action: RunbookAction,
+    },
+    /// Read a sealed archive: summary, contents, hash check, one file (example: wedge-autopsy inspect a.tar.zst --verify)
+    Inspect {
+        /// The .tar.zst archive
+        archive: PathBuf,
+        /// Check every file's SHA-256 against the manifest
+        #[arg(long)]
+        verify: bool,
+        /// JSON instead of text
+        #[arg(long)]
+        json: bool,
+        /// Print one file from the archive
+        #[arg(long, value_name = "PATH")]
+        cat: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RunbookAction {
+    /// Runbooks reachable by name
+    List,
+    /// Print a runbook's text (example: wedge-autopsy runbook show qemu-wedge)
+    Show { name: String },
+    /// Check runbook files; errors name file, line and key
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
