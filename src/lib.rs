@@ -9,6 +9,7 @@ pub mod autopsy;
 pub mod cancel;
 pub mod cli;
 pub mod config;
+pub mod diagnose;
 pub mod error;
 pub mod exec;
 pub mod procfs;

@@ -1,0 +1,177 @@
+//! Proxmox VM configs as option sets, and the risk stack of the 2026-06-11 incident.
+//!
+//! `qm config` prints keys in its own order, so configs are compared as normalized option
+//! sets (`key -> {option -> value}`), never as strings.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+/// A VM config's main section: `key -> value`, with snapshot sections dropped.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PveConfig {
+    pub keys: BTreeMap<String, String>,
+}
+
+/// A property string (`local-lvm:vm-102-disk-0,iothread=1,mbps_rd=60`) as a set. The
+/// leading element without `=` is the volume, stored under `file`.
+pub type Options = BTreeMap<String, String>;
+
+impl PveConfig {
+    pub fn parse(text: &str) -> PveConfig {
+        let mut keys = BTreeMap::new();
+        for line in text.lines() {
+            let l = line.trim();
+            if l.starts_with('[') {
+                break; // snapshots and pending sections follow the main section
+            }
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                keys.insert(k.trim().to_string(), v.trim().to_string());
+            }
+        }
+        PveConfig { keys }
+    }
+
+    pub fn options(&self, key: &str) -> Option<Options> {
+        self.keys.get(key).map(|v| options(v))
+    }
+
+    /// Disk keys (`scsi0`, `virtio1`, …), CD-ROMs excluded.
+    pub fn disks(&self) -> Vec<(String, Options)> {
+        self.keys
+            .keys()
+            .filter(|k| {
+                let base = k.trim_end_matches(|c: char| c.is_ascii_digit());
+                k.len() > base.len() && matches!(base, "scsi" | "virtio" | "sata" | "ide")
+            })
+            .filter_map(|k| Some((k.clone(), self.options(k)?)))
+            .filter(|(_, o)| o.get("media").map(String::as_str) != Some("cdrom"))
+            .collect()
+    }
+
+    /// `scsihw`, with Proxmox's default when unset.
+    pub fn scsihw(&self) -> &str {
+        self.keys.get("scsihw").map(String::as_str).unwrap_or("lsi")
+    }
+
+    /// The normalized form used for comparisons: every value as an option set.
+    pub fn normalized(&self) -> BTreeMap<String, Options> {
+        self.keys.iter().map(|(k, v)| (k.clone(), options(v))).collect()
+    }
+}
+
+pub fn options(value: &str) -> Options {
+    let mut out = Options::new();
+    for part in value.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('=') {
+            Some((k, v)) => out.insert(k.trim().to_string(), v.trim().to_string()),
+            None => out.insert("file".to_string(), part.trim().to_string()),
+        };
+    }
+    out
+}
+
+/// One risk factor of the incident's stack, found in a config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Risk {
+    pub key: String,
+    pub what: String,
+}
+
+/// The incident's risk stack: the legacy LSI controller, disks without an iothread,
+/// QEMU-level bandwidth/IOPS limits, and `aio=io_uring`.
+pub fn risks(cfg: &PveConfig) -> Vec<Risk> {
+    let mut out = Vec::new();
+    let hw = cfg.scsihw();
+    if hw == "lsi" || hw == "lsi53c810" {
+        out.push(Risk {
+            key: "scsihw".into(),
+            what: format!(
+                "scsihw {hw}{}: the emulated LSI controller, documented as hang-prone under heavy I/O; virtio-scsi-single is the paravirtual alternative",
+                if cfg.keys.contains_key("scsihw") { "" } else { " (the default, not set explicitly)" }
+            ),
+        });
+    }
+    for (key, o) in cfg.disks() {
+        let is_scsi = key.starts_with("scsi");
+        if (key.starts_with("virtio") || (is_scsi && hw == "virtio-scsi-single")) && o.get("iothread").map(String::as_str) != Some("1") {
+            out.push(Risk { key: key.clone(), what: format!("{key}: no iothread; disk emulation shares the main loop with timers and QMP") });
+        } else if is_scsi && hw != "virtio-scsi-single" {
+            out.push(Risk { key: key.clone(), what: format!("{key}: no iothread possible with scsihw {hw}; disk emulation runs on the main loop") });
+        }
+        let limits: Vec<String> = o
+            .iter()
+            .filter(|(k, _)| k.starts_with("mbps") || k.starts_with("iops"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        if !limits.is_empty() {
+            out.push(Risk {
+                key: key.clone(),
+                what: format!("{key}: QEMU-level throttle {}; queued I/O completes only when the throttle timer fires", limits.join(",")),
+            });
+        }
+        if o.get("aio").map(String::as_str) == Some("io_uring") {
+            out.push(Risk { key: key.clone(), what: format!("{key}: aio=io_uring") });
+        }
+    }
+    out
+}
+
+/// Throttle limits a config asks for, in QMP's units (bytes/s, ops/s), per disk key.
+/// `mbps_wr=60` becomes `bps_wr = 62914560`.
+pub fn configured_limits(cfg: &PveConfig) -> BTreeMap<String, BTreeMap<String, u64>> {
+    let mut out = BTreeMap::new();
+    for (key, o) in cfg.disks() {
+        let mut lim = BTreeMap::new();
+        for (name, qmp, mult) in [
+            ("mbps", "bps", 1048576.0),
+            ("mbps_rd", "bps_rd", 1048576.0),
+            ("mbps_wr", "bps_wr", 1048576.0),
+            ("iops", "iops", 1.0),
+            ("iops_rd", "iops_rd", 1.0),
+            ("iops_wr", "iops_wr", 1.0),
+        ] {
+            if let Some(v) = o.get(name).and_then(|v| v.parse::<f64>().ok()) {
+                lim.insert(qmp.to_string(), (v * mult).round() as u64);
+            }
+        }
+        out.insert(key, lim);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reordered_keys_and_options_compare_equal_drift_does_not() {
+        let a = PveConfig::parse("scsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,mbps_rd=60,mbps_wr=60,size=32G\nmemory: 4096\n");
+        let b = PveConfig::parse("memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=60,mbps_rd=60\nscsihw: lsi\n");
+        assert_eq!(a.normalized(), b.normalized());
+        let drift = PveConfig::parse("memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=50,mbps_rd=60\nscsihw: lsi\n");
+        assert_ne!(a.normalized(), drift.normalized());
+    }
+
+    #[test]
+    fn incident_stack_is_flagged() {
+        let cfg = PveConfig::parse("scsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,aio=io_uring,mbps_rd=60,mbps_wr=60\nide2: none,media=cdrom\n[snap1]\nscsihw: virtio-scsi-single\n");
+        let r = risks(&cfg);
+        let text: Vec<&str> = r.iter().map(|r| r.what.as_str()).collect();
+        assert!(text.iter().any(|t| t.starts_with("scsihw lsi")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("no iothread")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("mbps_rd=60,mbps_wr=60")), "{text:?}");
+        assert!(text.iter().any(|t| t.contains("io_uring")), "{text:?}");
+        assert!(!text.iter().any(|t| t.contains("ide2")), "cdrom is not a disk: {text:?}");
+        assert_eq!(configured_limits(&cfg)["scsi0"]["bps_wr"], 62914560);
+    }
+
+    #[test]
+    fn healthy_neighbour_has_no_risk() {
+        let cfg = PveConfig::parse("scsihw: virtio-scsi-single\nscsi0: local-lvm:vm-101-disk-0,iothread=1,aio=threads,size=32G\n");
+        assert!(risks(&cfg).is_empty(), "{:?}", risks(&cfg));
+    }
+}
