@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub qm: Option<PathBuf>,
     pub runbook: Option<String>,
     pub runbook_dir: Option<PathBuf>,
+    pub min_idle: Option<String>,
     pub serve: Option<toml::Table>,
     pub restart: Option<toml::Table>,
 }
@@ -54,6 +55,8 @@ pub struct Settings {
     pub qm: PathBuf,
     pub runbook: Option<String>,
     pub runbook_dir: PathBuf,
+    /// Idle time beyond which frozen I/O counters alone mean a frozen block path.
+    pub min_idle: Duration,
     /// The file the settings came from, if any.
     pub config_file: Option<PathBuf>,
 }
@@ -94,6 +97,10 @@ impl Settings {
             qm: file.qm.unwrap_or_else(|| "qm".into()),
             runbook: file.runbook,
             runbook_dir: file.runbook_dir.unwrap_or_else(|| "/etc/wedge-autopsy/runbooks".into()),
+            min_idle: match file.min_idle.as_deref() {
+                Some(t) => parse_duration(t).map_err(|e| Error::BadInput(format!("min_idle: {e}")))?,
+                None => Duration::from_secs(30),
+            },
             config_file,
         })
     }

@@ -79,6 +79,15 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
         let progress: &dyn autopsy::Progress = if args.quiet { &Silent } else { &lines };
         autopsy::run(&req, settings, target, progress, &cancel).await
     })?;
+    if !args.json && !args.quiet {
+        let mut summary = report.summary.clone();
+        summary.archive = report.sealed.as_ref().map(|s| render::summary::ArchiveFacts {
+            name: s.path.display().to_string(),
+            size: s.size,
+            sha256: s.sha256.clone(),
+        });
+        let _ = writeln!(std::io::stdout(), "\n{}", render::summary::markdown(&summary));
+    }
     if args.json {
         // Ignore EPIPE: the archive is sealed whether or not anyone reads this.
         let _ = writeln!(std::io::stdout(), "{}", render::autopsy_json(&report));

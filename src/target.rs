@@ -129,6 +129,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The VM's name from `-name <name>[,debug-threads=on]`, if given.
+    pub fn name(&self) -> Option<String> {
+        let i = self.cmdline.iter().position(|a| a == "-name")?;
+        let v = self.cmdline.get(i + 1)?;
+        let name = v.split(',').next()?.trim_start_matches("guest=");
+        (!name.is_empty()).then(|| name.to_string())
+    }
+
     /// Re-proves the target: same start time (no pid reuse) and a command line that still
     /// names the pidfile or socket. Call right before any signal, ptrace or kill.
     pub fn still_same(&self) -> bool {

@@ -22,6 +22,8 @@ use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
 use crate::archive::{self, Sealed, Staging};
 use crate::cancel::Cancel;
 use crate::config::Settings;
+use crate::diagnose::{self, Diagnosis, Rules};
+use crate::render::summary::{self, Summary};
 use crate::error::{Error, Exit};
 use crate::runbook::{Runbook, StepKind, Vars};
 use crate::step::{StepRecord, StepStatus};
@@ -44,6 +46,9 @@ pub struct Request {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub vmid: VmId,
+    pub diagnosis: Diagnosis,
+    /// The summary as sealed in the archive (without the archive's own hash).
+    pub summary: Summary,
     pub pid: i32,
     pub target: Target,
     pub steps: Vec<StepRecord>,
@@ -254,6 +259,32 @@ pub async fn run(
         steps: records.clone(),
         files: Vec::new(),
     };
+    let diagnosis = diagnose::diagnose(&staging, &manifest.steps, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
+    let summary = Summary {
+        vmid: Some(req.vmid.get()),
+        name: target.name(),
+        host: manifest.host.clone(),
+        node: manifest.node.clone(),
+        pid: Some(target.pid),
+        proof: Some(match target.proof {
+            crate::target::Proof::Pidfile => format!("pidfile {}", target.pidfile.display()),
+            crate::target::Proof::QmpSocket => format!("QMP socket {}", target.qmp_socket.display()),
+        }),
+        trigger: manifest.trigger.clone(),
+        started_at,
+        ended_at: manifest.ended_at,
+        utc_offset: manifest.utc_offset.clone(),
+        diagnosis: diagnosis.clone(),
+        steps: manifest.steps.clone(),
+        archive: None,
+        restart: None,
+    };
+    {
+        let sink = staging.sink();
+        let _ = sink.write("summary.json", &serde_json::to_vec_pretty(&summary).unwrap_or_default());
+        let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
+        sink.close();
+    }
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
@@ -276,6 +307,8 @@ pub async fn run(
     manifest.steps = records;
     Ok(Report {
         vmid: req.vmid,
+        diagnosis,
+        summary,
         pid: target.pid,
         target,
         steps: manifest.steps,

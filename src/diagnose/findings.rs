@@ -142,7 +142,8 @@ fn threads(ev: &dyn Evidence, pid: Option<i32>, f: &mut Findings) {
             tid,
             name: read("comm").trim().to_string(),
             state: stat.as_ref().map(|s| s.state).unwrap_or('?'),
-            wchan: read("wchan").trim().trim_matches('0').to_string(),
+            // A bare "0" means the thread is running, not sleeping anywhere.
+            wchan: Some(read("wchan").trim().to_string()).filter(|w| w != "0").unwrap_or_default(),
             kernel_stack: read("stack").lines().map(|l| l.split_once("] ").map(|(_, r)| r).unwrap_or(l).to_string()).collect(),
         };
         if Some(tid) == pid {

@@ -1,6 +1,8 @@
 //! Rendering: results are collected into structs elsewhere; this turns them into text
 //! for people (stderr progress) and JSON for machines.
 
+pub mod summary;
+
 use std::io::Write;
 use std::time::{Duration, Instant};
 
@@ -59,6 +61,8 @@ pub fn autopsy_json(r: &Report) -> serde_json::Value {
         "pid": r.pid,
         "interrupted": r.interrupted,
         "duration_ms": r.duration_ms,
+        "verdict": r.diagnosis.verdict,
+        "facts": r.diagnosis.facts,
         "steps": r.steps.iter().map(|s| json!({
             "id": s.id, "status": s.status, "duration_ms": s.duration_ms, "error": s.error,
         })).collect::<Vec<_>>(),

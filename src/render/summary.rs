@@ -1,0 +1,167 @@
+//! The ticket-ready summary: one struct (`summary.json`), rendered as markdown
+//! (`summary.md`). Every time is UTC with the host's offset beside it, because host logs
+//! are local time and guest logs are often UTC.
+
+use chrono::{DateTime, FixedOffset, Utc};
+use serde::Serialize;
+
+use crate::archive::manifest::Trigger;
+use crate::diagnose::Diagnosis;
+use crate::step::StepRecord;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub vmid: Option<u32>,
+    pub name: Option<String>,
+    pub host: String,
+    pub node: String,
+    pub pid: Option<i32>,
+    pub proof: Option<String>,
+    pub trigger: Trigger,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: DateTime<Utc>,
+    pub utc_offset: String,
+    pub diagnosis: Diagnosis,
+    pub steps: Vec<StepRecord>,
+    /// Known only after sealing; absent from the copy inside the archive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveFacts>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveFacts {
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// `2026-06-11 15:21:07 UTC (18:21:07 +03:00)`.
+pub fn when(t: DateTime<Utc>, offset: &str) -> String {
+    let local = DateTime::parse_from_rfc3339(&format!("2000-01-01T00:00:00{offset}"))
+        .map(|d| *d.offset())
+        .unwrap_or_else(|_| FixedOffset::east_opt(0).expect("zero offset"));
+    format!("{} UTC ({} {offset})", t.format("%Y-%m-%d %H:%M:%S"), t.with_timezone(&local).format("%H:%M:%S"))
+}
+
+fn cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+pub fn markdown(s: &Summary) -> String {
+    let d = &s.diagnosis;
+    let f = &d.findings;
+    let mut o = String::new();
+    let vm = match (&s.vmid, &s.name) {
+        (Some(v), Some(n)) => format!("VM {v} ({n})"),
+        (Some(v), None) => format!("VM {v}"),
+        _ => "process".into(),
+    };
+    o.push_str(&format!("# wedge-autopsy: {vm} on {} — **{}**\n\n", s.node, d.verdict));
+    let took = (s.ended_at - s.started_at).num_milliseconds();
+    o.push_str(&format!("- **Captured:** {} → {} ({took} ms)\n", when(s.started_at, &s.utc_offset), when(s.ended_at, &s.utc_offset)));
+    let mut trig = s.trigger.kind.clone();
+    if let Some(u) = &s.trigger.user {
+        trig.push_str(&format!(" by {u}"));
+    }
+    if let Some(t) = &s.trigger.tty {
+        trig.push_str(&format!(" on {t}"));
+    }
+    if let Some(r) = &s.trigger.reason {
+        trig.push_str(&format!(" — {r}"));
+    }
+    o.push_str(&format!("- **Trigger:** {trig}\n"));
+    if let Some(pid) = s.pid {
+        o.push_str(&format!("- **QEMU:** pid {pid} on host {}{}\n", s.host, s.proof.as_ref().map(|p| format!(", proven by {p}")).unwrap_or_default()));
+    }
+    if let Some(a) = &s.archive {
+        o.push_str(&format!("- **Archive:** `{}` ({} bytes)\n- **SHA-256:** `{}`\n", a.name, a.size, a.sha256));
+    }
+    o.push_str(&format!("\n## Verdict: {}\n\n", d.verdict));
+    for fact in &d.facts {
+        o.push_str(&format!("- {fact}\n"));
+    }
+    o.push_str("\n## Findings\n\n");
+    if !f.devices.is_empty() {
+        o.push_str(&format!("Block devices, two samples {} ms apart:\n\n", f.sample_window_ms));
+        o.push_str("| device | rd ops | wr ops | flush ops | wr_highest_offset | idle |\n|---|---|---|---|---|---|\n");
+        for dd in &f.devices {
+            let pair = |p: (u64, u64)| if p.0 == p.1 { format!("{} (=)", p.1) } else { format!("{} → {}", p.0, p.1) };
+            let idle = dd.idle_secs().map(|s| format!("{s:.1} s")).unwrap_or_else(|| "no I/O yet".into());
+            o.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {idle} |\n",
+                cell(&dd.device),
+                pair(dd.rd_ops),
+                pair(dd.wr_ops),
+                pair(dd.flush_ops),
+                pair(dd.wr_highest)
+            ));
+        }
+        o.push('\n');
+    }
+    if !f.throttle.is_empty() {
+        o.push_str("Throttle limits live in QEMU:\n\n");
+        for (dev, lim) in &f.throttle {
+            let l: Vec<String> = lim.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            o.push_str(&format!("- {dev}: {}\n", l.join(", ")));
+        }
+        o.push('\n');
+    }
+    for dr in &f.throttle_drift {
+        o.push_str(&format!("- **Config drift:** {dr}\n"));
+    }
+    if !f.threads.is_empty() {
+        let mut states: std::collections::BTreeMap<char, usize> = Default::default();
+        for t in &f.threads {
+            *states.entry(t.state).or_default() += 1;
+        }
+        let st: Vec<String> = states.iter().map(|(s, n)| format!("{n}×{s}")).collect();
+        o.push_str(&format!("Threads: {} ({})\n", f.threads.len(), st.join(" ")));
+        if let Some(m) = &f.main_thread {
+            o.push_str(&format!("- main thread {} `{}`: state {}, in `{}`\n", m.tid, m.name, m.state, if m.wchan.is_empty() { "-" } else { &m.wchan }));
+        }
+        for t in &f.blocked {
+            o.push_str(&format!("- **D state** {} `{}` in `{}`: {}\n", t.tid, t.name, t.wchan, t.kernel_stack.iter().take(6).cloned().collect::<Vec<_>>().join(" < ")));
+        }
+        o.push('\n');
+    }
+    if !f.stacks.is_empty() {
+        o.push_str("Stacks (top frames, identical stacks grouped):\n\n```\n");
+        for s in f.stacks.iter().take(30) {
+            o.push_str(s);
+            o.push('\n');
+        }
+        o.push_str("```\n\n");
+    }
+    for u in &f.io_uring {
+        o.push_str(&format!("- io_uring {u}\n"));
+    }
+    if !f.risks.is_empty() {
+        o.push_str("Risk factors in the VM's config:\n\n");
+        for r in &f.risks {
+            o.push_str(&format!("- {}\n", r.what));
+        }
+        o.push('\n');
+    }
+    o.push_str("## Steps\n\n| step | status | ms | detail |\n|---|---|---|---|\n");
+    for st in &s.steps {
+        o.push_str(&format!("| {} | {} | {} | {} |\n", st.id, st.status, st.duration_ms, cell(st.error.as_deref().unwrap_or(""))));
+    }
+    if let Some(r) = &s.restart {
+        o.push_str(&format!("\n## Restart\n\n```json\n{}\n```\n", serde_json::to_string_pretty(r).unwrap_or_default()));
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_show_utc_and_local() {
+        let t = DateTime::parse_from_rfc3339("2026-06-11T15:21:07Z").unwrap().with_timezone(&Utc);
+        assert_eq!(when(t, "+03:00"), "2026-06-11 15:21:07 UTC (18:21:07 +03:00)");
+        assert_eq!(when(t, "+00:00"), "2026-06-11 15:21:07 UTC (15:21:07 +00:00)");
+    }
+}
