@@ -98,6 +98,27 @@ pub struct AutopsyArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// The verdict for a live VM without an archive; exit code by verdict (example: wedge-autopsy diagnose 102 --window 5s)
+    #[command(after_help = "Exit codes: 0 healthy, 10 inconclusive, 11 block-path-frozen, 12 main-loop-wedged,\n13 qmp-unreachable, 14 paused, 15 io-error, 16 process-stopped; 2 bad input, 3 refused.")]
+    Diagnose {
+        /// The VM, as `qm list` shows it
+        vmid: String,
+        /// Time between the two blockstats samples [default: sample_interval]
+        #[arg(long, value_name = "DURATION")]
+        window: Option<String>,
+        /// Idle time beyond which frozen counters alone mean a frozen block path [default: 30s]
+        #[arg(long, value_name = "DURATION")]
+        min_idle: Option<String>,
+        /// One JSON object: verdict, facts, findings
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every VM config on this node: risk stack, odd ones out, pending changes (example: wedge-autopsy audit --json)
+    Audit {
+        /// JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
     /// List, show, check runbooks (example: wedge-autopsy runbook check my.toml)
     Runbook {
         #[command(subcommand)]

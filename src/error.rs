@@ -5,24 +5,41 @@
 
 /// Documented process exit codes (README "Exit codes").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
 pub enum Exit {
     /// Archive sealed and verified, every step ok (or skipped by design).
-    Ok = 0,
+    Ok,
     /// Archive sealed and verified, but some steps failed, timed out or were interrupted.
-    Partial = 1,
+    Partial,
     /// Bad input (VMID, flags, config, runbook): nothing was touched.
-    BadInput = 2,
+    BadInput,
     /// The target was refused: not running, not proven to be the VM, on another node.
-    Refused = 3,
+    Refused,
     /// The archive could not be written, sealed or verified. No restart happens.
-    SealFailed = 4,
+    SealFailed,
     /// Sealed, but the requested restart failed or was refused.
-    RestartFailed = 5,
+    RestartFailed,
     /// Another autopsy of the same VM holds its lock, or the cooldown is in force.
-    Busy = 6,
+    Busy,
     /// A bug or an environment failure the tool did not anticipate.
-    Internal = 70,
+    Internal,
+    /// `diagnose`: the verdict's own code (see `Verdict::exit_code`).
+    Verdict(u8),
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        match self {
+            Exit::Ok => 0,
+            Exit::Partial => 1,
+            Exit::BadInput => 2,
+            Exit::Refused => 3,
+            Exit::SealFailed => 4,
+            Exit::RestartFailed => 5,
+            Exit::Busy => 6,
+            Exit::Internal => 70,
+            Exit::Verdict(c) => c,
+        }
+    }
 }
 
 /// Errors that end a run before (or instead of) an archive.

@@ -10,7 +10,8 @@ use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 use wedge_autopsy::autopsy::{self, Request, Silent};
 use wedge_autopsy::cancel::Cancel;
 use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
-use wedge_autopsy::config::Settings;
+use wedge_autopsy::config::{self, Settings};
+use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::runbook;
@@ -20,7 +21,7 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { Exit::BadInput as u8 } else { 0 };
+            let code = if e.use_stderr() { Exit::BadInput.code() } else { 0 };
             let _ = e.print();
             return ExitCode::from(code);
         }
@@ -34,13 +35,15 @@ fn main() -> ExitCode {
     let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
         None => autopsy_cmd(&cli.autopsy, &settings),
         Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
+        Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
+        Some(Command::Audit { json }) => audit_cmd(json, &settings),
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
     });
     match result {
-        Ok(code) => ExitCode::from(code as u8),
+        Ok(code) => ExitCode::from(code.code()),
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");
-            ExitCode::from(e.exit() as u8)
+            ExitCode::from(e.exit().code())
         }
     }
 }
@@ -96,6 +99,56 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
         let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
     }
     Ok(report.exit())
+}
+
+fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, json: bool, mut settings: Settings) -> Result<Exit, Error> {
+    let vmid: VmId = vmid.parse().map_err(Error::Target)?;
+    if let Some(w) = window {
+        settings.sample_interval = config::parse_duration(&w).map_err(|e| Error::BadInput(format!("--window: {e}")))?;
+    }
+    if let Some(m) = min_idle {
+        settings.min_idle = config::parse_duration(&m).map_err(|e| Error::BadInput(format!("--min-idle: {e}")))?;
+    }
+    let runbook = runbook::load("diagnose", &settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let req = Request { vmid, runbook, stacks: None, no_qmp: false, trigger: Trigger::manual(None), command_line: std::env::args().collect() };
+    let target = autopsy::prepare(&req, &settings)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
+    let (d, _) = rt.block_on(async {
+        let cancel = Cancel::new();
+        autopsy::cancel_on_signals(&cancel).map_err(anyhow::Error::from)?;
+        autopsy::diagnose_live(&req, &settings, &target, &cancel).await
+    })?;
+    if json {
+        println!("{}", serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings}));
+    } else {
+        println!("VM {vmid} (pid {}): {}", target.pid, d.verdict);
+        for f in &d.facts {
+            println!("  - {f}");
+        }
+    }
+    Ok(Exit::Verdict(d.verdict.exit_code()))
+}
+
+fn audit_cmd(json: bool, settings: &Settings) -> Result<Exit, Error> {
+    let vms = diagnose::audit::audit_dir(&settings.pve_dir.join("qemu-server")).map_err(Error::BadInput)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&vms).map_err(anyhow::Error::from)?);
+        return Ok(Exit::Ok);
+    }
+    for vm in &vms {
+        let flags = vm.risks.len() + vm.unlike_neighbours.len() + vm.pending.len();
+        println!("VM {}{}: {}", vm.vmid, vm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(), if flags == 0 { "ok" } else { "flagged" });
+        for r in &vm.risks {
+            println!("  risk     {}", r.what);
+        }
+        for u in &vm.unlike_neighbours {
+            println!("  unlike   {u}");
+        }
+        for p in &vm.pending {
+            println!("  pending  {p} (applies only after a full stop→start)");
+        }
+    }
+    Ok(Exit::Ok)
 }
 
 fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error> {
@@ -157,10 +210,14 @@ fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&st
         return Ok(Exit::Ok);
     }
     let m = &reader.manifest;
-    println!("VM {} pid {} on {} — {} → {} (host offset {})", m.vmid.unwrap_or(0), m.pid.unwrap_or(0), m.host, m.started_at.to_rfc3339(), m.ended_at.to_rfc3339(), m.utc_offset);
-    for s in &m.steps {
-        println!("  {:<24} {:<11} {:>6} ms  {}", s.id, s.status.as_str(), s.duration_ms, s.error.as_deref().unwrap_or(""));
+    match reader.read_string("summary.md") {
+        Some(md) => print!("{md}"),
+        None => println!("VM {} pid {} on {} (no summary.md in this archive)", m.vmid.unwrap_or(0), m.pid.unwrap_or(0), m.host),
     }
+    // The verdict is recomputed from the sealed evidence, with this version's rules.
+    let d = diagnose::diagnose(&reader, &m.steps, &diagnose::Rules::default());
+    println!("\nRecomputed from the archive: {}", d.verdict);
+    println!("\nFiles ({}):", m.files.len());
     for f in &m.files {
         println!("  {:>10}  {}  {}", f.size, &f.sha256[..12], f.path);
     }

@@ -182,64 +182,7 @@ pub async fn run(
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
     let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
-    let vars = vars(req.vmid, Some(&target), settings);
-    let deadline = t0 + req.runbook.deadline;
-
-    let mut ctx = steps::Ctx {
-        target: &target,
-        settings,
-        vars: &vars,
-        staging: &staging,
-        cancel,
-        stacks_override: req.stacks.clone(),
-        qmp: qmp_lane::Lane::new(target.qmp_socket.clone(), req.no_qmp),
-    };
-    // A sampled QMP step's record is only final when its last sample is in.
-    enum Slot {
-        Done(StepRecord),
-        Sampling(tokio::task::JoinHandle<StepRecord>, StepRecord),
-    }
-    let mut slots: Vec<Slot> = Vec::new();
-    for step in &req.runbook.steps {
-        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. });
-        if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
-            progress.started("qmp-connect");
-            let rec = ctx.qmp.connect(deadline, cancel).await;
-            progress.finished(&rec);
-            slots.push(Slot::Done(rec));
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let slot = if cancel.is_cancelled() {
-            Slot::Done(steps::not_run(step, StepStatus::Interrupted, "not started: the run was interrupted"))
-        } else if left.is_zero() {
-            Slot::Done(steps::not_run(step, StepStatus::Timeout, "not started: the runbook's deadline was reached"))
-        } else {
-            progress.started(&step.id);
-            match steps::run(&mut ctx, step, step.timeout.min(left)).await {
-                steps::Ran::Done(rec) => Slot::Done(rec),
-                steps::Ran::Sampling(handle) => {
-                    let fallback = steps::not_run(step, StepStatus::Failed, "sampling task failed");
-                    Slot::Sampling(handle, fallback)
-                }
-            }
-        };
-        if let Slot::Done(rec) = &slot {
-            progress.finished(rec);
-        }
-        slots.push(slot);
-    }
-    let mut records = Vec::with_capacity(slots.len());
-    for slot in slots {
-        records.push(match slot {
-            Slot::Done(rec) => rec,
-            Slot::Sampling(handle, fallback) => {
-                let rec = handle.await.unwrap_or(fallback);
-                progress.finished(&rec);
-                rec
-            }
-        });
-    }
-    ctx.qmp.finish(&staging).await;
+    let records = capture(req, settings, &target, &staging, progress, cancel).await;
     let interrupted = cancel.is_cancelled();
     let mut manifest = Manifest {
         schema: manifest::SCHEMA,
@@ -318,6 +261,94 @@ pub async fn run(
         started_at,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+/// Runs every step of `req.runbook` against `target`, writing into `staging`. Never
+/// fails: each step's outcome is in the returned records, in runbook order.
+pub async fn capture(
+    req: &Request,
+    settings: &Settings,
+    target: &Target,
+    staging: &Staging,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Vec<StepRecord> {
+    let t0 = Instant::now();
+    let vars = vars(req.vmid, Some(&target), settings);
+    let deadline = t0 + req.runbook.deadline;
+
+    let mut ctx = steps::Ctx {
+        target,
+        settings,
+        vars: &vars,
+        staging,
+        cancel,
+        stacks_override: req.stacks.clone(),
+        qmp: qmp_lane::Lane::new(target.qmp_socket.clone(), req.no_qmp),
+    };
+    // A sampled QMP step's record is only final when its last sample is in.
+    enum Slot {
+        Done(StepRecord),
+        Sampling(tokio::task::JoinHandle<StepRecord>, StepRecord),
+    }
+    let mut slots: Vec<Slot> = Vec::new();
+    for step in &req.runbook.steps {
+        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. });
+        if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
+            progress.started("qmp-connect");
+            let rec = ctx.qmp.connect(deadline, cancel).await;
+            progress.finished(&rec);
+            slots.push(Slot::Done(rec));
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let slot = if cancel.is_cancelled() {
+            Slot::Done(steps::not_run(step, StepStatus::Interrupted, "not started: the run was interrupted"))
+        } else if left.is_zero() {
+            Slot::Done(steps::not_run(step, StepStatus::Timeout, "not started: the runbook's deadline was reached"))
+        } else {
+            progress.started(&step.id);
+            match steps::run(&mut ctx, step, step.timeout.min(left)).await {
+                steps::Ran::Done(rec) => Slot::Done(rec),
+                steps::Ran::Sampling(handle) => {
+                    let fallback = steps::not_run(step, StepStatus::Failed, "sampling task failed");
+                    Slot::Sampling(handle, fallback)
+                }
+            }
+        };
+        if let Slot::Done(rec) = &slot {
+            progress.finished(rec);
+        }
+        slots.push(slot);
+    }
+    let mut records = Vec::with_capacity(slots.len());
+    for slot in slots {
+        records.push(match slot {
+            Slot::Done(rec) => rec,
+            Slot::Sampling(handle, fallback) => {
+                let rec = handle.await.unwrap_or(fallback);
+                progress.finished(&rec);
+                rec
+            }
+        });
+    }
+    ctx.qmp.finish(staging).await;
+    records
+}
+
+/// `diagnose <VMID>`: the diagnosis runbook into a private temp dir, the verdict, and
+/// nothing kept. Same executor, same proofs, same read-only QMP.
+pub async fn diagnose_live(
+    req: &Request,
+    settings: &Settings,
+    target: &Target,
+    cancel: &Cancel,
+) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
+    let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
+    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
+    let records = capture(req, settings, target, &staging, &Silent, cancel).await;
+    let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
+    let _ = std::fs::remove_dir_all(&tmp);
+    Ok((d, records))
 }
 
 /// Waits until `cancel` is set (polling; the flag is set from a signal task).

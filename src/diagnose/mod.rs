@@ -5,6 +5,7 @@
 //! [`Verdict`], the facts it rests on (with numbers), and findings (threads, per-device
 //! I/O deltas, throttle limits, the config's risk stack).
 
+pub mod audit;
 pub mod config;
 mod findings;
 

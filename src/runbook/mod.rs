@@ -18,7 +18,10 @@ pub use template::{Template, Vars};
 use crate::config::parse_duration;
 
 /// Runbooks compiled into the binary: `(name, text)`.
-pub const BUILT_IN: &[(&str, &str)] = &[("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml"))];
+pub const BUILT_IN: &[(&str, &str)] = &[
+    ("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml")),
+    ("diagnose", include_str!("../../runbooks/diagnose.toml")),
+];
 pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);

@@ -1,0 +1,144 @@
+//! `audit`: every VM config on the node, read as option sets, for the incident's risk
+//! stack, for what makes a VM unlike its neighbours, and for `[PENDING]` changes that a
+//! running QEMU has not picked up (only a full stop→start applies them).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::config::{self, Options, PveConfig, Risk};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VmAudit {
+    pub vmid: String,
+    pub name: Option<String>,
+    pub risks: Vec<Risk>,
+    /// Traits this VM alone (or nearly alone) has on the node.
+    pub unlike_neighbours: Vec<String>,
+    /// Keys whose pending value differs from the current one, as `key: old → new`.
+    pub pending: Vec<String>,
+}
+
+/// Audits `<dir>/*.conf`. Unreadable files are reported as an error string.
+pub fn audit_dir(dir: &Path) -> Result<Vec<VmAudit>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}; point --pve-dir at the cluster filesystem", dir.display()))?;
+    let mut configs: Vec<(String, String)> = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "conf") {
+            if let (Some(stem), Ok(text)) = (p.file_stem(), std::fs::read_to_string(&p)) {
+                configs.push((stem.to_string_lossy().into_owned(), text));
+            }
+        }
+    }
+    configs.sort_by_key(|(id, _)| id.parse::<u64>().unwrap_or(u64::MAX));
+    Ok(audit(&configs))
+}
+
+/// The traits compared across VMs.
+fn traits(cfg: &PveConfig) -> Vec<(&'static str, String)> {
+    let disks = cfg.disks();
+    let iothread = disks.iter().any(|(_, o)| o.get("iothread").map(String::as_str) == Some("1"));
+    let throttled = disks.iter().any(|(_, o)| o.keys().any(|k| k.starts_with("mbps") || k.starts_with("iops")));
+    let aio: Vec<&str> = disks.iter().filter_map(|(_, o)| o.get("aio").map(String::as_str)).collect();
+    vec![
+        ("scsihw", cfg.scsihw().to_string()),
+        ("iothread", if iothread { "yes" } else { "no" }.to_string()),
+        ("QEMU throttle", if throttled { "yes" } else { "no" }.to_string()),
+        ("aio", aio.first().map(|s| s.to_string()).unwrap_or_else(|| "default".into())),
+    ]
+}
+
+pub fn audit(configs: &[(String, String)]) -> Vec<VmAudit> {
+    let parsed: Vec<(String, PveConfig, Option<PveConfig>)> = configs
+        .iter()
+        .map(|(id, text)| (id.clone(), PveConfig::parse(text), pending_section(text)))
+        .collect();
+    let mut counts: BTreeMap<(&str, String), usize> = BTreeMap::new();
+    for (_, cfg, _) in &parsed {
+        for t in traits(cfg) {
+            *counts.entry(t).or_default() += 1;
+        }
+    }
+    let n = parsed.len();
+    parsed
+        .iter()
+        .map(|(id, cfg, pending)| {
+            let unlike = if n >= 3 {
+                traits(cfg)
+                    .into_iter()
+                    .filter(|t| counts[t] == 1)
+                    .map(|(k, v)| {
+                        let others: Vec<String> = counts
+                            .iter()
+                            .filter(|((ok, ov), _)| *ok == k && *ov != v)
+                            .map(|((_, ov), c)| format!("{c} with {ov}"))
+                            .collect();
+                        format!("the only VM with {k} {v} (others: {})", others.join(", "))
+                    })
+                    .collect()
+            } else {
+                vec![]
+            };
+            VmAudit {
+                vmid: id.clone(),
+                name: cfg.keys.get("name").cloned(),
+                risks: config::risks(cfg),
+                unlike_neighbours: unlike,
+                pending: pending.as_ref().map(|p| pending_changes(cfg, p)).unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
+/// The `[PENDING]` section, if any: changes written to the config but not yet applied.
+fn pending_section(text: &str) -> Option<PveConfig> {
+    let start = text.lines().position(|l| l.trim() == "[PENDING]")?;
+    let rest: Vec<&str> = text.lines().skip(start + 1).take_while(|l| !l.trim_start().starts_with('[')).collect();
+    Some(PveConfig::parse(&rest.join("\n")))
+}
+
+fn pending_changes(cur: &PveConfig, pend: &PveConfig) -> Vec<String> {
+    let cur_n = cur.normalized();
+    let mut out = Vec::new();
+    for (k, v) in pend.normalized() {
+        if k == "delete" {
+            out.push(format!("delete {}", pend.keys[&k]));
+            continue;
+        }
+        let show = |o: &Options| o.iter().map(|(a, b)| if a == "file" { b.clone() } else { format!("{a}={b}") }).collect::<Vec<_>>().join(",");
+        match cur_n.get(&k) {
+            Some(c) if *c == v => {}
+            Some(c) => out.push(format!("{k}: {} → {}", show(c), show(&v))),
+            None => out.push(format!("{k}: (unset) → {}", show(&v))),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfgs() -> Vec<(String, String)> {
+        vec![
+            ("101".into(), "name: web\nscsihw: virtio-scsi-single\nscsi0: local-lvm:vm-101-disk-0,iothread=1,size=32G\n".into()),
+            ("102".into(), "name: devvm\nscsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,mbps_rd=60,mbps_wr=60,size=64G\n[PENDING]\nscsi0: local-lvm:vm-102-disk-0,size=64G,mbps_wr=60,mbps_rd=60\nscsihw: virtio-scsi-single\n".into()),
+            ("103".into(), "name: db\nscsi0: local-lvm:vm-103-disk-0,size=32G,iothread=1\nscsihw: virtio-scsi-single\n[PENDING]\nscsihw: virtio-scsi-single\nscsi0: local-lvm:vm-103-disk-0,iothread=1,size=32G\n".into()),
+        ]
+    }
+
+    #[test]
+    fn odd_one_out_and_pending_as_option_sets() {
+        let a = audit(&cfgs());
+        let devvm = &a[1];
+        assert!(devvm.unlike_neighbours.iter().any(|u| u.starts_with("the only VM with scsihw lsi")), "{:?}", devvm.unlike_neighbours);
+        // Reordered scsi0 options compare equal; the scsihw change is real.
+        assert_eq!(devvm.pending, vec!["scsihw: lsi → virtio-scsi-single".to_string()]);
+        // VM 103's pending section only reorders keys and options: no change.
+        assert!(a[2].pending.is_empty(), "{:?}", a[2].pending);
+        assert!(a[2].risks.is_empty() && a[0].risks.is_empty());
+        assert!(devvm.risks.len() >= 2);
+    }
+}
