@@ -151,4 +151,6 @@ pub enum RunbookAction {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// JSON Schema of the runbook format, for editors
+    Schema,
 }

@@ -170,6 +170,10 @@ fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error
             print!("{text}");
             Ok(Exit::Ok)
         }
+        RunbookAction::Schema => {
+            println!("{}", serde_json::to_string_pretty(&runbook::json_schema()).map_err(anyhow::Error::from)?);
+            Ok(Exit::Ok)
+        }
         RunbookAction::Check { files } => {
             let mut bad = 0;
             for f in &files {

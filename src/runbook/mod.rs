@@ -29,39 +29,69 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
 const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
-#[derive(Debug, Deserialize)]
+/// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawRunbook {
+    /// Format version; must be 1.
     schema: u32,
+    /// Name used with `--runbook NAME`.
     name: String,
     description: String,
+    /// Deadline for the whole capture (default 120s, at most 1800s).
     deadline: Option<String>,
+    /// The steps, run in order.
     #[serde(default)]
     step: Vec<RawStep>,
 }
 
 /// Every key any step kind may use; which keys a kind accepts is checked after parsing,
 /// so a misplaced key gets a message naming the kind.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawStep {
+    /// Unique step id, shown in progress and the manifest.
     id: String,
+    /// proc | host | qmp | qom-throttle | stacks | file | command | core
+    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core)$"))]
     kind: String,
+    /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
+    /// A failure of an optional step does not make the run partial.
     #[serde(default)]
     optional: bool,
+    /// Archive path of the output; placeholders {vmid} {pid}.
     output: Option<String>,
+    /// qmp: the read-only QMP command, e.g. "query-block".
+    #[schemars(with = "Option<String>")]
     command: Option<toml::Value>,
+    /// qmp: the command's arguments.
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     arguments: Option<toml::Table>,
+    /// qmp: how many samples (1-10), `interval` apart.
     samples: Option<u32>,
+    /// qmp: time between samples (default: the run's sample_interval).
     interval: Option<String>,
+    /// stacks: methods in order of preference, first that works: "native", "gdb".
     methods: Option<Vec<String>>,
+    /// stacks: gdb's "bt" or "bt full".
     backtrace: Option<String>,
+    /// file: the path to copy; placeholders {vmid} {pid} {run_dir} {pve_dir} {qmp}.
     path: Option<String>,
+    /// file: extra keys whose values are redacted (secret-looking keys always are).
     redact: Option<Vec<String>>,
+    /// command: program and arguments as a list; never a shell string.
+    #[schemars(with = "Option<Vec<String>>")]
     argv: Option<toml::Value>,
+    /// command: bytes of output kept (default 8 MiB).
     output_cap: Option<u64>,
+    /// core: free space to leave on the output filesystem, e.g. "2G".
     min_free: Option<String>,
+}
+
+/// JSON Schema of the runbook format, for editors (`runbook schema`).
+pub fn json_schema() -> serde_json::Value {
+    serde_json::to_value(schemars::schema_for!(RawRunbook)).expect("schema serializes")
 }
 
 /// A checked runbook.

@@ -95,3 +95,11 @@ fn sizes() {
     assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
     assert!(parse_size("lots").is_err());
 }
+
+#[test]
+fn schema_names_every_step_key() {
+    let s = json_schema().to_string();
+    for key in ["\"samples\"", "\"argv\"", "\"methods\"", "\"min_free\"", "\"redact\"", "\"deadline\""] {
+        assert!(s.contains(key), "schema lacks {key}");
+    }
+}
