@@ -9,11 +9,44 @@
 //!   skips replies that are not ours, and after the first timeout sends nothing more.
 //! - Every line sent and received is kept in a JSONL transcript for the archive.
 
+mod client;
+mod error;
+mod line;
 pub mod policy;
+mod transcript;
 
 use std::time::Duration;
 
+pub use client::{ConnectFailure, QmpClient, Reply};
+pub use error::QmpError;
 pub use policy::Refusal;
+
+/// Limits for one QMP session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QmpConfig {
+    /// Total time to get a greeting, across retries (default 10 s).
+    pub connect_budget: Duration,
+    /// Time to wait for the greeting on one connection attempt (default 1.5 s).
+    pub greeting_timeout: Duration,
+    /// Time to wait for the `qmp_capabilities` reply once greeted (default 3 s).
+    pub capabilities_timeout: Duration,
+    /// Longest line accepted from QEMU, in bytes (default 8 MiB).
+    pub reply_cap: usize,
+    /// Events kept; later ones are counted, not stored (default 1000).
+    pub max_events: usize,
+}
+
+impl Default for QmpConfig {
+    fn default() -> Self {
+        QmpConfig {
+            connect_budget: Duration::from_secs(10),
+            greeting_timeout: Duration::from_millis(1500),
+            capabilities_timeout: Duration::from_secs(3),
+            reply_cap: 8 * 1024 * 1024,
+            max_events: 1000,
+        }
+    }
+}
 
 /// Renders a duration for messages: `10s`, `1.5s`, `0.25s`, `10.012s`.
 pub(crate) fn secs(d: Duration) -> String {
