@@ -15,6 +15,9 @@ mod line;
 pub mod policy;
 mod transcript;
 
+#[cfg(test)]
+mod tests;
+
 use std::time::Duration;
 
 pub use client::{ConnectFailure, QmpClient, Reply};
