@@ -89,6 +89,8 @@ type Greeted = (LineReader<OwnedReadHalf>, OwnedWriteHalf, Value);
 
 const BACKOFF_START: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(400);
+/// Shortest greeting window worth a new attempt.
+const MIN_ATTEMPT: Duration = Duration::from_millis(20);
 
 impl QmpClient {
     /// Connects to the QMP socket at `path`, reads the greeting and negotiates
@@ -139,21 +141,23 @@ impl QmpClient {
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                let error = QmpError::NoGreeting {
-                    path: path.to_path_buf(),
-                    waited: start.elapsed(),
-                    attempts,
-                };
-                transcript.note(format!("giving up: {error}"));
-                return Err(ConnectFailure {
-                    error,
-                    attempts,
-                    transcript,
-                });
-            }
             tokio::time::sleep(backoff.min(left)).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
+            // Never start an attempt too short to be greeted in.
+            if deadline.saturating_duration_since(Instant::now()) >= MIN_ATTEMPT {
+                continue;
+            }
+            let error = QmpError::NoGreeting {
+                path: path.to_path_buf(),
+                waited: start.elapsed(),
+                attempts,
+            };
+            transcript.note(format!("giving up: {error}"));
+            return Err(ConnectFailure {
+                error,
+                attempts,
+                transcript,
+            });
         };
 
         let (reader, writer, greeting) = greeted;
