@@ -74,6 +74,8 @@ pub struct QmpClient {
     next_id: u64,
     /// Set once the client must not write again (timeout, broken stream).
     disabled: Option<String>,
+    /// The read side is closed or mid-line; nothing more can be read either.
+    stream_broken: bool,
     attempts: u32,
 }
 
@@ -172,6 +174,7 @@ impl QmpClient {
             transcript,
             next_id: 0,
             disabled: None,
+            stream_broken: false,
             attempts,
         };
 
@@ -270,6 +273,63 @@ impl QmpClient {
         }
     }
 
+    /// Waits up to `wait` for whatever QEMU still sends (typically the reply to a
+    /// command that timed out, or events) and records it in the transcript, without
+    /// writing anything. Returns how many lines arrived. Does nothing once the stream
+    /// is closed or broken. Useful to learn whether a slow command answered late.
+    pub async fn collect_late(&mut self, wait: Duration) -> usize {
+        if self.stream_broken {
+            return 0;
+        }
+        let until = tokio::time::Instant::now() + wait;
+        let mut lines = 0;
+        loop {
+            let bytes = match tokio::time::timeout_at(until, self.reader.next_line()).await {
+                Err(_) => return lines,
+                Ok(Ok(Line::Complete(bytes))) => bytes,
+                Ok(Ok(Line::Eof { partial })) => {
+                    if !partial.is_empty() {
+                        self.transcript.line(Kind::Recv, &partial);
+                    }
+                    self.transcript.note("late: EOF");
+                    self.stream_broken = true;
+                    return lines;
+                }
+                Ok(Ok(Line::TooLong { head, seen })) => {
+                    self.transcript.truncated(Kind::Recv, &head, seen);
+                    self.transcript
+                        .note("late: line over the reply cap; stopped reading");
+                    self.stream_broken = true;
+                    return lines;
+                }
+                Ok(Err(e)) => {
+                    self.transcript.note(format!("late: read failed: {e}"));
+                    self.stream_broken = true;
+                    return lines;
+                }
+            };
+            lines += 1;
+            match serde_json::from_slice::<Value>(&bytes) {
+                Ok(v) if v.get("event").is_some() => self.keep_event(&bytes, v),
+                Ok(v) => {
+                    self.transcript.line(Kind::Recv, &bytes);
+                    let id = v
+                        .as_object()
+                        .map_or_else(|| "(not an object)".into(), id_text);
+                    self.transcript.note(format!(
+                        "late: message with id {id} arrived after its deadline"
+                    ));
+                }
+                Err(_) => {
+                    self.transcript.line(Kind::Recv, &bytes);
+                    self.transcript.note("late: not JSON; stopped reading");
+                    self.stream_broken = true;
+                    return lines;
+                }
+            }
+        }
+    }
+
     /// The greeting `{"QMP": {...}}` as received.
     pub fn greeting(&self) -> Option<&Value> {
         self.greeting.as_ref()
@@ -324,7 +384,10 @@ impl QmpClient {
 
     /// Marks the session unusable because of `e` and returns it.
     fn broken(&mut self, e: QmpError) -> QmpError {
-        self.disable(format!("the connection broke earlier ({})", e.classify()));
+        self.stream_broken = true;
+        self.disable(format!(
+            "the connection is unusable after an earlier error: {e}"
+        ));
         e
     }
 

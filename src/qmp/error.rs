@@ -22,7 +22,7 @@ pub enum QmpError {
     ConnectRefused { path: PathBuf },
 
     /// Any other failure to connect (permissions, path too long, …).
-    #[error("connecting to QMP socket {}: {source} (tool must run as root on the VM's host)", .path.display())]
+    #[error("connecting to QMP socket {}: {source}; check the path and that the tool runs as root on the VM's host", .path.display())]
     Connect {
         path: PathBuf,
         #[source]

@@ -266,6 +266,11 @@ async fn accepted_but_silent_socket_is_no_greeting_within_budget() {
             >= 3
     );
     assert!(
+        !t.iter()
+            .any(|e| e["line"].as_str().unwrap().contains("waiting up to 0s")),
+        "no attempt is started without time left"
+    );
+    assert!(
         server.await.unwrap() >= 3,
         "each attempt was a new connection"
     );
@@ -810,4 +815,52 @@ async fn drive_real(path: &Path) {
     ));
     println!("events: {:?}", c.events());
     println!("{}", String::from_utf8_lossy(&c.transcript_jsonl()));
+}
+
+#[tokio::test]
+async fn late_reply_is_recorded_without_sending() {
+    let (_d, path, l) = listen();
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        p.handshake().await;
+        let cmd = p.recv().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        p.send(r#"{"event": "BLOCK_JOB_READY", "timestamp": {"seconds": 1, "microseconds": 0}}"#)
+            .await;
+        p.send(&json!({"return": [], "id": cmd["id"]}).to_string())
+            .await;
+        p.rest().await
+    });
+
+    let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
+    let e = c
+        .execute("query-block", None, Duration::from_millis(150))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
+    let t0 = Instant::now();
+    assert_eq!(c.collect_late(Duration::from_millis(1500)).await, 2);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1400),
+        "waits out its window"
+    );
+    assert_eq!(c.events().len(), 1);
+    let t = transcript(&c);
+    assert!(t.iter().any(|e| e["kind"] == "recv"
+        && serde_json::from_str::<Value>(e["line"].as_str().unwrap()).ok()
+            == Some(json!({"return": [], "id": "wa-1"}))));
+    assert!(t.iter().any(|e| e["line"]
+        .as_str()
+        .unwrap()
+        .contains("\"wa-1\" arrived after its deadline")));
+    // Still disabled: a late answer does not make the monitor trustworthy again.
+    assert!(matches!(
+        c.execute("query-status", None, LONG).await,
+        Err(QmpError::Disabled { .. })
+    ));
+    drop(c);
+    assert!(
+        server.await.unwrap().is_empty(),
+        "nothing sent after the timeout"
+    );
 }
