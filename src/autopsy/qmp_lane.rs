@@ -18,6 +18,9 @@ use crate::cancel::Cancel;
 use crate::qmp::{QmpClient, QmpConfig, QmpError, Reply};
 use crate::step::{StepRecord, StepStatus};
 
+/// How long to listen for a reply that missed its deadline, before closing.
+const LATE_REPLY_WAIT: Duration = Duration::from_millis(500);
+
 #[derive(Clone)]
 pub struct Lane {
     socket: PathBuf,
@@ -78,7 +81,7 @@ impl Lane {
         cfg.connect_budget = cfg.connect_budget.min(deadline.saturating_duration_since(Instant::now()));
         let budget = cfg.connect_budget + cfg.capabilities_timeout + Duration::from_secs(1);
         let outcome = tokio::select! {
-            r = tokio::time::timeout(budget, QmpClient::connect(&self.socket, &cfg)) => r,
+            r = tokio::time::timeout(budget, QmpClient::connect_traced(&self.socket, &cfg)) => r,
             _ = super::cancelled(cancel) => {
                 rec.status = StepStatus::Interrupted;
                 rec.error = Some("interrupted while connecting".into());
@@ -94,14 +97,12 @@ impl Lane {
                 }
                 *self.client.lock().await = Some(client);
             }
-            Ok(Err(e)) => {
+            Ok(Err(failure)) => {
+                let e = &failure.error;
                 rec.status = StepStatus::Failed;
                 rec.error = Some(format!("{} ({})", e, e.classify()));
-                self.connect_notes.lock().unwrap().extend_from_slice(
-                    serde_json::json!({"t": Utc::now().to_rfc3339(), "dir": "note", "kind": e.classify(), "error": e.to_string()})
-                        .to_string()
-                        .as_bytes(),
-                );
+                rec.notes.push(format!("{} connect attempts", failure.attempts));
+                self.connect_notes.lock().unwrap().extend_from_slice(&failure.transcript_jsonl());
                 *self.unavailable.lock().unwrap() = Some(format!("QMP connect failed: {}", e.classify()));
             }
             Err(_) => {
@@ -135,9 +136,16 @@ impl Lane {
     }
 
     /// Saves the transcript and events, then closes the session (pvestatd wants the socket).
+    /// After a timeout it listens briefly (sending nothing) so a late answer is on record.
     pub async fn finish(&self, staging: &Staging) {
         let sink = staging.sink();
-        let client = self.client.lock().await.take();
+        let mut client = self.client.lock().await.take();
+        if let Some(c) = client.as_mut().filter(|c| c.disabled_reason().is_some()) {
+            let late = c.collect_late(LATE_REPLY_WAIT).await;
+            if late > 0 {
+                let _ = sink.write("qmp/late-replies.txt", format!("{late} replies arrived after their deadline; see transcript.jsonl\n").as_bytes());
+            }
+        }
         let mut transcript = self.connect_notes.lock().unwrap().clone();
         if let Some(c) = &client {
             transcript.extend_from_slice(&c.transcript_jsonl());
