@@ -269,3 +269,28 @@ fn drop_kills_qemu_even_when_the_test_panics() {
     assert!(!pid_alive(pid), "QEMU {pid} survived a panicking test");
     assert!(!root.exists());
 }
+
+#[test]
+fn throttle_off_on_a_wedged_drive_kills_qmp_and_qm_stop_still_ends_it() {
+    let lab = Lab::start(LabOptions { vmid: 150, ..Default::default() });
+    lab.wedge();
+    let r = lab.hang_main_loop();
+    eprintln!("hang-mainloop: {r}");
+    assert_eq!(r["how"], "throttle-off", "the incident drive is throttled");
+    assert_ne!(r["qmp"], "ok");
+    assert!(lab.is_alive(), "the process lives on with a dead main loop");
+    assert!(lab.qmp(Duration::from_secs(2)).is_err(), "QMP must not answer any more");
+
+    let pid = lab.pid();
+    let out = lab
+        .qm()
+        .args(["stop", "150", "--timeout", "1"])
+        .env("QM_TERM_GRACE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("qmp command 'quit' failed"), "{err}");
+    assert!(err.contains("terminating now with SIGKILL"), "{err}");
+    assert!(wait_until(Duration::from_secs(10), || !pid_alive(pid)));
+}

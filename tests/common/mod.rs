@@ -354,6 +354,14 @@ impl Vm {
         self.lab("wedge", &["--drive", drive])
     }
 
+    /// After [`Vm::wedge`]: make the main loop hang on the stuck writes
+    /// (throttled drive: `block_set_io_throttle` to zero, the incident's
+    /// live throttle rewrite; otherwise a drain). QMP then stops answering.
+    /// Returns `{"how", "qmp": "no-greeting"|"no-reply", "alive"}`.
+    pub fn hang_main_loop(&self) -> Value {
+        self.lab("hang-mainloop", &[])
+    }
+
     /// QMP `stop` (returns `{"status": "paused", …}`).
     pub fn pause(&self) -> Value {
         self.lab("pause", &[])
