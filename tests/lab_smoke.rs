@@ -266,7 +266,12 @@ fn drop_kills_qemu_even_when_the_test_panics() {
     });
     assert!(r.is_err());
     let (pid, root) = seen.lock().unwrap().clone().expect("lab started");
-    assert!(!pid_alive(pid), "QEMU {pid} survived a panicking test");
+    assert!(
+        !pid_alive(pid),
+        "QEMU {pid} survived a panicking test: state {:?}, cmdline {:?}",
+        common::proc_state(pid),
+        proc_cmdline(pid)
+    );
     assert!(!root.exists());
 }
 

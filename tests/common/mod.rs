@@ -572,7 +572,8 @@ impl Lab {
         }
     }
 
-    /// Every live QEMU whose `-pidfile` lies in this lab's run dir
+    /// Every live QEMU whose `-pidfile` lies in this lab's run dir (an
+    /// exiting one whose cmdline is already empty is not listed)
     /// (found via /proc, so `qm`-restarted VMs count too).
     pub fn qemu_pids(&self) -> Vec<i32> {
         let prefix = format!("{}/", self.run_dir().display());
@@ -611,15 +612,19 @@ impl Drop for Lab {
         }
         ch.clear();
         drop(ch);
-        // 2. every QEMU of this root, by cmdline (never by name)
-        for pid in self.qemu_pids() {
+        // 2. every QEMU of this root, by cmdline (never by name). Then wait
+        //    on those pids, not on a new cmdline scan: an exiting QEMU has an
+        //    empty cmdline (mm gone) for a while before it becomes a zombie,
+        //    and under (nested) KVM that teardown is slow.
+        let killed = self.qemu_pids();
+        for &pid in &killed {
             sigkill(pid);
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut left = self.qemu_pids();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut left: Vec<i32> = killed.clone();
         while !left.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
-            left = self.qemu_pids();
+            left.retain(|&p| pid_alive(p));
         }
         if !left.is_empty() {
             eprintln!("lab: QEMU pids {left:?} survived SIGKILL; leaving {}", self.root.display());
