@@ -69,6 +69,10 @@ pub enum StepOutcome {
     /// The step chose not to run (missing tool, not applicable); not a failure.
     Skipped(String),
     Failed(String),
+    /// The collector hit its own deadline (it stopped and kept what it had).
+    Timeout(String),
+    /// The run was interrupted while the collector worked.
+    Interrupted(String),
 }
 
 /// Where a step's output goes: a staging directory shared by the whole run.

@@ -22,6 +22,12 @@ use crate::target::Target;
 /// After a cancel, how long a blocking step gets to clean up (detach, kill its child).
 const CLEANUP_GRACE: Duration = Duration::from_secs(3);
 
+/// The deadline a collector enforces on itself: a little before the executor gives up
+/// on it, so a killed command or gdb still gets its partial output written.
+fn inner_deadline(timeout: Duration) -> Duration {
+    timeout.saturating_sub((timeout / 5).min(Duration::from_millis(500)))
+}
+
 pub struct Ctx<'a> {
     pub target: &'a Target,
     pub settings: &'a Settings,
@@ -69,7 +75,7 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
         }
         StepKind::QomThrottle { output } => Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await),
         _ => {
-            let job = blocking_job(ctx, step, sink.clone());
+            let job = blocking_job(ctx, step, timeout, sink.clone());
             run_blocking(job, timeout, ctx.cancel).await
         }
     };
@@ -89,6 +95,8 @@ fn finish(step: &Step, start: chrono::DateTime<Utc>, took: Duration, ended: Ende
         Ended::Done(StepOutcome::Ok) => (StepStatus::Ok, None),
         Ended::Done(StepOutcome::Skipped(why)) => (StepStatus::Skipped, Some(why)),
         Ended::Done(StepOutcome::Failed(why)) => (StepStatus::Failed, Some(why)),
+        Ended::Done(StepOutcome::Timeout(why)) => (StepStatus::Timeout, Some(why)),
+        Ended::Done(StepOutcome::Interrupted(why)) => (StepStatus::Interrupted, Some(why)),
         Ended::Timeout => (StepStatus::Timeout, Some(format!("did not finish within {} ms; abandoned, output so far kept", timeout.as_millis()))),
         Ended::Interrupted => (StepStatus::Interrupted, Some("interrupted by signal; output so far kept".into())),
     };
@@ -118,7 +126,7 @@ async fn run_blocking(job: Job, timeout: Duration, cancel: &Cancel) -> Ended {
     }
 }
 
-fn blocking_job(ctx: &Ctx<'_>, step: &Step, sink: StepSink) -> Job {
+fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -> Job {
     let pid = ctx.target.pid;
     let cancel = ctx.cancel.clone();
     let vars = ctx.vars.clone();
@@ -133,20 +141,20 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, sink: StepSink) -> Job {
         }),
         StepKind::File { path, output, redact } => Box::new(move || file_step(&path, &output, &redact, &vars, &sink)),
         StepKind::Command { argv, output, output_cap } => {
-            let timeout = step.timeout;
+            let timeout = inner_deadline(timeout);
             Box::new(move || command_step(&argv, &output, output_cap, timeout, &vars, &sink, &cancel))
         }
         StepKind::Stacks { methods, backtrace } => {
             let methods = ctx.stacks_override.clone().unwrap_or(methods);
             let target = ctx.target.clone();
             let labels = thread_labels(ctx.staging);
-            let deadline = Instant::now() + step.timeout;
+            let deadline = Instant::now() + inner_deadline(timeout);
             Box::new(move || stacks_step(&target, &methods, &backtrace, labels, deadline, &sink, &cancel))
         }
         StepKind::Core { output, min_free } => {
             let out_dir = ctx.staging.dir.clone();
             let target = ctx.target.clone();
-            let deadline = Instant::now() + step.timeout;
+            let deadline = Instant::now() + inner_deadline(timeout);
             Box::new(move || core_step(&target, &output.render(&vars), min_free, &out_dir, deadline, &sink, &cancel))
         }
         StepKind::Qmp { .. } | StepKind::QomThrottle { .. } => unreachable!("QMP steps run on the lane"),
@@ -201,10 +209,10 @@ fn command_step(
         sink.note(format!("output capped at {cap} bytes"));
     }
     if out.timed_out {
-        return StepOutcome::Failed(format!("killed (with its process group) at the {} ms deadline", timeout.as_millis()));
+        return StepOutcome::Timeout(format!("killed (with its process group) at the {} ms deadline; output so far kept", timeout.as_millis()));
     }
     if out.cancelled {
-        return StepOutcome::Failed("killed: run interrupted".into());
+        return StepOutcome::Interrupted("killed (with its process group): run interrupted; output so far kept".into());
     }
     match out.status {
         Some(s) if s.success() => StepOutcome::Ok,
@@ -272,7 +280,7 @@ fn stacks_step(
                 break;
             }
             Err(StackError::Interrupted) => {
-                outcome = StepOutcome::Failed("interrupted".into());
+                outcome = StepOutcome::Interrupted("interrupted; the target was detached first".into());
                 break;
             }
             Err(e @ StackError::NoProcess(_)) => {
