@@ -157,6 +157,68 @@ pub fn markdown(s: &Summary) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diagnose::{DeviceDelta, Findings, Verdict};
+    use crate::step::StepStatus;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    /// The incident, as the tool would have reported it. Changes to the rendering show up
+    /// as a diff of `tests/snapshots/summary-frozen.md`; `UPDATE_SNAPSHOTS=1` rewrites it.
+    #[test]
+    fn snapshot_frozen_block_path() {
+        let step = |id: &str, status: StepStatus, ms: u64, err: Option<&str>| StepRecord {
+            id: id.into(),
+            kind: "qmp".into(),
+            status,
+            start: at("2026-06-11T16:40:00Z"),
+            duration_ms: ms,
+            error: err.map(str::to_string),
+            notes: vec![],
+            files: vec![],
+            optional: false,
+        };
+        let s = Summary {
+            vmid: Some(102),
+            name: Some("devvm".into()),
+            host: "pve1".into(),
+            node: "pve1".into(),
+            pid: Some(4242),
+            proof: Some("pidfile /var/run/qemu-server/102.pid".into()),
+            trigger: Trigger { kind: "manual".into(), user: Some("wizard".into()), tty: Some("/dev/pts/3".into()), reason: Some("INC-2026-06-11".into()) },
+            started_at: at("2026-06-11T16:40:00Z"),
+            ended_at: at("2026-06-11T16:40:02.500Z"),
+            utc_offset: "+03:00".into(),
+            diagnosis: Diagnosis {
+                verdict: Verdict::BlockPathFrozen,
+                facts: vec!["query-status: running".into(), "drive-scsi0: 0 I/O operations completed across 2000 ms".into()],
+                findings: Findings {
+                    devices: vec![DeviceDelta {
+                        device: "drive-scsi0".into(),
+                        rd_ops: (812, 812),
+                        wr_ops: (90211, 90211),
+                        flush_ops: (4410, 4410),
+                        wr_highest: (30064771072, 30064775168),
+                        idle_ns: (Some(5_220_000_000_000), Some(5_222_000_000_000)),
+                        ..Default::default()
+                    }],
+                    sample_window_ms: 2000,
+                    ..Default::default()
+                },
+            },
+            steps: vec![step("qmp-status", StepStatus::Ok, 1, None), step("qmp-block", StepStatus::Timeout, 4000, Some("did not finish | abandoned"))],
+            archive: Some(ArchiveFacts { name: "autopsy-102-20260611T164000Z-pve1.tar.zst".into(), size: 123456, sha256: "ab".repeat(32) }),
+            restart: None,
+        };
+        let got = markdown(&s);
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots/summary-frozen.md");
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(path, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(path).expect("snapshot exists (UPDATE_SNAPSHOTS=1 to create)");
+        assert_eq!(got, want, "summary.md changed; review and UPDATE_SNAPSHOTS=1 if intended");
+    }
 
     #[test]
     fn times_show_utc_and_local() {

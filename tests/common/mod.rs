@@ -292,6 +292,12 @@ impl Vm {
         self.lab_root.join(format!("run/qemu-server/{}.qmp", self.vmid))
     }
 
+    /// The lab's own second QMP monitor (Proxmox has one for qmeventd): lets a test
+    /// drive I/O while the tool holds `<vmid>.qmp`.
+    pub fn lab_qmp_path(&self) -> PathBuf {
+        self.lab_root.join("run/qemu-server").join(format!("{}.lab.qmp", self.vmid))
+    }
+
     pub fn conf_path(&self) -> PathBuf {
         self.lab_root.join(format!("etc/pve/qemu-server/{}.conf", self.vmid))
     }

@@ -1,0 +1,141 @@
+//! Each verdict from a real QEMU put into that state, live (`diagnose`) and recomputed
+//! from the sealed archive of an autopsy taken in the same state.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{run_bounded, Lab, LabOptions, Qmp};
+use serde_json::{json, Value};
+use wedge_autopsy::archive::{ArchiveReader, Evidence};
+use wedge_autopsy::diagnose::{self, Rules};
+
+const T: Duration = Duration::from_secs(90);
+
+/// `diagnose --json` with short windows; returns (exit code, JSON).
+fn diagnose_live(lab: &Lab, vmid: u32) -> (i32, Value) {
+    let v = vmid.to_string();
+    let out = run_bounded(&mut lab.tool_args(&["diagnose", &v, "--json", "--window", "1s", "--min-idle", "1s"]), T);
+    let json = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: stdout {:?} stderr {}", out.stdout, String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap(), json)
+}
+
+/// A full autopsy in the same state; returns the verdict it sealed and the one the
+/// archive gives when diagnosed again.
+fn autopsy_verdicts(lab: &Lab, vmid: u32) -> (String, String, ArchiveReader) {
+    let cfg = lab.root().join(format!("cfg-{vmid}.toml"));
+    std::fs::write(&cfg, "min_idle = \"1s\"\n").unwrap();
+    let v = vmid.to_string();
+    let out = run_bounded(
+        &mut lab.tool_args(&[&v, "--json", "--sample-interval", "1s", "--config", cfg.to_str().unwrap(), "--stacks", "gdb"]),
+        T,
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let ar = ArchiveReader::open(&PathBuf::from(json["archive"].as_str().unwrap())).unwrap();
+    let sealed = ar.read_json("summary.json").unwrap()["diagnosis"]["verdict"].as_str().unwrap().to_string();
+    assert_eq!(json["verdict"].as_str().unwrap(), sealed);
+    let again = diagnose::diagnose(&ar, &ar.manifest.steps, &Rules { min_idle_secs: 1.0 });
+    (sealed, again.verdict.as_str().to_string(), ar)
+}
+
+#[test]
+fn wedged_block_path() {
+    let lab = Lab::start(LabOptions { vmid: 120, name: "wedged".into(), ..LabOptions::default() });
+    assert_eq!(lab.wedge()["wedged"], true);
+    std::thread::sleep(Duration::from_millis(1100)); // idle past --min-idle 1s
+    let (code, json) = diagnose_live(&lab, 120);
+    assert_eq!(json["verdict"], "block-path-frozen", "{json}");
+    assert_eq!(code, 11);
+    let facts = json["facts"].to_string();
+    assert!(facts.contains("0 I/O operations completed"), "{facts}");
+    assert!(facts.contains("main loop is alive"), "{facts}");
+    let (sealed, again, ar) = autopsy_verdicts(&lab, 120);
+    assert_eq!(sealed, "block-path-frozen");
+    assert_eq!(again, sealed, "recomputed from the archive");
+    let md = ar.read_string("summary.md").unwrap();
+    assert!(md.contains("## Verdict: block-path-frozen"), "{md}");
+    assert!(md.contains("scsihw lsi"), "risk stack in the summary: {md}");
+}
+
+#[test]
+fn healthy_while_io_completes() {
+    let lab = Lab::start(LabOptions { vmid: 121, name: "busy".into(), ..LabOptions::default() });
+    // Guest-like reads through the lab's second monitor while the tool holds <vmid>.qmp.
+    let stop = Arc::new(AtomicBool::new(false));
+    let io = {
+        let (stop, path) = (stop.clone(), lab.lab_qmp_path());
+        std::thread::spawn(move || {
+            let mut q = Qmp::connect(&path, Duration::from_secs(10)).expect("lab monitor");
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                q.execute("human-monitor-command", Some(json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""}))).unwrap();
+                n += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            n
+        })
+    };
+    let (code, json) = diagnose_live(&lab, 121);
+    let (sealed, again, _) = autopsy_verdicts(&lab, 121);
+    stop.store(true, Ordering::SeqCst);
+    assert!(io.join().unwrap() > 5, "the I/O driver ran");
+    assert_eq!(json["verdict"], "healthy", "{json}");
+    assert_eq!(code, 0);
+    assert!(json["facts"].to_string().contains("operations completed"), "{json}");
+    assert_eq!(sealed, "healthy");
+    assert_eq!(again, "healthy");
+}
+
+#[test]
+fn paused_guest() {
+    let lab = Lab::start(LabOptions { vmid: 122, name: "paused".into(), ..LabOptions::default() });
+    lab.pause();
+    let (code, json) = diagnose_live(&lab, 122);
+    assert_eq!(json["verdict"], "paused", "{json}");
+    assert_eq!(code, 14);
+    let (sealed, again, _) = autopsy_verdicts(&lab, 122);
+    assert_eq!((sealed.as_str(), again.as_str()), ("paused", "paused"));
+}
+
+#[test]
+fn stopped_process_is_left_stopped() {
+    let lab = Lab::start(LabOptions { vmid: 123, name: "stopped".into(), ..LabOptions::default() });
+    lab.sigstop();
+    assert!(common::wait_until(Duration::from_secs(5), || common::proc_state(lab.pid()) == Some('T')));
+    let (code, json) = diagnose_live(&lab, 123);
+    assert_eq!(json["verdict"], "process-stopped", "{json}");
+    assert_eq!(code, 16);
+    let (sealed, again, _) = autopsy_verdicts(&lab, 123);
+    assert_eq!((sealed.as_str(), again.as_str()), ("process-stopped", "process-stopped"));
+    // Someone else stopped it; the tool must not have resumed it.
+    assert_eq!(common::proc_state(lab.pid()), Some('T'));
+    lab.sigcont();
+}
+
+#[test]
+fn socket_held_is_qmp_unreachable_with_the_likely_reason() {
+    let lab = Lab::start(LabOptions { vmid: 124, name: "held".into(), ..LabOptions::default() });
+    let _holder = lab.hold_qmp();
+    let (code, json) = diagnose_live(&lab, 124);
+    assert_eq!(json["verdict"], "qmp-unreachable", "{json}");
+    assert_eq!(code, 13);
+    assert!(json["facts"].to_string().contains("another client most likely holds the socket"), "{json}");
+}
+
+#[test]
+fn main_loop_wedged_by_a_live_throttle_rewrite() {
+    let lab = Lab::start(LabOptions { vmid: 125, name: "mainloop".into(), ..LabOptions::default() });
+    assert_eq!(lab.wedge()["wedged"], true);
+    lab.hang_main_loop();
+    let (code, json) = diagnose_live(&lab, 125);
+    assert_eq!(json["verdict"], "main-loop-wedged", "{json}");
+    assert_eq!(code, 12);
+    let (sealed, again, ar) = autopsy_verdicts(&lab, 125);
+    assert_eq!((sealed.as_str(), again.as_str()), ("main-loop-wedged", "main-loop-wedged"));
+    // Everything that does not need the main loop was still captured.
+    assert!(ar.read("proc/status").is_some() && ar.read("stacks/gdb.txt").is_some(), "{:?}", ar.list());
+}
