@@ -65,10 +65,6 @@ impl DeviceDelta {
     pub fn ever_completed(&self) -> bool {
         self.idle_ns.1.is_some()
     }
-    /// Writes submitted in the window: the highest offset moved with no completion.
-    pub fn submitted_in_window(&self) -> bool {
-        self.wr_highest.1 > self.wr_highest.0 && self.wr_ops.1 == self.wr_ops.0
-    }
     pub fn idle_secs(&self) -> Option<f64> {
         self.idle_ns.1.map(|n| n as f64 / 1e9)
     }

@@ -20,6 +20,7 @@ use crate::config::parse_duration;
 /// Runbooks compiled into the binary: `(name, text)`.
 pub const BUILT_IN: &[(&str, &str)] = &[
     ("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml")),
+    ("qemu-wedge-full", include_str!("../../runbooks/qemu-wedge-full.toml")),
     ("diagnose", include_str!("../../runbooks/diagnose.toml")),
 ];
 pub const DEFAULT: &str = "qemu-wedge";

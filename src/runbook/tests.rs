@@ -18,6 +18,20 @@ fn built_in_runbooks_check() {
 }
 
 #[test]
+fn every_shipped_runbook_checks_and_is_built_in() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
+    let mut n = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let rb = parse(&text, &p.display().to_string()).unwrap_or_else(|e| panic!("{e}"));
+        assert!(BUILT_IN.iter().any(|(name, _)| *name == rb.name), "{} is not embedded", rb.name);
+        n += 1;
+    }
+    assert_eq!(n, BUILT_IN.len());
+}
+
+#[test]
 fn shipped_files_match_embedded() {
     for (name, text) in BUILT_IN {
         let on_disk = std::fs::read_to_string(format!("{}/runbooks/{name}.toml", env!("CARGO_MANIFEST_DIR"))).unwrap();
