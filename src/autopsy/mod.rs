@@ -274,7 +274,7 @@ pub async fn capture(
     cancel: &Cancel,
 ) -> Vec<StepRecord> {
     let t0 = Instant::now();
-    let vars = vars(req.vmid, Some(&target), settings);
+    let vars = vars(req.vmid, Some(target), settings);
     let deadline = t0 + req.runbook.deadline;
 
     let mut ctx = steps::Ctx {

@@ -320,7 +320,7 @@ fn core_step(
     cancel: &Cancel,
 ) -> StepOutcome {
     let free = match nix::sys::statvfs::statvfs(staging_dir) {
-        Ok(s) => s.blocks_available() as u64 * s.fragment_size() as u64,
+        Ok(s) => s.blocks_available() * s.fragment_size(),
         Err(e) => return StepOutcome::Failed(format!("cannot check free space: {e}")),
     };
     let rss = std::fs::read_to_string(format!("/proc/{}/status", target.pid))
