@@ -1,0 +1,410 @@
+//! The freeze: PTRACE_SEIZE (no options) + PTRACE_INTERRUPT every thread, copy registers
+//! and the top of each stack, detach. Everything a stopped thread needs (modules, /proc
+//! files) is read before the first interrupt, so the freeze is only ptrace and memcpy.
+//!
+//! Safety properties:
+//! - No `PTRACE_ATTACH`/SIGSTOP and no `PTRACE_O_EXITKILL`: if this process dies at any
+//!   point, the kernel detaches and the target keeps running.
+//! - All ptrace calls are made from one dedicated OS thread that exits when the snapshot
+//!   ends. A tracer thread's exit detaches whatever it still traces (`exit_ptrace`), and
+//!   that also drops a pending interrupt of a thread that never stopped (D state), so no
+//!   thread can stop later while we are still running.
+//! - [`Tracer`] detaches every stopped thread in `Drop`: errors, cancel and panics too.
+//! - A signal that arrived during the freeze (signal-delivery-stop) is re-injected on
+//!   detach.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::modules::{read_remote, Mapping};
+use crate::cancel::Cancel;
+use crate::procfs::{self, Syscall};
+use crate::stacks::StackError;
+
+/// Per-thread state as captured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capture {
+    /// Stopped, registers and stack copied.
+    Stopped,
+    /// In D state before the freeze: not seized, not waited on.
+    SkippedD,
+    /// Seized and interrupted, but did not stop before the deadline.
+    NotStopped,
+    /// Exited during the snapshot.
+    Vanished,
+    /// Seize or register read failed.
+    Failed,
+}
+
+/// What the snapshot took of one thread.
+#[derive(Debug, Clone)]
+pub struct ThreadCapture {
+    pub tid: i32,
+    pub comm: String,
+    /// Scheduler state just before the freeze.
+    pub state: char,
+    pub wchan: Option<String>,
+    pub syscall: Option<Syscall>,
+    pub kernel_stack: Option<Vec<String>>,
+    pub capture: Capture,
+    pub regs: Option<libc::user_regs_struct>,
+    /// Copied stack bytes and the address of the first byte.
+    pub stack_base: u64,
+    pub stack: Vec<u8>,
+    /// Interrupt to detach, µs (an upper bound of the time this thread was stopped).
+    pub stopped_us: Option<u64>,
+    pub errors: Vec<String>,
+}
+
+/// The raw result of a snapshot, before unwinding.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub threads: Vec<ThreadCapture>,
+    /// First interrupt to last detach, µs.
+    pub freeze_us: u64,
+    pub notes: Vec<String>,
+}
+
+/// Tuning for the freeze.
+#[derive(Debug, Clone)]
+pub struct FreezeOptions {
+    /// Bytes of stack copied from SP (clipped to the stack's mapping).
+    pub stack_bytes: usize,
+    /// How long to wait for all threads to stop after the interrupts.
+    pub stop_timeout: Duration,
+}
+
+impl Default for FreezeOptions {
+    fn default() -> Self {
+        FreezeOptions { stack_bytes: 64 << 10, stop_timeout: Duration::from_millis(50) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TState {
+    /// Seized and interrupted, stop not yet seen.
+    Pending,
+    /// In a ptrace stop; `sig` is to be re-injected on detach.
+    Stopped { sig: i32 },
+    Detached,
+    Gone,
+}
+
+/// RAII ownership of the threads we trace: detaches every stopped one when dropped.
+struct Tracer {
+    threads: BTreeMap<i32, (TState, Instant)>,
+    last_detach: Option<Instant>,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+impl Tracer {
+    fn new() -> Self {
+        Tracer { threads: BTreeMap::new(), last_detach: None }
+    }
+
+    /// PTRACE_SEIZE without options, then PTRACE_INTERRUPT. Returns errno on failure.
+    fn seize_and_interrupt(&mut self, tid: i32) -> Result<(), i32> {
+        // SAFETY: plain ptrace requests with integer arguments.
+        if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) } != 0 {
+            return Err(errno());
+        }
+        self.threads.insert(tid, (TState::Pending, Instant::now()));
+        // SAFETY: as above.
+        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) } != 0 {
+            let e = errno();
+            self.threads.insert(tid, (TState::Gone, Instant::now()));
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Non-blocking wait for one pending thread: Some(true) stopped, Some(false) gone.
+    fn poll(&mut self, tid: i32) -> Option<bool> {
+        let mut status = 0;
+        // SAFETY: waitpid on a tracee with a valid status pointer.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        let entry = self.threads.get_mut(&tid)?;
+        if r == 0 {
+            return None;
+        }
+        if r < 0 {
+            entry.0 = TState::Gone;
+            return Some(false);
+        }
+        if libc::WIFSTOPPED(status) {
+            let sig = libc::WSTOPSIG(status);
+            let event = status >> 16;
+            // PTRACE_EVENT_STOP: our interrupt (or a group-stop); anything else with no
+            // event is a signal about to be delivered, which must be handed back.
+            let inject = if event == 0 { sig } else { 0 };
+            entry.0 = TState::Stopped { sig: inject };
+            Some(true)
+        } else {
+            entry.0 = TState::Gone;
+            Some(false)
+        }
+    }
+
+    fn getregs(&self, tid: i32) -> Result<libc::user_regs_struct, i32> {
+        // SAFETY: user_regs_struct is plain data; the kernel fills it.
+        let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::ptrace(libc::PTRACE_GETREGS, tid, 0usize, &mut regs as *mut _) };
+        if r != 0 {
+            return Err(errno());
+        }
+        Ok(regs)
+    }
+
+    fn detach(&mut self, tid: i32) -> Option<Duration> {
+        let (st, since) = self.threads.get_mut(&tid)?;
+        if let TState::Stopped { sig } = *st {
+            // SAFETY: plain ptrace request; `sig` re-injects an intercepted signal.
+            unsafe { libc::ptrace(libc::PTRACE_DETACH, tid, 0usize, sig as usize) };
+            *st = TState::Detached;
+            let now = Instant::now();
+            self.last_detach = Some(now);
+            return Some(now - *since);
+        }
+        None
+    }
+
+    fn detach_all(&mut self) -> BTreeMap<i32, Duration> {
+        let tids: Vec<i32> = self.threads.keys().copied().collect();
+        tids.into_iter().filter_map(|t| Some((t, self.detach(t)?))).collect()
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        // Threads still Pending cannot be detached (PTRACE_DETACH needs a stopped
+        // tracee); the exit of the tracer thread releases them.
+        self.detach_all();
+    }
+}
+
+/// Pre-freeze reads of one thread's /proc files.
+fn read_thread(pid: i32, tid: i32) -> Option<ThreadCapture> {
+    let dir = format!("/proc/{pid}/task/{tid}");
+    let stat = procfs::parse_stat_file(&format!("{dir}/stat")).ok()?;
+    let wchan = std::fs::read_to_string(format!("{dir}/wchan")).ok().filter(|w| !w.is_empty() && w != "0");
+    let syscall = std::fs::read_to_string(format!("{dir}/syscall")).ok().and_then(|s| procfs::parse_syscall(&s));
+    let kernel_stack = std::fs::read_to_string(format!("{dir}/stack"))
+        .ok()
+        .map(|s| s.lines().map(|l| l.split_once("] ").map_or(l, |(_, f)| f).to_string()).collect());
+    Some(ThreadCapture {
+        tid,
+        comm: stat.comm,
+        state: stat.state,
+        wchan,
+        syscall,
+        kernel_stack,
+        capture: Capture::Failed,
+        regs: None,
+        stack_base: 0,
+        stack: Vec::new(),
+        stopped_us: None,
+        errors: Vec::new(),
+    })
+}
+
+/// Copies up to `len` bytes of stack from `sp`, clipped to the mapping that holds it.
+pub fn copy_stack(pid: i32, sp: u64, len: usize, maps: &[Mapping]) -> Vec<u8> {
+    let end = maps.iter().find(|m| m.contains(sp)).map_or(sp.saturating_add(len as u64), |m| m.end);
+    let n = (end.saturating_sub(sp) as usize).min(len);
+    let mut buf = vec![0u8; n];
+    let got = read_remote(pid, sp, &mut buf);
+    buf.truncate(got);
+    buf
+}
+
+fn tracer_pid(path: &str) -> Option<i32> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Takes the snapshot on a dedicated OS thread (see the module docs for why).
+pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
+    let maps = maps.to_vec();
+    let opts = opts.clone();
+    let cancel = cancel.clone();
+    let handle = std::thread::Builder::new()
+        .name("wedge-ptrace".into())
+        .spawn(move || freeze(pid, &maps, &opts, &cancel))
+        .map_err(|e| StackError::Failed(format!("cannot start the ptrace thread: {e}")))?;
+    match handle.join() {
+        Ok(r) => r,
+        Err(_) => Err(StackError::Failed("the ptrace thread panicked (every stopped thread was detached)".into())),
+    }
+}
+
+fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
+    if let Some(t) = tracer_pid(&format!("/proc/{pid}/status")).filter(|t| *t != 0) {
+        return Err(StackError::Unavailable(format!("pid {pid} is already traced by pid {t} (a debugger?)")));
+    }
+    let mut tracer = Tracer::new();
+    let mut caps: BTreeMap<i32, ThreadCapture> = BTreeMap::new();
+    let mut notes = Vec::new();
+    let mut first_interrupt: Option<Instant> = None;
+    let mut deadline: Option<Instant> = None;
+    // Rounds: a thread created before its creator stopped shows up in a re-read.
+    for round in 0..16 {
+        let tids = match procfs::tids(pid) {
+            Ok(t) => t,
+            Err(_) if round == 0 => return Err(StackError::NoProcess(pid)),
+            Err(e) => {
+                notes.push(format!("re-reading the task list failed: {e}"));
+                break;
+            }
+        };
+        let new: Vec<i32> = tids.into_iter().filter(|t| !caps.contains_key(t)).collect();
+        if new.is_empty() {
+            break;
+        }
+        // Pre-freeze reads for the new threads.
+        let mut to_seize = Vec::new();
+        for tid in new {
+            let Some(mut cap) = read_thread(pid, tid) else { continue };
+            if cap.state == 'D' {
+                cap.capture = Capture::SkippedD;
+                cap.errors.push("in D state (uninterruptible): not stopped; PC/SP from /proc syscall".into());
+            } else {
+                to_seize.push(tid);
+            }
+            caps.insert(tid, cap);
+        }
+        for tid in to_seize {
+            if cancel.is_cancelled() {
+                return Err(StackError::Interrupted);
+            }
+            first_interrupt.get_or_insert_with(Instant::now);
+            match tracer.seize_and_interrupt(tid) {
+                Ok(()) => {}
+                Err(libc::EPERM) if tracer.threads.is_empty() => {
+                    return Err(StackError::Permission { pid, detail: "PTRACE_SEIZE: EPERM".into() });
+                }
+                Err(libc::ESRCH) => {
+                    let c = caps.get_mut(&tid).unwrap();
+                    c.capture = Capture::Vanished;
+                    c.errors.push("exited before it could be seized".into());
+                }
+                Err(e) => {
+                    let c = caps.get_mut(&tid).unwrap();
+                    c.capture = Capture::Failed;
+                    c.errors.push(format!("PTRACE_SEIZE/INTERRUPT: {}", std::io::Error::from_raw_os_error(e)));
+                }
+            }
+        }
+        let dl = *deadline.get_or_insert_with(|| Instant::now() + opts.stop_timeout);
+        // Collect stops; copy each thread as soon as it stops. Nobody is released
+        // before everybody is captured, so the picture is one instant.
+        let mut spins = 0u32;
+        loop {
+            if cancel.is_cancelled() {
+                return Err(StackError::Interrupted);
+            }
+            let pending: Vec<i32> =
+                tracer.threads.iter().filter(|(_, (s, _))| *s == TState::Pending).map(|(t, _)| *t).collect();
+            if pending.is_empty() || Instant::now() >= dl {
+                break;
+            }
+            let mut progressed = false;
+            for tid in pending {
+                match tracer.poll(tid) {
+                    None => {}
+                    Some(true) => {
+                        progressed = true;
+                        let c = caps.get_mut(&tid).unwrap();
+                        match tracer.getregs(tid) {
+                            Ok(regs) => {
+                                c.stack_base = regs.rsp;
+                                c.stack = copy_stack(pid, regs.rsp, opts.stack_bytes, maps);
+                                c.regs = Some(regs);
+                                c.capture = Capture::Stopped;
+                            }
+                            Err(e) => {
+                                c.capture = Capture::Failed;
+                                c.errors.push(format!("PTRACE_GETREGS: {}", std::io::Error::from_raw_os_error(e)));
+                            }
+                        }
+                    }
+                    Some(false) => {
+                        progressed = true;
+                        let c = caps.get_mut(&tid).unwrap();
+                        c.capture = Capture::Vanished;
+                        c.errors.push("exited during the snapshot".into());
+                    }
+                }
+            }
+            if !progressed {
+                spins += 1;
+                if spins < 200 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        if tracer.threads.values().any(|(s, _)| *s == TState::Pending) {
+            break;
+        }
+    }
+    let stopped = tracer.detach_all();
+    for (tid, d) in &stopped {
+        if let Some(c) = caps.get_mut(tid) {
+            c.stopped_us = Some(d.as_micros() as u64);
+        }
+    }
+    let freeze_us = match (first_interrupt, tracer.last_detach) {
+        (Some(a), Some(b)) => (b - a).as_micros() as u64,
+        _ => 0,
+    };
+    let pending: Vec<i32> = tracer.threads.iter().filter(|(_, (s, _))| *s == TState::Pending).map(|(t, _)| *t).collect();
+    for tid in pending {
+        let c = caps.get_mut(&tid).unwrap();
+        c.capture = Capture::NotStopped;
+        c.errors.push(format!(
+            "did not stop within {} ms: not waited on; the interrupt is dropped when the tracer thread exits",
+            opts.stop_timeout.as_millis()
+        ));
+        // What it is doing now, read without stopping it.
+        if let Some(fresh) = read_thread(pid, tid) {
+            c.state = fresh.state;
+            c.wchan = fresh.wchan.or(c.wchan.take());
+            c.syscall = fresh.syscall.or(c.syscall.take());
+            c.kernel_stack = fresh.kernel_stack.or(c.kernel_stack.take());
+        }
+    }
+    drop(tracer);
+    // Threads that were not stopped: best-effort stack copy from the SP /proc reports.
+    // A thread blocked in the kernel does not touch its user stack, so this is stable.
+    for c in caps.values_mut() {
+        if matches!(c.capture, Capture::SkippedD | Capture::NotStopped) {
+            if let Some(Syscall::In { sp, .. } | Syscall::Blocked { sp, .. }) = c.syscall {
+                c.stack_base = sp;
+                c.stack = copy_stack(pid, sp, opts.stack_bytes, maps);
+            }
+        }
+    }
+    if caps.values().all(|c| c.capture == Capture::Vanished) && std::fs::metadata(format!("/proc/{pid}")).is_err() {
+        return Err(StackError::NoProcess(pid));
+    }
+    Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, notes })
+}
+
+/// Tracer of each thread of `pid` that has one (should be empty after a snapshot).
+pub fn traced_threads(pid: i32) -> Vec<(i32, i32)> {
+    procfs::tids(pid)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|t| {
+            let tp = tracer_pid(&format!("/proc/{pid}/task/{t}/status"))?;
+            (tp != 0).then_some((t, tp))
+        })
+        .collect()
+}
