@@ -165,7 +165,7 @@ impl From<&Syscall> for SyscallInfo {
 }
 
 /// Functions where a thread's stack begins; nothing above them is a real caller.
-const OUTERMOST: &[&str] = &["clone3", "__clone3", "clone", "__clone", "start_thread", "_start"];
+const OUTERMOST: &[&str] = &["clone3", "__clone3", "clone", "__clone", "_start"];
 
 fn starttime(pid: i32) -> Option<u64> {
     crate::procfs::parse_stat_file(&format!("/proc/{pid}/stat")).ok().map(|s| s.starttime)

@@ -85,6 +85,8 @@ impl Default for FreezeOptions {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TState {
+    /// Seized, not yet interrupted (still running).
+    Seized,
     /// Seized and interrupted, stop not yet seen.
     Pending,
     /// In a ptrace stop; `sig` is to be re-injected on detach.
@@ -108,17 +110,24 @@ impl Tracer {
         Tracer { threads: BTreeMap::new(), last_detach: None }
     }
 
-    /// PTRACE_SEIZE without options, then PTRACE_INTERRUPT. Returns errno on failure.
-    fn seize_and_interrupt(&mut self, tid: i32) -> Result<(), i32> {
-        // SAFETY: plain ptrace requests with integer arguments.
+    /// PTRACE_SEIZE without options: the thread keeps running. Returns errno on failure.
+    fn seize(&mut self, tid: i32) -> Result<(), i32> {
+        // SAFETY: plain ptrace request with integer arguments.
         if unsafe { libc::ptrace(libc::PTRACE_SEIZE, tid, 0usize, 0usize) } != 0 {
             return Err(errno());
         }
-        self.threads.insert(tid, (TState::Pending, Instant::now()));
-        // SAFETY: as above.
-        if unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) } != 0 {
-            let e = errno();
-            self.threads.insert(tid, (TState::Gone, Instant::now()));
+        self.threads.insert(tid, (TState::Seized, Instant::now()));
+        Ok(())
+    }
+
+    /// PTRACE_INTERRUPT a seized thread: it stops at its next chance (not in D state).
+    fn interrupt(&mut self, tid: i32) -> Result<(), i32> {
+        // SAFETY: plain ptrace request with integer arguments.
+        let r = unsafe { libc::ptrace(libc::PTRACE_INTERRUPT, tid, 0usize, 0usize) };
+        let e = errno();
+        let entry = self.threads.get_mut(&tid).ok_or(libc::ESRCH)?;
+        *entry = if r == 0 { (TState::Pending, Instant::now()) } else { (TState::Gone, Instant::now()) };
+        if r != 0 {
             return Err(e);
         }
         Ok(())
@@ -244,6 +253,9 @@ pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -
 }
 
 fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
+    // Short sleeps while polling for stops must stay short (this thread only).
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
     if let Some(t) = tracer_pid(&format!("/proc/{pid}/status")).filter(|t| *t != 0) {
         return Err(StackError::Unavailable(format!("pid {pid} is already traced by pid {t} (a debugger?)")));
     }
@@ -278,26 +290,39 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
             }
             caps.insert(tid, cap);
         }
+        // Seize all first (they keep running), then interrupt them back to back, so
+        // the freeze starts as late and ends as early as possible.
+        let mut seized = Vec::new();
         for tid in to_seize {
             if cancel.is_cancelled() {
                 return Err(StackError::Interrupted);
             }
-            first_interrupt.get_or_insert_with(Instant::now);
-            match tracer.seize_and_interrupt(tid) {
-                Ok(()) => {}
+            match tracer.seize(tid) {
+                Ok(()) => seized.push(tid),
                 Err(libc::EPERM) if tracer.threads.is_empty() => {
                     return Err(StackError::Permission { pid, detail: "PTRACE_SEIZE: EPERM".into() });
                 }
-                Err(libc::ESRCH) => {
-                    let c = caps.get_mut(&tid).unwrap();
-                    c.capture = Capture::Vanished;
-                    c.errors.push("exited before it could be seized".into());
-                }
                 Err(e) => {
                     let c = caps.get_mut(&tid).unwrap();
-                    c.capture = Capture::Failed;
-                    c.errors.push(format!("PTRACE_SEIZE/INTERRUPT: {}", std::io::Error::from_raw_os_error(e)));
+                    if e == libc::ESRCH {
+                        c.capture = Capture::Vanished;
+                        c.errors.push("exited before it could be seized".into());
+                    } else {
+                        c.capture = Capture::Failed;
+                        c.errors.push(format!("PTRACE_SEIZE: {}", std::io::Error::from_raw_os_error(e)));
+                    }
                 }
+            }
+        }
+        if cancel.is_cancelled() {
+            return Err(StackError::Interrupted);
+        }
+        first_interrupt.get_or_insert_with(Instant::now);
+        for tid in seized {
+            if let Err(e) = tracer.interrupt(tid) {
+                let c = caps.get_mut(&tid).unwrap();
+                c.capture = if e == libc::ESRCH { Capture::Vanished } else { Capture::Failed };
+                c.errors.push(format!("PTRACE_INTERRUPT: {}", std::io::Error::from_raw_os_error(e)));
             }
         }
         let dl = *deadline.get_or_insert_with(|| Instant::now() + opts.stop_timeout);
@@ -342,11 +367,11 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
                 }
             }
             if !progressed {
+                // Sleep rather than spin: the stopping threads need the CPU more than
+                // we do (on a busy host a spinning tracer delays their stops).
                 spins += 1;
-                if spins < 200 {
-                    std::thread::yield_now();
-                } else {
-                    std::thread::sleep(Duration::from_micros(50));
+                if spins > 3 {
+                    std::thread::sleep(Duration::from_micros(20));
                 }
             }
         }

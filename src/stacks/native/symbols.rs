@@ -7,71 +7,102 @@
 
 use std::borrow::Cow;
 
-use object::{Object, ObjectSymbol, SymbolKind};
 use serde::{Deserialize, Serialize};
 
 use super::modules::{Elf, Module};
 
-/// One function symbol: address (SVMA), size, demangled name.
-#[derive(Debug, Clone)]
+/// One function symbol: address (SVMA), size, and where its NUL-terminated name is.
+#[derive(Debug, Clone, Copy)]
 struct Sym {
     addr: u64,
     size: u64,
-    global: bool,
-    name: String,
+    /// Byte offset of the name in the file (`debug` says which file).
+    name: u64,
+    debug: bool,
+    /// ELF binding: 0 local, 1 global, 2 weak.
+    bind: u8,
 }
 
-/// A module's function symbols, sorted by address.
+/// A module's function symbols, sorted by address. Names stay in the mapped file
+/// until a lookup needs one (QEMU plus its libraries have ~100k symbols).
 #[derive(Debug, Default)]
 pub struct SymbolTable {
     syms: Vec<Sym>,
 }
 
-impl SymbolTable {
-    fn from_elf(elf: &Elf, out: &mut Vec<Sym>) {
-        let Ok(obj) = object::File::parse(&*elf.bytes) else { return };
-        let mut take = |s: object::Symbol<'_, '_>| {
-            if s.is_undefined() || s.address() == 0 || !matches!(s.kind(), SymbolKind::Text | SymbolKind::Unknown) {
-                return;
-            }
-            if let Ok(name) = s.name() {
-                if name.is_empty() {
-                    return;
-                }
-                out.push(Sym { addr: s.address(), size: s.size(), global: s.is_global(), name: name.to_string() });
-            }
-        };
-        if elf.has_symtab {
-            obj.symbols().for_each(&mut take);
+fn collect(bytes: &[u8], debug: bool, dynamic: bool, out: &mut Vec<Sym>) {
+    use object::elf;
+    use object::read::elf::{ElfFile64, FileHeader, SectionHeader, Sym as _};
+    let Ok(file) = ElfFile64::<object::LittleEndian>::parse(bytes) else { return };
+    let endian = file.endian();
+    let table = if dynamic { file.elf_dynamic_symbol_table() } else { file.elf_symbol_table() };
+    let Ok(sections) = file.elf_header().sections(endian, bytes) else { return };
+    let Ok(strsec) = sections.section(table.string_section()) else { return };
+    let stroff = strsec.sh_offset(endian);
+    for sym in table.symbols() {
+        let kind = sym.st_type();
+        let shndx = sym.st_shndx(endian);
+        let value = sym.st_value(endian);
+        if !(kind == elf::STT_FUNC || kind == elf::STT_GNU_IFUNC || (kind == elf::STT_NOTYPE && !dynamic))
+            || shndx == elf::SHN_UNDEF
+            || shndx == elf::SHN_ABS
+            || value == 0
+            || sym.st_name(endian) == 0
+        {
+            continue;
         }
-        obj.dynamic_symbols().for_each(&mut take);
+        out.push(Sym {
+            addr: value,
+            size: sym.st_size(endian),
+            name: stroff + sym.st_name(endian) as u64,
+            debug,
+            bind: sym.st_bind().0,
+        });
     }
+}
 
-    /// Symbols of the binary, plus those of its debug file (stripped binaries keep only
-    /// `.dynsym`; the debug file has the full `.symtab`).
+impl SymbolTable {
+    /// `.symtab` of the binary or its debug file when there is one, else `.dynsym`.
     pub fn build(module: &Module) -> SymbolTable {
         let mut syms = Vec::new();
-        SymbolTable::from_elf(&module.elf, &mut syms);
-        if let Some(d) = &module.debug {
-            SymbolTable::from_elf(d, &mut syms);
+        if module.elf.has_symtab {
+            collect(&module.elf.bytes, false, false, &mut syms);
+        } else if let Some(d) = module.debug.as_ref().filter(|d| d.has_symtab) {
+            collect(&d.bytes, true, false, &mut syms);
         }
-        // At one address prefer a sized, global symbol (what elfutils shows too).
-        syms.sort_by(|a, b| {
-            a.addr.cmp(&b.addr).then((b.size > 0).cmp(&(a.size > 0))).then(b.global.cmp(&a.global))
+        if syms.is_empty() {
+            collect(&module.elf.bytes, false, true, &mut syms);
+        }
+        // At one address prefer a sized symbol, then the stronger binding as elfutils
+        // does (weak over global over local).
+        syms.sort_unstable_by(|a, b| {
+            a.addr.cmp(&b.addr).then((b.size > 0).cmp(&(a.size > 0))).then(b.bind.cmp(&a.bind))
         });
         syms.dedup_by_key(|s| s.addr);
         SymbolTable { syms }
     }
 
-    /// The symbol containing `svma`: `(name, offset)`.
-    pub fn lookup(&self, svma: u64) -> Option<(&str, u64)> {
+    fn name<'a>(s: &Sym, module: &'a Module) -> &'a str {
+        let bytes: &[u8] = if s.debug { module.debug.as_ref().map_or(&[][..], |d| &d.bytes) } else { &module.elf.bytes };
+        let tail = bytes.get(s.name as usize..).unwrap_or(&[]);
+        let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
+        std::str::from_utf8(&tail[..end]).unwrap_or("")
+    }
+
+    /// The symbol containing `svma` in `module`: `(name, offset)`.
+    pub fn lookup_in<'a>(&self, module: &'a Module, svma: u64) -> Option<(&'a str, u64)> {
+        let (s, off) = self.find(svma)?;
+        Some((SymbolTable::name(s, module), off))
+    }
+
+    fn find(&self, svma: u64) -> Option<(&Sym, u64)> {
         let i = self.syms.partition_point(|s| s.addr <= svma);
         // Walk back a few entries for a sized symbol that contains the address (nested
         // or overlapping symbols); an unsized one is accepted up to the next symbol.
         for (k, s) in self.syms[..i].iter().rev().take(4).enumerate() {
             let off = svma - s.addr;
             if (s.size == 0 && k == 0) || off < s.size {
-                return Some((&s.name, off));
+                return Some((s, off));
             }
         }
         None
@@ -105,7 +136,12 @@ pub struct Resolved {
     pub inlined: Vec<Inlined>,
 }
 
+/// Demangles Rust (`_ZN…E`, `_R…`) and C++ (`_Z…`) names; anything else is returned as
+/// is (cpp_demangle would otherwise read a C function named `c` as the type `char`).
 pub fn demangle(name: &str) -> String {
+    if !(name.starts_with("_Z") || name.starts_with("_R") || name.starts_with("__Z")) {
+        return name.to_string();
+    }
     addr2line::demangle_auto(Cow::Borrowed(name), None).into_owned()
 }
 
@@ -117,7 +153,7 @@ pub struct Symbolizer<'m> {
 }
 
 fn dwarf_context(elf: &Elf) -> Option<addr2line::Context<Reader<'_>>> {
-    use object::ObjectSection;
+    use object::{Object, ObjectSection};
     let obj = object::File::parse(&*elf.bytes).ok()?;
     // Debian's debug files compress their DWARF (SHF_COMPRESSED); decompress once.
     let owned = elf.dwarf_owned.get_or_init(|| {
@@ -153,7 +189,7 @@ impl<'m> Symbolizer<'m> {
         let svma = lookup.wrapping_sub(module.bias);
         let table = module.symbols.get_or_init(|| SymbolTable::build(module));
         let mut r = Resolved::default();
-        if let Some((name, off)) = table.lookup(svma) {
+        if let Some((name, off)) = table.lookup_in(module, svma) {
             r.symbol = Some(demangle(name));
             // Offsets are reported relative to the frame's own address (PC or return
             // address), as eu-stack and gdb print them.
@@ -204,22 +240,23 @@ impl Default for Symbolizer<'_> {
 mod tests {
     use super::*;
 
-    fn table(v: &[(u64, u64, &str)]) -> SymbolTable {
+    fn table(v: &[(u64, u64, u64)]) -> SymbolTable {
         let mut syms: Vec<Sym> =
-            v.iter().map(|(a, s, n)| Sym { addr: *a, size: *s, global: true, name: n.to_string() }).collect();
+            v.iter().map(|(a, s, n)| Sym { addr: *a, size: *s, name: *n, debug: false, bind: 1 }).collect();
         syms.sort_by_key(|s| s.addr);
         SymbolTable { syms }
     }
 
     #[test]
     fn lookup_respects_sizes() {
-        let t = table(&[(0x1000, 0x10, "a"), (0x1020, 0, "b"), (0x1040, 0x100, "c")]);
-        assert_eq!(t.lookup(0x1000), Some(("a", 0)));
-        assert_eq!(t.lookup(0x100f), Some(("a", 0xf)));
-        assert_eq!(t.lookup(0x1010), None);
-        assert_eq!(t.lookup(0x1030), Some(("b", 0x10)));
-        assert_eq!(t.lookup(0x1140), None);
-        assert_eq!(t.lookup(0xfff), None);
+        let t = table(&[(0x1000, 0x10, 1), (0x1020, 0, 2), (0x1040, 0x100, 3)]);
+        let find = |a| t.find(a).map(|(s, off)| (s.name, off));
+        assert_eq!(find(0x1000), Some((1, 0)));
+        assert_eq!(find(0x100f), Some((1, 0xf)));
+        assert_eq!(find(0x1010), None);
+        assert_eq!(find(0x1030), Some((2, 0x10)));
+        assert_eq!(find(0x1140), None);
+        assert_eq!(find(0xfff), None);
     }
 
     #[test]
@@ -227,5 +264,7 @@ mod tests {
         assert_eq!(demangle("_ZN3foo3barE"), "foo::bar");
         assert_eq!(demangle("_Z3fooi"), "foo(int)");
         assert_eq!(demangle("main"), "main");
+        assert_eq!(demangle("c"), "c");
+        assert_eq!(demangle("b"), "b");
     }
 }

@@ -311,6 +311,7 @@ fn apply_row(
     next.set(RSP, Some(cfa));
     // RIP (the return address column) must have a rule; no rule means outermost.
     let mut ra_rule_seen = false;
+    let mut ra_undefined = false;
     for (reg, rule) in row.registers() {
         let r = reg.0 as usize;
         if r >= NREGS {
@@ -318,6 +319,7 @@ fn apply_row(
         }
         if r == RIP {
             ra_rule_seen = true;
+            ra_undefined = matches!(rule, RegisterRule::Undefined);
         }
         let v = match rule {
             RegisterRule::Undefined => None,
@@ -346,8 +348,12 @@ fn apply_row(
         };
         next.set(r, v);
     }
-    if !ra_rule_seen || next.get(RIP).is_none() {
+    if !ra_rule_seen || ra_undefined {
         return Err(End::Outermost);
+    }
+    if next.get(RIP).is_none() {
+        // E.g. vfork keeps its return address in rdi, unknown without registers.
+        return Err(End::CfiError("the return address is in a register that is not known".into()));
     }
     if next.get(RIP) == Some(0) {
         return Err(End::ZeroReturn);
