@@ -255,7 +255,10 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
                     signal_frame: f.signal,
                 };
                 if let Some(m) = module {
-                    let r = symbolizer.resolve(idx, m, f.pc, f.lookup, opts.lines);
+                    // A signal trampoline is entered by "returning" to its first byte:
+                    // name it at its PC (its CFI covers pc − 1 too, its symbol does not).
+                    let at = if f.signal { f.pc } else { f.lookup };
+                    let r = symbolizer.resolve(idx, m, f.pc, at, opts.lines);
                     fr.symbol = r.symbol;
                     fr.offset = r.offset;
                     fr.file = r.file;

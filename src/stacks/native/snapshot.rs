@@ -282,7 +282,10 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
         let mut to_seize = Vec::new();
         for tid in new {
             let Some(mut cap) = read_thread(pid, tid) else { continue };
-            if cap.state == 'D' {
+            if matches!(cap.state, 'Z' | 'X') {
+                cap.capture = Capture::Vanished;
+                cap.errors.push("exiting (zombie): nothing to capture".into());
+            } else if cap.state == 'D' {
                 cap.capture = Capture::SkippedD;
                 cap.errors.push("in D state (uninterruptible): not stopped; PC/SP from /proc syscall".into());
             } else {
@@ -299,12 +302,17 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
             }
             match tracer.seize(tid) {
                 Ok(()) => seized.push(tid),
-                Err(libc::EPERM) if tracer.threads.is_empty() => {
+                // EPERM is also what an exiting thread answers; only a live one means
+                // we lack the privilege.
+                Err(libc::EPERM)
+                    if tracer.threads.is_empty()
+                        && read_thread(pid, tid).is_some_and(|t| !matches!(t.state, 'Z' | 'X')) =>
+                {
                     return Err(StackError::Permission { pid, detail: "PTRACE_SEIZE: EPERM".into() });
                 }
                 Err(e) => {
                     let c = caps.get_mut(&tid).unwrap();
-                    if e == libc::ESRCH {
+                    if e == libc::ESRCH || e == libc::EPERM && read_thread(pid, tid).map_or(true, |t| matches!(t.state, 'Z' | 'X')) {
                         c.capture = Capture::Vanished;
                         c.errors.push("exited before it could be seized".into());
                     } else {
@@ -416,7 +424,8 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
             }
         }
     }
-    if caps.values().all(|c| c.capture == Capture::Vanished) && std::fs::metadata(format!("/proc/{pid}")).is_err() {
+    // Nothing alive (gone, or only a zombie left): the process is gone.
+    if caps.values().all(|c| c.capture == Capture::Vanished) {
         return Err(StackError::NoProcess(pid));
     }
     Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, notes })

@@ -19,8 +19,8 @@ struct Sym {
     /// Byte offset of the name in the file (`debug` says which file).
     name: u64,
     debug: bool,
-    /// ELF binding: 0 local, 1 global, 2 weak.
-    bind: u8,
+    /// Binding rank as elfutils ranks it: 3 global, 2 weak, 1 local.
+    rank: u8,
 }
 
 /// A module's function symbols, sorted by address. Names stay in the mapped file
@@ -56,7 +56,12 @@ fn collect(bytes: &[u8], debug: bool, dynamic: bool, out: &mut Vec<Sym>) {
             size: sym.st_size(endian),
             name: stroff + sym.st_name(endian) as u64,
             debug,
-            bind: sym.st_bind().0,
+            rank: match sym.st_bind() {
+                elf::STB_GLOBAL => 3,
+                elf::STB_WEAK => 2,
+                elf::STB_LOCAL => 1,
+                _ => 0,
+            },
         });
     }
 }
@@ -73,11 +78,10 @@ impl SymbolTable {
         if syms.is_empty() {
             collect(&module.elf.bytes, false, true, &mut syms);
         }
-        // At one address prefer a sized symbol, then the stronger binding as elfutils
-        // does (weak over global over local).
-        syms.sort_unstable_by(|a, b| {
-            a.addr.cmp(&b.addr).then((b.size > 0).cmp(&(a.size > 0))).then(b.bind.cmp(&a.bind))
-        });
+        // At one address prefer a sized symbol, then the binding elfutils prefers
+        // (global, weak, local), then the first in table order (a stable sort), so the
+        // names match eu-stack's.
+        syms.sort_by(|a, b| a.addr.cmp(&b.addr).then((b.size > 0).cmp(&(a.size > 0))).then(b.rank.cmp(&a.rank)));
         syms.dedup_by_key(|s| s.addr);
         SymbolTable { syms }
     }
@@ -242,7 +246,7 @@ mod tests {
 
     fn table(v: &[(u64, u64, u64)]) -> SymbolTable {
         let mut syms: Vec<Sym> =
-            v.iter().map(|(a, s, n)| Sym { addr: *a, size: *s, name: *n, debug: false, bind: 1 }).collect();
+            v.iter().map(|(a, s, n)| Sym { addr: *a, size: *s, name: *n, debug: false, rank: 3 }).collect();
         syms.sort_by_key(|s| s.addr);
         SymbolTable { syms }
     }
