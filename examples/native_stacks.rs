@@ -1,7 +1,7 @@
 //! Bench and test driver for the native stack snapshot until the CLI has
 //! `wedge-autopsy stacks <PID> [--json]`: same arguments, same output.
 //!
-//! `native_stacks <PID> [--json] [--no-lines] [--loop N]` (`--loop` repeats the snapshot N times
+//! `native_stacks <PID> [--json] [--lines] [--loop N]` (`--loop` repeats the snapshot N times
 //! and prints only the last; used by the kill-mid-snapshot test).
 
 use wedge_autopsy::cancel::Cancel;
@@ -12,14 +12,14 @@ fn main() {
     let pid: i32 = match args.first().and_then(|a| a.parse().ok()) {
         Some(p) => p,
         None => {
-            eprintln!("usage: native_stacks <PID> [--json] [--loop N]");
+            eprintln!("usage: native_stacks <PID> [--json] [--lines] [--loop N]");
             std::process::exit(64);
         }
     };
     let json = args.iter().any(|a| a == "--json");
     let reps: usize = args.iter().position(|a| a == "--loop").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
     let mut opts = NativeOptions::default();
-    opts.lines = !args.iter().any(|a| a == "--no-lines");
+    opts.lines = args.iter().any(|a| a == "--lines");
     let cancel = Cancel::new();
     let mut last = None;
     for _ in 0..reps {

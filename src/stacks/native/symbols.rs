@@ -81,7 +81,11 @@ impl SymbolTable {
         // At one address prefer a sized symbol, then the binding elfutils prefers
         // (global, weak, local), then the first in table order (a stable sort), so the
         // names match eu-stack's.
-        syms.sort_by(|a, b| a.addr.cmp(&b.addr).then((b.size > 0).cmp(&(a.size > 0))).then(b.rank.cmp(&a.rank)));
+        // (Sorting by the original index keeps that order without a slower stable sort.)
+        let mut keyed: Vec<(u64, bool, std::cmp::Reverse<u8>, u32)> =
+            syms.iter().enumerate().map(|(i, s)| (s.addr, s.size == 0, std::cmp::Reverse(s.rank), i as u32)).collect();
+        keyed.sort_unstable();
+        let mut syms: Vec<Sym> = keyed.into_iter().map(|k| syms[k.3 as usize]).collect();
         syms.dedup_by_key(|s| s.addr);
         SymbolTable { syms }
     }
@@ -159,15 +163,25 @@ pub struct Symbolizer<'m> {
 fn dwarf_context(elf: &Elf) -> Option<addr2line::Context<Reader<'_>>> {
     use object::{Object, ObjectSection};
     let obj = object::File::parse(&*elf.bytes).ok()?;
+    // What addr2line needs for names, lines and inlines; location lists, .debug_frame,
+    // macros are never read, so never decompressed.
+    const NEEDED: &[&str] = &[
+        ".debug_info", ".debug_abbrev", ".debug_line", ".debug_str", ".debug_line_str", ".debug_rnglists",
+        ".debug_ranges", ".debug_aranges", ".debug_addr", ".debug_str_offsets",
+    ];
     // Debian's debug files compress their DWARF (SHF_COMPRESSED); decompress once.
     let owned = elf.dwarf_owned.get_or_init(|| {
-        obj.sections()
-            .filter(|s| s.name().is_ok_and(|n| n.starts_with(".debug_")))
+        NEEDED
+            .iter()
+            .filter_map(|name| obj.section_by_name(name))
             .filter(|s| s.compressed_file_range().is_ok_and(|c| c.format != object::CompressionFormat::None))
             .filter_map(|s| Some((s.name().ok()?.to_string(), s.uncompressed_data().ok()?.into_owned())))
             .collect()
     });
     let load = |id: gimli::SectionId| -> Result<Reader<'_>, gimli::Error> {
+        if !NEEDED.contains(&id.name()) {
+            return Ok(gimli::EndianSlice::new(&[], gimli::LittleEndian));
+        }
         let data = match owned.get(id.name()) {
             Some(v) => v.as_slice(),
             None => obj
