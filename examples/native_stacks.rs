@@ -1,7 +1,7 @@
 //! Bench and test driver for the native stack snapshot until the CLI has
 //! `wedge-autopsy stacks <PID> [--json]`: same arguments, same output.
 //!
-//! `native_stacks <PID> [--json] [--lines] [--loop N]` (`--loop` repeats the snapshot N times
+//! `native_stacks <PID> [--json] [--lines] [--stack-kib N] [--loop N]` (`--loop` repeats the snapshot N times
 //! and prints only the last; used by the kill-mid-snapshot test).
 
 use wedge_autopsy::cancel::Cancel;
@@ -20,6 +20,9 @@ fn main() {
     let reps: usize = args.iter().position(|a| a == "--loop").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
     let mut opts = NativeOptions::default();
     opts.lines = args.iter().any(|a| a == "--lines");
+    if let Some(kib) = args.iter().position(|a| a == "--stack-kib").and_then(|i| args.get(i + 1)?.parse::<usize>().ok()) {
+        opts.freeze.stack_bytes = kib << 10;
+    }
     let cancel = Cancel::new();
     let mut last = None;
     for _ in 0..reps {

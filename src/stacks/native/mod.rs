@@ -133,6 +133,9 @@ pub struct StacksReport {
     pub arch: String,
     /// First stop to last detach, µs: how long the process was frozen.
     pub freeze_us: u64,
+    /// Part of `freeze_us` spent waiting for the last thread to stop, µs.
+    #[serde(default)]
+    pub stopping_us: u64,
     /// Time spent loading modules, freezing, unwinding and naming, µs.
     pub total_us: u64,
     pub threads: Vec<ThreadReport>,
@@ -314,6 +317,7 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
         pid,
         arch: "x86_64".into(),
         freeze_us: snap.freeze_us,
+        stopping_us: snap.stopping_us,
         total_us: t0.elapsed().as_micros() as u64,
         threads,
         modules,

@@ -65,6 +65,9 @@ pub struct Snapshot {
     pub threads: Vec<ThreadCapture>,
     /// First interrupt to last detach, µs.
     pub freeze_us: u64,
+    /// First interrupt to the last stop seen, µs: the part of the freeze spent waiting
+    /// for threads to reach their stops (on a busy host, for the CPU).
+    pub stopping_us: u64,
     pub notes: Vec<String>,
 }
 
@@ -133,19 +136,17 @@ impl Tracer {
         Ok(())
     }
 
-    /// Non-blocking wait for one pending thread: Some(true) stopped, Some(false) gone.
-    fn poll(&mut self, tid: i32) -> Option<bool> {
+    /// Non-blocking wait for any of our tracees: `Some((tid, stopped))`, or None when
+    /// no stop is waiting. One syscall however many threads are pending; `__WNOTHREAD`
+    /// limits it to this thread's tracees (never the host program's children).
+    fn poll_any(&mut self) -> Option<(i32, bool)> {
         let mut status = 0;
-        // SAFETY: waitpid on a tracee with a valid status pointer.
-        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
-        let entry = self.threads.get_mut(&tid)?;
-        if r == 0 {
+        // SAFETY: waitpid with a valid status pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG) };
+        if r <= 0 {
             return None;
         }
-        if r < 0 {
-            entry.0 = TState::Gone;
-            return Some(false);
-        }
+        let entry = self.threads.get_mut(&r)?;
         if libc::WIFSTOPPED(status) {
             let sig = libc::WSTOPSIG(status);
             let event = status >> 16;
@@ -153,10 +154,10 @@ impl Tracer {
             // event is a signal about to be delivered, which must be handed back.
             let inject = if event == 0 { sig } else { 0 };
             entry.0 = TState::Stopped { sig: inject };
-            Some(true)
+            Some((r, true))
         } else {
             entry.0 = TState::Gone;
-            Some(false)
+            Some((r, false))
         }
     }
 
@@ -264,6 +265,7 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
     let mut notes = Vec::new();
     let mut first_interrupt: Option<Instant> = None;
     let mut deadline: Option<Instant> = None;
+    let mut last_stop: Option<Instant> = None;
     // Rounds: a thread created before its creator stopped shows up in a re-read.
     for round in 0..16 {
         let tids = match procfs::tids(pid) {
@@ -336,50 +338,44 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
         let dl = *deadline.get_or_insert_with(|| Instant::now() + opts.stop_timeout);
         // Collect stops; copy each thread as soon as it stops. Nobody is released
         // before everybody is captured, so the picture is one instant.
-        let mut spins = 0u32;
+        let mut idle = 0u32;
         loop {
             if cancel.is_cancelled() {
                 return Err(StackError::Interrupted);
             }
-            let pending: Vec<i32> =
-                tracer.threads.iter().filter(|(_, (s, _))| *s == TState::Pending).map(|(t, _)| *t).collect();
-            if pending.is_empty() || Instant::now() >= dl {
+            if !tracer.threads.values().any(|(s, _)| *s == TState::Pending) || Instant::now() >= dl {
                 break;
             }
-            let mut progressed = false;
-            for tid in pending {
-                match tracer.poll(tid) {
-                    None => {}
-                    Some(true) => {
-                        progressed = true;
-                        let c = caps.get_mut(&tid).unwrap();
-                        match tracer.getregs(tid) {
-                            Ok(regs) => {
-                                c.stack_base = regs.rsp;
-                                c.stack = copy_stack(pid, regs.rsp, opts.stack_bytes, maps);
-                                c.regs = Some(regs);
-                                c.capture = Capture::Stopped;
-                            }
-                            Err(e) => {
-                                c.capture = Capture::Failed;
-                                c.errors.push(format!("PTRACE_GETREGS: {}", std::io::Error::from_raw_os_error(e)));
-                            }
-                        }
-                    }
-                    Some(false) => {
-                        progressed = true;
-                        let c = caps.get_mut(&tid).unwrap();
-                        c.capture = Capture::Vanished;
-                        c.errors.push("exited during the snapshot".into());
+            match tracer.poll_any() {
+                None => {
+                    // Sleep rather than spin: the stopping threads need the CPU more
+                    // than we do (on a busy host a spinning tracer delays their stops).
+                    idle += 1;
+                    if idle > 2 {
+                        std::thread::sleep(Duration::from_micros(20));
                     }
                 }
-            }
-            if !progressed {
-                // Sleep rather than spin: the stopping threads need the CPU more than
-                // we do (on a busy host a spinning tracer delays their stops).
-                spins += 1;
-                if spins > 3 {
-                    std::thread::sleep(Duration::from_micros(20));
+                Some((tid, true)) => {
+                    idle = 0;
+                    last_stop = Some(Instant::now());
+                    let c = caps.get_mut(&tid).unwrap();
+                    match tracer.getregs(tid) {
+                        Ok(regs) => {
+                            c.stack_base = regs.rsp;
+                            c.stack = copy_stack(pid, regs.rsp, opts.stack_bytes, maps);
+                            c.regs = Some(regs);
+                            c.capture = Capture::Stopped;
+                        }
+                        Err(e) => {
+                            c.capture = Capture::Failed;
+                            c.errors.push(format!("PTRACE_GETREGS: {}", std::io::Error::from_raw_os_error(e)));
+                        }
+                    }
+                }
+                Some((tid, false)) => {
+                    let c = caps.get_mut(&tid).unwrap();
+                    c.capture = Capture::Vanished;
+                    c.errors.push("exited during the snapshot".into());
                 }
             }
         }
@@ -394,6 +390,10 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
         }
     }
     let freeze_us = match (first_interrupt, tracer.last_detach) {
+        (Some(a), Some(b)) => (b - a).as_micros() as u64,
+        _ => 0,
+    };
+    let stopping_us = match (first_interrupt, last_stop) {
         (Some(a), Some(b)) => (b - a).as_micros() as u64,
         _ => 0,
     };
@@ -428,7 +428,7 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
     if caps.values().all(|c| c.capture == Capture::Vanished) {
         return Err(StackError::NoProcess(pid));
     }
-    Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, notes })
+    Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, stopping_us, notes })
 }
 
 /// Tracer of each thread of `pid` that has one (should be empty after a snapshot).
