@@ -162,6 +162,9 @@ fn call_chain_and_signal_frame_with_debug_info() {
     assert!(r.freeze_us > 0 && victim.freeze_us.is_some());
 }
 
+/// A frame as (module, offset in the module), comparable across processes.
+type ModuleOffset = (Option<String>, Option<u64>);
+
 #[test]
 fn stripped_binary_unwinds_the_same_and_debuglink_restores_names() {
     let dir = tempfile::tempdir().unwrap();
@@ -173,7 +176,7 @@ fn stripped_binary_unwinds_the_same_and_debuglink_restores_names() {
         let r = snapshot(target.pid());
         assert_untouched(target.pid());
         let exe = bins[variant].to_str().unwrap();
-        let per_thread: Vec<(String, Vec<(Option<String>, Option<u64>)>)> = r
+        let per_thread: Vec<(String, Vec<ModuleOffset>)> = r
             .threads
             .iter()
             .map(|t| {

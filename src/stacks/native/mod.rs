@@ -197,15 +197,14 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
     if cancel.is_cancelled() {
         return Err(StackError::Interrupted);
     }
-    let snap = snapshot::take(pid, &maps, &opts.freeze, cancel);
+    let (snap, tracer_tid) = snapshot::take(pid, &maps, &opts.freeze, cancel);
     // Post-checks run on every path, errors included.
     let still_target = || starttime(pid) == Some(born);
     let restore = restore_stopped(pid, &before, &still_target);
-    let me = std::process::id() as i32;
     let mut traced = snapshot::traced_threads(pid);
     for _ in 0..20 {
-        // Our ptrace thread's exit detaches what it still held; give the kernel a beat.
-        if !traced.iter().any(|(_, tp)| *tp == me || is_our_thread(*tp)) {
+        // The ptrace thread's exit detaches what it still held; give the kernel a beat.
+        if !traced.iter().any(|(_, tp)| *tp == tracer_tid) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -323,11 +322,6 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
         modules,
         notes,
     })
-}
-
-/// Whether `tid` is a thread of this process (the ptrace thread, in particular).
-fn is_our_thread(tid: i32) -> bool {
-    std::path::Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 /// The `native` [`StackMethod`]. Its default resolves file:line too: in an archive the

@@ -335,7 +335,7 @@ fn open_mapped(pid: i32, path: &str, first: &Mapping, base: u64) -> Result<Elf, 
     match Elf::open(Path::new(&mf)) {
         Ok(mut e) => {
             e.path = PathBuf::from(path);
-            return Ok(e);
+            Ok(e)
         }
         Err(e_mf) => {
             let clean = path.trim_end_matches(" (deleted)");
@@ -432,22 +432,23 @@ mod tests {
     }
 
     #[test]
-    fn own_libc_build_id_matches_memory() {
+    fn own_executable_loads_with_its_build_id_and_bias() {
         let me = std::process::id() as i32;
         let maps = parse_maps(&std::fs::read_to_string("/proc/self/maps").unwrap());
         let (mods, _notes) = load(me, &maps, &DebugSearch::default());
         let exe = std::fs::read_link("/proc/self/exe").unwrap();
         let m = mods.list.iter().find(|m| Path::new(&m.name) == exe).expect("own executable is a module");
-        let f = m.list_start();
-        assert_eq!(remote_build_id(me, f), m.elf.build_id);
-        // The bias maps this function's address back to its symbol address.
-        let here = own_libc_build_id_matches_memory as usize as u64;
-        assert!(m.contains(here));
-    }
-
-    impl Module {
-        fn list_start(&self) -> u64 {
-            self.start
-        }
+        // The build-id in memory (read via the program headers) equals the file's.
+        assert!(m.elf.build_id.is_some());
+        assert_eq!(remote_build_id(me, m.start), m.elf.build_id);
+        // This function's runtime address lies in the module, and the bias maps it
+        // back into the file's .text.
+        let here = own_executable_loads_with_its_build_id_and_bias as fn() as usize as u64;
+        assert!(std::ptr::eq(mods.find(here).unwrap(), m));
+        let svma = here - m.bias;
+        let obj = object::File::parse(&*m.elf.bytes).unwrap();
+        let text = obj.section_by_name(".text").unwrap();
+        assert!(text.address() <= svma && svma < text.address() + text.size());
+        assert!(mods.list.iter().any(|m| m.name == "[vdso]"), "the vDSO is loaded from memory");
     }
 }

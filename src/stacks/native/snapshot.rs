@@ -238,19 +238,28 @@ fn tracer_pid(path: &str) -> Option<i32> {
     s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
 }
 
-/// Takes the snapshot on a dedicated OS thread (see the module docs for why).
-pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
+/// Takes the snapshot on a dedicated OS thread (see the module docs for why). Also
+/// returns that thread's id: until the kernel has finished its exit, threads it still
+/// held may show it as their TracerPid for a moment.
+pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> (Result<Snapshot, StackError>, i32) {
     let maps = maps.to_vec();
     let opts = opts.clone();
     let cancel = cancel.clone();
-    let handle = std::thread::Builder::new()
-        .name("wedge-ptrace".into())
-        .spawn(move || freeze(pid, &maps, &opts, &cancel))
-        .map_err(|e| StackError::Failed(format!("cannot start the ptrace thread: {e}")))?;
-    match handle.join() {
-        Ok(r) => r,
-        Err(_) => Err(StackError::Failed("the ptrace thread panicked (every stopped thread was detached)".into())),
-    }
+    let tracer_tid = std::sync::Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let cell = tracer_tid.clone();
+    let handle = std::thread::Builder::new().name("wedge-ptrace".into()).spawn(move || {
+        // SAFETY: gettid has no arguments and cannot fail.
+        cell.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::SeqCst);
+        freeze(pid, &maps, &opts, &cancel)
+    });
+    let result = match handle {
+        Err(e) => Err(StackError::Failed(format!("cannot start the ptrace thread: {e}"))),
+        Ok(h) => match h.join() {
+            Ok(r) => r,
+            Err(_) => Err(StackError::Failed("the ptrace thread panicked (every stopped thread was detached)".into())),
+        },
+    };
+    (result, tracer_tid.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {

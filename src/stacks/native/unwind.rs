@@ -109,10 +109,6 @@ impl std::fmt::Display for End {
     }
 }
 
-/// Memory of the target as copied: returns false when `[addr, addr+buf.len())` was not copied.
-pub trait Memory: Fn(u64, &mut [u8]) -> bool {}
-impl<F: Fn(u64, &mut [u8]) -> bool> Memory for F {}
-
 fn read_u64(mem: &dyn Fn(u64, &mut [u8]) -> bool, addr: u64) -> Option<u64> {
     let mut b = [0u8; 8];
     mem(addr, &mut b).then(|| u64::from_le_bytes(b))
@@ -163,7 +159,9 @@ impl<'m> Unwinder<'m> {
         Unwinder { modules, ctx: Box::new(UnwindContext::new()), max_depth: 256 }
     }
 
-    /// Unwinds from `regs` using `mem`. Returns the frames and why it stopped.
+    /// Unwinds from `regs` using `mem`, the copied memory: `mem(addr, buf)` fills `buf`
+    /// and returns true, or returns false when `[addr, addr + buf.len())` was not copied.
+    /// Returns the frames and why it stopped.
     pub fn unwind(&mut self, regs: Regs, mem: &dyn Fn(u64, &mut [u8]) -> bool) -> (Vec<RawFrame>, End) {
         let mut frames = Vec::new();
         let mut regs = regs;
@@ -185,7 +183,7 @@ impl<'m> Unwinder<'m> {
                 Some(m) => self.cfi_step(m, lookup, &regs, mem),
                 None => Err(StepErr::NoInfo),
             };
-            let (next, signal) = match step {
+            let (next, by_fp) = match step {
                 Ok(s) => (s, false),
                 Err(StepErr::End(e)) => {
                     frames.push(RawFrame { pc, lookup, via, signal: false });
@@ -199,7 +197,6 @@ impl<'m> Unwinder<'m> {
                     }
                 },
             };
-            let by_fp = signal;
             frames.push(RawFrame { pc, lookup, via, signal: next.signal });
             // The stack grows down: each caller's CFA lies above its callee's. A signal
             // frame may switch stacks (sigaltstack), so the check skips that transition.
