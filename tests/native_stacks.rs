@@ -495,3 +495,28 @@ fn runbook_method_writes_json_and_grouped_text() {
     assert!(text.contains("[iothread0]") && text.contains("in spinner+0x"), "{text}");
     assert!(text.contains("<signal handler called>"), "{text}");
 }
+
+#[test]
+fn threads_that_miss_the_deadline_are_released_when_the_tracer_thread_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = build_fixtures(dir.path());
+    let target = Target::spawn(&mut Command::new(&bins["plain"]));
+    let pid = target.pid();
+    wait_parked(pid, 0);
+    // A zero deadline: every thread is seized and interrupted but never waited for,
+    // as a thread stuck in the kernel would be. Their interrupts complete (or not)
+    // after the ptrace thread has given up; its exit must release them.
+    let mut opts = NativeOptions::default();
+    opts.freeze.stop_timeout = Duration::ZERO;
+    let r = snapshot_with(pid, &opts);
+    println!("{}", render_text(&r));
+    for t in &r.threads {
+        assert_eq!(t.capture, "not_stopped", "{t:?}");
+        assert!(t.errors.iter().any(|e| e.contains("did not stop")), "{t:?}");
+        assert!(t.syscall.is_some(), "PC/SP from /proc/TID/syscall instead: {t:?}");
+    }
+    assert!(r.notes.iter().all(|n| !n.contains("left stopped") && !n.contains("still traced")), "{:?}", r.notes);
+    assert_untouched(pid);
+    // Still parked where it was: both threads back in read().
+    wait_parked(pid, 0);
+}

@@ -69,6 +69,7 @@ pub struct Snapshot {
     /// for threads to reach their stops (on a busy host, for the CPU).
     pub stopping_us: u64,
     pub notes: Vec<String>,
+    first_interrupt: Option<Instant>,
 }
 
 /// Tuning for the freeze.
@@ -242,6 +243,7 @@ fn tracer_pid(path: &str) -> Option<i32> {
 /// returns that thread's id: until the kernel has finished its exit, threads it still
 /// held may show it as their TracerPid for a moment.
 pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> (Result<Snapshot, StackError>, i32) {
+    let (maps_copy, opts_copy) = (maps, opts);
     let maps = maps.to_vec();
     let opts = opts.clone();
     let cancel = cancel.clone();
@@ -259,7 +261,46 @@ pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -
             Err(_) => Err(StackError::Failed("the ptrace thread panicked (every stopped thread was detached)".into())),
         },
     };
+    let result = result.map(|mut snap| {
+        fill_unstopped(pid, &mut snap, &maps_copy, &opts_copy);
+        snap
+    });
     (result, tracer_tid.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// After the ptrace thread is gone (so nothing of ours can hold a thread stopped any
+/// more): what the threads that were not stopped are doing, read without stopping
+/// them, and their stacks from the SP `/proc/TID/syscall` shows. A thread blocked in
+/// the kernel does not touch its user stack, so that copy is stable.
+fn fill_unstopped(pid: i32, snap: &mut Snapshot, maps: &[Mapping], opts: &FreezeOptions) {
+    let mut late = 0;
+    for c in snap.threads.iter_mut() {
+        if c.capture == Capture::NotStopped {
+            late += 1;
+            if let Some(fresh) = read_thread(pid, c.tid) {
+                c.state = fresh.state;
+                c.wchan = fresh.wchan.or(c.wchan.take());
+                c.syscall = fresh.syscall.or(c.syscall.take());
+                c.kernel_stack = fresh.kernel_stack.or(c.kernel_stack.take());
+            }
+        }
+        if matches!(c.capture, Capture::SkippedD | Capture::NotStopped) {
+            if let Some(Syscall::In { sp, .. } | Syscall::Blocked { sp, .. }) = c.syscall {
+                c.stack_base = sp;
+                c.stack = copy_stack(pid, sp, opts.stack_bytes, maps);
+            }
+        }
+    }
+    if late > 0 {
+        // One of them may have reached its stop after we stopped waiting; the ptrace
+        // thread's exit released it. Count the freeze up to that exit.
+        if let Some(t0) = snap.first_interrupt {
+            snap.freeze_us = snap.freeze_us.max(t0.elapsed().as_micros() as u64);
+        }
+        snap.notes.push(format!(
+            "{late} thread(s) did not stop in time; any that stopped later was released when the ptrace thread exited (counted in freeze_us)"
+        ));
+    }
 }
 
 fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
@@ -414,30 +455,13 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
             "did not stop within {} ms: not waited on; the interrupt is dropped when the tracer thread exits",
             opts.stop_timeout.as_millis()
         ));
-        // What it is doing now, read without stopping it.
-        if let Some(fresh) = read_thread(pid, tid) {
-            c.state = fresh.state;
-            c.wchan = fresh.wchan.or(c.wchan.take());
-            c.syscall = fresh.syscall.or(c.syscall.take());
-            c.kernel_stack = fresh.kernel_stack.or(c.kernel_stack.take());
-        }
     }
     drop(tracer);
-    // Threads that were not stopped: best-effort stack copy from the SP /proc reports.
-    // A thread blocked in the kernel does not touch its user stack, so this is stable.
-    for c in caps.values_mut() {
-        if matches!(c.capture, Capture::SkippedD | Capture::NotStopped) {
-            if let Some(Syscall::In { sp, .. } | Syscall::Blocked { sp, .. }) = c.syscall {
-                c.stack_base = sp;
-                c.stack = copy_stack(pid, sp, opts.stack_bytes, maps);
-            }
-        }
-    }
     // Nothing alive (gone, or only a zombie left): the process is gone.
     if caps.values().all(|c| c.capture == Capture::Vanished) {
         return Err(StackError::NoProcess(pid));
     }
-    Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, stopping_us, notes })
+    Ok(Snapshot { threads: caps.into_values().collect(), freeze_us, stopping_us, notes, first_interrupt })
 }
 
 /// Tracer of each thread of `pid` that has one (should be empty after a snapshot).
