@@ -520,3 +520,29 @@ fn threads_that_miss_the_deadline_are_released_when_the_tracer_thread_exits() {
     // Still parked where it was: both threads back in read().
     wait_parked(pid, 0);
 }
+
+#[test]
+fn a_process_stopped_by_someone_else_stays_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bins = build_fixtures(dir.path());
+    let target = Target::spawn(&mut Command::new(&bins["plain"]));
+    let pid = target.pid();
+    wait_parked(pid, 0);
+    // SAFETY: SIGSTOP to our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    wait_for(pid, "group-stopped", |th| th.iter().all(|t| t.2 == 'T'));
+    let r = snapshot(pid);
+    // Captured through the group-stop...
+    assert!(r.threads.iter().all(|t| t.capture == "stopped" && t.state == 'T'), "{r:#?}");
+    assert!(symbols(thread(&r, "parked")).windows(4).any(|w| w == ["c", "b", "a", "main"]));
+    // ...and left in it: still T, untraced, not resumed by us.
+    let th = thread_states(pid);
+    assert!(th.iter().all(|t| t.2 == 'T'), "{th:?}");
+    for (tid, ..) in &th {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        assert!(status.contains("TracerPid:\t0"), "{status}");
+    }
+    // SAFETY: SIGCONT to our own child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_parked(pid, 0);
+}
