@@ -54,7 +54,20 @@ fn build_fixtures(dir: &Path) -> BTreeMap<&'static str, PathBuf> {
     sh(Command::new("objcopy").arg("--only-keep-debug").arg(&plain).arg(&debug));
     let linked = dir.join("parked-linked");
     sh(Command::new("objcopy").arg("--add-gnu-debuglink=parked.debug").arg(&stripped).arg(&linked).current_dir(dir));
-    BTreeMap::from([("plain", plain), ("stripped", stripped), ("linked", linked)])
+    // No .eh_frame for our functions: CFI only in .debug_frame (with -g), or none at
+    // all (frame pointers, which -O0 keeps).
+    let no_eh = ["-O0", "-pthread", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables", "-fno-omit-frame-pointer"];
+    let debug_frame = dir.join("parked-dframe");
+    sh(Command::new("cc").args(no_eh).arg("-g").arg("-o").arg(&debug_frame).arg(&src));
+    let frame_pointer = dir.join("parked-fp");
+    sh(Command::new("cc").args(no_eh).arg("-o").arg(&frame_pointer).arg(&src));
+    BTreeMap::from([
+        ("plain", plain),
+        ("stripped", stripped),
+        ("linked", linked),
+        ("debug_frame", debug_frame),
+        ("frame_pointer", frame_pointer),
+    ])
 }
 
 fn thread_states(pid: i32) -> Vec<(i32, String, char, Option<i64>)> {
@@ -545,4 +558,32 @@ fn a_process_stopped_by_someone_else_stays_stopped() {
     // SAFETY: SIGCONT to our own child.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_parked(pid, 0);
+}
+
+#[test]
+fn debug_frame_and_frame_pointer_fallbacks() {
+    use wedge_autopsy::stacks::native::unwind::Via;
+    let dir = tempfile::tempdir().unwrap();
+    let bins = build_fixtures(dir.path());
+    for variant in ["debug_frame", "frame_pointer"] {
+        let target = Target::spawn(&mut Command::new(&bins[variant]));
+        let pid = target.pid();
+        wait_parked(pid, 0);
+        let r = snapshot(pid);
+        assert_untouched(pid);
+        let main = r.threads.iter().find(|t| t.tid == pid).unwrap();
+        let syms = symbols(main);
+        let at = syms.iter().position(|s| *s == "c").unwrap_or_else(|| panic!("{variant}: no c in {syms:?}"));
+        assert_eq!(&syms[at..at + 4], ["c", "b", "a", "main"], "{variant}");
+        assert_eq!(syms.last(), Some(&"_start"), "{variant}: {syms:?}");
+        // How b, a and main were reached: CFI from .debug_frame, or the rbp chain.
+        let want = if variant == "debug_frame" { Via::Cfi } else { Via::FramePointer };
+        for f in &main.frames[at + 1..at + 4] {
+            assert_eq!(f.via, want, "{variant}: {f:?}");
+        }
+        let victim = thread(&r, "sig-victim");
+        let syms = symbols(victim);
+        let h = syms.iter().position(|s| *s == "on_usr1").unwrap_or_else(|| panic!("{variant}: {syms:?}"));
+        assert_eq!(&syms[h + 1..h + 4], ["__restore_rt", "spinner", "victim_thread"], "{variant}");
+    }
 }
