@@ -6,6 +6,7 @@
 //! and a thread that a method left stopped is resumed (and reported).
 
 pub mod gdb;
+pub mod native;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -51,6 +52,7 @@ pub trait StackMethod: Send + Sync {
 pub fn method(name: &str) -> Option<Box<dyn StackMethod>> {
     match name {
         "gdb" => Some(Box::new(gdb::Gdb::default())),
+        "native" => Some(Box::new(native::Native::default())),
         _ => None,
     }
 }
