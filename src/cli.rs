@@ -113,6 +113,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Thread stacks of any process, like eu-stack: native snapshot, threads frozen ~1 ms (example: wedge-autopsy stacks 4242 --json)
+    Stacks {
+        /// The process id (any process: you name it, you own the consequences)
+        pid: i32,
+        /// JSON (the same document as stacks/threads.json) instead of text
+        #[arg(long)]
+        json: bool,
+        /// Resolve file:line and inlined frames from debug info (slower, after the threads run again)
+        #[arg(long)]
+        lines: bool,
+        /// native (default) or gdb (stops every thread for the whole run)
+        #[arg(long, value_enum, default_value = "native")]
+        method: StacksArg,
+    },
     /// Every VM config on this node: risk stack, odd ones out, pending changes (example: wedge-autopsy audit --json)
     Audit {
         /// JSON instead of text

@@ -49,6 +49,9 @@ pub enum Error {
     BadInput(String),
     #[error(transparent)]
     Target(#[from] crate::target::TargetError),
+    /// Refused for a reason other than target proof (e.g. missing privileges).
+    #[error("{0}")]
+    Refused(String),
     #[error("{0}")]
     Seal(String),
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl Error {
         match self {
             Error::BadInput(_) => Exit::BadInput,
             Error::Target(t) => t.exit(),
+            Error::Refused(_) => Exit::Refused,
             Error::Seal(_) => Exit::SealFailed,
             Error::Busy(_) => Exit::Busy,
             Error::Other(_) => Exit::Internal,

@@ -37,6 +37,7 @@ fn main() -> ExitCode {
         Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
         Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
+        Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
     });
     match result {
@@ -127,6 +128,51 @@ fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, js
         }
     }
     Ok(Exit::Verdict(d.verdict.exit_code()))
+}
+
+fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Exit, Error> {
+    use wedge_autopsy::stacks::{self, native, StackError, StackMethod};
+    let cancel = Cancel::new();
+    let map = |e: StackError| match e {
+        StackError::NoProcess(_) => Error::BadInput(format!("{e}: check the pid with `ps -p {pid}`")),
+        StackError::Permission { .. } => Error::Refused(e.to_string()),
+        other => Error::Other(anyhow::anyhow!("{other}")),
+    };
+    match method {
+        StacksArg::None => Err(Error::BadInput("--method none captures nothing: use native or gdb".into())),
+        StacksArg::Native => {
+            let opts = native::NativeOptions { lines, ..Default::default() };
+            let report = native::snapshot_and_unwind(pid, &opts, &cancel).map_err(map)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report).map_err(anyhow::Error::from)?);
+            } else {
+                print!("{}", native::render_text(&report));
+            }
+            Ok(Exit::Ok)
+        }
+        StacksArg::Gdb => {
+            let dir = std::env::temp_dir().join(format!("wedge-autopsy-stacks-{}", std::process::id()));
+            let sink = wedge_autopsy::step::StepSink::new(&dir);
+            let before = stacks::ThreadStates::read(pid).map_err(|e| Error::BadInput(format!("pid {pid}: {e}")))?;
+            let req = stacks::StackRequest {
+                pid,
+                sink: &sink,
+                deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
+                cancel: &cancel,
+                labels: Default::default(),
+            };
+            let result = stacks::gdb::Gdb::default().capture(&req);
+            let restore = stacks::restore_stopped(pid, &before, &|| true);
+            if !restore.newly_stopped.is_empty() {
+                eprintln!("wedge-autopsy: threads {:?} were left stopped by gdb; resumed: {}", restore.newly_stopped, restore.resumed);
+            }
+            let text = std::fs::read_to_string(dir.join("stacks/gdb.txt")).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&dir);
+            result.map_err(map)?;
+            print!("{text}");
+            Ok(Exit::Ok)
+        }
+    }
 }
 
 fn audit_cmd(json: bool, settings: &Settings) -> Result<Exit, Error> {
