@@ -105,8 +105,19 @@ fn wedged_vm_is_sealed_with_all_evidence() {
     let tids: Vec<String> = ar.list().iter().filter_map(|p| p.strip_prefix("proc/task/")?.strip_suffix("/stack").map(str::to_string)).collect();
     assert_eq!(tids.len(), before.len(), "a kernel stack per thread: {tids:?} vs {before:?}");
     assert!(ar.read_string(&format!("proc/task/{}/stack", lab.pid())).unwrap().contains("[<0>]"));
-    let has_stacks = ar.read("stacks/threads.json").is_some() || ar.read_string("stacks/gdb.txt").is_some_and(|t| t.contains("Thread "));
-    assert!(has_stacks, "no user stacks: {:?}", ar.list());
+    // Native stacks by default: every thread, frozen once, vCPUs labelled from QMP.
+    let stacks = ar.read_json("stacks/threads.json").unwrap_or_else(|| panic!("no native stacks: {:?}", ar.list()));
+    let threads = stacks["threads"].as_array().unwrap();
+    assert_eq!(threads.len(), before.len(), "{stacks}");
+    assert!(stacks["freeze_us"].as_u64().is_some());
+    let main = threads.iter().find(|t| t["tid"] == lab.pid()).unwrap();
+    assert!(main["frames"].as_array().unwrap().len() >= 3, "main thread unwound: {main}");
+    let cpus = ar.read_json("qmp/query-cpus-fast.json").unwrap();
+    for cpu in cpus["return"].as_array().unwrap() {
+        let t = threads.iter().find(|t| t["tid"] == cpu["thread-id"]).unwrap();
+        assert!(t["name"].as_str().unwrap().contains(&format!("CPU {}", cpu["cpu-index"])), "{t}");
+    }
+    assert!(ar.read_string("stacks/threads.txt").unwrap().contains("thread"));
 
     // Config redacted; manifest complete.
     let conf = ar.read_string("config/102.conf").unwrap();
