@@ -12,6 +12,7 @@ pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod exec;
+pub mod lock;
 pub mod procfs;
 pub mod qmp;
 pub mod redact;

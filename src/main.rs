@@ -13,6 +13,7 @@ use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::lock::VmLock;
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::runbook;
 use wedge_autopsy::target::VmId;
@@ -74,6 +75,8 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
         return Ok(Exit::Ok);
     }
     let target = autopsy::prepare(&req, settings)?;
+    // Held from the first capture to the end of the restart (every autopsy takes it).
+    let _lock = VmLock::acquire(&settings.out, vmid)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let report = rt.block_on(async {
         let cancel = Cancel::new();
