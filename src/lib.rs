@@ -17,6 +17,7 @@ pub mod procfs;
 pub mod qmp;
 pub mod redact;
 pub mod render;
+pub mod restart;
 pub mod runbook;
 pub mod stacks;
 pub mod step;
