@@ -174,17 +174,17 @@ fn wedged_vm_ignoring_quit_and_sigterm_is_sigkilled_after_the_deadline() {
     assert!(!qm_processes(&lab).iter().any(|a| a.contains(&"stop".to_string())), "{:?}", qm_processes(&lab));
 }
 
-/// Live `qm` stand-in processes of this lab (argv), found by cmdline.
+/// Live `qm` stand-in processes for this lab's VM (argv), found by cmdline.
 fn qm_processes(lab: &Lab) -> Vec<Vec<String>> {
     let qm = common::qm_path().display().to_string();
-    let _ = lab;
+    let vmid = lab.vmid().to_string();
     std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&p| pid_alive(p))
         .filter_map(common::proc_cmdline)
-        .filter(|a| a.iter().any(|x| *x == qm))
+        .filter(|a| a.contains(&qm) && a.contains(&vmid))
         .collect()
 }
 
@@ -408,4 +408,60 @@ fn dry_run_shows_the_restart_plan_and_touches_nothing() {
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("[restart]"), "{}", stderr(&out));
     assert!(!lab.out_dir().exists());
+}
+
+#[test]
+fn command_and_libvirt_backends_restart_the_same_way() {
+    let lab = Lab::start(LabOptions { vmid: 128, name: "other".into(), ..LabOptions::default() });
+    let support = common::repo_root().join("tests/support");
+    let qm = support.join("qm").display().to_string();
+
+    // method = "command": the site's own argv lists, with placeholders.
+    let cfg = config(
+        &lab,
+        &format!(
+            "method = \"command\"\ncooldown = \"0\"\nstop = [{qm:?}, \"stop\", \"{{vmid}}\", \"--timeout\", \"5\"]\nstart = [{qm:?}, \"start\", \"{{vmid}}\"]"
+        ),
+    );
+    let old = lab.pid();
+    let (out, json) = run(&lab, &cfg, &["128", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}\n{json:#}", stderr(&out));
+    let r = &json["restart"];
+    assert_eq!(r["method"], "command");
+    assert_eq!(r["performed"], true, "{r:#}");
+    assert_eq!(action(r, "stop")["argv"], serde_json::json!([qm, "stop", "128", "--timeout", "5"]));
+    let mid = lab.pid();
+    assert!(mid != old && !pid_alive(old));
+
+    // method = "libvirt": the domain comes from the QEMU's own -name.
+    let cfg = config(&lab, &format!("method = \"libvirt\"\ncooldown = \"0\"\nvirsh = {:?}", support.join("virsh").display().to_string()));
+    let vlog = lab.root().join("virsh.log");
+    let (out, json) = run(
+        &lab,
+        &cfg,
+        &["128", "--then-restart", "--json", "--sample-interval", "0"],
+        &[("VIRSH_DOMAIN", "other"), ("VIRSH_VMID", "128"), ("VIRSH_LOG", vlog.to_str().unwrap())],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}\n{json:#}", stderr(&out));
+    let r = &json["restart"];
+    assert_eq!(r["method"], "libvirt");
+    assert_eq!(r["performed"], true, "{r:#}");
+    assert_eq!(log_lines(&vlog), vec![vec!["destroy", "other"], vec!["start", "other"]]);
+    assert!(lab.pid() != mid && !pid_alive(mid));
+
+    // A failing stop is not gone around: nothing killed, nothing started, exit 5.
+    let before = lab.pid();
+    let (out, json) = run(
+        &lab,
+        &cfg,
+        &["128", "--then-restart", "--json", "--sample-interval", "0"],
+        &[("VIRSH_DOMAIN", "someone-else"), ("VIRSH_VMID", "128")],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let r = &json["restart"];
+    assert_eq!(r["error_kind"], "stop-failed", "{r:#}");
+    assert_eq!(r["escalated"], false);
+    assert_eq!(r["vm_state"], "running-old");
+    assert!(r["error"].as_str().unwrap().contains("failed to get domain"), "{r:#}");
+    assert_eq!(lab.pid(), before, "the VM still runs its old QEMU");
 }

@@ -158,3 +158,14 @@ fn kill_of_a_process_that_is_not_the_target_is_refused() {
     assert!(matches!(kill_proven(&gone), Kill::Gone | Kill::Error(_)));
     assert!(wait_gone(&gone, Duration::ZERO).is_none());
 }
+
+#[test]
+fn wait_gone_reports_a_live_process_with_its_state() {
+    let mut me = fake_target(std::process::id() as i32);
+    me.starttime = crate::procfs::parse_stat_file("/proc/self/stat").unwrap().starttime;
+    let (state, _wchan) = wait_gone(&me, Duration::ZERO).expect("this process is alive");
+    assert!(matches!(state, 'R' | 'S'), "{state}");
+    // Same pid, other start time: not the old process any more.
+    me.starttime += 1;
+    assert!(wait_gone(&me, Duration::ZERO).is_none());
+}
