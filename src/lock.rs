@@ -37,7 +37,7 @@ impl std::fmt::Display for Holder {
 /// Why the lock was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("VM {vmid} is already being autopsied by {holder}: wait for it to finish (see `ps -fp {pid}`); lock {path}", pid = holder.as_ref().map(|h| h.pid).unwrap_or(0), holder = holder.as_ref().map(|h| h.to_string()).unwrap_or_else(|| "another run (holder unknown)".into()))]
+    #[error("VM {vmid} is already being autopsied by {}: wait for it to finish{}; lock {path}", holder_text(holder), holder.as_ref().map(|h| format!(" (see `ps -fp {}`)", h.pid)).unwrap_or_default())]
     Busy { vmid: VmId, holder: Option<Holder>, path: String },
     #[error("cannot write to output directory {dir} (for the VM lock {path}): {source}; pass a writable directory with --out")]
     Io {
@@ -46,6 +46,11 @@ pub enum LockError {
         #[source]
         source: std::io::Error,
     },
+}
+
+fn holder_text(h: &Option<Holder>) -> String {
+    // The holder writes its name right after taking the lock; an instant later it is there.
+    h.as_ref().map(Holder::to_string).unwrap_or_else(|| "another run that has not written its name yet".into())
 }
 
 impl From<LockError> for Error {

@@ -341,10 +341,14 @@ pub enum RestartError {
     Interrupted,
     #[error("not restarted: {0}")]
     Setup(String),
-    #[error("stop failed and the old QEMU (pid {pid}) is still running; nothing was killed or started: {detail}. Check `qm status` and the task log")]
+    #[error("stop failed and the old QEMU (pid {pid}) is still running; nothing was killed or started: {detail}. Check the VM's state with its manager (`qm status`, `virsh domstate`) and why it refused")]
     StopFailed { pid: i32, detail: String },
     #[error("the old QEMU (pid {pid}) did not exit within {secs}s after SIGKILL (state {state}, wchan {wchan}); no new QEMU was started on top of it. Inspect /proc/{pid}/stack; only a host reboot may free it")]
     Survived { pid: i32, secs: u64, state: char, wchan: String },
+    #[error("the old QEMU (pid {pid}, state {state}) still runs after the stop but could not be proven again (same start time, command line unreadable or changed), so it was not killed and nothing was started; check `cat /proc/{pid}/cmdline` and kill it by hand")]
+    NotProven { pid: i32, state: char },
+    #[error("the old QEMU (pid {pid}) outlived the stop and could not be killed: {detail}; nothing was started. Kill it by hand after checking `cat /proc/{pid}/cmdline`")]
+    KillFailed { pid: i32, detail: String },
     #[error("the old QEMU is gone but the start failed: {0}; VM is DOWN: start it with `qm start` once the cause is fixed")]
     StartFailed(String),
     #[error("the start command succeeded but the new QEMU could not be verified: {0}; check `qm status` and the VM's console")]
@@ -364,6 +368,8 @@ impl RestartError {
             RestartError::Setup(_) => "setup",
             RestartError::StopFailed { .. } => "stop-failed",
             RestartError::Survived { .. } => "survived-kill",
+            RestartError::KillFailed { .. } => "kill-failed",
+            RestartError::NotProven { .. } => "not-proven",
             RestartError::StartFailed(_) => "start-failed",
             RestartError::VerifyNew(_) => "verify-new",
         }
@@ -704,6 +710,7 @@ fn drive(
     let stop = method.stop(&vm, rec);
     test_hook(old, rec);
     // 4. Is the old QEMU still there? Kill it only if it is proven to be the same process.
+    let mut kill_error = None;
     if process_exists(old.pid) {
         let escalate = match &stop {
             StopResult::Done | StopResult::TimedOut(_) => true,
@@ -730,6 +737,7 @@ fn drive(
                 }
                 Kill::Error(e) => {
                     rec.push(at, s, "kill", false, format!("SIGKILL to pid {} failed: {e}", old.pid));
+                    kill_error = Some(e);
                 }
             }
         }
@@ -745,8 +753,10 @@ fn drive(
             let secs = req.cfg.kill_wait.as_secs();
             rec.push(at, s, "wait-exit", false, format!("pid {} still present after {}s (state {state}, wchan {wchan})", old.pid, secs));
             o.vm_state = "stuck".into();
-            return Err(match stop {
-                StopResult::Failed(detail) if !o.escalated => RestartError::StopFailed { pid: old.pid, detail },
+            return Err(match (stop, kill_error) {
+                (_, Some(detail)) => RestartError::KillFailed { pid: old.pid, detail },
+                (StopResult::Failed(detail), None) if !o.escalated => RestartError::StopFailed { pid: old.pid, detail },
+                _ if !o.escalated => RestartError::NotProven { pid: old.pid, state },
                 _ => RestartError::Survived { pid: old.pid, secs, state, wchan },
             });
         }
