@@ -125,11 +125,11 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
     if let Some(e) = &report.seal_error {
         let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
     }
-    let restart_exit = restarted.as_ref().and_then(|r| {
-        let _ = r.error.as_ref().map(|e| writeln!(std::io::stderr(), "wedge-autopsy: error: restart: {e}"));
-        r.exit()
-    });
-    Ok(match restart_exit {
+    if let Some(e) = restarted.as_ref().and_then(|r| r.error.as_ref()) {
+        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: restart: {e}");
+    }
+    // A failed or refused restart after a good seal decides the exit code.
+    Ok(match restarted.as_ref().and_then(|r| r.exit()) {
         Some(e) if report.sealed.is_some() => e,
         _ => report.exit(),
     })
