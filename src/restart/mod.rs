@@ -194,8 +194,10 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    pub fn new(quiet: bool) -> Self {
-        Recorder { actions: Vec::new(), quiet, t0: Instant::now() }
+    /// `t0`: the time base of the progress lines (the run's start, so the restart's
+    /// lines continue the capture's).
+    pub fn new(quiet: bool, t0: Instant) -> Self {
+        Recorder { actions: Vec::new(), quiet, t0 }
     }
 
     /// Records an action that started at `started` (wall clock `at`).
@@ -435,6 +437,8 @@ pub struct Request {
     pub layout: Layout,
     pub out: PathBuf,
     pub quiet: bool,
+    /// Time base of the progress lines on stderr.
+    pub t0: Instant,
 }
 
 impl Request {
@@ -445,6 +449,7 @@ impl Request {
             layout: Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() },
             out: settings.out.clone(),
             quiet,
+            t0: Instant::now(),
         })
     }
 }
@@ -586,7 +591,7 @@ fn human(d: Duration) -> String {
 pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
     let started_at = Utc::now();
     let t0 = Instant::now();
-    let mut rec = Recorder::new(req.quiet);
+    let mut rec = Recorder::new(req.quiet, req.t0);
     let mut o = RestartOutcome {
         requested: true,
         performed: false,
