@@ -241,6 +241,10 @@ fn pid_reused_between_seal_and_kill_is_not_signalled() {
     let ready = PathBuf::from(format!("{}.ready", hook.display()));
     assert!(wait_until(RUN_TIMEOUT, || ready.exists()), "the tool never reached the kill decision");
     assert_eq!(std::fs::read_to_string(&ready).unwrap().trim(), old.to_string());
+    // Mid-restart the VM's lock is still held: another run is turned away.
+    let (busy, _) = run(&lab, &cfg, &["123", "--quiet"], &[]);
+    assert_eq!(busy.status.code(), Some(6), "{}", stderr(&busy));
+    assert!(stderr(&busy).contains(&format!("pid {tool_pid}")), "{}", stderr(&busy));
 
     // The old QEMU dies on its own; another process takes its pid (when the kernel lets
     // us) and the pidfile names that process.
