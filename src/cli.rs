@@ -94,6 +94,22 @@ pub struct AutopsyArgs {
     /// No progress lines on stderr
     #[arg(long, short)]
     pub quiet: bool,
+    /// After the archive is sealed and verified: stop the old QEMU for good and start a new one.
+    /// Exit 5 if the restart failed or was refused, 6 if the VM is locked or in its restart cooldown
+    #[arg(long)]
+    pub then_restart: bool,
+    /// With --then-restart: ignore the restart cooldown (restart.cooldown, default 30m)
+    #[arg(long, requires = "then_restart")]
+    pub force: bool,
+    /// With --then-restart: restart an HA-managed VM through ha-manager instead of refusing
+    #[arg(long, requires = "then_restart")]
+    pub allow_ha: bool,
+    /// With --then-restart: graceful stop time before escalating, e.g. 30s [default: restart.timeout]
+    #[arg(long, value_name = "DURATION", requires = "then_restart")]
+    pub restart_timeout: Option<String>,
+    /// Path of Proxmox's qm [default: config key qm, else qm on PATH]
+    #[arg(long, value_name = "PATH")]
+    pub qm: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -59,6 +59,8 @@ pub struct Settings {
     pub min_idle: Duration,
     /// The file the settings came from, if any.
     pub config_file: Option<PathBuf>,
+    /// The raw `[restart]` table; validated by `restart::RestartConfig`.
+    pub restart: Option<toml::Table>,
 }
 
 /// Parses `"2s"`, `"500ms"`, `"1m"`, `"0"`.
@@ -102,6 +104,7 @@ impl Settings {
                 None => Duration::from_secs(30),
             },
             config_file,
+            restart: file.restart,
         })
     }
 }

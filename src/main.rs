@@ -13,6 +13,8 @@ use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::lock::VmLock;
+use wedge_autopsy::restart;
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::runbook;
 use wedge_autopsy::target::VmId;
@@ -69,22 +71,43 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
         trigger: Trigger::manual(args.reason.clone()),
         command_line: std::env::args().collect(),
     };
+    // Validated before anything is touched: a bad [restart] table is bad input.
+    let restart_req = match args.then_restart {
+        true => Some(restart::Request::new(settings, restart_options(args), args.quiet)?),
+        false => None,
+    };
     if args.dry_run {
         let target = autopsy::prepare(&req, settings).ok();
         print!("{}", autopsy::plan(&req, settings, target.as_ref()));
+        if let Some(r) = &restart_req {
+            print!("{}", restart::plan(r, vmid, target.as_ref()));
+        }
         return Ok(Exit::Ok);
     }
     let target = autopsy::prepare(&req, settings)?;
+    // Held from the first capture to the end of the restart (every autopsy takes it).
+    let _lock = VmLock::acquire(&settings.out, vmid)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
-    let report = rt.block_on(async {
+    let (report, restarted) = rt.block_on(async {
         let cancel = Cancel::new();
         autopsy::cancel_on_signals(&cancel).map_err(anyhow::Error::from)?;
         let lines = StderrLines::new();
         let progress: &dyn autopsy::Progress = if args.quiet { &Silent } else { &lines };
-        autopsy::run(&req, settings, target, progress, &cancel).await
+        let report = autopsy::run(&req, settings, target, progress, &cancel).await?;
+        let restarted = match restart_req {
+            Some(r) => {
+                let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
+                let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
+                Some(run.await.map_err(anyhow::Error::from)?)
+            }
+            None => None,
+        };
+        Ok::<_, Error>((report, restarted))
     })?;
+    let restart_json = restarted.as_ref().map(|r| serde_json::to_value(r).unwrap_or_default());
     if !args.json && !args.quiet {
         let mut summary = report.summary.clone();
+        summary.restart = restart_json.clone();
         summary.archive = report.sealed.as_ref().map(|s| render::summary::ArchiveFacts {
             name: s.path.display().to_string(),
             size: s.size,
@@ -94,12 +117,27 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
     }
     if args.json {
         // Ignore EPIPE: the archive is sealed whether or not anyone reads this.
-        let _ = writeln!(std::io::stdout(), "{}", render::autopsy_json(&report));
+        let mut json = render::autopsy_json(&report);
+        if let Some(r) = restart_json {
+            json["restart"] = r;
+        }
+        let _ = writeln!(std::io::stdout(), "{json}");
     }
     if let Some(e) = &report.seal_error {
         let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
     }
-    Ok(report.exit())
+    if let Some(e) = restarted.as_ref().and_then(|r| r.error.as_ref()) {
+        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: restart: {e}");
+    }
+    // A failed or refused restart after a good seal decides the exit code.
+    Ok(match restarted.as_ref().and_then(|r| r.exit()) {
+        Some(e) if report.sealed.is_some() => e,
+        _ => report.exit(),
+    })
+}
+
+fn restart_options(args: &AutopsyArgs) -> restart::Options {
+    restart::Options { force: args.force, allow_ha: args.allow_ha, timeout: args.restart_timeout.clone(), qm: args.qm.clone() }
 }
 
 fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, json: bool, mut settings: Settings) -> Result<Exit, Error> {
