@@ -17,6 +17,7 @@ pub mod qmp;
 pub mod redact;
 pub mod render;
 pub mod runbook;
+pub mod serve;
 pub mod stacks;
 pub mod step;
 pub mod target;
