@@ -1,0 +1,245 @@
+//! The job runner: one task per started job. It waits for a concurrency slot, proves the
+//! target, runs the autopsy, seals, gates and calls the restart, then sends the results
+//! (copy, hook, POSTs). Every outcome lands in the job record.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::config::ServeConfig;
+use super::jobs::{Job, JobId, State, Store};
+use super::notify::{self, Completion};
+use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
+use super::watch::WatchState;
+use crate::archive::manifest::Trigger;
+use crate::autopsy::{self, Report, Request, Silent};
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::error::Error;
+use crate::render::summary::{self, ArchiveFacts};
+use crate::runbook;
+use crate::target::{Target, TargetError};
+
+/// Proving the target reads /proc/PID/cmdline, which can block on a wedged process's
+/// memory lock; the target module bounds that read itself, this bounds the whole call.
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Shared by the HTTP handlers, the runner and the watch.
+pub struct Ctx {
+    pub cfg: ServeConfig,
+    pub settings: Settings,
+    pub store: Store,
+    pub slots: Arc<Semaphore>,
+    pub restarter: Arc<dyn Restarter>,
+    /// Set when the shutdown grace is over: running captures stop and seal what they have.
+    pub hard_stop: Cancel,
+    /// Job tasks not yet finished (capture, restart and notifications).
+    pub in_flight: AtomicUsize,
+    pub watch: Mutex<WatchState>,
+}
+
+impl Ctx {
+    /// Starts job `id` in the background.
+    pub fn spawn(self: &Arc<Self>, id: JobId) {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        let ctx = self.clone();
+        tokio::spawn(async move {
+            run_job(&ctx, id).await;
+            ctx.in_flight.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
+    let Ok(_permit) = ctx.slots.clone().acquire_owned().await else { return };
+    if !ctx.store.start(id) {
+        return;
+    }
+    let Some(job) = ctx.store.get(id) else { return };
+    eprintln!("wedge-autopsy serve: job {id} VM {}: started ({})", job.vmid, describe(&job));
+    let t0 = Instant::now();
+    let outcome = capture(ctx, &job).await;
+    let took = t0.elapsed();
+    let doc = match outcome {
+        Ok((report, target)) => finish_sealed(ctx, &job, report, target, took).await,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!("wedge-autopsy serve: job {id} VM {}: failed: {msg}", job.vmid);
+            ctx.store.update(id, |j| j.error = Some(msg.clone()));
+            ctx.store.finish(id, State::Failed, took);
+            completion(ctx, id)
+        }
+    };
+    let Some(mut doc) = doc else { return };
+    deliver(ctx, id, &mut doc).await;
+}
+
+fn describe(job: &Job) -> String {
+    let mut s = job.origin.kind.clone();
+    if let Some(r) = &job.origin.reason {
+        s.push_str(": ");
+        s.push_str(r);
+    }
+    s
+}
+
+/// Proves the target and runs the autopsy.
+async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
+    let name = ctx.cfg.runbook.clone().or(ctx.settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
+    let rb = runbook::load(&name, &ctx.settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let mut req = Request {
+        vmid: job.vmid,
+        runbook: rb,
+        stacks: None,
+        no_qmp: false,
+        trigger: Trigger { kind: job.origin.kind.clone(), user: None, tty: None, reason: job.origin.reason.clone() },
+        command_line: vec!["wedge-autopsy".into(), "serve".into(), format!("job {}", job.id)],
+    };
+    let target = match prepare(ctx, &req).await {
+        // No QMP socket although the process is proven: capture the rest.
+        Err(Error::Target(TargetError::SocketMissing { .. })) => {
+            req.no_qmp = true;
+            prepare(ctx, &req).await?
+        }
+        other => other?,
+    };
+    ctx.store.update(job.id, |j| j.pid = Some(target.pid));
+    let report = autopsy::run(&req, &ctx.settings, target.clone(), &Silent, &ctx.hard_stop).await?;
+    Ok((report, target))
+}
+
+async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
+    let (r, s) = (req.clone(), ctx.settings.clone());
+    match tokio::time::timeout(PREPARE_TIMEOUT, tokio::task::spawn_blocking(move || autopsy::prepare(&r, &s))).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(Error::Other(anyhow::anyhow!("prepare task failed: {e}"))),
+        Err(_) => Err(Error::Other(anyhow::anyhow!(
+            "proving VM {}'s process took longer than {}s: its /proc files are stuck; capture by hand with `wedge-autopsy {}`",
+            req.vmid,
+            PREPARE_TIMEOUT.as_secs(),
+            req.vmid
+        ))),
+    }
+}
+
+/// Records a finished capture, runs the gated restart, and builds the completion.
+async fn finish_sealed(ctx: &Arc<Ctx>, job: &Job, report: Report, target: Target, took: Duration) -> Option<Completion> {
+    let verdict = report.diagnosis.verdict;
+    let restart = restart_step(ctx.restarter.clone(), job, &report, target).await;
+    match &restart {
+        None => {}
+        Some(r) if r.ok => ctx.store.count_restart("ok"),
+        Some(r) if r.attempted => ctx.store.count_restart("failed"),
+        Some(_) => ctx.store.count_restart("not-attempted"),
+    }
+    let mut summary = report.summary.clone();
+    summary.archive = report.sealed.as_ref().map(|s| ArchiveFacts { name: s.path.display().to_string(), size: s.size, sha256: s.sha256.clone() });
+    summary.restart = restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
+    let markdown = summary::markdown(&summary);
+    let state = if report.sealed.is_some() { State::Sealed } else { State::Failed };
+    ctx.store.update(job.id, |j| {
+        j.verdict = Some(verdict.to_string());
+        j.archive = report.sealed.as_ref().map(|s| s.path.display().to_string());
+        j.size = report.sealed.as_ref().map(|s| s.size);
+        j.sha256 = report.sealed.as_ref().map(|s| s.sha256.clone());
+        j.restart = restart.clone();
+        j.error = report.seal_error.clone();
+    });
+    ctx.store.finish(job.id, state, took);
+    eprintln!(
+        "wedge-autopsy serve: job {} VM {}: {} {verdict}{}",
+        job.id,
+        job.vmid,
+        state.as_str(),
+        report.sealed.as_ref().map(|s| format!(" {} sha256 {}", s.path.display(), s.sha256)).unwrap_or_default()
+    );
+    let mut doc = completion(ctx, job.id)?;
+    doc.facts = report.diagnosis.facts.clone();
+    doc.summary_markdown = Some(markdown);
+    Some(doc)
+}
+
+/// Applies the restart gate and, when it says go, calls the restarter on a blocking
+/// thread. `None`: no restart was wanted.
+pub async fn restart_step(restarter: Arc<dyn Restarter>, job: &Job, report: &Report, target: Target) -> Option<RestartOutcome> {
+    let verdict = report.diagnosis.verdict;
+    match restart::decide(&job.policy, job.origin.restart_requested, report.sealed.is_some(), verdict) {
+        Decision::NotWanted => None,
+        Decision::Refused(why) => Some(RestartOutcome { attempted: false, ok: false, detail: why }),
+        Decision::Go => {
+            let sealed = report.sealed.as_ref()?;
+            let req = RestartRequest {
+                vmid: job.vmid,
+                target,
+                verdict,
+                archive: sealed.path.clone(),
+                sha256: sealed.sha256.clone(),
+                reason: format!("job {} ({}): verdict {verdict}", job.id, describe(job)),
+            };
+            let r = tokio::task::spawn_blocking(move || restarter.restart(&req)).await;
+            Some(r.unwrap_or_else(|e| RestartOutcome { attempted: true, ok: false, detail: format!("restart task failed: {e}") }))
+        }
+    }
+}
+
+/// The completion document from the job record as it stands.
+fn completion(ctx: &Ctx, id: JobId) -> Option<Completion> {
+    let j = ctx.store.get(id)?;
+    Some(Completion {
+        job: j.id,
+        vmid: j.vmid.get(),
+        node: ctx.settings.node.clone(),
+        state: j.state.as_str().into(),
+        verdict: j.verdict.clone(),
+        facts: Vec::new(),
+        summary_markdown: None,
+        archive: j.archive.clone(),
+        size: j.size,
+        sha256: j.sha256.clone(),
+        copy: None,
+        restart: j.restart.clone(),
+        error: j.error.clone(),
+        trigger: j.origin.kind.clone(),
+        reason: j.origin.reason.clone(),
+        labels: j.origin.labels.clone(),
+        annotations: j.origin.annotations.clone(),
+        generator_url: j.origin.generator_url.clone(),
+        started_at: j.started_at,
+        finished_at: j.finished_at.unwrap_or_else(chrono::Utc::now),
+        duration_ms: j.duration_ms.unwrap_or(0),
+    })
+}
+
+/// Copy (so the document can name it), then hook, then POSTs.
+async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
+    let mut results = Vec::new();
+    if let (Some(dir), Some(archive), Some(sha)) = (&ctx.cfg.copy_to, &doc.archive, &doc.sha256) {
+        let (dir, archive, sha) = (dir.clone(), std::path::PathBuf::from(archive), sha.clone());
+        let r = tokio::task::spawn_blocking(move || notify::copy_verified(&archive, &sha, &dir)).await;
+        match r {
+            Ok(Ok(p)) => {
+                doc.copy = Some(p.display().to_string());
+                results.push(super::jobs::Delivery { target: "copy_to".into(), ok: true, attempts: 1, detail: p.display().to_string() });
+            }
+            Ok(Err(e)) => results.push(super::jobs::Delivery { target: "copy_to".into(), ok: false, attempts: 1, detail: e }),
+            Err(e) => results.push(super::jobs::Delivery { target: "copy_to".into(), ok: false, attempts: 1, detail: e.to_string() }),
+        }
+    }
+    if let Some(argv) = &ctx.cfg.on_complete {
+        let (argv, d, t) = (argv.clone(), doc.clone(), ctx.cfg.on_complete_timeout);
+        if let Ok(r) = tokio::task::spawn_blocking(move || notify::run_hook(&argv, &d, t)).await {
+            results.push(r);
+        }
+    }
+    results.extend(notify::post_all(&ctx.cfg.notify, doc, ctx.cfg.notify_attempts, ctx.cfg.notify_timeout, &ctx.hard_stop).await);
+    for r in results.iter().filter(|r| !r.ok) {
+        eprintln!("wedge-autopsy serve: job {id}: could not deliver to {}: {} after {} attempt(s)", r.target, r.detail, r.attempts);
+    }
+    let copy = doc.copy.clone();
+    ctx.store.update(id, |j| {
+        j.copy = copy;
+        j.notified = results;
+    });
+}
