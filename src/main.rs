@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
+        Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
     });
     match result {
         Ok(code) => ExitCode::from(code.code()),
