@@ -107,6 +107,8 @@ pub struct Job {
     pub restart: Option<RestartOutcome>,
     pub error: Option<String>,
     pub notified: Vec<Delivery>,
+    /// Results were delivered (copy, hook, POSTs attempted): nothing more will change.
+    pub delivered: bool,
     #[serde(skip)]
     finished_instant: Option<Instant>,
 }
@@ -263,6 +265,7 @@ impl Store {
                     restart: None,
                     error: None,
                     notified: Vec::new(),
+                    delivered: false,
                     finished_instant: None,
                 },
             );

@@ -73,6 +73,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
         }
     };
     let Some(mut doc) = doc else { return };
+    // Also marks the job delivered when there is nowhere to deliver to.
     deliver(ctx, id, &mut doc).await;
 }
 
@@ -241,5 +242,6 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
     ctx.store.update(id, |j| {
         j.copy = copy;
         j.notified = results;
+        j.delivered = true;
     });
 }
