@@ -14,9 +14,11 @@ use super::notify::{self, Completion};
 use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
 use super::watch::WatchState;
 use crate::archive::manifest::Trigger;
+use crate::archive::Sealed;
 use crate::autopsy::{self, Report, Request, Silent};
 use crate::cancel::Cancel;
 use crate::config::Settings;
+use crate::diagnose::Verdict;
 use crate::error::Error;
 use crate::render::summary::{self, ArchiveFacts};
 use crate::runbook;
@@ -128,7 +130,7 @@ async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
 /// Records a finished capture, runs the gated restart, and builds the completion.
 async fn finish_sealed(ctx: &Arc<Ctx>, job: &Job, report: Report, target: Target, took: Duration) -> Option<Completion> {
     let verdict = report.diagnosis.verdict;
-    let restart = restart_step(ctx.restarter.clone(), job, &report, target).await;
+    let restart = restart_step(ctx.restarter.clone(), job, verdict, report.sealed.as_ref(), target).await;
     match &restart {
         None => {}
         Some(r) if r.ok => ctx.store.count_restart("ok"),
@@ -164,13 +166,18 @@ async fn finish_sealed(ctx: &Arc<Ctx>, job: &Job, report: Report, target: Target
 
 /// Applies the restart gate and, when it says go, calls the restarter on a blocking
 /// thread. `None`: no restart was wanted.
-pub async fn restart_step(restarter: Arc<dyn Restarter>, job: &Job, report: &Report, target: Target) -> Option<RestartOutcome> {
-    let verdict = report.diagnosis.verdict;
-    match restart::decide(&job.policy, job.origin.restart_requested, report.sealed.is_some(), verdict) {
+pub async fn restart_step(
+    restarter: Arc<dyn Restarter>,
+    job: &Job,
+    verdict: Verdict,
+    sealed: Option<&Sealed>,
+    target: Target,
+) -> Option<RestartOutcome> {
+    match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), verdict) {
         Decision::NotWanted => None,
         Decision::Refused(why) => Some(RestartOutcome { attempted: false, ok: false, detail: why }),
         Decision::Go => {
-            let sealed = report.sealed.as_ref()?;
+            let sealed = sealed?;
             let req = RestartRequest {
                 vmid: job.vmid,
                 target,
@@ -244,4 +251,88 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
         j.notified = results;
         j.delivered = true;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::serve::config::{Action, Policy};
+    use crate::serve::jobs::{Limits, Origin, Submit};
+    use crate::target::Proof;
+
+    /// Records every call; never touches a process.
+    #[derive(Default)]
+    struct FakeRestarter {
+        calls: Mutex<Vec<RestartRequest>>,
+    }
+
+    impl Restarter for FakeRestarter {
+        fn restart(&self, req: &RestartRequest) -> RestartOutcome {
+            self.calls.lock().unwrap().push(req.clone());
+            RestartOutcome { attempted: true, ok: true, detail: format!("fake restart of {}", req.vmid) }
+        }
+    }
+
+    fn job(policy: Policy, requested: bool) -> Job {
+        let store = Store::new(Limits { repeat_window: Duration::from_secs(60), vm_cooldown: Duration::ZERO, max_queue: 9, keep_jobs: 9 });
+        let origin = Origin {
+            kind: "alert".into(),
+            reason: Some("VmDiskWritesFlat".into()),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            generator_url: None,
+            firing: None,
+            restart_requested: requested,
+        };
+        let (id, _) = store.submit(Submit { vmid: "102".parse().unwrap(), origin, policy }).unwrap();
+        store.get(id).unwrap()
+    }
+
+    fn target() -> Target {
+        Target {
+            vmid: "102".parse().unwrap(),
+            pid: 4242,
+            starttime: 1,
+            proof: Proof::Pidfile,
+            pidfile: "/run/qemu-server/102.pid".into(),
+            qmp_socket: "/run/qemu-server/102.qmp".into(),
+            config_path: "/etc/pve/qemu-server/102.conf".into(),
+            cmdline: vec![],
+            qmp_present: true,
+            node: "pve1".into(),
+        }
+    }
+
+    fn sealed() -> Sealed {
+        Sealed { path: "/out/a.tar.zst".into(), sidecar: "/out/a.tar.zst.sha256".into(), sha256: "ab".into(), size: 1, files: 1 }
+    }
+
+    #[tokio::test]
+    async fn restarter_is_called_only_when_the_gate_opens() {
+        let fake = Arc::new(FakeRestarter::default());
+        let r: Arc<dyn Restarter> = fake.clone();
+        let restart = Policy { action: Action::CaptureThenRestart, ..Policy::default() };
+        let s = sealed();
+
+        // capture-only policy: nothing, not even a refusal.
+        assert_eq!(restart_step(r.clone(), &job(Policy::default(), false), Verdict::BlockPathFrozen, Some(&s), target()).await, None);
+        // Healthy, unsealed, or a verdict the policy does not name: refused, never called.
+        for (verdict, sealed) in [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))] {
+            let out = restart_step(r.clone(), &job(restart.clone(), false), verdict, sealed, target()).await.unwrap();
+            assert!(!out.attempted, "{verdict}: {out:?}");
+        }
+        assert!(fake.calls.lock().unwrap().is_empty());
+        // The policy's verdicts, sealed: called once each with the archive's facts.
+        let out = restart_step(r.clone(), &job(restart.clone(), false), Verdict::BlockPathFrozen, Some(&s), target()).await.unwrap();
+        assert!(out.ok && out.attempted, "{out:?}");
+        let out = restart_step(r.clone(), &job(Policy::default(), true), Verdict::MainLoopWedged, Some(&s), target()).await.unwrap();
+        assert!(out.ok, "an API request with restart=true uses the default verdict list: {out:?}");
+        let calls = fake.calls.lock().unwrap();
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].sha256, "ab");
+        assert_eq!(calls[0].target.pid, 4242);
+        assert!(calls[0].reason.contains("block-path-frozen"));
+    }
 }
