@@ -395,6 +395,21 @@ fn refusals_get_their_status_and_start_nothing() {
     assert!(body["error"].as_str().unwrap().contains("malformed"));
     let (st, _) = server.request("POST", "/v1/grafana", auth, good.as_bytes());
     assert_eq!(st, 401, "grafana without its HMAC signature");
+    // Grafana (version 1): a valid signature gets past auth to the mapping (121 is not
+    // running, so 409); a body changed after signing, or the Alertmanager shape, does not.
+    let mut grafana = alertmanager("121", "gfp", "firing");
+    grafana["version"] = json!("1");
+    grafana["orgId"] = json!(1);
+    let gbody = grafana.to_string();
+    let sig = wedge_autopsy::serve::auth::sign(b"grafana-secret", gbody.as_bytes());
+    let signed: &[(&str, &str)] = &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig)];
+    let (st, body) = server.request("POST", "/v1/grafana", signed, gbody.as_bytes());
+    assert_eq!(st, 409, "signed Grafana alert for a VM that is not running: {body}");
+    let (st, _) = server.request("POST", "/v1/grafana", signed, gbody.replace("121", "106").as_bytes());
+    assert_eq!(st, 401, "body changed after signing");
+    let sig4 = wedge_autopsy::serve::auth::sign(b"grafana-secret", good.as_bytes());
+    let (st, body) = server.request("POST", "/v1/grafana", &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig4)], good.as_bytes());
+    assert_eq!(st, 400, "an Alertmanager payload on the Grafana endpoint: {body}");
     let big = alertmanager("106", &"x".repeat(10_000), "firing").to_string();
     let (st, _) = server.request("POST", "/v1/alertmanager", auth, big.as_bytes());
     assert_eq!(st, 413, "oversized");
@@ -428,7 +443,7 @@ fn refusals_get_their_status_and_start_nothing() {
     let (st, h) = server.request("GET", "/healthz", &[], b"");
     assert_eq!((st, h["status"].as_str()), (200, Some("ok")));
     let m = server.metrics();
-    assert!(m.contains("wedge_autopsy_deliveries_total{outcome=\"unauthorized\"} 3"), "{m}");
+    assert!(m.contains("wedge_autopsy_deliveries_total{outcome=\"unauthorized\"} 4"), "{m}");
     assert!(m.contains("wedge_autopsy_runs_total{result=\"sealed\"} 0"), "{m}");
 }
 

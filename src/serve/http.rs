@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -25,6 +26,14 @@ use super::jobs::{Origin, Outcome, Submit, SubmitError};
 use super::metrics;
 use super::runner::Ctx;
 use crate::target::VmId;
+
+/// A body that trickles in slower than this is refused (408), so a slow sender cannot
+/// hold a connection and a worker.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `.vmlist` lives on pmxcfs, which can hang when the cluster filesystem does; mapping
+/// runs on a blocking thread under this bound and a hang is answered 503 (retry helps).
+const LOCATE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub fn router(ctx: Arc<Ctx>) -> Router {
     Router::new()
@@ -66,7 +75,12 @@ async fn authed_body(ctx: &Ctx, headers: &HeaderMap, body: Body, signed: bool) -
         ctx.store.count_refused("too-large");
         return Err(too_big());
     }
-    let bytes = match Limited::new(body, max).collect().await {
+    let read = tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, max).collect()).await;
+    let Ok(read) = read else {
+        ctx.store.count_refused("malformed");
+        return Err(error(408, format!("the body did not arrive within {} s", BODY_TIMEOUT.as_secs())));
+    };
+    let bytes = match read {
         Ok(c) => c.to_bytes().to_vec(),
         Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
             ctx.store.count_refused("too-large");
@@ -106,18 +120,32 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
             return error(400, e);
         }
     };
+    let firing: Vec<alert::Alert> = payload.alerts.iter().filter(|a| a.is_firing()).cloned().collect();
+    let resolved = payload.alerts.len() - firing.len();
+    // Resolved alerts never stop a capture: they are acknowledged and ignored.
+    let located = {
+        let ctx2 = ctx.clone();
+        let firing = firing.clone();
+        blocking_locate(move || {
+            firing
+                .iter()
+                .map(|a| {
+                    alert::vmid_of(a, &ctx2.cfg).and_then(|vmid| {
+                        alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node).map(|_| vmid)
+                    })
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+    };
+    let located = match located {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
     let mut jobs = Vec::new();
     let mut refused: Vec<(Refusal, String)> = Vec::new();
     let mut busy: Option<SubmitError> = None;
-    let mut resolved = 0usize;
-    for a in &payload.alerts {
-        // Resolved alerts never stop a capture: they are acknowledged and ignored.
-        if !a.is_firing() {
-            resolved += 1;
-            continue;
-        }
-        let located = alert::vmid_of(a, &ctx.cfg)
-            .and_then(|vmid| alert::locate(vmid, &ctx.settings.pve_dir, &ctx.settings.run_dir, &ctx.settings.node).map(|_| vmid));
+    for (a, located) in firing.iter().zip(located) {
         let vmid = match located {
             Ok(v) => v,
             Err(r) => {
@@ -151,13 +179,15 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
         .map(|(r, a)| json!({"alert": a, "status": r.status(), "reason": r.to_string(), "node": r.node()}))
         .collect();
     let body = json!({"jobs": jobs, "refused": refused_json, "resolved_ignored": resolved});
-    if !jobs.is_empty() {
-        return (StatusCode::ACCEPTED, Json(body)).into_response();
-    }
+    // A full queue or a stopping service: 503 even if other alerts of this payload were
+    // taken, because the redelivery of those is recognised as a duplicate.
     if let Some(e) = busy {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "refused": body["refused"]}))).into_response();
+        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "jobs": body["jobs"], "refused": body["refused"]}))).into_response();
         r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
         return r;
+    }
+    if !jobs.is_empty() {
+        return (StatusCode::ACCEPTED, Json(body)).into_response();
     }
     if let Some((first, _)) = refused.first() {
         let status = if refused.iter().all(|(r, _)| r.status() == first.status()) { first.status() } else { 422 };
@@ -204,7 +234,12 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
             return error(400, format!("{e}"));
         }
     };
-    if let Err(r) = alert::locate(vmid, &ctx.settings.pve_dir, &ctx.settings.run_dir, &ctx.settings.node) {
+    let ctx2 = ctx.clone();
+    let located = match blocking_locate(move || alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node)).await {
+        Ok(l) => l,
+        Err(r) => return r,
+    };
+    if let Err(r) = located {
         ctx.store.count_refused("refused");
         return (StatusCode::from_u16(r.status()).unwrap_or(StatusCode::NOT_FOUND), Json(json!({"error": r.to_string(), "node": r.node()}))).into_response();
     }
@@ -229,6 +264,23 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
             let mut r = error(503, e.to_string());
             r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
             r
+        }
+    }
+}
+
+/// Runs a mapping closure (file reads, possibly on pmxcfs) on a blocking thread, bounded
+/// by [`LOCATE_TIMEOUT`].
+async fn blocking_locate<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    match tokio::time::timeout(LOCATE_TIMEOUT, tokio::task::spawn_blocking(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(error(500, format!("mapping task failed: {e}"))),
+        Err(_) => {
+            let mut r = error(
+                503,
+                format!("reading the cluster VM list took longer than {} s (is pmxcfs hanging?): retry later", LOCATE_TIMEOUT.as_secs()),
+            );
+            r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
+            Err(r)
         }
     }
 }

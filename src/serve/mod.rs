@@ -26,6 +26,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::future::IntoFuture;
+
 use tokio::sync::Semaphore;
 
 pub use restart::{RestartOutcome, RestartRequest, Restarter, Unwired};
@@ -33,6 +35,9 @@ pub use restart::{RestartOutcome, RestartRequest, Restarter, Unwired};
 use crate::cancel::Cancel;
 use crate::config::{FileConfig, Settings};
 use crate::error::{Error, Exit};
+
+/// How long open HTTP connections get to finish after a stop signal.
+const CONNECTIONS_GRACE: Duration = Duration::from_secs(5);
 
 /// How long interrupted captures get to seal and deliver after the grace is over.
 const AFTER_GRACE: Duration = Duration::from_secs(30);
@@ -114,22 +119,29 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         if ctx.cfg.token.is_some() { "bearer token" } else { "none, loopback only" }
     );
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let stopping = {
-        let ctx = ctx.clone();
-        async move {
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-            ctx.store.shut_down();
-            eprintln!("wedge-autopsy serve: stopping: no new autopsies; letting running ones seal");
-        }
-    };
-    axum::serve(listener, http::router(ctx.clone()))
-        .with_graceful_shutdown(stopping)
-        .await
-        .map_err(anyhow::Error::from)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        axum::serve(listener, http::router(ctx.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .into_future(),
+    );
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    ctx.store.shut_down();
+    eprintln!("wedge-autopsy serve: stopping: no new autopsies; letting running ones seal");
+    let _ = stop_tx.send(());
+    // Open connections get a moment to finish their request; a client that holds one
+    // open must not hold up the seal.
+    match tokio::time::timeout(CONNECTIONS_GRACE, server).await {
+        Ok(Ok(Err(e))) => eprintln!("wedge-autopsy serve: server error while stopping: {e}"),
+        Err(_) => eprintln!("wedge-autopsy serve: connections still open after {} s; closing them", CONNECTIONS_GRACE.as_secs()),
+        _ => {}
+    }
     drain(&ctx, grace).await;
     Ok(Exit::Ok)
 }
