@@ -60,6 +60,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
         return;
     }
     let Some(job) = ctx.store.get(id) else { return };
+    wait_for_watch(ctx, job.vmid).await;
     eprintln!("wedge-autopsy serve: job {id} VM {}: started ({})", job.vmid, describe(&job));
     let t0 = Instant::now();
     let outcome = capture(ctx, &job).await;
@@ -77,6 +78,17 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     let Some(mut doc) = doc else { return };
     // Also marks the job delivered when there is nowhere to deliver to.
     deliver(ctx, id, &mut doc).await;
+}
+
+/// Waits while the watch is checking `vmid` (QMP serves one client at a time, and a
+/// capture that found the socket held would record the VM as unreachable). The job is
+/// already active, so the watch starts no new check of it; a check ends within its
+/// runbook's deadline.
+async fn wait_for_watch(ctx: &Ctx, vmid: crate::target::VmId) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking == Some(vmid) && Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn describe(job: &Job) -> String {

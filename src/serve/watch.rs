@@ -41,6 +41,10 @@ pub struct WatchState {
     pub checks: u64,
     /// How many consecutive frozen checks count as wedged.
     pub consecutive: u32,
+    /// The VM being checked right now: its QMP socket is in use, so an autopsy of it
+    /// waits (see `runner`), and the watch never starts a check on a VM with an active
+    /// job. Both sides decide under this state's lock.
+    pub checking: Option<VmId>,
 }
 
 /// VMIDs with a `<VMID>.pid` file in `run_dir`.
@@ -77,10 +81,16 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
             if ctx.store.is_shutting_down() {
                 return;
             }
-            if ctx.store.vm_active(vmid) {
-                continue;
+            {
+                let mut g = ctx.watch.lock().unwrap_or_else(|e| e.into_inner());
+                if ctx.store.vm_active(vmid) {
+                    continue;
+                }
+                g.checking = Some(vmid);
             }
-            let (verdict, error) = match check(&settings, vmid).await {
+            let result = check(&settings, vmid).await;
+            ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking = None;
+            let (verdict, error) = match result {
                 Ok(v) => (Some(v), None),
                 Err(e) => (None, Some(e)),
             };
