@@ -33,9 +33,14 @@ impl Server {
     /// Starts `wedge-autopsy serve` on a free loopback port with `config` (a full config
     /// file body; the lab's dirs are passed as flags) and waits until it listens.
     fn start(lab: &Lab, config: &str) -> Server {
+        Server::start_with_env(lab, config, &[])
+    }
+
+    fn start_with_env(lab: &Lab, config: &str, env: &[(&str, &str)]) -> Server {
         let cfg = lab.root().join("serve.toml");
         std::fs::write(&cfg, config).unwrap();
         let mut cmd = lab.tool_args(&["serve", "--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()]);
+        cmd.env_remove("NOTIFY_SOCKET").envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start wedge-autopsy serve");
         let stderr = child.stderr.take().unwrap();
@@ -311,6 +316,9 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     eprintln!("slowest of 5 deliveries answered in {slowest:?}");
     assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
     assert_eq!(outcomes, ["started", "duplicate", "duplicate", "duplicate", "duplicate"]);
+    // The alert resolves while the capture may still run: acknowledged, and it stops nothing.
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("102", "fp-102-wedge", "resolved"));
+    assert_eq!((st, &body["resolved_ignored"]), (200, &json!(1)), "{body}");
 
     // The ticket gets the result.
     let doc = receiver.next(JOB_TIMEOUT).unwrap_or_else(|| panic!("no completion POST; log:\n{}", server.log()));
@@ -496,11 +504,20 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     )
     .unwrap();
     let config = format!("[serve]\nrunbook = {:?}\nshutdown_grace = \"1s\"\n", rb.display().to_string());
-    let mut server = Server::start(&lab, &config);
+    // Type=notify: systemd's socket stand-in receives READY=1, later STOPPING=1.
+    let notify_path = lab.root().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut server = Server::start_with_env(&lab, &config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let (st, body) = server.request("POST", "/v1/autopsy", &[], json!({"vmid": 112}).to_string().as_bytes());
     assert_eq!(st, 202, "loopback without a token is allowed: {body}");
     assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300"])));
     assert_eq!(server.stop(libc::SIGTERM, Duration::from_secs(60)), Some(0), "{}", server.log());
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     let found = archives(&lab.out_dir());
     assert_eq!(found.len(), 1, "{}", server.log());
     let ar = ArchiveReader::open(&found[0]).unwrap();
