@@ -157,8 +157,8 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
         let origin = Origin {
             kind: "alert".into(),
             reason: Some(format!("{} alert {}", if source == Source::Alertmanager { "Alertmanager" } else { "Grafana" }, a.describe())),
-            labels: a.labels.clone(),
-            annotations: a.annotations.clone(),
+            labels: bounded(&a.labels),
+            annotations: bounded(&a.annotations),
             generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
             firing: Some(a.firing_key()),
             restart_requested: false,
@@ -197,6 +197,13 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
     }
     // Only resolved alerts (or none): nothing to do, and nothing to retry.
     (StatusCode::OK, Json(body)).into_response()
+}
+
+/// Label and annotation maps as kept in a job record: at most 64 entries of at most
+/// 2 KiB each, so `keep_jobs` records stay small whatever the alerts carry.
+fn bounded(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let cut = |s: &String| s.chars().take(2048).collect::<String>();
+    m.iter().take(64).map(|(k, v)| (cut(k), cut(v))).collect()
 }
 
 /// `POST /v1/autopsy` body.
