@@ -154,6 +154,13 @@ pub enum Command {
         #[command(subcommand)]
         action: RunbookAction,
     },
+    /// HTTP service: alerts (Alertmanager, Grafana) and API calls start autopsies; results go to the ticket (example: wedge-autopsy serve --listen 127.0.0.1:9171)
+    #[command(after_help = "Configured under [serve] in the config file; see docs/serve.md.\nStops on SIGTERM after running autopsies seal.")]
+    Serve {
+        /// Address to listen on [default: [serve] listen, else 127.0.0.1:9171]
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<String>,
+    },
     /// Read a sealed archive: summary, contents, hash check, one file (example: wedge-autopsy inspect a.tar.zst --verify)
     Inspect {
         /// The .tar.zst archive

@@ -19,6 +19,7 @@ pub mod redact;
 pub mod render;
 pub mod restart;
 pub mod runbook;
+pub mod serve;
 pub mod stacks;
 pub mod step;
 pub mod target;

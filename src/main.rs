@@ -41,6 +41,7 @@ fn main() -> ExitCode {
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
         Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
+        Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
     });
     match result {
         Ok(code) => ExitCode::from(code.code()),

@@ -1,0 +1,114 @@
+//! The seam to the restart: a trait the job runner calls after a sealed capture whose
+//! verdict the policy names, and the gate that decides whether it may be called.
+//!
+//! The real restart (lock, cooldown shared with the CLI, `qm stop`/`qm start`) lives on
+//! the restart branch; it is injected through [`Restarter`]. Until then [`Unwired`]
+//! records that a restart was due and was not done.
+
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::config::{Action, Policy};
+use crate::diagnose::Verdict;
+use crate::target::{Target, VmId};
+
+/// Everything a restart needs to act and to justify itself.
+#[derive(Debug, Clone)]
+pub struct RestartRequest {
+    pub vmid: VmId,
+    /// The process the archive was captured from. Re-prove it (`Target::still_same`)
+    /// right before any signal: the VM may have been restarted by someone else meanwhile.
+    pub target: Target,
+    pub verdict: Verdict,
+    pub archive: PathBuf,
+    pub sha256: String,
+    /// Why (alert name, API reason, watch streak), for the restart's own log and lock.
+    pub reason: String,
+}
+
+/// What the restart did, as reported in the job, the completion POST and the summary.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestartOutcome {
+    /// A restart was started (`false`: refused, cooling down, not wired, gated off).
+    pub attempted: bool,
+    /// The VM is running again under a new process.
+    pub ok: bool,
+    /// One line: what happened or why not.
+    pub detail: String,
+}
+
+/// Restarts a VM. Called on a blocking thread, at most once per job, only after
+/// [`decide`] said [`Decision::Go`]. Implementations enforce the restart cooldown and the
+/// per-VM lock shared with the CLI, and report refusals as `attempted: false`.
+pub trait Restarter: Send + Sync {
+    fn restart(&self, req: &RestartRequest) -> RestartOutcome;
+}
+
+/// The restarter of a build without the restart module: never touches the VM.
+#[derive(Debug, Default)]
+pub struct Unwired;
+
+impl Restarter for Unwired {
+    fn restart(&self, req: &RestartRequest) -> RestartOutcome {
+        RestartOutcome {
+            attempted: false,
+            ok: false,
+            detail: format!(
+                "restart of VM {} was due (verdict {}) but this build has no restart: read the archive, then `qm stop {} && qm start {}` by hand",
+                req.vmid, req.verdict, req.vmid, req.vmid
+            ),
+        }
+    }
+}
+
+/// Whether a restart follows this capture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Neither the policy nor the request asked for one.
+    NotWanted,
+    /// Wanted, but the evidence does not allow it; the reason is reported.
+    Refused(String),
+    Go,
+}
+
+/// The gate: a restart only when asked for (policy `capture-then-restart` or an API
+/// request), only after a sealed archive, never on `healthy`, and only on a verdict the
+/// policy names.
+pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) -> Decision {
+    if policy.action != Action::CaptureThenRestart && !requested {
+        return Decision::NotWanted;
+    }
+    if !sealed {
+        return Decision::Refused("the archive was not sealed: no restart without evidence".into());
+    }
+    if verdict == Verdict::Healthy {
+        return Decision::Refused("verdict healthy: a healthy VM is never restarted".into());
+    }
+    if !policy.restart_on.contains(&verdict) {
+        let names: Vec<&str> = policy.restart_on.iter().map(|v| v.as_str()).collect();
+        return Decision::Refused(format!("verdict {verdict} is not one the policy restarts on ({})", names.join(", ")));
+    }
+    Decision::Go
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restarting() -> Policy {
+        Policy { action: Action::CaptureThenRestart, ..Policy::default() }
+    }
+
+    #[test]
+    fn gate() {
+        use Verdict::*;
+        assert_eq!(decide(&Policy::default(), false, true, BlockPathFrozen), Decision::NotWanted);
+        assert_eq!(decide(&restarting(), false, true, BlockPathFrozen), Decision::Go);
+        assert_eq!(decide(&restarting(), false, true, MainLoopWedged), Decision::Go);
+        assert_eq!(decide(&Policy::default(), true, true, MainLoopWedged), Decision::Go);
+        assert!(matches!(decide(&restarting(), false, true, Healthy), Decision::Refused(r) if r.contains("healthy")));
+        assert!(matches!(decide(&restarting(), true, true, Inconclusive), Decision::Refused(r) if r.contains("inconclusive")));
+        assert!(matches!(decide(&restarting(), false, false, BlockPathFrozen), Decision::Refused(r) if r.contains("sealed")));
+    }
+}

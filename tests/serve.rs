@@ -1,0 +1,629 @@
+//! `wedge-autopsy serve` as a real process on loopback, against real lab QEMUs: alerts
+//! start autopsies, results reach a receiver the test runs, duplicates and bursts start
+//! nothing new, refusals start nothing, and SIGTERM lets a running capture seal.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{wait_until, Lab, LabOptions};
+use serde_json::{json, Value};
+use wedge_autopsy::archive::{self, ArchiveReader};
+
+const TOKEN: &str = "t0ken-for-tests";
+const JOB_TIMEOUT: Duration = Duration::from_secs(150);
+
+// ---------------------------------------------------------------------------
+// the server under test
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    /// Starts `wedge-autopsy serve` on a free loopback port with `config` (a full config
+    /// file body; the lab's dirs are passed as flags) and waits until it listens.
+    fn start(lab: &Lab, config: &str) -> Server {
+        Server::start_with_env(lab, config, &[])
+    }
+
+    fn start_with_env(lab: &Lab, config: &str, env: &[(&str, &str)]) -> Server {
+        let cfg = lab.root().join("serve.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut cmd = lab.tool_args(&["serve", "--listen", "127.0.0.1:0", "--config", cfg.to_str().unwrap()]);
+        cmd.env_remove("NOTIFY_SOCKET").envs(env.iter().copied());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start wedge-autopsy serve");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("server did not start listening; log:\n{}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+        http(&self.addr, method, path, headers, body)
+    }
+
+    fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let auth = format!("Bearer {TOKEN}");
+        self.request("POST", path, &[("Authorization", &auth), ("Content-Type", "application/json")], body.to_string().as_bytes())
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        let auth = format!("Bearer {TOKEN}");
+        self.request("GET", path, &[("Authorization", &auth)], b"")
+    }
+
+    fn metrics(&self) -> String {
+        let (st, v) = self.request("GET", "/metrics", &[], b"");
+        assert_eq!(st, 200);
+        v.as_str().unwrap_or_default().to_string()
+    }
+
+    /// Polls the job until it leaves queued/running.
+    fn wait_job(&self, id: u64) -> Value {
+        let mut last = Value::Null;
+        let done = wait_until(JOB_TIMEOUT, || {
+            let (_, j) = self.get(&format!("/v1/autopsies/{id}"));
+            last = j;
+            matches!(last["state"].as_str(), Some("sealed" | "failed" | "cancelled")) && last["delivered"] == true
+        });
+        assert!(done, "job {id} did not finish: {last}\nlog:\n{}", self.log());
+        last
+    }
+
+    /// Sends `sig` and waits (bounded) for the exit code.
+    fn stop(&mut self, sig: libc::c_int, timeout: Duration) -> Option<i32> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid(), sig) };
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the body parsed as JSON when it is
+/// JSON, else returned as a JSON string.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    // A server may answer (413, 401) before reading the whole body; a failed write is fine then.
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let body = dechunk_if_needed(&text, body);
+    (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+}
+
+fn dechunk_if_needed(head: &str, body: &str) -> String {
+    if !head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        return body.to_string();
+    }
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------
+// a ticket system stand-in: records every POST body
+
+struct Receiver {
+    url: String,
+    rx: mpsc::Receiver<Value>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/ticket", l.local_addr().unwrap());
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    c.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                    let mut r = BufReader::new(c.try_clone().unwrap());
+                    loop {
+                        let mut len = 0usize;
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        loop {
+                            let mut h = String::new();
+                            if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                                break;
+                            }
+                            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0; len];
+                        if r.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
+                        if c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Receiver { url, rx }
+    }
+
+    fn next(&self, timeout: Duration) -> Option<Value> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// helpers
+
+fn alertmanager(vmid: &str, fingerprint: &str, status: &str) -> Value {
+    json!({
+        "version": "4",
+        "status": status,
+        "receiver": "wedge-autopsy",
+        "groupKey": "{}:{alertname=\"VmDiskWritesFlat\"}",
+        "truncatedAlerts": 0,
+        "groupLabels": {"alertname": "VmDiskWritesFlat"},
+        "commonLabels": {"alertname": "VmDiskWritesFlat", "vmid": vmid},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example:9093",
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": "VmDiskWritesFlat", "vmid": vmid, "instance": "devvm", "severity": "page"},
+            "annotations": {"summary": "disk writes flat at zero while the VM is up"},
+            "startsAt": "2026-06-11T15:24:00Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": "http://prometheus.example:9090/graph?g0.expr=pve_disk_write_bytes",
+            "fingerprint": fingerprint
+        }]
+    })
+}
+
+fn write_token(lab: &Lab) -> PathBuf {
+    let p = lab.root().join("token");
+    std::fs::write(&p, format!("{TOKEN}\n")).unwrap();
+    p
+}
+
+fn archives(out: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(out)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(".tar.zst")).collect())
+        .unwrap_or_default()
+}
+
+fn proc_kib(pid: i32, key: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
+}
+
+fn tracer_pid(pid: i32) -> i32 {
+    proc_kib(pid, "TracerPid:") as i32
+}
+
+fn sleeping_command_running(argv: &[&str]) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+        common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0)).is_some_and(|a| a == argv)
+    })
+}
+
+// ---------------------------------------------------------------------------
+// tests
+
+#[test]
+fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
+    let lab = Lab::start(LabOptions::default());
+    assert_eq!(lab.wedge()["wedged"], true);
+    let receiver = Receiver::start();
+    let token = write_token(&lab);
+    let shared = lab.root().join("shared");
+    let hook_out = lab.root().join("hook.env");
+    let config = format!(
+        "sample_interval = \"1s\"\nmin_idle = \"1s\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\ncopy_to = {:?}\non_complete = [\"sh\", \"-c\", \"env > {}\"]\n\n[[serve.policy]]\nvmid = 102\naction = \"capture-then-restart\"\nrestart_on = [\"block-path-frozen\"]\n",
+        token.display().to_string(),
+        receiver.url,
+        shared.display().to_string(),
+        hook_out.display()
+    );
+    let pid_before = lab.pid();
+    let server = Server::start(&lab, &config);
+    let payload = alertmanager("102", "fp-102-wedge", "firing");
+
+    // The same firing, five times (retries, an HA pair): one job, answered at once.
+    let mut ids = Vec::new();
+    let mut outcomes = Vec::new();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let (st, body) = server.post_json("/v1/alertmanager", &payload);
+        slowest = slowest.max(t.elapsed());
+        assert_eq!(st, 202, "{body}\n{}", server.log());
+        ids.push(body["jobs"][0]["id"].as_u64().unwrap());
+        outcomes.push(body["jobs"][0]["outcome"].as_str().unwrap().to_string());
+    }
+    eprintln!("slowest of 5 deliveries answered in {slowest:?}");
+    assert!(ids.iter().all(|i| *i == ids[0]), "{ids:?}");
+    assert_eq!(outcomes, ["started", "duplicate", "duplicate", "duplicate", "duplicate"]);
+    // The alert resolves while the capture may still run: acknowledged, and it stops nothing.
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("102", "fp-102-wedge", "resolved"));
+    assert_eq!((st, &body["resolved_ignored"]), (200, &json!(1)), "{body}");
+
+    // The ticket gets the result.
+    let doc = receiver.next(JOB_TIMEOUT).unwrap_or_else(|| panic!("no completion POST; log:\n{}", server.log()));
+    assert_eq!(doc["job"], ids[0]);
+    assert_eq!(doc["vmid"], 102);
+    assert_eq!(doc["state"], "sealed", "{doc}");
+    assert_eq!(doc["verdict"], "block-path-frozen", "{}", doc["facts"]);
+    assert_eq!(doc["labels"]["instance"], "devvm");
+    assert_eq!(doc["generator_url"], "http://prometheus.example:9090/graph?g0.expr=pve_disk_write_bytes");
+    assert_eq!(doc["trigger"], "alert");
+    let path = PathBuf::from(doc["archive"].as_str().unwrap());
+    let verified = archive::verify(&path).expect("the archive verifies");
+    assert_eq!(doc["sha256"], verified.sha256);
+    assert_eq!(doc["size"], verified.size);
+    let md = doc["summary_markdown"].as_str().unwrap();
+    assert!(md.contains("block-path-frozen") && md.contains(&verified.sha256), "{md}");
+    // The policy asks for a restart on this verdict; this build's restarter is not wired,
+    // so the gate opened and the outcome says so, and the VM was left alone.
+    assert_eq!(doc["restart"]["attempted"], false, "{}", doc["restart"]);
+    assert!(doc["restart"]["detail"].as_str().unwrap().contains("was due"), "{}", doc["restart"]);
+    assert!(md.contains("## Restart"), "{md}");
+    let ar = ArchiveReader::open(&path).unwrap();
+    assert_eq!(ar.manifest.trigger.kind, "alert");
+    assert!(ar.manifest.trigger.reason.as_deref().unwrap_or("").contains("fp-102-wedge"));
+
+    // The copy on shared storage and the hook carry the same facts.
+    let copy = PathBuf::from(doc["copy"].as_str().expect("copy path in the document"));
+    assert!(copy.starts_with(&shared));
+    assert_eq!(archive::hash_file(&copy).unwrap().1, verified.sha256);
+    assert!(archive::sidecar_path(&copy).exists());
+    let job = server.wait_job(ids[0]);
+    let env = std::fs::read_to_string(&hook_out).unwrap();
+    assert!(env.contains(&format!("WEDGE_SHA256={}", verified.sha256)), "{env}");
+    assert!(env.contains("WEDGE_VERDICT=block-path-frozen"));
+
+    // One autopsy in all: one archive, one job that counted five deliveries.
+    assert_eq!(archives(&lab.out_dir()).len(), 1);
+    assert_eq!(job["deliveries"], 5);
+    assert!(job["notified"].as_array().unwrap().iter().all(|d| d["ok"] == true), "{job}");
+    let (_, list) = server.get("/v1/autopsies");
+    assert_eq!(list["autopsies"].as_array().unwrap().len(), 1);
+    let m = server.metrics();
+    assert!(m.contains("wedge_autopsy_runs_total{result=\"sealed\"} 1"), "{m}");
+    assert!(m.contains("wedge_autopsy_deliveries_total{outcome=\"duplicate\"} 4"), "{m}");
+    assert!(m.contains("wedge_autopsy_restarts_total{outcome=\"not-attempted\"} 1"), "{m}");
+    assert!(receiver.next(Duration::from_millis(200)).is_none(), "exactly one completion POST");
+    assert_eq!(tracer_pid(lab.pid()), 0);
+    assert!(lab.is_alive(), "captured, not restarted");
+    assert_eq!(lab.pid(), pid_before, "same QEMU process");
+}
+
+#[test]
+fn refusals_get_their_status_and_start_nothing() {
+    let lab = Lab::start(LabOptions { vmid: 106, name: "ref".into(), ..LabOptions::default() });
+    let before = lab.thread_states();
+    // The cluster knows 120 (on another node) and 121 (here, but not running).
+    let vmlist_path = lab.pve_dir().join(".vmlist");
+    let mut vmlist: Value = serde_json::from_str(&std::fs::read_to_string(&vmlist_path).unwrap()).unwrap();
+    let here = vmlist["ids"]["106"]["node"].clone();
+    vmlist["ids"]["120"] = json!({"node": "pve-far", "type": "qemu", "version": 1});
+    vmlist["ids"]["121"] = json!({"node": here, "type": "qemu", "version": 1});
+    std::fs::write(&vmlist_path, vmlist.to_string()).unwrap();
+    let token = write_token(&lab);
+    let secret = lab.root().join("hmac");
+    std::fs::write(&secret, "grafana-secret\n").unwrap();
+    let config = format!(
+        "[serve]\ntoken_file = {:?}\nhmac_secret_file = {:?}\nmax_body = 4096\n",
+        token.display().to_string(),
+        secret.display().to_string()
+    );
+    let server = Server::start(&lab, &config);
+    let good = alertmanager("106", "fp", "firing").to_string();
+    let bearer = format!("Bearer {TOKEN}");
+    let auth: &[(&str, &str)] = &[("Authorization", &bearer)];
+
+    let (st, body) = server.request("POST", "/v1/alertmanager", &[], good.as_bytes());
+    assert_eq!(st, 401, "no token: {body}");
+    let (st, _) = server.request("POST", "/v1/alertmanager", &[("Authorization", "Bearer wrong")], good.as_bytes());
+    assert_eq!(st, 401, "wrong token");
+    let (st, body) = server.request("POST", "/v1/alertmanager", auth, b"{\"version\": \"4\", \"alerts\": [");
+    assert_eq!(st, 400, "malformed: {body}");
+    assert!(body["error"].as_str().unwrap().contains("malformed"));
+    let (st, _) = server.request("POST", "/v1/grafana", auth, good.as_bytes());
+    assert_eq!(st, 401, "grafana without its HMAC signature");
+    // Grafana (version 1): a valid signature gets past auth to the mapping (121 is not
+    // running, so 409); a body changed after signing, or the Alertmanager shape, does not.
+    let mut grafana = alertmanager("121", "gfp", "firing");
+    grafana["version"] = json!("1");
+    grafana["orgId"] = json!(1);
+    let gbody = grafana.to_string();
+    let sig = wedge_autopsy::serve::auth::sign(b"grafana-secret", gbody.as_bytes());
+    let signed: &[(&str, &str)] = &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig)];
+    let (st, body) = server.request("POST", "/v1/grafana", signed, gbody.as_bytes());
+    assert_eq!(st, 409, "signed Grafana alert for a VM that is not running: {body}");
+    let (st, _) = server.request("POST", "/v1/grafana", signed, gbody.replace("121", "106").as_bytes());
+    assert_eq!(st, 401, "body changed after signing");
+    let sig4 = wedge_autopsy::serve::auth::sign(b"grafana-secret", good.as_bytes());
+    let (st, body) = server.request("POST", "/v1/grafana", &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig4)], good.as_bytes());
+    assert_eq!(st, 400, "an Alertmanager payload on the Grafana endpoint: {body}");
+    let big = alertmanager("106", &"x".repeat(10_000), "firing").to_string();
+    let (st, _) = server.request("POST", "/v1/alertmanager", auth, big.as_bytes());
+    assert_eq!(st, 413, "oversized");
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("107", "fp", "firing"));
+    assert_eq!(st, 404, "unknown VM: {body}");
+    assert!(body["error"].as_str().unwrap().contains("not in the cluster"), "{body}");
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("120", "fp", "firing"));
+    assert_eq!(st, 421, "another node: {body}");
+    assert_eq!(body["refused"][0]["node"], "pve-far");
+    assert!(body["error"].as_str().unwrap().contains("pve-far"));
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("121", "fp", "firing"));
+    assert_eq!(st, 409, "listed here but not running: {body}");
+    let mut no_vmid = alertmanager("106", "fp", "firing");
+    no_vmid["alerts"][0]["labels"].as_object_mut().unwrap().remove("vmid");
+    let (st, body) = server.post_json("/v1/alertmanager", &no_vmid);
+    assert_eq!(st, 422, "no VMID label: {body}");
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("106", "fp", "resolved"));
+    assert_eq!(st, 200, "resolved alerts are acknowledged, not acted on: {body}");
+    assert_eq!(body["resolved_ignored"], 1);
+    let (st, _) = server.post_json("/v1/autopsy", &json!({"vmid": "106; reboot"}));
+    assert_eq!(st, 400);
+    let (st, _) = server.post_json("/v1/autopsy", &json!({"vmid": 106, "restrat": true}));
+    assert_eq!(st, 400, "unknown API fields are refused");
+
+    // Nothing started, nothing written, the VM untouched.
+    let (_, list) = server.get("/v1/autopsies");
+    assert_eq!(list["autopsies"], json!([]), "{list}");
+    assert!(archives(&lab.out_dir()).is_empty());
+    assert_eq!(lab.thread_states(), before);
+    assert_eq!(tracer_pid(lab.pid()), 0);
+    let (st, h) = server.request("GET", "/healthz", &[], b"");
+    assert_eq!((st, h["status"].as_str()), (200, Some("ok")));
+    let m = server.metrics();
+    assert!(m.contains("wedge_autopsy_deliveries_total{outcome=\"unauthorized\"} 4"), "{m}");
+    assert!(m.contains("wedge_autopsy_runs_total{result=\"sealed\"} 0"), "{m}");
+}
+
+#[test]
+fn sigterm_during_an_autopsy_lets_it_seal_then_exits() {
+    let lab = Lab::start(LabOptions { vmid: 109, name: "term".into(), ..LabOptions::default() });
+    let receiver = Receiver::start();
+    let rb = lab.root().join("slow.toml");
+    std::fs::write(
+        &rb,
+        "schema = 1\nname = \"slow\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"status\"\nkind = \"qmp\"\ncommand = \"query-status\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"4.5\"]\ntimeout = \"60s\"\n\n[[step]]\nid = \"after\"\nkind = \"host\"\n",
+    )
+    .unwrap();
+    let token = write_token(&lab);
+    let config = format!(
+        "[serve]\ntoken_file = {:?}\nnotify = [{:?}]\nrunbook = {:?}\nshutdown_grace = \"120s\"\n",
+        token.display().to_string(),
+        receiver.url,
+        rb.display().to_string()
+    );
+    let mut server = Server::start(&lab, &config);
+    let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 109, "reason": "INC-42"}));
+    assert_eq!(st, 202, "{body}");
+    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "4.5"])), "{}", server.log());
+    let code = server.stop(libc::SIGTERM, Duration::from_secs(90));
+    assert_eq!(code, Some(0), "clean exit after the seal; log:\n{}", server.log());
+    // Sealed with every step done: the capture was not cut short.
+    let found = archives(&lab.out_dir());
+    assert_eq!(found.len(), 1, "{found:?}");
+    archive::verify(&found[0]).expect("verifies");
+    let ar = ArchiveReader::open(&found[0]).unwrap();
+    assert!(!ar.manifest.interrupted);
+    let nap = ar.manifest.steps.iter().find(|s| s.id == "nap").unwrap();
+    assert_eq!(nap.status.to_string(), "ok", "{nap:?}");
+    assert_eq!(ar.manifest.trigger.kind, "api");
+    assert_eq!(ar.manifest.trigger.reason.as_deref(), Some("INC-42"));
+    let doc = receiver.next(Duration::from_secs(5)).expect("the result was delivered before exit");
+    assert_eq!(doc["state"], "sealed");
+    assert!(server.log().contains("stopping"), "{}", server.log());
+    assert!(lab.is_alive());
+}
+
+#[test]
+fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
+    let lab = Lab::start(LabOptions { vmid: 112, name: "grace".into(), ..LabOptions::default() });
+    let rb = lab.root().join("long.toml");
+    std::fs::write(
+        &rb,
+        "schema = 1\nname = \"long\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"300\"]\ntimeout = \"400s\"\n",
+    )
+    .unwrap();
+    let config = format!("[serve]\nrunbook = {:?}\nshutdown_grace = \"1s\"\n", rb.display().to_string());
+    // Type=notify: systemd's socket stand-in receives READY=1, later STOPPING=1.
+    let notify_path = lab.root().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut server = Server::start_with_env(&lab, &config, &[("NOTIFY_SOCKET", notify_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    let (st, body) = server.request("POST", "/v1/autopsy", &[], json!({"vmid": 112}).to_string().as_bytes());
+    assert_eq!(st, 202, "loopback without a token is allowed: {body}");
+    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300"])));
+    assert_eq!(server.stop(libc::SIGTERM, Duration::from_secs(60)), Some(0), "{}", server.log());
+    let n = notify.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    let found = archives(&lab.out_dir());
+    assert_eq!(found.len(), 1, "{}", server.log());
+    let ar = ArchiveReader::open(&found[0]).unwrap();
+    assert!(ar.manifest.interrupted, "cut at the grace");
+    assert_eq!(ar.manifest.steps.iter().find(|s| s.id == "proc").unwrap().status.to_string(), "ok");
+    assert!(!sleeping_command_running(&["sleep", "300"]), "the interrupted step's process was killed");
+}
+
+#[test]
+fn burst_of_a_thousand_deliveries_is_answered_with_bounded_memory() {
+    let lab = Lab::start(LabOptions { vmid: 113, name: "burst".into(), ..LabOptions::default() });
+    let token = write_token(&lab);
+    let config = format!("sample_interval = \"0\"\n\n[serve]\ntoken_file = {:?}\n", token.display().to_string());
+    let server = Server::start(&lab, &config);
+    // One real autopsy first, so the baseline includes a capture's own allocations.
+    let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("113", "first", "firing"));
+    assert_eq!(st, 202, "{body}");
+    let first = body["jobs"][0]["id"].as_u64().unwrap();
+    let job = server.wait_job(first);
+    assert_eq!(job["state"], "sealed", "{job}");
+    let pid = server.pid();
+    let (rss0, hwm0) = (proc_kib(pid, "VmRSS:"), proc_kib(pid, "VmHWM:"));
+
+    // 1000 distinct firings for the VM, from 8 senders at once.
+    let statuses: Arc<Mutex<BTreeMap<u16, usize>>> = Default::default();
+    let slowest = Arc::new(Mutex::new(Duration::ZERO));
+    let outcomes: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let (addr, statuses, slowest, outcomes) = (server.addr.clone(), statuses.clone(), slowest.clone(), outcomes.clone());
+            std::thread::spawn(move || {
+                let bearer = format!("Bearer {TOKEN}");
+                for i in 0..125 {
+                    let mut p = alertmanager("113", &format!("burst-{t}-{i}"), "firing");
+                    p["alerts"][0]["annotations"]["padding"] = json!("p".repeat(2000));
+                    let start = Instant::now();
+                    let (st, body) = http(&addr, "POST", "/v1/alertmanager", &[("Authorization", &bearer)], p.to_string().as_bytes());
+                    let took = start.elapsed();
+                    let mut s = slowest.lock().unwrap();
+                    *s = (*s).max(took);
+                    *statuses.lock().unwrap().entry(st).or_default() += 1;
+                    if let Some(o) = body["jobs"][0]["outcome"].as_str() {
+                        *outcomes.lock().unwrap().entry(o.to_string()).or_default() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let (rss1, hwm1) = (proc_kib(pid, "VmRSS:"), proc_kib(pid, "VmHWM:"));
+    eprintln!(
+        "burst: statuses {:?}, outcomes {:?}, slowest answer {:?}; VmRSS {rss0} -> {rss1} KiB, VmHWM {hwm0} -> {hwm1} KiB",
+        statuses.lock().unwrap(),
+        outcomes.lock().unwrap(),
+        slowest.lock().unwrap()
+    );
+    assert_eq!(*statuses.lock().unwrap(), BTreeMap::from([(202, 1000)]), "every delivery answered 202");
+    assert_eq!(*outcomes.lock().unwrap(), BTreeMap::from([("joined".to_string(), 1000)]), "no new autopsy within the VM's cooldown");
+    // Generous: a leak of ~1 KiB per delivery or buffering every 2 KiB body would
+    // already show; allocator noise does not reach 32 MiB.
+    assert!(rss1 < rss0 + 32 * 1024, "VmRSS grew from {rss0} to {rss1} KiB");
+    assert!(hwm1 < hwm0 + 32 * 1024, "VmHWM grew from {hwm0} to {hwm1} KiB");
+    let (_, list) = server.get("/v1/autopsies");
+    assert_eq!(list["autopsies"].as_array().unwrap().len(), 1, "still one autopsy");
+    assert_eq!(list["autopsies"][0]["deliveries"], 1001);
+    assert_eq!(archives(&lab.out_dir()).len(), 1);
+    let (st, _) = server.request("GET", "/healthz", &[], b"");
+    assert_eq!(st, 200, "still serving");
+}
+
+#[test]
+fn watch_finds_a_frozen_vm_and_captures_it_without_an_alert() {
+    let mut lab = Lab::start(LabOptions { vmid: 114, name: "watched".into(), ..LabOptions::default() });
+    lab.add_vm(LabOptions { vmid: 115, name: "idle".into(), ..LabOptions::default() });
+    assert_eq!(lab.vm(114).wedge()["wedged"], true);
+    let receiver = Receiver::start();
+    let config = format!(
+        "min_idle = \"1s\"\nsample_interval = \"1s\"\n\n[serve]\nnotify = [{:?}]\n\n[serve.watch]\ninterval = \"1s\"\nconsecutive = 2\nwindow = \"1s\"\n\n[[serve.policy]]\nvmid = 114\nwatch_autopsy = true\n",
+        receiver.url
+    );
+    let server = Server::start(&lab, &config);
+    // No alert is sent: the watch's own checks start the capture.
+    let doc = receiver.next(JOB_TIMEOUT).unwrap_or_else(|| panic!("no watch-started autopsy; log:\n{}", server.log()));
+    assert_eq!(doc["vmid"], 114);
+    assert_eq!(doc["trigger"], "watch");
+    assert_eq!(doc["verdict"], "block-path-frozen", "{}", doc["facts"]);
+    assert!(doc["reason"].as_str().unwrap().contains("consecutive checks"), "{doc}");
+    archive::verify(Path::new(doc["archive"].as_str().unwrap())).expect("verifies");
+    let m = server.metrics();
+    assert!(m.contains("wedge_autopsy_watch_verdict{vmid=\"114\",verdict=\"block-path-frozen\"} 1"), "{m}");
+    assert!(m.contains("wedge_autopsy_watch_wedged{vmid=\"114\"} 1"), "{m}");
+    // The neighbour is watched too. A lab guest has no OS doing I/O, so with min_idle 1s
+    // its idle disk also reads as frozen and it is exported as wedged; but its policy
+    // (the default) does not ask for watch autopsies, so it is never captured.
+    assert!(
+        wait_until(Duration::from_secs(60), || server.metrics().contains("wedge_autopsy_watch_wedged{vmid=\"115\"} 1")),
+        "{}\nlog:\n{}",
+        server.metrics(),
+        server.log()
+    );
+    let (_, list) = server.get("/v1/autopsies");
+    let jobs = list["autopsies"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1, "one frozen episode, one autopsy, none for 115: {list}");
+    assert_eq!(jobs[0]["vmid"], 114);
+    assert!(!server.log().contains("VM 115: started"), "{}", server.log());
+    assert_eq!(tracer_pid(lab.vm(115).pid()), 0);
+}
