@@ -291,14 +291,16 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     let shared = lab.root().join("shared");
     let hook_out = lab.root().join("hook.env");
     let config = format!(
-        "sample_interval = \"1s\"\nmin_idle = \"1s\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\ncopy_to = {:?}\non_complete = [\"sh\", \"-c\", \"env > {}\"]\n\n[[serve.policy]]\nvmid = 102\naction = \"capture-then-restart\"\nrestart_on = [\"block-path-frozen\"]\n",
+        "sample_interval = \"1s\"\nmin_idle = \"1s\"\nqm = {:?}\n\n[restart]\ntimeout = \"2s\"\nstop_deadline = \"6s\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\ncopy_to = {:?}\non_complete = [\"sh\", \"-c\", \"env > {}\"]\n\n[[serve.policy]]\nvmid = 102\naction = \"capture-then-restart\"\nrestart_on = [\"block-path-frozen\"]\n",
+        common::qm_path().display().to_string(),
         token.display().to_string(),
         receiver.url,
         shared.display().to_string(),
         hook_out.display()
     );
     let pid_before = lab.pid();
-    let server = Server::start(&lab, &config);
+    let root = lab.root().display().to_string();
+    let server = Server::start_with_env(&lab, &config, &[("WEDGE_LAB_ROOT", &root), ("QM_TERM_GRACE", "1")]);
     let payload = alertmanager("102", "fp-102-wedge", "firing");
 
     // The same firing, five times (retries, an HA pair): one job, answered at once.
@@ -335,11 +337,13 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     assert_eq!(doc["size"], verified.size);
     let md = doc["summary_markdown"].as_str().unwrap();
     assert!(md.contains("block-path-frozen") && md.contains(&verified.sha256), "{md}");
-    // The policy asks for a restart on this verdict; this build's restarter is not wired,
-    // so the gate opened and the outcome says so, and the VM was left alone.
-    assert_eq!(doc["restart"]["attempted"], false, "{}", doc["restart"]);
-    assert!(doc["restart"]["detail"].as_str().unwrap().contains("was due"), "{}", doc["restart"]);
+    // The policy asks for a restart on this verdict: after the verified seal the wedged
+    // QEMU (which ignores quit) is stopped for good and a new one proven and answering.
+    assert_eq!(doc["restart"]["attempted"], true, "{}", doc["restart"]);
+    assert_eq!(doc["restart"]["ok"], true, "{}", doc["restart"]);
+    assert!(doc["restart"]["detail"].as_str().unwrap().contains(&format!("restarted: pid {pid_before} -> ")), "{}", doc["restart"]);
     assert!(md.contains("## Restart"), "{md}");
+    assert!(wedge_autopsy::restart::outcome_path(&path).exists(), "restart.json beside the archive");
     let ar = ArchiveReader::open(&path).unwrap();
     assert_eq!(ar.manifest.trigger.kind, "alert");
     assert!(ar.manifest.trigger.reason.as_deref().unwrap_or("").contains("fp-102-wedge"));
@@ -363,11 +367,12 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     let m = server.metrics();
     assert!(m.contains("wedge_autopsy_runs_total{result=\"sealed\"} 1"), "{m}");
     assert!(m.contains("wedge_autopsy_deliveries_total{outcome=\"duplicate\"} 4"), "{m}");
-    assert!(m.contains("wedge_autopsy_restarts_total{outcome=\"not-attempted\"} 1"), "{m}");
+    assert!(m.contains("wedge_autopsy_restarts_total{outcome=\"ok\"} 1"), "{m}");
     assert!(receiver.next(Duration::from_millis(200)).is_none(), "exactly one completion POST");
+    assert!(!common::pid_alive(pid_before), "the wedged QEMU is gone");
+    assert!(lab.is_alive(), "a new QEMU runs");
+    assert_ne!(lab.pid(), pid_before, "restarted as a new process");
     assert_eq!(tracer_pid(lab.pid()), 0);
-    assert!(lab.is_alive(), "captured, not restarted");
-    assert_eq!(lab.pid(), pid_before, "same QEMU process");
 }
 
 #[test]

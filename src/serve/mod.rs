@@ -61,7 +61,8 @@ pub fn load_config(settings: &Settings, listen: Option<&str>) -> Result<config::
 
 /// `wedge-autopsy serve` with the restarter this build has.
 pub fn main(listen: Option<String>, settings: Settings) -> Result<Exit, Error> {
-    serve(listen, settings, Arc::new(Unwired))
+    let restarter = Arc::new(restart::Wired { settings: settings.clone() });
+    serve(listen, settings, restarter)
 }
 
 /// Runs the service until a stop signal. The restart is injected so the restart module

@@ -62,6 +62,36 @@ impl Restarter for Unwired {
     }
 }
 
+/// The real restart (`crate::restart`): the same backends, cooldown and proofs as
+/// `wedge-autopsy <VMID> --then-restart`, configured by the same `[restart]` table.
+pub struct Wired {
+    pub settings: crate::config::Settings,
+}
+
+impl Restarter for Wired {
+    fn restart(&self, req: &RestartRequest) -> RestartOutcome {
+        let r = match crate::restart::Request::new(&self.settings, crate::restart::Options::default(), true) {
+            Ok(r) => r,
+            Err(e) => return RestartOutcome { attempted: false, ok: false, detail: e.to_string() },
+        };
+        let size = std::fs::metadata(&req.archive).map(|m| m.len()).unwrap_or(0);
+        let sealed = crate::archive::Sealed {
+            sidecar: crate::archive::sidecar_path(&req.archive),
+            path: req.archive.clone(),
+            sha256: req.sha256.clone(),
+            size,
+            files: 0,
+        };
+        let o = crate::restart::run(&r, &req.target, Some(&sealed), &crate::cancel::Cancel::new());
+        let detail = match (&o.error, o.performed) {
+            (None, true) => format!("restarted: pid {} -> {} via {} in {} ms{}", o.old_pid, o.new_pid.unwrap_or(0), o.method, o.duration_ms, if o.escalated { " (SIGKILL escalation)" } else { "" }),
+            (Some(e), _) => e.clone(),
+            (None, false) => format!("not performed: VM state {}", o.vm_state),
+        };
+        RestartOutcome { attempted: o.old_stopped || o.performed || o.actions.iter().any(|a| a.action == "stop"), ok: o.performed, detail }
+    }
+}
+
 /// Whether a restart follows this capture.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {

@@ -63,10 +63,21 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     wait_for_watch(ctx, job.vmid).await;
     eprintln!("wedge-autopsy serve: job {id} VM {}: started ({})", job.vmid, describe(&job));
     let t0 = Instant::now();
-    let outcome = capture(ctx, &job).await;
+    // The lock the CLI takes too: a service autopsy and a hand-run one of the same VM
+    // never overlap, and it is held from the capture to the end of any restart.
+    let lock = {
+        let out = ctx.settings.out.clone();
+        let vmid = job.vmid;
+        tokio::task::spawn_blocking(move || crate::lock::VmLock::acquire(&out, vmid)).await
+    };
+    let outcome = match lock {
+        Ok(Ok(lock)) => capture(ctx, &job).await.map(|r| (r, lock)),
+        Ok(Err(e)) => Err(Error::from(e)),
+        Err(e) => Err(Error::Other(anyhow::anyhow!("lock task failed: {e}"))),
+    };
     let took = t0.elapsed();
     let doc = match outcome {
-        Ok((report, target)) => finish_sealed(ctx, &job, report, target, took).await,
+        Ok(((report, target), _lock)) => finish_sealed(ctx, &job, report, target, took).await,
         Err(e) => {
             let msg = e.to_string();
             eprintln!("wedge-autopsy serve: job {id} VM {}: failed: {msg}", job.vmid);
