@@ -70,9 +70,15 @@ pub enum StacksArg {
 /// The autopsy itself: `wedge-autopsy <VMID>`.
 #[derive(Debug, Args, Default)]
 pub struct AutopsyArgs {
-    /// The VM to capture, as `qm list` shows it (100–999999999)
+    /// The VMs to capture, as `qm list` shows them (100–999999999); several are captured in parallel
     #[arg(value_name = "VMID")]
-    pub vmid: Option<String>,
+    pub vmids: Vec<String>,
+    /// Also capture every running VM on this node that `diagnose` finds wedged (block-path-frozen or main-loop-wedged)
+    #[arg(long)]
+    pub all_wedged: bool,
+    /// How many VMs to capture at once
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
     /// Print one JSON object on stdout (archive, sha256, vmid, pid, steps, sealed)
     #[arg(long)]
     pub json: bool,

@@ -27,6 +27,26 @@ pub enum Exit {
 }
 
 impl Exit {
+    /// Of two outcomes (several VMs in one run), the one to report: a lost archive above
+    /// a failed restart above a refusal above a partial capture.
+    pub fn worse(self, other: Exit) -> Exit {
+        let rank = |e: Exit| match e {
+            Exit::Ok | Exit::Verdict(_) => 0,
+            Exit::BadInput => 1,
+            Exit::Partial => 2,
+            Exit::Busy => 3,
+            Exit::Refused => 4,
+            Exit::Internal => 5,
+            Exit::RestartFailed => 6,
+            Exit::SealFailed => 7,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn code(self) -> u8 {
         match self {
             Exit::Ok => 0,

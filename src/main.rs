@@ -13,7 +13,6 @@ use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
-use wedge_autopsy::lock::VmLock;
 use wedge_autopsy::restart;
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::runbook;
@@ -53,88 +52,136 @@ fn main() -> ExitCode {
 }
 
 fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
-    let Some(vmid) = args.vmid.as_deref() else {
-        return Err(Error::BadInput("a VMID is required: wedge-autopsy <VMID> (see --help)".into()));
-    };
-    let vmid: VmId = vmid.parse().map_err(Error::Target)?;
+    // Every VMID is checked before anything is touched.
+    let mut vmids: Vec<VmId> = args.vmids.iter().map(|v| v.parse().map_err(Error::Target)).collect::<Result<_, _>>()?;
+    if vmids.is_empty() && !args.all_wedged {
+        return Err(Error::BadInput("a VMID is required: wedge-autopsy <VMID>… or --all-wedged (see --help)".into()));
+    }
     let rb_name = args.runbook.clone().or(settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
     let runbook = runbook::load(&rb_name, &settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
-    let stacks = args.stacks.map(|s| match s {
-        StacksArg::Native => vec!["native".to_string(), "gdb".to_string()],
-        StacksArg::Gdb => vec!["gdb".to_string()],
-        StacksArg::None => vec![],
-    });
-    let req = Request {
-        vmid,
-        runbook,
-        stacks,
-        no_qmp: args.no_qmp,
-        trigger: Trigger::manual(args.reason.clone()),
-        command_line: std::env::args().collect(),
-    };
     // Validated before anything is touched: a bad [restart] table is bad input.
     let restart_req = match args.then_restart {
         true => Some(restart::Request::new(settings, restart_options(args), args.quiet)?),
         false => None,
     };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(anyhow::Error::from)?;
+    let cancel = Cancel::new();
+    rt.block_on(async { autopsy::cancel_on_signals(&cancel) }).map_err(anyhow::Error::from)?;
+    if args.all_wedged {
+        for vmid in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
+            if !vmids.contains(&vmid) {
+                vmids.push(vmid);
+            }
+        }
+        if vmids.is_empty() {
+            let _ = writeln!(std::io::stderr(), "wedge-autopsy: --all-wedged: no running VM on this node is wedged; nothing captured");
+            return Ok(Exit::Ok);
+        }
+    }
+    let stacks = args.stacks.map(|s| match s {
+        StacksArg::Native => vec!["native".to_string(), "gdb".to_string()],
+        StacksArg::Gdb => vec!["gdb".to_string()],
+        StacksArg::None => vec![],
+    });
+    let req_for = |vmid| Request {
+        vmid,
+        runbook: runbook.clone(),
+        stacks: stacks.clone(),
+        no_qmp: args.no_qmp,
+        trigger: Trigger::manual(args.reason.clone()),
+        command_line: std::env::args().collect(),
+    };
     if args.dry_run {
-        let target = autopsy::prepare(&req, settings).ok();
-        print!("{}", autopsy::plan(&req, settings, target.as_ref()));
-        if let Some(r) = &restart_req {
-            print!("{}", restart::plan(r, vmid, target.as_ref()));
+        for vmid in &vmids {
+            let req = req_for(*vmid);
+            let target = autopsy::prepare(&req, settings).ok();
+            print!("{}", autopsy::plan(&req, settings, target.as_ref()));
+            if let Some(r) = &restart_req {
+                print!("{}", restart::plan(r, *vmid, target.as_ref()));
+            }
         }
         return Ok(Exit::Ok);
     }
-    let target = autopsy::prepare(&req, settings)?;
-    // Held from the first capture to the end of the restart (every autopsy takes it).
-    let _lock = VmLock::acquire(&settings.out, vmid)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
-    let (report, restarted) = rt.block_on(async {
-        let cancel = Cancel::new();
-        autopsy::cancel_on_signals(&cancel).map_err(anyhow::Error::from)?;
-        let lines = StderrLines::new();
-        let progress: &dyn autopsy::Progress = if args.quiet { &Silent } else { &lines };
-        let report = autopsy::run(&req, settings, target, progress, &cancel).await?;
-        let restarted = match restart_req {
-            Some(r) => {
-                let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
-                let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
-                Some(run.await.map_err(anyhow::Error::from)?)
+    let lines = StderrLines::new();
+    let several = vmids.len() > 1;
+    let slots = Semaphore::new(args.parallel as usize);
+    let results: Vec<(VmId, Result<autopsy::Outcome, Error>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = vmids
+            .iter()
+            .map(|&vmid| {
+                let (req, restart_req, lines, slots, cancel, handle) =
+                    (req_for(vmid), restart_req.clone(), &lines, &slots, &cancel, rt.handle());
+                scope.spawn(move || {
+                    let _slot = slots.acquire();
+                    let target = autopsy::prepare(&req, settings)?;
+                    let prefixed = autopsy::Prefixed { prefix: vmid.to_string(), inner: lines };
+                    let progress: &dyn autopsy::Progress = match (args.quiet, several) {
+                        (true, _) => &Silent,
+                        (false, true) => &prefixed,
+                        (false, false) => lines,
+                    };
+                    handle.block_on(autopsy::run_with_restart(&req, settings, target, restart_req, progress, cancel))
+                })
+            })
+            .collect();
+        vmids.iter().copied().zip(handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into())))).collect()
+    });
+    let mut worst = Exit::Ok;
+    for (vmid, result) in &results {
+        let code = match result {
+            Ok(o) => {
+                // Output ignores EPIPE: the archive is sealed whether or not anyone reads it.
+                if args.json {
+                    let _ = writeln!(std::io::stdout(), "{}", o.json());
+                } else if !args.quiet {
+                    let _ = writeln!(std::io::stdout(), "\n{}", render::summary::markdown(&o.summary()));
+                }
+                for e in o.errors() {
+                    let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");
+                }
+                o.exit()
             }
-            None => None,
+            Err(e) => {
+                let prefix = if several { format!("VM {vmid}: ") } else { String::new() };
+                let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {prefix}{e}");
+                if args.json && several {
+                    let _ = writeln!(std::io::stdout(), "{}", serde_json::json!({"vmid": vmid, "error": e.to_string(), "exit": e.exit().code()}));
+                }
+                e.exit()
+            }
         };
-        Ok::<_, Error>((report, restarted))
-    })?;
-    let restart_json = restarted.as_ref().map(|r| serde_json::to_value(r).unwrap_or_default());
-    if !args.json && !args.quiet {
-        let mut summary = report.summary.clone();
-        summary.restart = restart_json.clone();
-        summary.archive = report.sealed.as_ref().map(|s| render::summary::ArchiveFacts {
-            name: s.path.display().to_string(),
-            size: s.size,
-            sha256: s.sha256.clone(),
-        });
-        let _ = writeln!(std::io::stdout(), "\n{}", render::summary::markdown(&summary));
+        worst = worst.worse(code);
     }
-    if args.json {
-        // Ignore EPIPE: the archive is sealed whether or not anyone reads this.
-        let mut json = render::autopsy_json(&report);
-        if let Some(r) = restart_json {
-            json["restart"] = r;
+    Ok(worst)
+}
+
+/// A counting semaphore for the capture threads (std only; the captures block).
+struct Semaphore {
+    free: std::sync::Mutex<usize>,
+    cv: std::sync::Condvar,
+}
+
+impl Semaphore {
+    fn new(n: usize) -> Self {
+        Semaphore { free: std::sync::Mutex::new(n), cv: std::sync::Condvar::new() }
+    }
+    fn acquire(&self) -> SemaphoreGuard<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        while *free == 0 {
+            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
         }
-        let _ = writeln!(std::io::stdout(), "{json}");
+        *free -= 1;
+        SemaphoreGuard(self)
     }
-    if let Some(e) = &report.seal_error {
-        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
+}
+
+struct SemaphoreGuard<'a>(&'a Semaphore);
+
+impl Drop for SemaphoreGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.0.cv.notify_one();
     }
-    if let Some(e) = restarted.as_ref().and_then(|r| r.error.as_ref()) {
-        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: restart: {e}");
-    }
-    // A failed or refused restart after a good seal decides the exit code.
-    Ok(match restarted.as_ref().and_then(|r| r.exit()) {
-        Some(e) if report.sealed.is_some() => e,
-        _ => report.exit(),
-    })
 }
 
 fn restart_options(args: &AutopsyArgs) -> restart::Options {

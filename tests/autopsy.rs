@@ -281,7 +281,7 @@ fn hanging_command_step_is_killed_with_its_child_and_output_lands_hashed() {
     let lab = Lab::start(LabOptions { vmid: 110, name: "cmd".into(), ..LabOptions::default() });
     let rb = lab.root().join("fork.toml");
     // The program forks a child, both print their pid and hang.
-    let prog = "import os, sys, time\nif os.fork() == 0:\n    print('child', os.getpid(), flush=True)\nelse:\n    print('parent', os.getpid(), flush=True)\ntime.sleep(300)\n";
+    let prog = "import os, time\nwho = 'child' if os.fork() == 0 else 'parent'\nos.write(1, ('%s %d\\n' % (who, os.getpid())).encode())\ntime.sleep(300)\n";
     std::fs::write(
         &rb,
         format!("schema = 1\nname = \"fork\"\ndescription = \"d\"\n\n[[step]]\nid = \"forker\"\nkind = \"command\"\nargv = [\"python3\", \"-c\", {prog:?}]\ntimeout = \"2s\"\noutput = \"commands/forker.txt\"\n\n[[step]]\nid = \"pid\"\nkind = \"command\"\nargv = [\"echo\", \"{{pid}}\", \"{{vmid}}\"]\n"),
@@ -317,4 +317,56 @@ fn dry_run_prints_the_plan_and_touches_nothing() {
     assert!(plan.contains(&format!("pid {}", lab.pid())), "{plan}");
     assert!(!lab.out_dir().exists());
     assert_eq!(lab.thread_states(), before);
+}
+
+#[test]
+fn several_vms_in_one_call_and_all_wedged() {
+    let mut lab = Lab::start(LabOptions { vmid: 130, name: "one".into(), ..LabOptions::default() });
+    let two = lab.add_vm(LabOptions { vmid: 131, name: "two".into(), ..LabOptions::default() });
+    assert_eq!(two.wedge()["wedged"], true);
+    std::thread::sleep(Duration::from_millis(1100));
+    let (s130, s131) = (lab.vm(130).thread_states(), two.thread_states());
+
+    // Two VMs and one that is not running: both captured, the refusal reported, worst code.
+    let out = run_bounded(&mut lab.tool_args(&["130", "131", "132", "--json", "--sample-interval", "0"]), RUN_TIMEOUT);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "the refusal of 132 is the worst outcome: {err}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, vmid) in lines.iter().zip([130, 131]) {
+        assert_eq!(line["vmid"], vmid);
+        sealed_archive(line);
+    }
+    assert_eq!(lines[2]["vmid"], 132);
+    assert_eq!(lines[2]["exit"], 3);
+    assert!(err.contains("VM 132: ") && err.contains("not in the cluster's VM list"), "{err}");
+    assert!(err.contains("130/proc") && err.contains("131/proc"), "progress names each VM: {err}");
+    no_thread_left_stopped(&s130, &lab.vm(130).thread_states());
+    no_thread_left_stopped(&s131, &two.thread_states());
+
+    // --all-wedged asks diagnose and captures only the wedged VM. VM 130 completes I/O
+    // meanwhile (a lab guest has no OS, so without it an idle disk would pass min_idle).
+    let cfg = lab.root().join("idle.toml");
+    std::fs::write(&cfg, "min_idle = \"1s\"\n").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = {
+        let (stop, path) = (stop.clone(), lab.vm(130).lab_qmp_path());
+        std::thread::spawn(move || {
+            let mut q = common::Qmp::connect(&path, Duration::from_secs(10)).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                q.execute("human-monitor-command", Some(serde_json::json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""}))).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let out = run_bounded(
+        &mut lab.tool_args(&["--all-wedged", "--json", "--sample-interval", "1s", "--config", cfg.to_str().unwrap()]),
+        RUN_TIMEOUT,
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    io.join().unwrap();
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?} {}", stderr(&out));
+    assert_eq!(lines[0]["vmid"], 131);
+    assert_eq!(lines[0]["verdict"], "block-path-frozen");
 }

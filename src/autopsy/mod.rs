@@ -7,6 +7,7 @@
 //! QMP step takes its later samples in the background while other steps run. SIGINT,
 //! SIGTERM and SIGHUP stop the run, mark what did not finish as interrupted, and seal.
 
+mod outcome;
 mod progress;
 mod qmp_lane;
 mod steps;
@@ -16,7 +17,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde::Serialize;
 
-pub use progress::{Progress, Silent};
+pub use outcome::{run_with_restart, Outcome};
+pub use progress::{Prefixed, Progress, Silent};
 
 use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
 use crate::archive::{self, Sealed, Staging};
@@ -349,6 +351,30 @@ pub async fn diagnose_live(
     let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let _ = std::fs::remove_dir_all(&tmp);
     Ok((d, records))
+}
+
+/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged:
+/// `block-path-frozen` or `main-loop-wedged`. VMs that cannot be proven are skipped.
+pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
+    let Ok(runbook) = crate::runbook::load("diagnose", &settings.runbook_dir) else { return Vec::new() };
+    let mut vmids: Vec<VmId> = std::fs::read_dir(&settings.run_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".pid")?.parse().ok())
+        .collect();
+    vmids.sort();
+    let mut wedged = Vec::new();
+    for vmid in vmids {
+        let req = Request { vmid, runbook: runbook.clone(), stacks: None, no_qmp: false, trigger: Trigger::default(), command_line: vec![] };
+        let Ok(target) = prepare(&req, settings) else { continue };
+        if let Ok((d, _)) = diagnose_live(&req, settings, &target, cancel).await {
+            if matches!(d.verdict, diagnose::Verdict::BlockPathFrozen | diagnose::Verdict::MainLoopWedged) {
+                wedged.push(vmid);
+            }
+        }
+    }
+    wedged
 }
 
 /// Waits until `cancel` is set (polling; the flag is set from a signal task).

@@ -1,0 +1,87 @@
+//! An autopsy and what followed it (the optional restart), as one result: the lock, the
+//! capture, the gated restart, and the exit code, JSON and summary derived from them.
+//! The CLI and the service both go through here.
+
+use serde_json::Value;
+
+use super::{Progress, Report, Request};
+use crate::cancel::Cancel;
+use crate::config::Settings;
+use crate::error::{Error, Exit};
+use crate::lock::VmLock;
+use crate::render::summary::{ArchiveFacts, Summary};
+use crate::restart::{self, RestartOutcome};
+use crate::target::Target;
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub report: Report,
+    pub restart: Option<RestartOutcome>,
+}
+
+impl Outcome {
+    /// A failed or refused restart after a good seal decides the code; else the capture's.
+    pub fn exit(&self) -> Exit {
+        match self.restart.as_ref().and_then(|r| r.exit()) {
+            Some(e) if self.report.sealed.is_some() => e,
+            _ => self.report.exit(),
+        }
+    }
+
+    /// The `--json` object: the capture's fields plus `restart` when one was requested.
+    pub fn json(&self) -> Value {
+        let mut json = crate::render::autopsy_json(&self.report);
+        if let Some(r) = &self.restart {
+            json["restart"] = serde_json::to_value(r).unwrap_or_default();
+        }
+        json
+    }
+
+    /// The summary as printed after the run: the sealed copy plus the archive's own hash
+    /// and the restart outcome, which the copy inside the archive cannot contain.
+    pub fn summary(&self) -> Summary {
+        let mut s = self.report.summary.clone();
+        s.archive = self.report.sealed.as_ref().map(|a| ArchiveFacts {
+            name: a.path.display().to_string(),
+            size: a.size,
+            sha256: a.sha256.clone(),
+        });
+        s.restart = self.restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
+        s
+    }
+
+    /// One-line errors worth repeating at the end of the run.
+    pub fn errors(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(e) = &self.report.seal_error {
+            out.push(format!("VM {}: the archive could not be sealed: {e}", self.report.vmid));
+        }
+        if let Some(e) = self.restart.as_ref().and_then(|r| r.error.as_ref()) {
+            out.push(format!("VM {}: restart: {e}", self.report.vmid));
+        }
+        out
+    }
+}
+
+/// Takes the VM's lock, captures and seals, then (if `restart` is given) restarts after
+/// the verified seal. The lock is held from the first capture to the end of the restart.
+pub async fn run_with_restart(
+    req: &Request,
+    settings: &Settings,
+    target: Target,
+    restart: Option<restart::Request>,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+) -> Result<Outcome, Error> {
+    let _lock = VmLock::acquire(&settings.out, req.vmid)?;
+    let report = super::run(req, settings, target, progress, cancel).await?;
+    let restart = match restart {
+        Some(r) => {
+            let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
+            let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
+            Some(run.await.map_err(anyhow::Error::from)?)
+        }
+        None => None,
+    };
+    Ok(Outcome { report, restart })
+}
