@@ -22,6 +22,9 @@ static ACTIVE: Mutex<Option<MultiProgress>> = Mutex::new(None);
 pub struct LiveSteps {
     mp: MultiProgress,
     bars: Mutex<HashMap<String, ProgressBar>>,
+    /// Finished bars, kept alive: indicatif forgets a dropped bar's line on the next
+    /// redraw, and the finished list is what the user reads afterwards.
+    done: Mutex<Vec<ProgressBar>>,
     color: bool,
     verbose: bool,
 }
@@ -33,7 +36,7 @@ impl LiveSteps {
         console::set_colors_enabled_stderr(color);
         let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
         *ACTIVE.lock().unwrap_or_else(|p| p.into_inner()) = Some(mp.clone());
-        LiveSteps { mp, bars: Mutex::new(HashMap::new()), color, verbose }
+        LiveSteps { mp, bars: Mutex::new(HashMap::new()), done: Mutex::new(Vec::new()), color, verbose }
     }
 
     fn style(&self, s: Style) -> Style {
@@ -66,7 +69,7 @@ impl LiveSteps {
             .clone()
     }
 
-    fn finish(&self, id: &str, status: &str, ok: Option<bool>, took: Duration, detail: &str) {
+    fn finish(&self, id: &str, status: &str, ok: Option<bool>, took: Duration, detail: &str, notes: &[String]) {
         let pb = self.bar(id);
         self.bars.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
         let (mark, st) = match ok {
@@ -75,13 +78,21 @@ impl LiveSteps {
             None => ("-", self.style(Style::new().yellow())),
         };
         let detail = if detail.is_empty() { String::new() } else { format!("  {}", self.style(Style::new().dim()).apply_to(detail)) };
+        let mut msg = format!("{} {id:<24} {:>6}  {:<11}{detail}", st.apply_to(mark), format!("{:.1}s", took.as_secs_f64()), st.apply_to(status));
+        for n in notes {
+            msg.push_str(&format!("\n      {}", self.style(Style::new().dim()).apply_to(format!("note: {n}"))));
+        }
         pb.set_style(Self::done_style());
-        pb.finish_with_message(format!(
-            "{} {id:<24} {:>6}  {:<11}{detail}",
-            st.apply_to(mark),
-            format!("{:.1}s", took.as_secs_f64()),
-            st.apply_to(status)
-        ));
+        pb.finish_with_message(msg);
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).push(pb);
+    }
+
+    /// A finished line of its own under the list.
+    fn line(&self, text: String) {
+        let pb = self.mp.add(ProgressBar::new_spinner());
+        pb.set_style(Self::done_style());
+        pb.finish_with_message(text);
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).push(pb);
     }
 }
 
@@ -97,21 +108,17 @@ impl Progress for LiveSteps {
             _ if r.optional => None,
             _ => Some(false),
         };
-        self.finish(&r.id, r.status.as_str(), ok, Duration::from_millis(r.duration_ms), r.error.as_deref().unwrap_or(""));
-        if self.verbose {
-            for n in &r.notes {
-                let _ = self.mp.println(format!("      note: {n}"));
-            }
-        }
+        let notes: &[String] = if self.verbose { &r.notes } else { &[] };
+        self.finish(&r.id, r.status.as_str(), ok, Duration::from_millis(r.duration_ms), r.error.as_deref().unwrap_or(""), notes);
     }
 
     fn sealed(&self, sealed: Option<&Sealed>, error: Option<&str>, took: Duration) {
         match sealed {
             Some(s) => {
-                self.finish("seal", "ok", Some(true), took, &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)));
-                let _ = self.mp.println(format!("\n  archive {}\n  sha256  {}", s.path.display(), s.sha256));
+                self.finish("seal", "ok", Some(true), took, &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)), &[]);
+                self.line(format!("\narchive {}\nsha256  {}", s.path.display(), s.sha256));
             }
-            None => self.finish("seal", "failed", Some(false), took, error.unwrap_or("unknown error")),
+            None => self.finish("seal", "failed", Some(false), took, error.unwrap_or("unknown error"), &[]),
         }
     }
 }

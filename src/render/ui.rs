@@ -95,7 +95,9 @@ pub fn choose(env: &Env, quiet: bool, verbose: u8, format: Option<LogFormat>) ->
     } else {
         1 + verbose.min(2)
     };
-    let step_events = structured || (verbose > 0 && !quiet) || (display == Display::None && !quiet);
+    // On a live display -v shows notes in the list; step events would only repeat it.
+    let live = matches!(display, Display::Live { .. });
+    let step_events = structured || (verbose > 0 && !quiet && !live) || (display == Display::None && !quiet);
     Ui { display, log, level, step_events, verbose: verbose > 0 }
 }
 
@@ -133,7 +135,8 @@ mod tests {
         assert_eq!((ui.level, ui.step_events), (1, false));
         let ui = choose(&PIPE, false, 1, None);
         assert_eq!((ui.level, ui.step_events, ui.verbose), (2, true, true));
-        assert_eq!(choose(&TTY, false, 2, None).level, 3);
+        let ui = choose(&TTY, false, 2, None);
+        assert_eq!((ui.level, ui.step_events, ui.verbose), (3, false, true));
     }
 
     #[test]
