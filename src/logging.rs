@@ -11,7 +11,8 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::render::live::SuspendingStderr;
-use crate::render::ui::{Display, LogSink, Ui};
+use crate::cli::LogFormat;
+use crate::render::ui::{choose, Env, LogSink, Ui};
 use crate::render::STEP_TARGET;
 
 fn level(n: u8) -> LevelFilter {
@@ -23,35 +24,35 @@ fn level(n: u8) -> LevelFilter {
     }
 }
 
-/// Installs the global subscriber for `ui`. Returns the plan actually in force: when the
-/// journal cannot be reached, text lines on stderr (and the plain step display) instead.
-pub fn init(mut ui: Ui) -> Ui {
+/// Chooses the output for `env` and the flags ([`crate::render::ui::choose`]) and installs
+/// the global subscriber for it. Returns the plan in force: when the journal cannot be
+/// reached, the plan for the same run without a journal (plain lines on stderr).
+pub fn init(env: &Env, quiet: bool, verbose: u8, format: Option<LogFormat>) -> Ui {
+    let ui = choose(env, quiet, verbose, format);
     let mut filter = Targets::new().with_default(level(ui.level));
     if !ui.step_events {
         filter = filter.with_target(STEP_TARGET, LevelFilter::OFF);
     }
-    if ui.log == LogSink::Journald {
-        match tracing_journald::layer() {
+    match ui.log {
+        LogSink::Journald => match tracing_journald::layer() {
             Ok(layer) => {
                 let layer = layer.with_field_prefix(None).with_syslog_identifier("wedge-autopsy".into());
                 let _ = tracing_subscriber::registry().with(layer.with_filter(filter)).try_init();
-                return ui;
+                ui
             }
-            Err(_) => {
-                ui.log = LogSink::Text { color: false };
-                if ui.display == Display::None && ui.level > 0 {
-                    ui.display = Display::Lines;
-                }
-            }
+            Err(_) => init(&Env { journal: false, ..*env }, quiet, verbose, format),
+        },
+        LogSink::Json => {
+            let fmt = tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).json().flatten_event(true);
+            let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
+            ui
+        }
+        LogSink::Text { color } => {
+            let fmt = tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).with_target(false).with_ansi(color);
+            let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
+            ui
         }
     }
-    let fmt = tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).with_target(false);
-    let _ = match ui.log {
-        LogSink::Json => tracing_subscriber::registry().with(fmt.json().flatten_event(true).with_filter(filter)).try_init(),
-        LogSink::Text { color } => tracing_subscriber::registry().with(fmt.with_ansi(color).with_filter(filter)).try_init(),
-        LogSink::Journald => unreachable!("handled above"),
-    };
-    ui
 }
 
 use tracing_subscriber::Layer as _;

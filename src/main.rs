@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         // Build-time assets: independent of any installed config.
         return finish(generate_cmd(what));
     }
-    let ui = wedge_autopsy::logging::init(ui::choose(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format));
+    let ui = wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
     let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
         None => autopsy_cmd(&cli.autopsy, &settings, &ui),
         Some(Command::Prune(args)) => prune_cmd(&args, &settings),
