@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use clap::CommandFactory;
 use serde_json::Value;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, GenerateWhat};
+use crate::error::{Error, Exit};
 
 pub const BIN: &str = "wedge-autopsy";
 
@@ -154,6 +155,18 @@ fn type_of(p: &Value) -> String {
         Some(pat) => format!("{base} matching `{pat}`"),
         None => base,
     }
+}
+
+/// Hidden `generate`: man pages, completions, the shipped config, the runbook reference.
+pub fn generate_cmd(what: &GenerateWhat) -> Result<Exit, Error> {
+    let io = |e: std::io::Error| Error::Other(e.into());
+    match what {
+        GenerateWhat::Man { dir } => man_pages(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
+        GenerateWhat::Completions { dir } => completions(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
+        GenerateWhat::Config => print!("{}", crate::config::example_config()),
+        GenerateWhat::RunbookDocs => print!("{}", runbook_docs()),
+    }
+    Ok(Exit::Ok)
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use wedge_autopsy::archive::manifest::Trigger;
 use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 use wedge_autopsy::autopsy::{self, Request, Silent};
 use wedge_autopsy::cancel::Cancel;
-use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, GenerateWhat, PruneArgs, RunbookAction, StacksArg};
+use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
@@ -36,12 +36,12 @@ fn main() -> ExitCode {
     }
     if let Some(Command::Generate { what }) = &cli.command {
         // Build-time assets: independent of any installed config.
-        return finish(generate_cmd(what));
+        return finish(wedge_autopsy::gen::generate_cmd(what));
     }
     let ui = wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
     let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
         None => autopsy_cmd(&cli.autopsy, &settings, &ui),
-        Some(Command::Prune(args)) => prune_cmd(&args, &settings),
+        Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
         Some(Command::Generate { .. }) => unreachable!("handled above"),
         Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
         Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
@@ -106,7 +106,7 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         autopsy::run(&req, settings, target, &progress, &cancel).await
     })?;
     if let Some(s) = &report.sealed {
-        prune_after_run(settings, &s.path, ui.display == Display::None);
+        retention::after_run(settings, &s.path, ui.display != Display::None);
     }
     if !args.json && !args.quiet {
         let mut summary = report.summary.clone();
@@ -125,68 +125,6 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: the archive could not be sealed: {e}");
     }
     Ok(report.exit())
-}
-
-/// Applies `[retention]` after a sealed run; the new archive is never a candidate. A
-/// failure is reported, never fatal: the evidence is already safe.
-fn prune_after_run(settings: &Settings, sealed: &std::path::Path, quiet: bool) {
-    match retention::prune(&settings.out, &settings.retention, Some(sealed), false) {
-        Ok(p) if !p.plan.remove.is_empty() && !quiet => {
-            let names: Vec<String> = p.plan.remove.iter().map(|(e, _)| e.name()).collect();
-            let _ = writeln!(std::io::stderr(), "retention: removed {} old archive(s), {} freed ({}): {}", names.len(), retention::human_bytes(p.plan.freed()), p.plan.remove[0].1, names.join(", "));
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!("retention not applied: {e}"),
-    }
-}
-
-/// `prune`: flags over `[retention]`, then the same policy as after a run.
-fn prune_cmd(args: &PruneArgs, settings: &Settings) -> Result<Exit, Error> {
-    let mut limits = settings.retention;
-    let bad = |flag: &str, e: String| Error::BadInput(format!("{flag}: {e}"));
-    if let Some(k) = args.keep {
-        limits.keep = (k > 0).then_some(k);
-    }
-    if let Some(a) = &args.max_age {
-        limits.max_age = Some(config::parse_duration(a).map_err(|e| bad("--max-age", e))?).filter(|d| !d.is_zero());
-    }
-    if let Some(b) = &args.max_bytes {
-        limits.max_bytes = Some(runbook::parse_size(b).map_err(|e| bad("--max-bytes", e))?).filter(|b| *b > 0);
-    }
-    if let Some(f) = &args.min_free {
-        limits.min_free = runbook::parse_size(f).map_err(|e| bad("--min-free", e))?;
-    }
-    let p = retention::prune(&settings.out, &limits, None, args.dry_run).map_err(|e| Error::BadInput(e.to_string()))?;
-    let verb = if args.dry_run { "would remove" } else { "removed" };
-    for (e, reason) in &p.plan.remove {
-        println!("{verb} {} ({}, {reason})", e.name(), retention::human_bytes(e.bytes));
-    }
-    for (path, err) in &p.failed {
-        eprintln!("wedge-autopsy: cannot remove {}: {err}", path.display());
-    }
-    let kept: u64 = p.plan.keep.iter().map(|e| e.bytes).sum();
-    println!(
-        "{}: kept {} archive(s), {}; {verb} {}, {}",
-        settings.out.display(),
-        p.plan.keep.len(),
-        retention::human_bytes(kept),
-        p.plan.remove.len(),
-        retention::human_bytes(p.plan.freed())
-    );
-    Ok(if p.failed.is_empty() { Exit::Ok } else { Exit::Partial })
-}
-
-/// Hidden `generate`: man pages, completions, the shipped config, the runbook reference.
-fn generate_cmd(what: &GenerateWhat) -> Result<Exit, Error> {
-    use wedge_autopsy::gen;
-    let io = |e: std::io::Error| Error::Other(e.into());
-    match what {
-        GenerateWhat::Man { dir } => gen::man_pages(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
-        GenerateWhat::Completions { dir } => gen::completions(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
-        GenerateWhat::Config => print!("{}", config::example_config()),
-        GenerateWhat::RunbookDocs => print!("{}", gen::runbook_docs()),
-    }
-    Ok(Exit::Ok)
 }
 
 fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, json: bool, mut settings: Settings) -> Result<Exit, Error> {

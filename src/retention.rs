@@ -16,6 +16,10 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
+use crate::cli::PruneArgs;
+use crate::config::Settings;
+use crate::error::{Error, Exit};
+
 /// Retention limits; `None` / `0` means "no limit".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -266,6 +270,57 @@ pub fn prune(out: &Path, limits: &Limits, protect: Option<&Path>, dry_run: bool)
         }
     }
     Ok(Pruned { plan, failed, dry_run })
+}
+
+// ---- The CLI's use of the above: `prune`, and the policy after each autopsy. ----
+
+/// Applies `[retention]` after a sealed run; the new archive is never a candidate. A
+/// failure is reported, never fatal: the evidence is already safe.
+pub fn after_run(settings: &Settings, sealed: &Path, show: bool) {
+    match prune(&settings.out, &settings.retention, Some(sealed), false) {
+        Ok(p) if !p.plan.remove.is_empty() && show => {
+            let names: Vec<String> = p.plan.remove.iter().map(|(e, _)| e.name()).collect();
+            eprintln!("retention: removed {} old archive(s), {} freed ({}): {}", names.len(), human_bytes(p.plan.freed()), p.plan.remove[0].1, names.join(", "));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!("retention not applied: {e}"),
+    }
+}
+
+/// `prune`: flags over `[retention]`, then the same policy as after a run.
+pub fn prune_cmd(args: &PruneArgs, settings: &Settings) -> Result<Exit, Error> {
+    let mut limits = settings.retention;
+    let bad = |flag: &str, e: String| Error::BadInput(format!("{flag}: {e}"));
+    if let Some(k) = args.keep {
+        limits.keep = (k > 0).then_some(k);
+    }
+    if let Some(a) = &args.max_age {
+        limits.max_age = Some(crate::config::parse_duration(a).map_err(|e| bad("--max-age", e))?).filter(|d| !d.is_zero());
+    }
+    if let Some(b) = &args.max_bytes {
+        limits.max_bytes = Some(crate::runbook::parse_size(b).map_err(|e| bad("--max-bytes", e))?).filter(|b| *b > 0);
+    }
+    if let Some(f) = &args.min_free {
+        limits.min_free = crate::runbook::parse_size(f).map_err(|e| bad("--min-free", e))?;
+    }
+    let p = prune(&settings.out, &limits, None, args.dry_run).map_err(|e| Error::BadInput(e.to_string()))?;
+    let verb = if args.dry_run { "would remove" } else { "removed" };
+    for (e, reason) in &p.plan.remove {
+        println!("{verb} {} ({}, {reason})", e.name(), human_bytes(e.bytes));
+    }
+    for (path, err) in &p.failed {
+        eprintln!("wedge-autopsy: cannot remove {}: {err}", path.display());
+    }
+    let kept: u64 = p.plan.keep.iter().map(|e| e.bytes).sum();
+    println!(
+        "{}: kept {} archive(s), {}; {verb} {}, {}",
+        settings.out.display(),
+        p.plan.keep.len(),
+        human_bytes(kept),
+        p.plan.remove.len(),
+        human_bytes(p.plan.freed())
+    );
+    Ok(if p.failed.is_empty() { Exit::Ok } else { Exit::Partial })
 }
 
 /// `1536` → `"1.5 KiB"`.
