@@ -45,6 +45,19 @@ pub struct Global {
     /// This node's name as the cluster knows it [default: short hostname]
     #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
+    /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// More detail on stderr: -v adds info logs and step notes, -vv debug
+    #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 impl Global {
@@ -155,6 +168,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Delete old archives by the retention limits (example: wedge-autopsy prune --keep 20 --dry-run)
+    #[command(after_help = "Examples:\n  wedge-autopsy prune --dry-run                 what the configured [retention] would remove\n  wedge-autopsy prune --max-age 90d --max-bytes 10G\n\nOnly autopsy-*.tar.zst archives and their .sha256/.restart.json/.summary.md sidecars in\nthe output directory are ever removed, oldest first; the newest archive never is.\nLimits not given as flags come from [retention] in the config file.")]
+    Prune(PruneArgs),
     /// List, show, check runbooks (example: wedge-autopsy runbook check my.toml)
     Runbook {
         #[command(subcommand)]
@@ -181,19 +197,58 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         cat: Option<String>,
     },
+    /// Packaging assets: man pages, completions, config, runbook docs (example: wedge-autopsy generate man DIR)
+    #[command(hide = true)]
+    Generate {
+        #[command(subcommand)]
+        what: GenerateWhat,
+    },
+}
+
+/// `prune`: flags override `[retention]`; `0` switches a limit off.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PruneArgs {
+    /// Keep at most N archives, newest first [default: retention.keep]
+    #[arg(long, value_name = "N")]
+    pub keep: Option<usize>,
+    /// Remove archives older than this, e.g. 90d [default: retention.max_age]
+    #[arg(long, value_name = "DURATION")]
+    pub max_age: Option<String>,
+    /// Keep all archives together under this size, e.g. 10G [default: retention.max_bytes]
+    #[arg(long, value_name = "SIZE")]
+    pub max_bytes: Option<String>,
+    /// Remove the oldest archives until this much is free, e.g. 1G [default: retention.min_free]
+    #[arg(long, value_name = "SIZE")]
+    pub min_free: Option<String>,
+    /// Print what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Hidden `generate`: packaging assets from these very definitions.
+#[derive(Debug, Subcommand)]
+pub enum GenerateWhat {
+    /// Man pages (section 1), one per subcommand, into DIR (example: wedge-autopsy generate man target/assets/man)
+    Man { dir: PathBuf },
+    /// bash, zsh and fish completions into DIR (example: wedge-autopsy generate completions target/assets/completions)
+    Completions { dir: PathBuf },
+    /// The commented default config file on stdout (example: wedge-autopsy generate config > packaging/config.toml)
+    Config,
+    /// The runbook reference (markdown) on stdout (example: wedge-autopsy generate runbook-docs > docs/runbooks.md)
+    RunbookDocs,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum RunbookAction {
-    /// Runbooks reachable by name
+    /// Runbooks reachable by name (example: wedge-autopsy runbook list)
     List,
     /// Print a runbook's text (example: wedge-autopsy runbook show qemu-wedge)
     Show { name: String },
-    /// Check runbook files; errors name file, line and key
+    /// Check runbook files; errors name file, line and key (example: wedge-autopsy runbook check my.toml)
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// JSON Schema of the runbook format, for editors
+    /// JSON Schema of the runbook format, for editors (example: wedge-autopsy runbook schema > runbook.schema.json)
     Schema,
 }

@@ -15,8 +15,9 @@ pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
-/// are kept as raw tables and validated by their owners.
-#[derive(Debug, Default, Deserialize)]
+/// are kept as raw tables and validated by their owners. The JSON Schema derived from
+/// this struct is what the shipped, commented config file is checked against ([`KEYS`]).
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub run_dir: Option<PathBuf>,
@@ -28,8 +29,22 @@ pub struct FileConfig {
     pub runbook: Option<String>,
     pub runbook_dir: Option<PathBuf>,
     pub min_idle: Option<String>,
+    pub retention: Option<RetentionFile>,
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub serve: Option<toml::Table>,
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub restart: Option<toml::Table>,
+}
+
+/// `[retention]`: how many archives `<out>` may hold, and the free-space floor.
+/// `0` (or `"0"`) switches a limit off.
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionFile {
+    pub keep: Option<usize>,
+    pub max_age: Option<String>,
+    pub max_bytes: Option<String>,
+    pub min_free: Option<String>,
 }
 
 /// Flag values; `None` means "not given on the command line".
@@ -57,6 +72,8 @@ pub struct Settings {
     pub runbook_dir: PathBuf,
     /// Idle time beyond which frozen I/O counters alone mean a frozen block path.
     pub min_idle: Duration,
+    /// Retention limits for `<out>` and the free-space floor a capture must leave.
+    pub retention: crate::retention::Limits,
     /// The file the settings came from, if any.
     pub config_file: Option<PathBuf>,
     /// The raw `[restart]` table; validated by `restart::RestartConfig`.
@@ -103,10 +120,37 @@ impl Settings {
                 Some(t) => parse_duration(t).map_err(|e| Error::BadInput(format!("min_idle: {e}")))?,
                 None => Duration::from_secs(30),
             },
+            retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
         })
     }
+}
+
+/// `[retention]` as written → limits; `0` switches a limit off. Errors name the key.
+fn retention_limits(r: RetentionFile) -> Result<crate::retention::Limits, Error> {
+    use crate::retention::Limits;
+    let d = Limits::default();
+    let dur = |key: &str, v: Option<String>, default: Option<Duration>| -> Result<Option<Duration>, Error> {
+        match v {
+            None => Ok(default),
+            Some(t) => parse_duration(&t)
+                .map(|d| (!d.is_zero()).then_some(d))
+                .map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
+        }
+    };
+    let size = |key: &str, v: Option<String>, default: u64| -> Result<u64, Error> {
+        match v {
+            None => Ok(default),
+            Some(t) => crate::runbook::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
+        }
+    };
+    Ok(Limits {
+        keep: r.keep.map(|k| (k > 0).then_some(k)).unwrap_or(d.keep),
+        max_age: dur("max_age", r.max_age, d.max_age)?,
+        max_bytes: Some(size("max_bytes", r.max_bytes, d.max_bytes.unwrap_or(0))?).filter(|b| *b > 0),
+        min_free: size("min_free", r.min_free, d.min_free)?,
+    })
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, Error> {
@@ -130,6 +174,81 @@ pub fn local_node_name() -> String {
         .and_then(|h| h.into_string().ok())
         .map(|h| h.split('.').next().unwrap_or_default().to_string())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// One documented config key: what the shipped `/etc/wedge-autopsy/config.toml` says
+/// about it. `value` is a TOML literal that the real parser accepts; for every key but
+/// `node` (whose default is the host name) it is the default itself.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyDoc {
+    /// `None` for top-level keys, else the `[section]` the key lives in.
+    pub section: Option<&'static str>,
+    pub key: &'static str,
+    pub value: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+/// Every key of [`FileConfig`] the shipped config file documents, in file order. A test
+/// checks this list against the schema derived from `FileConfig` itself, so a key added
+/// to the parser without documentation fails the build's tests.
+pub const KEYS: &[KeyDoc] = &[
+    KeyDoc { section: None, key: "run_dir", value: "\"/var/run/qemu-server\"", default: "/var/run/qemu-server",
+        meaning: "Where QEMU's pidfiles (<vmid>.pid) and QMP sockets (<vmid>.qmp) live. Flag: --run-dir." },
+    KeyDoc { section: None, key: "pve_dir", value: "\"/etc/pve\"", default: "/etc/pve",
+        meaning: "The Proxmox cluster filesystem; VM configs are read from <pve_dir>/qemu-server. Flag: --pve-dir." },
+    KeyDoc { section: None, key: "out", value: "\"/var/lib/wedge-autopsy\"", default: "/var/lib/wedge-autopsy",
+        meaning: "Where sealed archives are written (created 0700). Flag: --out." },
+    KeyDoc { section: None, key: "sample_interval", value: "\"2s\"", default: "2s",
+        meaning: "Time between the two query-blockstats samples (at most 60s; \"0\" takes both at once). Flag: --sample-interval." },
+    KeyDoc { section: None, key: "node", value: "\"pve1\"", default: "this host's short hostname",
+        meaning: "This node's name as the cluster knows it; VMs owned by another node are refused. Flag: --node." },
+    KeyDoc { section: None, key: "qm", value: "\"qm\"", default: "qm (looked up in PATH)",
+        meaning: "The qm program used for VM config and status." },
+    KeyDoc { section: None, key: "runbook", value: "\"qemu-wedge\"", default: "qemu-wedge (built in)",
+        meaning: "Runbook used when --runbook is not given: a name or a path to a .toml file." },
+    KeyDoc { section: None, key: "runbook_dir", value: "\"/etc/wedge-autopsy/runbooks\"", default: "/etc/wedge-autopsy/runbooks",
+        meaning: "Operator runbooks, found by name before the built-in ones. Templates: /usr/share/wedge-autopsy/runbooks." },
+    KeyDoc { section: None, key: "min_idle", value: "\"30s\"", default: "30s",
+        meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
+    KeyDoc { section: Some("retention"), key: "keep", value: "0", default: "0 (no count limit)",
+        meaning: "Keep at most this many archives in <out>, newest first; older ones are pruned after each autopsy." },
+    KeyDoc { section: Some("retention"), key: "max_age", value: "\"0\"", default: "\"0\" (no age limit)",
+        meaning: "Prune archives older than this, e.g. \"90d\". The newest archive is never pruned." },
+    KeyDoc { section: Some("retention"), key: "max_bytes", value: "\"10G\"", default: "10G",
+        meaning: "Prune the oldest archives once all of them (with sidecars) take more than this; \"0\" = no limit." },
+    KeyDoc { section: Some("retention"), key: "min_free", value: "\"1G\"", default: "1G",
+        meaning: "Free-space floor of <out>'s filesystem: a capture is refused below it, and prune removes the oldest archives to get back above it; \"0\" = no floor." },
+];
+
+/// The shipped `/etc/wedge-autopsy/config.toml`: every key of [`KEYS`] commented out
+/// with its default and meaning. `packaging/config.toml` is this text (a test checks);
+/// `wedge-autopsy generate config` prints it.
+pub fn example_config() -> String {
+    let mut out = String::from(
+        "# wedge-autopsy configuration (/etc/wedge-autopsy/config.toml).\n\
+         #\n\
+         # Every key is commented out and shows its default: uncomment a line (remove the\n\
+         # leading '#') to change it. Command-line flags win over this file; `--config FILE`\n\
+         # reads another one. The file is strict: an unknown key is an error naming its line,\n\
+         # so a typo cannot silently fall back to a default on the night it matters.\n\
+         # Durations: \"500ms\", \"2s\", \"1m\", \"90d\". Sizes: \"512M\", \"10G\", \"1T\".\n",
+    );
+    let mut section = None;
+    for k in KEYS {
+        if k.section != section {
+            section = k.section;
+            if let Some(s) = section {
+                out.push_str(&format!("\n#[{s}]\n"));
+            }
+        }
+        out.push_str(&format!("\n# {}\n# Default: {}\n#{} = {}\n", k.meaning, k.default, k.key, k.value));
+    }
+    out.push_str(
+        "\n# The [serve] and [restart] sections configure `wedge-autopsy serve` and restarts;\n\
+         # they are checked by those features and described in their documentation.\n",
+    );
+    out
 }
 
 #[cfg(test)]
@@ -167,5 +286,75 @@ mod tests {
         assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("two").is_err());
+    }
+
+    /// `packaging/config.toml` is exactly what `example_config()` produces.
+    #[test]
+    fn shipped_config_is_generated() {
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml")).unwrap();
+        assert!(shipped == example_config(), "packaging/config.toml is stale: run `cargo run -- generate config > packaging/config.toml`");
+    }
+
+    /// Every key the parser accepts is documented, and nothing else is.
+    #[test]
+    fn every_parser_key_is_documented() {
+        let schema = serde_json::to_value(schemars::schema_for!(FileConfig)).unwrap();
+        let mut parser: Vec<String> = Vec::new();
+        for (k, _) in schema["properties"].as_object().unwrap() {
+            if k == "serve" || k == "restart" {
+                continue; // owned and documented by those features
+            }
+            if k == "retention" {
+                let r = &schema["definitions"]["RetentionFile"]["properties"];
+                parser.extend(r.as_object().unwrap().keys().map(|k| format!("retention.{k}")));
+            } else {
+                parser.push(k.clone());
+            }
+        }
+        let mut documented: Vec<String> =
+            KEYS.iter().map(|k| k.section.map(|s| format!("{s}.{}", k.key)).unwrap_or_else(|| k.key.to_string())).collect();
+        parser.sort();
+        documented.sort();
+        assert_eq!(parser, documented);
+    }
+
+    /// Uncommenting every key of the shipped file gives a file the real loader accepts,
+    /// with the documented defaults.
+    #[test]
+    fn shipped_config_uncommented_parses() {
+        let uncommented: String = example_config()
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let keys = uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count();
+        assert_eq!(keys, KEYS.len(), "{uncommented}");
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, &uncommented).unwrap();
+        let s = Settings::load(&Overrides { config: Some(cfg), ..Default::default() }).unwrap();
+        assert_eq!(s.node, "pve1");
+        assert_eq!(s.out, PathBuf::from(DEFAULT_OUT));
+        assert_eq!(s.sample_interval, Duration::from_secs(2));
+        assert_eq!(s.min_idle, Duration::from_secs(30));
+        assert_eq!(s.retention, crate::retention::Limits::default());
+    }
+
+    #[test]
+    fn retention_keys_parse_and_zero_switches_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, "[retention]\nkeep = 5\nmax_age = \"90d\"\nmax_bytes = \"0\"\nmin_free = \"512M\"\n").unwrap();
+        let s = Settings::load(&Overrides { config: Some(cfg.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.retention.keep, Some(5));
+        assert_eq!(s.retention.max_age, Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(s.retention.max_bytes, None);
+        assert_eq!(s.retention.min_free, 512 << 20);
+        std::fs::write(&cfg, "[retention]\nmax_bytes = \"lots\"\n").unwrap();
+        let err = Settings::load(&Overrides { config: Some(cfg), ..Default::default() }).unwrap_err().to_string();
+        assert!(err.contains("retention.max_bytes"), "{err}");
     }
 }

@@ -13,8 +13,10 @@ use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::render::ui::{self as ui, Display, Ui};
 use wedge_autopsy::restart;
 use wedge_autopsy::render::{self, StderrLines};
+use wedge_autopsy::retention;
 use wedge_autopsy::runbook;
 use wedge_autopsy::target::VmId;
 
@@ -33,8 +35,15 @@ fn main() -> ExitCode {
         // SAFETY: called before any other thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    if let Some(Command::Generate { what }) = &cli.command {
+        // Build-time assets: independent of any installed config.
+        return finish(wedge_autopsy::gen::generate_cmd(what));
+    }
+    let ui = wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
     let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
-        None => autopsy_cmd(&cli.autopsy, &settings),
+        None => autopsy_cmd(&cli.autopsy, &settings, &ui),
+        Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
+        Some(Command::Generate { .. }) => unreachable!("handled above"),
         Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
         Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
@@ -42,6 +51,10 @@ fn main() -> ExitCode {
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
         Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
     });
+    finish(result)
+}
+
+fn finish(result: Result<Exit, Error>) -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.code()),
         Err(e) => {
@@ -51,7 +64,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
+fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Error> {
     // Every VMID is checked before anything is touched.
     let mut vmids: Vec<VmId> = args.vmids.iter().map(|v| v.parse().map_err(Error::Target)).collect::<Result<_, _>>()?;
     if vmids.is_empty() && !args.all_wedged {
@@ -100,9 +113,21 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
                 print!("{}", restart::plan(r, *vmid, target.as_ref()));
             }
         }
+        match retention::check_floor(&settings.out, settings.retention.min_free) {
+            Ok(free) => println!("free space: {} under {} (min_free {})", retention::human_bytes(free), settings.out.display(), retention::human_bytes(settings.retention.min_free)),
+            Err(e) => println!("would refuse: {e}"),
+        }
         return Ok(Exit::Ok);
     }
-    let lines = StderrLines::new();
+    retention::check_floor(&settings.out, settings.retention.min_free).map_err(|e| Error::Seal(e.to_string()))?;
+    let several = vmids.len() > 1;
+    // A live step list for one VM on a terminal; plain prefixed lines for several.
+    let display: Box<dyn autopsy::Progress + Send> = match (ui.display, several) {
+        (Display::None, _) => Box::new(Silent),
+        (Display::Live { color }, false) => Box::new(render::live::LiveSteps::new(color, ui.verbose)),
+        _ => Box::new(StderrLines::new()),
+    };
+    let lines = display.as_ref();
     let several = vmids.len() > 1;
     let slots = Semaphore::new(args.parallel as usize);
     let results: Vec<(VmId, Result<autopsy::Outcome, Error>)> = std::thread::scope(|scope| {
@@ -110,17 +135,15 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
             .iter()
             .map(|&vmid| {
                 let (req, restart_req, lines, slots, cancel, handle) =
-                    (req_for(vmid), restart_req.clone(), &lines, &slots, &cancel, rt.handle());
+                    (req_for(vmid), restart_req.clone(), lines, &slots, &cancel, rt.handle());
                 scope.spawn(move || {
                     let _slot = slots.acquire();
                     let target = autopsy::prepare(&req, settings)?;
                     let prefixed = autopsy::Prefixed { prefix: vmid.to_string(), inner: lines };
-                    let progress: &dyn autopsy::Progress = match (args.quiet, several) {
-                        (true, _) => &Silent,
-                        (false, true) => &prefixed,
-                        (false, false) => lines,
-                    };
-                    handle.block_on(autopsy::run_with_restart(&req, settings, target, restart_req, progress, cancel))
+                    let shown: &dyn autopsy::Progress = if several { &prefixed } else { lines };
+                    let traced = render::Traced { vmid: vmid.get() };
+                    let progress = render::Tee(shown, &traced);
+                    handle.block_on(autopsy::run_with_restart(&req, settings, target, restart_req, &progress, cancel))
                 })
             })
             .collect();
@@ -130,6 +153,10 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings) -> Result<Exit, Error> {
     for (vmid, result) in &results {
         let code = match result {
             Ok(o) => {
+                // Retention after the restart, so pruning never delays one.
+                if let Some(s) = &o.report.sealed {
+                    retention::after_run(settings, &s.path, ui.display != Display::None);
+                }
                 // Output ignores EPIPE: the archive is sealed whether or not anyone reads it.
                 if args.json {
                     let _ = writeln!(std::io::stdout(), "{}", o.json());

@@ -1,7 +1,9 @@
 //! Rendering: results are collected into structs elsewhere; this turns them into text
 //! for people (stderr progress) and JSON for machines.
 
+pub mod live;
 pub mod summary;
+pub mod ui;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -46,6 +48,57 @@ impl Progress for StderrLines {
             }
             (None, e) => self.line(&format!("{:<24} {:<11} {:>6} ms  {}", "seal", "failed", took.as_millis(), e.unwrap_or("unknown error"))),
         }
+    }
+}
+
+/// [`Progress`] as tracing events: each step's start and end with the step id, VMID and
+/// status as fields (journal fields `STEP`, `VMID`, `STATUS`, `DURATION_MS`).
+pub struct Traced {
+    pub vmid: u32,
+}
+
+/// The tracing target of step events, so text logs can leave them to the display.
+pub const STEP_TARGET: &str = "wedge_autopsy::steps";
+
+impl Progress for Traced {
+    fn started(&self, id: &str) {
+        tracing::info!(target: STEP_TARGET, step = id, vmid = self.vmid, status = "started", "step {id} started");
+    }
+    fn finished(&self, r: &StepRecord) {
+        let (id, status, ms) = (r.id.as_str(), r.status.as_str(), r.duration_ms);
+        let error = r.error.as_deref().unwrap_or("");
+        if r.status.is_problem() && !r.optional {
+            tracing::warn!(target: STEP_TARGET, step = id, vmid = self.vmid, status, duration_ms = ms, error, "step {id} {status} after {ms} ms: {error}");
+        } else {
+            tracing::info!(target: STEP_TARGET, step = id, vmid = self.vmid, status, duration_ms = ms, "step {id} {status} after {ms} ms");
+        }
+    }
+    fn sealed(&self, sealed: Option<&Sealed>, error: Option<&str>, took: Duration) {
+        let ms = took.as_millis() as u64;
+        match sealed {
+            Some(s) => tracing::info!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "ok", duration_ms = ms,
+                archive = %s.path.display(), sha256 = %s.sha256, bytes = s.size, "sealed {} ({} files, {} bytes)", s.path.display(), s.files, s.size),
+            None => tracing::error!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "failed", duration_ms = ms,
+                error = error.unwrap_or(""), "seal failed: {}", error.unwrap_or("unknown error")),
+        }
+    }
+}
+
+/// Two [`Progress`] sinks as one (the display and the log).
+pub struct Tee<'a>(pub &'a dyn Progress, pub &'a dyn Progress);
+
+impl Progress for Tee<'_> {
+    fn started(&self, id: &str) {
+        self.0.started(id);
+        self.1.started(id);
+    }
+    fn finished(&self, r: &StepRecord) {
+        self.0.finished(r);
+        self.1.finished(r);
+    }
+    fn sealed(&self, s: Option<&Sealed>, e: Option<&str>, took: Duration) {
+        self.0.sealed(s, e, took);
+        self.1.sealed(s, e, took);
     }
 }
 
