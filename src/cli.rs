@@ -12,7 +12,7 @@ use crate::config::Overrides;
     name = "wedge-autopsy",
     version,
     about = "Autopsy before shooting: seal a wedged QEMU/KVM VM's evidence into a verified archive",
-    args_conflicts_with_subcommands = true,
+    subcommand_precedence_over_arg = true,
     after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal;\n70 internal error."
 )]
 pub struct Cli {
@@ -251,4 +251,23 @@ pub enum RunbookAction {
     },
     /// JSON Schema of the runbook format, for editors (example: wedge-autopsy runbook schema > runbook.schema.json)
     Schema,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_flags_before_a_subcommand_and_several_vmids() {
+        let c = Cli::try_parse_from(["wedge-autopsy", "--out", "/x", "runbook", "list"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Runbook { action: RunbookAction::List })));
+        assert_eq!(c.global.out.as_deref(), Some(std::path::Path::new("/x")));
+        let c = Cli::try_parse_from(["wedge-autopsy", "--out", "/x", "101", "102", "--json"]).unwrap();
+        assert!(c.command.is_none());
+        assert_eq!(c.autopsy.vmids, ["101", "102"]);
+        assert!(c.autopsy.json);
+        let c = Cli::try_parse_from(["wedge-autopsy", "diagnose", "102", "--window", "5s", "--run-dir", "/r"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Diagnose { .. })));
+        assert_eq!(c.global.run_dir.as_deref(), Some(std::path::Path::new("/r")));
+    }
 }
