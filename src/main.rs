@@ -18,7 +18,7 @@ use wedge_autopsy::restart;
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::retention;
 use wedge_autopsy::runbook;
-use wedge_autopsy::target::VmId;
+use wedge_autopsy::target::{Target, VmId};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -119,7 +119,12 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         }
         return Ok(Exit::Ok);
     }
-    retention::check_floor(&settings.out, settings.retention.min_free).map_err(|e| Error::Seal(e.to_string()))?;
+    // Prove every target first: a refused VMID touches nothing, not even --out.
+    let proven: Vec<(VmId, Result<Target, Error>)> = vmids.iter().map(|&v| (v, autopsy::prepare(&req_for(v), settings))).collect();
+    if proven.iter().any(|(_, t)| t.is_ok()) {
+        archive::prepare_out(&settings.out).map_err(|e| Error::BadInput(e.to_string()))?;
+        retention::check_floor(&settings.out, settings.retention.min_free).map_err(|e| Error::Seal(e.to_string()))?;
+    }
     let several = vmids.len() > 1;
     // A live step list for one VM on a terminal; plain prefixed lines for several.
     let display: Box<dyn autopsy::Progress + Send> = match (ui.display, several) {
@@ -128,26 +133,25 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         _ => Box::new(StderrLines::new()),
     };
     let lines = display.as_ref();
-    let several = vmids.len() > 1;
     let slots = Semaphore::new(args.parallel as usize);
     let results: Vec<(VmId, Result<autopsy::Outcome, Error>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = vmids
-            .iter()
-            .map(|&vmid| {
-                let (req, restart_req, lines, slots, cancel, handle) =
-                    (req_for(vmid), restart_req.clone(), lines, &slots, &cancel, rt.handle());
-                scope.spawn(move || {
+        let handles: Vec<_> = proven
+            .into_iter()
+            .map(|(vmid, target)| {
+                let (req, restart_req, slots, cancel, handle) = (req_for(vmid), restart_req.clone(), &slots, &cancel, rt.handle());
+                let run = scope.spawn(move || {
+                    let target = target?;
                     let _slot = slots.acquire();
-                    let target = autopsy::prepare(&req, settings)?;
                     let prefixed = autopsy::Prefixed { prefix: vmid.to_string(), inner: lines };
                     let shown: &dyn autopsy::Progress = if several { &prefixed } else { lines };
                     let traced = render::Traced { vmid: vmid.get() };
                     let progress = render::Tee(shown, &traced);
                     handle.block_on(autopsy::run_with_restart(&req, settings, target, restart_req, &progress, cancel))
-                })
+                });
+                (vmid, run)
             })
             .collect();
-        vmids.iter().copied().zip(handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into())))).collect()
+        handles.into_iter().map(|(v, h)| (v, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into())))).collect()
     });
     let mut worst = Exit::Ok;
     for (vmid, result) in &results {

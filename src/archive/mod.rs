@@ -52,6 +52,19 @@ pub fn archive_name(vmid: u32, at: DateTime<Utc>, host: &str) -> String {
     format!("autopsy-{vmid}-{}-{host}", at.format("%Y%m%dT%H%M%SZ"))
 }
 
+/// Makes `<out>` exist as a private (0700) directory. Called before anything else that
+/// looks at `<out>` (free space, locks), so an unusable `--out` is one clear error.
+pub fn prepare_out(out: &Path) -> Result<(), ArchiveError> {
+    let err = |source| ArchiveError::OutDir { dir: out.display().to_string(), source };
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(err)?;
+    // Archives hold memory maps and environment: keep the directory private.
+    let meta = std::fs::metadata(out).map_err(err)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// A run's working directory under `<out>`, named with our pid so a later run can tell
 /// an abandoned one (its owner is dead) from a live one.
 pub struct Staging {
@@ -64,12 +77,7 @@ impl Staging {
     /// Creates `<out>` (0700) if needed and the staging dir inside it.
     pub fn create(out: &Path, name: &str) -> Result<Staging, ArchiveError> {
         let err = |source| ArchiveError::OutDir { dir: out.display().to_string(), source };
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out).map_err(err)?;
-        // Archives hold memory maps and environment: keep the directory private.
-        let meta = std::fs::metadata(out).map_err(err)?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
-        }
+        prepare_out(out)?;
         let dir = out.join(format!(".{name}.{}{STAGING_SUFFIX}", std::process::id()));
         std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(err)?;
         Ok(Staging { out: out.to_path_buf(), name: name.to_string(), dir })
