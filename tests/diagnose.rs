@@ -139,3 +139,32 @@ fn main_loop_wedged_by_a_live_throttle_rewrite() {
     // Everything that does not need the main loop was still captured.
     assert!(ar.read("proc/status").is_some() && ar.read("stacks/gdb.txt").is_some(), "{:?}", ar.list());
 }
+
+#[test]
+fn audit_over_a_directory_of_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let qs = dir.path().join("qemu-server");
+    std::fs::create_dir_all(&qs).unwrap();
+    let write = |id: &str, text: &str| std::fs::write(qs.join(format!("{id}.conf")), text).unwrap();
+    write("101", "name: web\nscsihw: virtio-scsi-single\nscsi0: local-lvm:vm-101-disk-0,iothread=1,size=32G\n");
+    // Pending section that only reorders keys and options: not a change.
+    write("103", "name: db\nscsi0: local-lvm:vm-103-disk-0,size=32G,iothread=1\nscsihw: virtio-scsi-single\n[PENDING]\nscsihw: virtio-scsi-single\nscsi0: local-lvm:vm-103-disk-0,iothread=1,size=32G\n");
+    // The incident's VM, with the staged fix pending (real drift) and reordered options.
+    write("102", "name: devvm\nscsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,mbps_rd=60,mbps_wr=60,size=64G\n[PENDING]\nscsi0: local-lvm:vm-102-disk-0,size=64G,mbps_wr=60,mbps_rd=60,iothread=1\nscsihw: virtio-scsi-single\n");
+    let out = run_bounded(common::tool().args(["audit", "--json", "--pve-dir"]).arg(dir.path()), T);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let vms: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let vm = |id: &str| vms.iter().find(|v| v["vmid"] == id).unwrap().clone();
+    let devvm = vm("102");
+    let pending: Vec<String> = serde_json::from_value(devvm["pending"].clone()).unwrap();
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert!(pending.iter().any(|p| p.starts_with("scsihw: lsi → virtio-scsi-single")), "{pending:?}");
+    assert!(pending.iter().any(|p| p.starts_with("scsi0:") && p.contains("iothread=1")), "{pending:?}");
+    assert!(devvm["unlike_neighbours"].to_string().contains("the only VM with scsihw lsi"), "{devvm}");
+    assert!(devvm["risks"].as_array().unwrap().len() >= 2);
+    assert_eq!(vm("103")["pending"], json!([]), "reordered keys compare equal");
+    assert_eq!(vm("101")["risks"], json!([]));
+    // Text form says what to do with pending changes.
+    let out = run_bounded(common::tool().args(["audit", "--pve-dir"]).arg(dir.path()), T);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("applies only after a full stop→start"));
+}
