@@ -132,9 +132,7 @@ impl Target {
     /// The VM's name from `-name <name>[,debug-threads=on]`, if given.
     pub fn name(&self) -> Option<String> {
         let i = self.cmdline.iter().position(|a| a == "-name")?;
-        let v = self.cmdline.get(i + 1)?;
-        let name = v.split(',').next()?.trim_start_matches("guest=");
-        (!name.is_empty()).then(|| name.to_string())
+        name_from_opts(self.cmdline.get(i + 1)?)
     }
 
     /// Re-proves the target: same start time (no pid reuse) and a command line that still
@@ -260,9 +258,9 @@ pub fn proof(argv: &[String], pidfile: &Path, qmp: &Path) -> Option<Proof> {
     socket_named.then_some(Proof::QmpSocket)
 }
 
-/// Paths in a QEMU option value: `socket,id=qmp,path=/x,server=on` or `unix:/x,server`.
-/// QEMU escapes a literal comma as `,,`.
-fn option_paths(value: &str) -> Vec<String> {
+/// A QEMU option value split at its commas: `socket,id=qmp,path=/x` → `["socket",
+/// "id=qmp", "path=/x"]`. QEMU escapes a literal comma as `,,`.
+pub fn split_qemu_opts(value: &str) -> Vec<String> {
     let mut parts = Vec::new();
     let mut cur = String::new();
     let mut chars = value.chars().peekable();
@@ -280,6 +278,18 @@ fn option_paths(value: &str) -> Vec<String> {
     }
     parts.push(cur);
     parts
+}
+
+/// The name in a `-name` value: `devvm,debug-threads=on` or `guest=devvm,…`.
+pub fn name_from_opts(value: &str) -> Option<String> {
+    let first = split_qemu_opts(value).into_iter().next()?;
+    let name = first.strip_prefix("guest=").map(str::to_string).unwrap_or(first);
+    (!name.is_empty()).then_some(name)
+}
+
+/// Paths in a QEMU option value: `socket,id=qmp,path=/x,server=on` or `unix:/x,server`.
+fn option_paths(value: &str) -> Vec<String> {
+    split_qemu_opts(value)
         .into_iter()
         .filter_map(|p| p.strip_prefix("path=").or_else(|| p.strip_prefix("unix:")).map(str::to_string))
         .collect()
@@ -332,6 +342,13 @@ mod tests {
         assert_eq!(proof(&mention, pf, qmp), None);
         let name_only = argv("/usr/bin/kvm -name path=/var/run/qemu-server/102.qmp");
         assert_eq!(proof(&name_only, pf, qmp), None);
+    }
+
+    #[test]
+    fn names_with_escaped_commas() {
+        assert_eq!(name_from_opts("guest=a,,b,debug-threads=on").as_deref(), Some("a,b"));
+        assert_eq!(name_from_opts("devvm,debug-threads=on").as_deref(), Some("devvm"));
+        assert_eq!(name_from_opts(",debug-threads=on"), None);
     }
 
     #[test]

@@ -33,24 +33,7 @@ pub fn domain_of(cmdline: &[String]) -> Option<String> {
     if let Some(u) = value("-uuid").filter(|u| !u.is_empty()) {
         return Some(u);
     }
-    let name = value("-name")?;
-    // `guest=foo,debug-threads=on` or `foo,debug-threads=on`; `,,` escapes a comma.
-    let mut out = String::new();
-    let mut chars = name.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-                out.push(',');
-            } else {
-                break;
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    let out = out.strip_prefix("guest=").map(str::to_string).unwrap_or(out);
-    (!out.is_empty()).then_some(out)
+    crate::target::name_from_opts(&value("-name")?)
 }
 
 impl RestartMethod for Libvirt {
