@@ -116,6 +116,14 @@ pub fn runbook_docs() -> String {
          belong to the kinds named at the start of their description.\n\n",
     );
     table(&mut out, &step);
+    let target = schema.pointer("/definitions/RawTarget").cloned().unwrap_or(Value::Null);
+    out.push_str("\n## `[target]`\n\n");
+    out.push_str(
+        "Optional: where the VM's process and monitor live when not in Proxmox's layout\n\
+         (`runbooks/libvirt-qemu.toml` is the example). The process is still trusted only if\n\
+         its command line names the pidfile or the monitor socket.\n\n",
+    );
+    table(&mut out, &target);
     out.push_str("\n## Built-in runbooks\n\n| Name | Description |\n|---|---|\n");
     for (name, text) in crate::runbook::BUILT_IN {
         let desc = crate::runbook::parse(text, "built-in").map(|r| r.description).unwrap_or_default();

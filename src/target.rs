@@ -126,6 +126,12 @@ pub struct Target {
     /// Whether the QMP socket file exists.
     pub qmp_present: bool,
     pub node: String,
+    /// The libvirt domain, when the runbook's target names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    /// How QMP is reached: the socket itself, or through `virsh` (libvirtd owns it).
+    #[serde(default)]
+    pub monitor: Monitor,
 }
 
 impl Target {
@@ -149,11 +155,60 @@ impl Target {
     }
 }
 
-/// Resolves and proves VM `vmid`'s QEMU process. Reads files only.
+/// How the tool reaches a VM's QMP monitor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Monitor {
+    /// Connect to the socket (Proxmox, plain QEMU).
+    #[default]
+    Socket,
+    /// `virsh qemu-monitor-command <domain> <json>`: libvirtd holds the socket for good.
+    Virsh { program: String },
+}
+
+/// Where a runbook says a VM's process and monitor live, when not in Proxmox's layout.
+/// Templates take `{vmid}`, `{domain}`, `{run_dir}` and `{pve_dir}`; `qmp` may hold `*`
+/// within one path component (libvirt's `domain-<boot id>-<name>` directory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetSpec {
+    pub pidfile: Option<String>,
+    pub qmp: Option<String>,
+    pub domain: Option<String>,
+    pub monitor: Monitor,
+    /// Check Proxmox's `.vmlist` for the node (off for libvirt and plain QEMU hosts).
+    pub cluster: bool,
+}
+
+impl TargetSpec {
+    /// Proxmox VE: `<run_dir>/<vmid>.pid`, `<run_dir>/<vmid>.qmp`, `.vmlist` checked.
+    pub fn proxmox() -> TargetSpec {
+        TargetSpec { cluster: true, ..Default::default() }
+    }
+
+    fn render(&self, template: &str, vmid: VmId, layout: &Layout, domain: &str) -> String {
+        template
+            .replace("{vmid}", &vmid.to_string())
+            .replace("{domain}", domain)
+            .replace("{run_dir}", &layout.run_dir.display().to_string())
+            .replace("{pve_dir}", &layout.pve_dir.display().to_string())
+    }
+}
+
+/// Resolves and proves VM `vmid`'s QEMU process in Proxmox's layout. Reads files only.
 pub fn resolve(vmid: VmId, layout: &Layout) -> Result<Target, TargetError> {
-    check_vmlist(vmid, layout)?;
-    let pidfile = layout.pidfile(vmid);
-    let qmp_socket = layout.qmp_socket(vmid);
+    resolve_with(vmid, layout, &TargetSpec::proxmox())
+}
+
+/// [`resolve`] for a runbook's target layout. The proof rule is the same: the command
+/// line must name the pidfile or the monitor socket (which may be a `*` pattern here).
+pub fn resolve_with(vmid: VmId, layout: &Layout, spec: &TargetSpec) -> Result<Target, TargetError> {
+    if spec.cluster {
+        check_vmlist(vmid, layout)?;
+    }
+    let domain = spec.domain.as_deref().map(|d| spec.render(d, vmid, layout, ""));
+    let dom = domain.clone().unwrap_or_default();
+    let pidfile = spec.pidfile.as_deref().map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom))).unwrap_or_else(|| layout.pidfile(vmid));
+    let mut qmp_socket = spec.qmp.as_deref().map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom))).unwrap_or_else(|| layout.qmp_socket(vmid));
     let shown = pidfile.display().to_string();
     let text = match std::fs::read_to_string(&pidfile) {
         Ok(t) => t,
@@ -180,6 +235,12 @@ pub fn resolve(vmid: VmId, layout: &Layout) -> Result<Target, TargetError> {
         Ok(None) => return Err(TargetError::CmdlineTimeout { pid, secs: 3 }),
         Err(_) => return Err(TargetError::StalePidfile { vmid, pidfile: shown, pid }),
     };
+    // A `*` in the monitor path is resolved from the command line itself.
+    if qmp_socket.to_string_lossy().contains('*') {
+        if let Some(found) = socket_paths(&argv).into_iter().find(|p| glob_match(&qmp_socket.to_string_lossy(), p)) {
+            qmp_socket = PathBuf::from(found);
+        }
+    }
     let Some(proof) = proof(&argv, &pidfile, &qmp_socket) else {
         let what = argv.first().map(String::as_str).unwrap_or("a kernel thread");
         return Err(TargetError::NotProven {
@@ -209,7 +270,31 @@ pub fn resolve(vmid: VmId, layout: &Layout) -> Result<Target, TargetError> {
         config_path: layout.config(vmid),
         cmdline: argv,
         node: layout.node.clone(),
+        domain,
+        monitor: spec.monitor.clone(),
     })
+}
+
+/// Every unix socket path named in `-chardev`/`-qmp`/`-monitor` options.
+fn socket_paths(argv: &[String]) -> Vec<String> {
+    argv.windows(2)
+        .filter(|w| matches!(w[0].as_str(), "-chardev" | "-qmp" | "-monitor" | "--chardev" | "--qmp" | "--monitor"))
+        .flat_map(|w| option_paths(&w[1]))
+        .collect()
+}
+
+/// `*` matches any run of characters except `/`; everything else literally.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == text,
+        Some((head, tail)) => {
+            let Some(rest) = text.strip_prefix(head) else { return false };
+            (0..=rest.len())
+                .take_while(|&i| !rest[..i].contains('/'))
+                .filter(|&i| rest.is_char_boundary(i))
+                .any(|i| glob_match(tail, &rest[i..]))
+        }
+    }
 }
 
 /// Cluster check: a VM listed for another node is refused with that node's name.
@@ -342,6 +427,13 @@ mod tests {
         assert_eq!(proof(&mention, pf, qmp), None);
         let name_only = argv("/usr/bin/kvm -name path=/var/run/qemu-server/102.qmp");
         assert_eq!(proof(&name_only, pf, qmp), None);
+    }
+
+    #[test]
+    fn globs_stay_within_one_component() {
+        assert!(glob_match("/l/domain-*-web/monitor.sock", "/l/domain-12-web/monitor.sock"));
+        assert!(!glob_match("/l/domain-*-web/monitor.sock", "/l/domain-1/x-web/monitor.sock"));
+        assert!(!glob_match("/l/domain-*-web/monitor.sock", "/l/domain-1-web2/monitor.sock"));
     }
 
     #[test]

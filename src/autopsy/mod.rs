@@ -77,8 +77,9 @@ impl Report {
 /// Resolves the target for `req`, checking everything a run needs before touching it.
 pub fn prepare(req: &Request, settings: &Settings) -> Result<Target, Error> {
     let layout = Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() };
-    let target = target::resolve(req.vmid, &layout)?;
-    if !target.qmp_present && !req.no_qmp {
+    let target = target::resolve_with(req.vmid, &layout, &req.runbook.target)?;
+    // Through virsh the socket is libvirtd's business; otherwise we need it.
+    if !target.qmp_present && !req.no_qmp && target.monitor == target::Monitor::Socket {
         return Err(target::TargetError::SocketMissing {
             vmid: req.vmid,
             pid: target.pid,
@@ -149,6 +150,7 @@ fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {
         qmp: target
             .map(|t| t.qmp_socket.display().to_string())
             .unwrap_or_else(|| s.run_dir.join(format!("{vmid}.qmp")).display().to_string()),
+        domain: target.and_then(|t| t.domain.clone()).unwrap_or_default(),
     }
 }
 
@@ -286,7 +288,7 @@ pub async fn capture(
         staging,
         cancel,
         stacks_override: req.stacks.clone(),
-        qmp: qmp_lane::Lane::new(target.qmp_socket.clone(), req.no_qmp),
+        qmp: qmp_lane::Lane::new(target, req.no_qmp),
     };
     // A sampled QMP step's record is only final when its last sample is in.
     enum Slot {

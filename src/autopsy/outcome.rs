@@ -76,7 +76,8 @@ pub async fn run_with_restart(
     let _lock = VmLock::acquire(&settings.out, req.vmid)?;
     let report = super::run(req, settings, target, progress, cancel).await?;
     let restart = match restart {
-        Some(r) => {
+        Some(mut r) => {
+            r.spec = req.runbook.target.clone();
             let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
             let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
             Some(run.await.map_err(anyhow::Error::from)?)

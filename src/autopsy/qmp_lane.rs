@@ -15,8 +15,10 @@ use tokio::sync::Mutex;
 
 use crate::archive::Staging;
 use crate::cancel::Cancel;
-use crate::qmp::{QmpClient, QmpConfig, QmpError, Reply};
+use crate::exec::{self, ExecError, Spec};
+use crate::qmp::{policy, QmpClient, QmpConfig, QmpError, Reply};
 use crate::step::{StepRecord, StepStatus};
+use crate::target::{Monitor, Target};
 
 /// How long to listen for a reply that missed its deadline, before closing.
 const LATE_REPLY_WAIT: Duration = Duration::from_millis(500);
@@ -24,6 +26,8 @@ const LATE_REPLY_WAIT: Duration = Duration::from_millis(500);
 #[derive(Clone)]
 pub struct Lane {
     socket: PathBuf,
+    /// `Some((program, domain))`: QMP through `virsh qemu-monitor-command`.
+    virsh: Option<(String, String)>,
     no_qmp: bool,
     attempted: bool,
     /// Why QMP is not usable; set by a failed connect or the first timeout.
@@ -40,9 +44,14 @@ pub enum LaneError {
 }
 
 impl Lane {
-    pub fn new(socket: PathBuf, no_qmp: bool) -> Lane {
+    pub fn new(target: &Target, no_qmp: bool) -> Lane {
+        let virsh = match (&target.monitor, &target.domain) {
+            (Monitor::Virsh { program }, Some(domain)) => Some((program.clone(), domain.clone())),
+            _ => None,
+        };
         Lane {
-            socket,
+            socket: target.qmp_socket.clone(),
+            virsh,
             no_qmp,
             attempted: false,
             unavailable: Default::default(),
@@ -75,6 +84,13 @@ impl Lane {
             rec.status = StepStatus::Skipped;
             rec.error = Some("--no-qmp: QMP not used".into());
             *self.unavailable.lock().unwrap() = Some("--no-qmp".into());
+            return rec;
+        }
+        if let Some((program, domain)) = &self.virsh {
+            rec.notes.push(format!(
+                "through `{program} qemu-monitor-command {domain}`: libvirtd holds the monitor socket, so no session of our own"
+            ));
+            rec.duration_ms = t0.elapsed().as_millis() as u64;
             return rec;
         }
         let mut cfg = QmpConfig::default();
@@ -120,6 +136,9 @@ impl Lane {
         if let Some(why) = self.unavailable.lock().unwrap().clone() {
             return Err(LaneError::NotSent(why));
         }
+        if let Some((program, domain)) = self.virsh.clone() {
+            return self.execute_virsh(program, domain, command, args, timeout).await;
+        }
         let mut guard = self.client.lock().await;
         let Some(client) = guard.as_mut() else {
             return Err(LaneError::NotSent("no QMP session".into()));
@@ -133,6 +152,53 @@ impl Lane {
                 Err(LaneError::Qmp(e))
             }
         }
+    }
+
+    /// One command through `virsh qemu-monitor-command`, under the same allowlist and
+    /// deadline as a direct session; the exchange goes into the transcript.
+    async fn execute_virsh(&self, program: String, domain: String, command: &str, args: Option<Value>, timeout: Duration) -> Result<Reply, LaneError> {
+        policy::check(command, args.as_ref()).map_err(|r| LaneError::Qmp(QmpError::Refused(r)))?;
+        let mut msg = serde_json::json!({"execute": command});
+        if let Some(a) = args {
+            msg["arguments"] = a;
+        }
+        let line = msg.to_string();
+        self.note("send", &line);
+        let spec = Spec::new(vec![program, "qemu-monitor-command".into(), domain, line], timeout);
+        let t0 = Instant::now();
+        let out = tokio::task::spawn_blocking(move || exec::run(&spec, &Cancel::new()))
+            .await
+            .map_err(|e| LaneError::Qmp(QmpError::Protocol(format!("virsh task failed: {e}"))))?;
+        let out = match out {
+            Ok(o) => o,
+            Err(ExecError::NotFound(p)) => {
+                *self.unavailable.lock().unwrap() = Some(format!("{p} is not installed"));
+                return Err(LaneError::NotSent(format!("{p} is not installed")));
+            }
+            Err(e) => return Err(LaneError::Qmp(QmpError::Protocol(e.to_string()))),
+        };
+        if out.timed_out {
+            *self.unavailable.lock().unwrap() = Some(format!("QMP gave up after {command}: timeout (virsh)"));
+            self.note("note", &format!("virsh killed after {} ms", timeout.as_millis()));
+            return Err(LaneError::Qmp(QmpError::Timeout { command: command.into(), after: timeout }));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        self.note("recv", &stdout);
+        if !out.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let desc = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("failed").to_string();
+            return Err(LaneError::Qmp(QmpError::Command { command: command.into(), class: "virsh".into(), desc }));
+        }
+        let value: Value = serde_json::from_str(&stdout)
+            .map_err(|e| LaneError::Qmp(QmpError::Protocol(format!("virsh printed no JSON reply ({e})"))))?;
+        Ok(Reply { raw: stdout.into_bytes(), value: value["return"].clone(), elapsed: t0.elapsed() })
+    }
+
+    fn note(&self, dir: &str, line: &str) {
+        let entry = serde_json::json!({"t": Utc::now().to_rfc3339(), "kind": dir, "via": "virsh", "line": line});
+        let mut t = self.connect_notes.lock().unwrap();
+        t.extend_from_slice(entry.to_string().as_bytes());
+        t.push(b'\n');
     }
 
     /// Saves the transcript and events, then closes the session (pvestatd wants the socket).

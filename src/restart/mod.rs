@@ -435,6 +435,8 @@ pub struct Request {
     pub cfg: RestartConfig,
     pub opts: Options,
     pub layout: Layout,
+    /// Where the new QEMU is looked for and how it is proven: the runbook's `[target]`.
+    pub spec: target::TargetSpec,
     pub out: PathBuf,
     pub quiet: bool,
     /// Time base of the progress lines on stderr.
@@ -447,6 +449,7 @@ impl Request {
             cfg: RestartConfig::from_settings(settings, &opts)?,
             opts,
             layout: Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() },
+            spec: target::TargetSpec::proxmox(),
             out: settings.out.clone(),
             quiet,
             t0: Instant::now(),
@@ -890,7 +893,7 @@ fn verify_new(req: &Request, old: &Target) -> Result<(Target, Option<String>), (
     let deadline = Instant::now() + req.cfg.verify_timeout;
     let mut last_err;
     let new = loop {
-        match target::resolve(old.vmid, &req.layout) {
+        match target::resolve_with(old.vmid, &req.layout, &req.spec) {
             Ok(t) if t.pid == old.pid && t.starttime == old.starttime => {
                 last_err = format!("the pidfile still names the old QEMU (pid {})", old.pid)
             }
@@ -902,7 +905,8 @@ fn verify_new(req: &Request, old: &Target) -> Result<(Target, Option<String>), (
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    if !req.cfg.verify_qmp {
+    // Through virsh (libvirt) the socket is libvirtd's: the proof is the verification.
+    if !req.cfg.verify_qmp || new.monitor != target::Monitor::Socket {
         return Ok((new, None));
     }
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2));

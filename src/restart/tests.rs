@@ -99,6 +99,8 @@ fn fake_target(pid: i32) -> Target {
         cmdline: vec!["qemu".into()],
         qmp_present: true,
         node: "n".into(),
+        domain: None,
+        monitor: Default::default(),
     }
 }
 

@@ -22,6 +22,7 @@ pub const BUILT_IN: &[(&str, &str)] = &[
     ("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml")),
     ("qemu-wedge-full", include_str!("../../runbooks/qemu-wedge-full.toml")),
     ("diagnose", include_str!("../../runbooks/diagnose.toml")),
+    ("libvirt-qemu", include_str!("../../runbooks/libvirt-qemu.toml")),
 ];
 pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
@@ -41,6 +42,8 @@ struct RawRunbook {
     description: String,
     /// Deadline for the whole capture (default 120s, at most 1800s).
     deadline: Option<String>,
+    /// Where the VM's process and monitor live, when not in Proxmox's layout.
+    target: Option<RawTarget>,
     /// The steps, run in order.
     #[serde(default)]
     step: Vec<RawStep>,
@@ -48,6 +51,27 @@ struct RawRunbook {
 
 /// Every key any step kind may use; which keys a kind accepts is checked after parsing,
 /// so a misplaced key gets a message naming the kind.
+/// `[target]`: templates take {vmid} {domain} {run_dir} {pve_dir}. The process is
+/// trusted only if its command line names `pidfile` (after -pidfile) or the `qmp` socket.
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct RawTarget {
+    /// The VM's pidfile, e.g. "/run/libvirt/qemu/{domain}.pid".
+    pidfile: Option<String>,
+    /// The monitor socket; `*` matches within one path component,
+    /// e.g. "/var/lib/libvirt/qemu/domain-*-{domain}/monitor.sock".
+    qmp: Option<String>,
+    /// The libvirt domain name for a VMID, e.g. "vm-{vmid}".
+    domain: Option<String>,
+    /// "socket" (connect to `qmp`) or "virsh" (`virsh qemu-monitor-command`, for
+    /// libvirt, whose daemon holds the socket).
+    monitor: Option<String>,
+    /// The virsh program (default "virsh").
+    virsh: Option<String>,
+    /// Check Proxmox's .vmlist for the VM's node (default false with a [target]).
+    cluster: Option<bool>,
+}
+
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct RawStep {
@@ -103,6 +127,8 @@ pub struct Runbook {
     /// `built-in` or the file it was read from.
     pub source: String,
     pub deadline: Duration,
+    /// Where the VM lives; Proxmox's layout unless the runbook has a `[target]`.
+    pub target: crate::target::TargetSpec,
     pub steps: Vec<Step>,
 }
 
@@ -251,6 +277,44 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
     if raw.step.is_empty() {
         err(None, "step", "a runbook needs at least one [[step]]".into());
     }
+    let target = match &raw.target {
+        None => crate::target::TargetSpec::proxmox(),
+        Some(t) => {
+            for (key, v) in [("pidfile", &t.pidfile), ("qmp", &t.qmp), ("domain", &t.domain)] {
+                if let Some(v) = v {
+                    match Template::parse(v) {
+                        Ok(tmpl) if tmpl.uses_only(&["vmid", "domain", "run_dir", "pve_dir"]) => {}
+                        Ok(_) => err(None, key, format!("{v:?}: [target] templates take {{vmid}} {{domain}} {{run_dir}} {{pve_dir}} only")),
+                        Err(e) => err(None, key, e),
+                    }
+                }
+            }
+            if t.pidfile.is_none() && t.qmp.is_none() {
+                err(None, "target", "[target] needs `pidfile` or `qmp`: the process is proven by one of them".into());
+            }
+            let monitor = match t.monitor.as_deref() {
+                None | Some("socket") => crate::target::Monitor::Socket,
+                Some("virsh") if t.domain.is_some() => {
+                    crate::target::Monitor::Virsh { program: t.virsh.clone().unwrap_or_else(|| "virsh".into()) }
+                }
+                Some("virsh") => {
+                    err(None, "monitor", "monitor = \"virsh\" needs `domain` (the libvirt domain name)".into());
+                    crate::target::Monitor::Socket
+                }
+                Some(other) => {
+                    err(None, "monitor", format!("{other:?}: \"socket\" or \"virsh\""));
+                    crate::target::Monitor::Socket
+                }
+            };
+            crate::target::TargetSpec {
+                pidfile: t.pidfile.clone(),
+                qmp: t.qmp.clone(),
+                domain: t.domain.clone(),
+                monitor,
+                cluster: t.cluster.unwrap_or(false),
+            }
+        }
+    };
     let mut ids = BTreeSet::new();
     let mut outputs = BTreeSet::new();
     let mut steps = Vec::new();
@@ -453,7 +517,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
     if !errs.is_empty() {
         return Err(RunbookErrors(errs));
     }
-    Ok(Runbook { name: raw.name, description: raw.description, source: file.into(), deadline, steps })
+    Ok(Runbook { name: raw.name, description: raw.description, source: file.into(), deadline, target, steps })
 }
 
 /// Parses `512M`, `2G`, `10G`, `1T` or a plain byte count.

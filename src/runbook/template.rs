@@ -1,10 +1,10 @@
-//! Placeholders in runbook paths and argv: `{vmid} {pid} {run_dir} {pve_dir} {qmp}`.
+//! Placeholders in runbook paths and argv: `{vmid} {pid} {run_dir} {pve_dir} {qmp} {domain}`.
 //! Substitution happens inside one string and never splits or joins argv elements, so a
 //! value with spaces stays one argument. Unknown placeholders are load-time errors.
 
 use std::path::{Component, Path};
 
-pub const PLACEHOLDERS: &[&str] = &["vmid", "pid", "run_dir", "pve_dir", "qmp"];
+pub const PLACEHOLDERS: &[&str] = &["vmid", "pid", "run_dir", "pve_dir", "qmp", "domain"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -27,6 +27,8 @@ pub struct Vars {
     pub run_dir: String,
     pub pve_dir: String,
     pub qmp: String,
+    /// The libvirt domain, when the runbook's `[target]` names one; empty otherwise.
+    pub domain: String,
 }
 
 impl Template {
@@ -55,6 +57,14 @@ impl Template {
         Ok(Template { text: text.to_string(), parts })
     }
 
+    /// Whether every placeholder is one of `allowed`.
+    pub fn uses_only(&self, allowed: &[&str]) -> bool {
+        self.parts.iter().all(|p| match p {
+            Part::Var(v) => allowed.contains(v),
+            Part::Lit(_) => true,
+        })
+    }
+
     pub fn as_str(&self) -> &str {
         &self.text
     }
@@ -68,6 +78,7 @@ impl Template {
                 Part::Var("pid") => &v.pid,
                 Part::Var("run_dir") => &v.run_dir,
                 Part::Var("pve_dir") => &v.pve_dir,
+                Part::Var("domain") => &v.domain,
                 Part::Var(_) => &v.qmp,
             })
             .collect()
@@ -76,10 +87,12 @@ impl Template {
     /// Whether the template, rendered with digits for every placeholder, is a relative
     /// path that stays inside the archive.
     pub fn is_relative_path(&self) -> bool {
-        if self.parts.iter().any(|p| matches!(p, Part::Var(v) if !matches!(*v, "vmid" | "pid"))) {
+        // Paths of the host (run_dir, qmp) never belong in an archive path; the sink checks
+        // the rendered path again at run time.
+        if self.parts.iter().any(|p| matches!(p, Part::Var(v) if !matches!(*v, "vmid" | "pid" | "domain"))) {
             return false;
         }
-        let probe = self.render(&Vars { vmid: "1".into(), pid: "1".into(), ..Default::default() });
+        let probe = self.render(&Vars { vmid: "1".into(), pid: "1".into(), domain: "d".into(), ..Default::default() });
         !probe.is_empty() && Path::new(&probe).components().all(|c| matches!(c, Component::Normal(_)))
     }
 }

@@ -325,6 +325,8 @@ mod tests {
             cmdline: vec![],
             qmp_present: true,
             node: "pve1".into(),
+            domain: None,
+            monitor: Default::default(),
         }
     }
 

@@ -60,6 +60,8 @@ pub struct LabOptions {
     pub node: Option<String>,
     /// extra `KEY=VAL` config lines
     pub extra_conf: Vec<String>,
+    /// also lay the VM out as libvirtd would (`lab up --libvirt`)
+    pub libvirt: bool,
 }
 
 impl Default for LabOptions {
@@ -75,6 +77,7 @@ impl Default for LabOptions {
             aio: "io_uring".into(),
             node: None,
             extra_conf: Vec::new(),
+            libvirt: false,
         }
     }
 }
@@ -99,6 +102,9 @@ impl LabOptions {
         ];
         if self.iothread {
             a.push("--iothread".into());
+        }
+        if self.libvirt {
+            a.push("--libvirt".into());
         }
         if let Some(n) = &self.node {
             a.push("--node".into());
