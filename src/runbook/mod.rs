@@ -255,7 +255,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
     let mut err = |step: Option<usize>, key: &str, message: String| {
         let line = match step {
             Some(i) => locate(text, i, key),
-            None => locate_top(text, key),
+            None => locate_top(text, key).or_else(|| locate_in_table(text, "[target]", key)),
         };
         errs.push(RunbookError { file: file.into(), line, key: Some(key.into()), message });
     };
@@ -561,6 +561,22 @@ fn locate(text: &str, index: usize, key: &str) -> Option<usize> {
         }
     }
     Some(header + 1)
+}
+
+/// Line of `key` inside the table whose header is `header` (e.g. `[target]`).
+fn locate_in_table(text: &str, header: &str, key: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().position(|l| l.trim() == header)?;
+    for (n, l) in lines.iter().enumerate().skip(start + 1) {
+        let t = l.trim_start();
+        if t.starts_with('[') {
+            break;
+        }
+        if t.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('=')) {
+            return Some(n + 1);
+        }
+    }
+    Some(start + 1)
 }
 
 fn locate_top(text: &str, key: &str) -> Option<usize> {
