@@ -455,7 +455,7 @@ fn qemu_threads_match_eu_stack() {
             r.freeze_us
         );
         let all = threads_ok == r.threads.len();
-        if best.as_ref().map_or(true, |b| threads_ok > b.0) {
+        if best.as_ref().is_none_or(|b| threads_ok > b.0) {
             best = Some((threads_ok, r.threads.len(), frames_ok, frames_total, eu_named_matching - named, diffs));
         }
         if all {

@@ -262,7 +262,7 @@ pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -
         },
     };
     let result = result.map(|mut snap| {
-        fill_unstopped(pid, &mut snap, &maps_copy, &opts_copy);
+        fill_unstopped(pid, &mut snap, maps_copy, opts_copy);
         snap
     });
     (result, tracer_tid.load(std::sync::atomic::Ordering::SeqCst))
@@ -364,7 +364,7 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
                 }
                 Err(e) => {
                     let c = caps.get_mut(&tid).unwrap();
-                    if e == libc::ESRCH || e == libc::EPERM && read_thread(pid, tid).map_or(true, |t| matches!(t.state, 'Z' | 'X')) {
+                    if e == libc::ESRCH || e == libc::EPERM && read_thread(pid, tid).is_none_or(|t| matches!(t.state, 'Z' | 'X')) {
                         c.capture = Capture::Vanished;
                         c.errors.push("exited before it could be seized".into());
                     } else {
