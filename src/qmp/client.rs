@@ -285,7 +285,21 @@ impl QmpClient {
         let mut lines = 0;
         loop {
             let bytes = match tokio::time::timeout_at(until, self.reader.next_line()).await {
-                Err(_) => return lines,
+                Err(_) => {
+                    // A reply cut off mid-line is evidence too: keep what arrived.
+                    let pending = self.reader.pending();
+                    if !pending.is_empty() {
+                        let n = pending.len();
+                        let head = pending[..n.min(super::line::HEAD_KEEP)].to_vec();
+                        if n > head.len() {
+                            self.transcript.truncated(Kind::Recv, &head, n);
+                        } else {
+                            self.transcript.line(Kind::Recv, &head);
+                        }
+                        self.transcript.note(format!("late: {n} bytes of an unterminated line, nothing more arrived"));
+                    }
+                    return lines;
+                }
                 Ok(Ok(Line::Complete(bytes))) => bytes,
                 Ok(Ok(Line::Eof { partial })) => {
                     if !partial.is_empty() {
