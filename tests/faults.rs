@@ -824,6 +824,39 @@ fn storage_output_deleted_mid_run() {
 }
 
 // ---------------------------------------------------------------------------
+// scale
+
+/// Fault: scale — a VM with 64 disks (10 LSI controllers), default runbook.
+/// Outcome: both blockstats samples hold all 64 devices, query-block lists 64, every thread has a native stack (captured stopped, frames unwound), exit 0, the VM as found.
+#[test]
+fn scale_64_disks_every_device_and_thread() {
+    let lab = Lab::start(LabOptions { vmid: 251, name: "wide".into(), disks: 64, mbps: 0, ..LabOptions::default() });
+    let pid = lab.pid();
+    let before = thread_states(pid);
+    let out = run_bounded(&mut lab.tool_args(&["251", "--json", "--sample-interval", "1s"]), RUN_TIMEOUT);
+    let json = json_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{}\n{json}", stderr(&out));
+    let ar = sealed(&json);
+    for n in [1, 2] {
+        let bs = ar.read_json(&format!("qmp/query-blockstats.{n}.json")).unwrap();
+        let devs: std::collections::BTreeSet<String> = bs["return"].as_array().unwrap().iter().filter_map(|d| d["device"].as_str().map(str::to_string)).collect();
+        assert_eq!(devs.len(), 64, "sample {n}: {devs:?}");
+        assert!(devs.contains("drive-scsi63"));
+    }
+    assert_eq!(ar.read_json("qmp/query-block.json").unwrap()["return"].as_array().unwrap().len(), 64);
+    let threads = ar.read_json("stacks/threads.json").unwrap();
+    let got: BTreeMap<i64, &Value> = threads["threads"].as_array().unwrap().iter().map(|t| (t["tid"].as_i64().unwrap(), t)).collect();
+    for tid in before.keys() {
+        let t = got.get(&(*tid as i64)).unwrap_or_else(|| panic!("thread {tid} has no stack: {:?}", got.keys()));
+        assert_eq!(t["capture"], "stopped", "{t}");
+        // KVM's kernel worker (kvm-nx-lpage-recovery) lives in the process but has no user stack.
+        let kernel_only = t["syscall"]["pc"] == 0 && t["kernel_stack"].as_array().is_some_and(|k| !k.is_empty());
+        assert!(!t["frames"].as_array().unwrap().is_empty() || kernel_only, "{t}");
+    }
+    as_found(pid, &before);
+}
+
+// ---------------------------------------------------------------------------
 // the table
 
 /// `docs/faults.md` is what `scripts/fault-table` makes of this file.
