@@ -163,7 +163,7 @@ fn qmp_fault_common(lab: &Lab, fake: &FakeQmp, before: &BTreeMap<i32, char>, out
     ar
 }
 
-fn only(cmd: &'static str, acts: impl Fn(&Value) -> Vec<Act> + Send + Sync + 'static) -> Box<dyn Fn(&str, &Value) -> Vec<Act> + Send + Sync> {
+fn only(cmd: &'static str, acts: impl Fn(&Value) -> Vec<Act> + Send + Sync + 'static) -> common::fake_qmp::Responder {
     Box::new(move |c, id| if c == cmd { acts(id) } else { vec![Act::Reply] })
 }
 

@@ -28,6 +28,9 @@ pub enum Act {
     Close,
 }
 
+/// The answer to every request after the handshake: `(command, id) -> acts`.
+pub type Responder = Box<dyn Fn(&str, &Value) -> Vec<Act> + Send + Sync>;
+
 /// How the fake greets and answers.
 pub struct Script {
     /// `false`: accept, then say nothing at all (socket held / QEMU frozen).
@@ -35,7 +38,7 @@ pub struct Script {
     /// `false`: greet, then never answer `qmp_capabilities`.
     pub answer_capabilities: bool,
     /// Answer to every request after the handshake: `(command, id) -> acts`.
-    pub on: Box<dyn Fn(&str, &Value) -> Vec<Act> + Send + Sync>,
+    pub on: Responder,
 }
 
 impl Default for Script {
