@@ -521,7 +521,7 @@ fn standin_vm(lab: &Lab, vmid: u32, mut cmd: Command) -> i32 {
 }
 
 /// Fault: a target thread sits in D state (a vfork parent waiting on its child) and never reaches a ptrace stop.
-/// Outcome: the native snapshot finishes within its deadline (the D thread read from /proc/TID/syscall), stacks ok, the process keeps running as found, untraced.
+/// Outcome: the native snapshot finishes within its deadline, the D thread recorded as `skipped_d` with its syscall/kernel stack read without a stop, stacks ok, the process keeps running as found, untraced.
 #[test]
 fn target_thread_in_d_state() {
     let lab = lab(213);
@@ -537,7 +537,9 @@ fn target_thread_in_d_state() {
     let ar = sealed(&json);
     assert_eq!(status(&json, "stacks"), "ok", "{}", err_of(&json, "stacks"));
     let threads = ar.read_json("stacks/threads.json").unwrap();
-    assert!(threads.to_string().contains("vforker"), "D thread listed");
+    let vforker = threads["threads"].as_array().unwrap().iter().find(|t| t["comm"] == "vforker").expect("D thread listed");
+    assert_eq!(vforker["capture"], "skipped_d", "{vforker}");
+    assert!(vforker["syscall"].is_object() || vforker["kernel_stack"].is_array(), "read without a stop: {vforker}");
     assert!(thread_states(pid).values().any(|&c| c == 'D'), "the vforker is still in D");
     as_found(pid, &before);
     assert!(common::pid_alive(pid));
@@ -584,7 +586,7 @@ const HANGING_GDB: &str = r#"while [ $# -gt 0 ]; do [ "$1" = "-p" ] && kill -STO
 exec sleep 600"#;
 
 /// Fault: gdb hangs after stopping every thread of the target (fake `gdb` first on PATH).
-/// Outcome: gdb killed at the stacks deadline, the threads it stopped resumed with SIGCONT and noted, stacks timeout, sealed, exit 1.
+/// Outcome: gdb killed (with its process group) at the stacks deadline, the threads it stopped resumed with SIGCONT and noted, stacks failed ("gdb: timed out"), sealed, exit 1.
 #[test]
 fn tool_gdb_hangs() {
     let lab = lab(221);
@@ -595,8 +597,8 @@ fn tool_gdb_hangs() {
     let out = wait_output(spawn_tool(&lab, &["221", "--json", "--runbook", rb.to_str().unwrap()], Some(&bin)));
     let json = json_of(&out);
     assert_eq!(out.status.code(), Some(1), "{}\n{json}", stderr(&out));
-    let st = status(&json, "stacks");
-    assert!(st == "timeout" || st == "failed", "{st}: {}", err_of(&json, "stacks"));
+    assert_eq!(status(&json, "stacks"), "failed");
+    assert!(err_of(&json, "stacks").contains("timed out"), "{}", err_of(&json, "stacks"));
     let ar = sealed(&json);
     let notes = ar.manifest.steps.iter().find(|s| s.id == "stacks").unwrap().notes.join("; ");
     assert!(notes.contains("resumed"), "{notes}");
@@ -821,7 +823,7 @@ fn storage_output_full() {
 }
 
 /// Fault: the output directory is on a read-only filesystem.
-/// Outcome: refused before touching the VM: one-line error naming --out, exit 2, no thread stopped, no QMP connection.
+/// Outcome: refused before touching the VM: one-line error naming --out, exit 2, no thread stopped or traced.
 #[test]
 fn storage_output_read_only() {
     let lab = lab(242);
