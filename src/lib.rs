@@ -12,6 +12,8 @@ pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod exec;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gen;
 pub mod lock;
 pub mod logging;

@@ -280,7 +280,7 @@ fn hanging_command_step_is_killed_with_its_child_and_output_lands_hashed() {
     let prog = "import os, time\nwho = 'child' if os.fork() == 0 else 'parent'\nos.write(1, ('%s %d\\n' % (who, os.getpid())).encode())\ntime.sleep(300)\n";
     std::fs::write(
         &rb,
-        format!("schema = 1\nname = \"fork\"\ndescription = \"d\"\n\n[[step]]\nid = \"forker\"\nkind = \"command\"\nargv = [\"python3\", \"-c\", {prog:?}]\ntimeout = \"2s\"\noutput = \"commands/forker.txt\"\n\n[[step]]\nid = \"pid\"\nkind = \"command\"\nargv = [\"echo\", \"{{pid}}\", \"{{vmid}}\"]\n"),
+        format!("schema = 1\nname = \"fork\"\ndescription = \"d\"\n\n[[step]]\nid = \"forker\"\nkind = \"command\"\nargv = [\"python3\", \"-c\", {prog:?}]\ntimeout = \"8s\"\noutput = \"commands/forker.txt\"\n\n[[step]]\nid = \"pid\"\nkind = \"command\"\nargv = [\"echo\", \"{{pid}}\", \"{{vmid}}\"]\n"),
     )
     .unwrap();
     let (out, json) = run(&lab, &["110", "--json", "--runbook", rb.to_str().unwrap()]);

@@ -25,6 +25,11 @@ const STAGING_SUFFIX: &str = ".staging";
 const TMP_SUFFIX: &str = ".tmp";
 /// Entries larger than this are hashed but not loaded by [`ArchiveReader`] (core dumps).
 const MAX_LOADED_ENTRY: u64 = 64 << 20;
+/// What [`ArchiveReader`] loads in total, so a crafted archive (many entries that
+/// decompress to 64 MiB each) cannot exhaust memory.
+const MAX_LOADED_TOTAL: u64 = 512 << 20;
+/// `manifest.json` larger than this is rejected (real ones are kilobytes).
+const MAX_MANIFEST: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArchiveError {
@@ -190,7 +195,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ArchiveError> {
     for_each_entry(path, |name, reader| {
         if name == "manifest.json" {
             let mut buf = Vec::new();
-            reader.read_to_end(&mut buf)?;
+            reader.take(MAX_MANIFEST).read_to_end(&mut buf)?;
             manifest = Some(serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?);
         } else {
             let (n, h) = hash_reader(reader)?;
@@ -243,9 +248,17 @@ impl ArchiveReader {
         let shown = path.display().to_string();
         let mut manifest = None;
         let mut files = BTreeMap::new();
+        let mut loaded = 0u64;
         for_each_entry(path, |name, reader| {
             let mut buf = Vec::new();
             reader.take(MAX_LOADED_ENTRY).read_to_end(&mut buf)?;
+            loaded += buf.len() as u64;
+            if loaded > MAX_LOADED_TOTAL {
+                return Err(std::io::Error::other(format!(
+                    "more than {} MiB of entries to load; not a wedge-autopsy archive (extract it with tar)",
+                    MAX_LOADED_TOTAL >> 20
+                )));
+            }
             if name == "manifest.json" {
                 manifest = Some(serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?);
             } else {

@@ -186,7 +186,8 @@ pub async fn run(
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
     let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
-    let records = capture(req, settings, &target, &staging, progress, cancel).await;
+    let mut records = capture(req, settings, &target, &staging, progress, cancel).await;
+    mark_vanished(&staging, &mut records);
     let interrupted = cancel.is_cancelled();
     let mut manifest = Manifest {
         schema: manifest::SCHEMA,
@@ -250,6 +251,14 @@ pub async fn run(
         Ok(Err(e)) => (None, Some(e.to_string())),
         Err(e) => (None, Some(format!("seal task failed: {e}"))),
     };
+    // Unsealed evidence is not thrown away: say where it is (the next run removes it).
+    let seal_error = seal_error.map(|e| {
+        if staging.dir.exists() {
+            format!("{e}; the unsealed files are kept in {} until the next run", staging.dir.display())
+        } else {
+            e
+        }
+    });
     progress.sealed(sealed.as_ref(), seal_error.as_deref(), seal_start.elapsed());
     manifest.steps = records;
     Ok(Report {
@@ -265,6 +274,29 @@ pub async fn run(
         started_at,
         duration_ms: t0.elapsed().as_millis() as u64,
     })
+}
+
+/// A step whose files disappeared from the staging dir before sealing (someone deleted
+/// or cleaned `--out` mid-run) must not claim success: the archive would lack them.
+fn mark_vanished(staging: &Staging, records: &mut [crate::step::StepRecord]) {
+    for rec in records.iter_mut() {
+        let gone: Vec<String> = rec.files.iter().filter(|f| !staging.dir.join(f).exists()).cloned().collect();
+        if gone.is_empty() {
+            continue;
+        }
+        rec.files.retain(|f| !gone.contains(f));
+        let what = format!(
+            "{} file(s) it wrote vanished from the staging dir before sealing (was --out deleted?): {}",
+            gone.len(),
+            gone.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+        if rec.status.is_problem() {
+            rec.notes.push(what);
+        } else {
+            rec.status = StepStatus::Failed;
+            rec.error = Some(what);
+        }
+    }
 }
 
 /// Runs every step of `req.runbook` against `target`, writing into `staging`. Never

@@ -131,10 +131,20 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
     let cancel = ctx.cancel.clone();
     let vars = ctx.vars.clone();
     match step.kind.clone() {
-        StepKind::Proc => Box::new(move || match crate::procfs::capture_process(pid, &sink, &cancel) {
-            Ok(_) => StepOutcome::Ok,
-            Err(e) => StepOutcome::Failed(e),
-        }),
+        StepKind::Proc => {
+            let target = ctx.target.clone();
+            Box::new(move || {
+                // The pid may have been reused since it was proven: never file a
+                // stranger's /proc (environ included) as the VM's.
+                if !target.still_same() {
+                    return StepOutcome::Failed(format!("pid {pid} is no longer VM {}'s QEMU; /proc not read", target.vmid));
+                }
+                match crate::procfs::capture_process(pid, &sink, &cancel) {
+                    Ok(_) => StepOutcome::Ok,
+                    Err(e) => StepOutcome::Failed(e),
+                }
+            })
+        }
         StepKind::Host => Box::new(move || match crate::procfs::capture_host(&sink) {
             Ok(_) => StepOutcome::Ok,
             Err(e) => StepOutcome::Failed(e),
@@ -142,6 +152,17 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
         StepKind::File { path, output, redact } => Box::new(move || file_step(&path, &output, &redact, &vars, &sink)),
         StepKind::Command { argv, output, output_cap } => {
             let timeout = inner_deadline(timeout);
+            if argv.iter().any(|a| a.uses("pid")) {
+                // A command addressed to {pid} (eu-stack -p, gdb -p, cat /proc/{pid}/…) must
+                // not reach an unrelated process that took over the pid.
+                let target = ctx.target.clone();
+                return Box::new(move || {
+                    if !target.still_same() {
+                        return StepOutcome::Failed(format!("pid {pid} is no longer VM {}'s QEMU; not run", target.vmid));
+                    }
+                    command_step(&argv, &output, output_cap, timeout, &vars, &sink, &cancel)
+                });
+            }
             Box::new(move || command_step(&argv, &output, output_cap, timeout, &vars, &sink, &cancel))
         }
         StepKind::Stacks { methods, backtrace } => {

@@ -162,6 +162,28 @@ impl QmpClient {
             });
         };
 
+        Self::negotiate(greeted, transcript, attempts, cfg).await
+    }
+
+    /// The handshake over a stream that is already connected (a socketpair in tests and
+    /// fuzzing): the greeting within `greeting_timeout`, then `qmp_capabilities`.
+    #[doc(hidden)]
+    pub async fn over_stream(stream: UnixStream, cfg: &QmpConfig) -> Result<QmpClient, ConnectFailure> {
+        let mut transcript = Transcript::new();
+        transcript.start();
+        let until = tokio::time::Instant::now() + cfg.greeting_timeout;
+        match greet(stream, until, cfg.greeting_timeout, cfg.reply_cap, &mut transcript).await {
+            Ok(g) => Self::negotiate(g, transcript, 1, cfg).await,
+            Err(AttemptError::Fatal(error)) => Err(ConnectFailure { error, attempts: 1, transcript }),
+            Err(AttemptError::Retry(why)) => {
+                transcript.note(why);
+                let error = QmpError::NoGreeting { path: PathBuf::new(), waited: cfg.greeting_timeout, attempts: 1 };
+                Err(ConnectFailure { error, attempts: 1, transcript })
+            }
+        }
+    }
+
+    async fn negotiate(greeted: Greeted, transcript: Transcript, attempts: u32, cfg: &QmpConfig) -> Result<QmpClient, ConnectFailure> {
         let (reader, writer, greeting) = greeted;
         let mut client = QmpClient {
             reader,
@@ -285,7 +307,21 @@ impl QmpClient {
         let mut lines = 0;
         loop {
             let bytes = match tokio::time::timeout_at(until, self.reader.next_line()).await {
-                Err(_) => return lines,
+                Err(_) => {
+                    // A reply cut off mid-line is evidence too: keep what arrived.
+                    let pending = self.reader.pending();
+                    if !pending.is_empty() {
+                        let n = pending.len();
+                        let head = pending[..n.min(super::line::HEAD_KEEP)].to_vec();
+                        if n > head.len() {
+                            self.transcript.truncated(Kind::Recv, &head, n);
+                        } else {
+                            self.transcript.line(Kind::Recv, &head);
+                        }
+                        self.transcript.note(format!("late: {n} bytes of an unterminated line, nothing more arrived"));
+                    }
+                    return lines;
+                }
                 Ok(Ok(Line::Complete(bytes))) => bytes,
                 Ok(Ok(Line::Eof { partial })) => {
                     if !partial.is_empty() {
@@ -523,6 +559,17 @@ async fn attempt(
         Ok(Err(e)) => return Err(connect_error(path, e)),
         Ok(Ok(s)) => s,
     };
+    greet(stream, until, window, reply_cap, transcript).await
+}
+
+/// Reads and checks the greeting on a connected stream, by `until`.
+async fn greet(
+    stream: UnixStream,
+    until: tokio::time::Instant,
+    window: Duration,
+    reply_cap: usize,
+    transcript: &mut Transcript,
+) -> Result<Greeted, AttemptError> {
     let (read, write) = stream.into_split();
     let mut reader = LineReader::new(read, reply_cap);
     let line = match tokio::time::timeout_at(until, reader.next_line()).await {

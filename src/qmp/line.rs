@@ -38,6 +38,11 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         }
     }
 
+    /// Bytes of a line begun but not yet terminated (e.g. a reply cut off mid-line).
+    pub(crate) fn pending(&self) -> &[u8] {
+        &self.pending
+    }
+
     /// The longest line accepted, in bytes (terminator excluded).
     pub(crate) fn cap(&self) -> usize {
         self.cap

@@ -11,7 +11,7 @@
 
 mod client;
 mod error;
-mod line;
+pub(crate) mod line;
 pub mod policy;
 mod transcript;
 

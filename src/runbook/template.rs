@@ -32,6 +32,11 @@ pub struct Vars {
 }
 
 impl Template {
+    /// Whether the template refers to placeholder `name` (e.g. `"pid"`).
+    pub fn uses(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| matches!(p, Part::Var(v) if *v == name))
+    }
+
     pub fn parse(text: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = text;

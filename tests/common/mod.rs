@@ -7,6 +7,8 @@
 //! its temp dir is removed. Every wait here has a deadline.
 #![allow(dead_code)]
 
+pub mod fake_qmp;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::ops::Deref;
