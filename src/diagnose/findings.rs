@@ -226,19 +226,25 @@ fn io_uring(ev: &dyn Evidence, f: &mut Findings) {
     }
 }
 
+/// A frame as people read it: its symbol, else `module+0xoffset`, else its address.
+fn frame_name(fr: &Value) -> String {
+    if let Some(sym) = fr["symbol"].as_str() {
+        return sym.to_string();
+    }
+    match (fr["module"].as_str(), fr["module_offset"].as_u64()) {
+        (Some(m), Some(off)) => format!("{}+{off:#x}", m.rsplit('/').next().unwrap_or(m)),
+        _ => fr["pc"].as_u64().map(|pc| format!("{pc:#x}")).unwrap_or_else(|| "?".into()),
+    }
+}
+
 fn stacks(ev: &dyn Evidence, f: &mut Findings) {
     if let Some(v) = ev.read_json("stacks/threads.json") {
         let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for t in v["threads"].as_array().into_iter().flatten() {
-            let frames: Vec<String> = t["frames"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .take(6)
-                .map(|fr| fr["symbol"].as_str().map(str::to_string).unwrap_or_else(|| format!("{}", fr["pc"])))
-                .collect();
+            let frames: Vec<String> = t["frames"].as_array().into_iter().flatten().take(6).map(frame_name).collect();
             let name = t["name"].as_str().unwrap_or("?").to_string();
-            groups.entry(frames.join(" < ")).or_default().push(name);
+            let stack = if frames.is_empty() { "(no user-space frames: a kernel-side thread)".to_string() } else { frames.join(" < ") };
+            groups.entry(stack).or_default().push(name);
         }
         for (stack, names) in groups {
             f.stacks.push(format!("{} thread(s) [{}]: {stack}", names.len(), names.join(", ")));

@@ -137,6 +137,9 @@ pub fn markdown(s: &Summary) -> String {
     for u in &f.io_uring {
         o.push_str(&format!("- io_uring {u}\n"));
     }
+    if !f.io_uring.is_empty() {
+        o.push('\n');
+    }
     if !f.risks.is_empty() {
         o.push_str("Risk factors in the VM's config:\n\n");
         for r in &f.risks {
