@@ -19,7 +19,8 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     let reps: usize = args.iter().position(|a| a == "--loop").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(1);
     let mut opts = NativeOptions { lines: args.iter().any(|a| a == "--lines"), ..NativeOptions::default() };
-    if let Some(kib) = args.iter().position(|a| a == "--stack-kib").and_then(|i| args.get(i + 1)?.parse::<usize>().ok()) {
+    if let Some(kib) = args.iter().position(|a| a == "--stack-kib").and_then(|i| args.get(i + 1)?.parse::<usize>().ok())
+    {
         opts.freeze.stack_bytes = kib << 10;
     }
     let cancel = Cancel::new();

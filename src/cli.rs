@@ -134,7 +134,9 @@ pub struct AutopsyArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// The verdict for a live VM without an archive; exit code by verdict (example: wedge-autopsy diagnose 102 --window 5s)
-    #[command(after_help = "Exit codes: 0 healthy, 10 inconclusive, 11 block-path-frozen, 12 main-loop-wedged,\n13 qmp-unreachable, 14 paused, 15 io-error, 16 process-stopped; 2 bad input, 3 refused.")]
+    #[command(
+        after_help = "Exit codes: 0 healthy, 10 inconclusive, 11 block-path-frozen, 12 main-loop-wedged,\n13 qmp-unreachable, 14 paused, 15 io-error, 16 process-stopped; 2 bad input, 3 refused."
+    )]
     Diagnose {
         /// The VM, as `qm list` shows it
         vmid: String,
@@ -169,7 +171,9 @@ pub enum Command {
         json: bool,
     },
     /// Delete old archives by the retention limits (example: wedge-autopsy prune --keep 20 --dry-run)
-    #[command(after_help = "Examples:\n  wedge-autopsy prune --dry-run                 what the configured [retention] would remove\n  wedge-autopsy prune --max-age 90d --max-bytes 10G\n\nOnly autopsy-*.tar.zst archives and their .sha256/.restart.json/.summary.md sidecars in\nthe output directory are ever removed, oldest first; the newest archive never is.\nLimits not given as flags come from [retention] in the config file.")]
+    #[command(
+        after_help = "Examples:\n  wedge-autopsy prune --dry-run                 what the configured [retention] would remove\n  wedge-autopsy prune --max-age 90d --max-bytes 10G\n\nOnly autopsy-*.tar.zst archives and their .sha256/.restart.json/.summary.md sidecars in\nthe output directory are ever removed, oldest first; the newest archive never is.\nLimits not given as flags come from [retention] in the config file."
+    )]
     Prune(PruneArgs),
     /// List, show, check runbooks (example: wedge-autopsy runbook check my.toml)
     Runbook {
@@ -177,7 +181,9 @@ pub enum Command {
         action: RunbookAction,
     },
     /// HTTP service: alerts (Alertmanager, Grafana) and API calls start autopsies; results go to the ticket (example: wedge-autopsy serve --listen 127.0.0.1:9171)
-    #[command(after_help = "Configured under [serve] in the config file; see docs/serve.md.\nStops on SIGTERM after running autopsies seal.")]
+    #[command(
+        after_help = "Configured under [serve] in the config file; see docs/serve.md.\nStops on SIGTERM after running autopsies seal."
+    )]
     Serve {
         /// Address to listen on [default: [serve] listen, else 127.0.0.1:9171]
         #[arg(long, value_name = "ADDR:PORT")]

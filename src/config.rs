@@ -86,7 +86,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if t == "0" {
         return Ok(Duration::ZERO);
     }
-    humantime::parse_duration(t).map_err(|e| format!("invalid duration {text:?} ({e}): write e.g. \"2s\", \"500ms\", \"0\""))
+    humantime::parse_duration(t)
+        .map_err(|e| format!("invalid duration {text:?} ({e}): write e.g. \"2s\", \"500ms\", \"0\""))
 }
 
 impl Settings {
@@ -101,7 +102,8 @@ impl Settings {
             None => (FileConfig::default(), None),
         };
         let interval_text = o.sample_interval.clone().or(file.sample_interval.clone()).unwrap_or_else(|| "2s".into());
-        let sample_interval = parse_duration(&interval_text).map_err(|e| Error::BadInput(format!("sample_interval: {e}")))?;
+        let sample_interval =
+            parse_duration(&interval_text).map_err(|e| Error::BadInput(format!("sample_interval: {e}")))?;
         if sample_interval > Duration::from_secs(60) {
             return Err(Error::BadInput(format!(
                 "sample_interval {interval_text} is too long: the VM is down while you wait; use at most 60s"
@@ -292,7 +294,10 @@ mod tests {
     #[test]
     fn shipped_config_is_generated() {
         let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/packaging/config.toml")).unwrap();
-        assert!(shipped == example_config(), "packaging/config.toml is stale: run `cargo run -- generate config > packaging/config.toml`");
+        assert!(
+            shipped == example_config(),
+            "packaging/config.toml is stale: run `cargo run -- generate config > packaging/config.toml`"
+        );
     }
 
     /// Every key the parser accepts is documented, and nothing else is.
@@ -311,8 +316,10 @@ mod tests {
                 parser.push(k.clone());
             }
         }
-        let mut documented: Vec<String> =
-            KEYS.iter().map(|k| k.section.map(|s| format!("{s}.{}", k.key)).unwrap_or_else(|| k.key.to_string())).collect();
+        let mut documented: Vec<String> = KEYS
+            .iter()
+            .map(|k| k.section.map(|s| format!("{s}.{}", k.key)).unwrap_or_else(|| k.key.to_string()))
+            .collect();
         parser.sort();
         documented.sort();
         assert_eq!(parser, documented);
@@ -325,7 +332,14 @@ mod tests {
         let uncommented: String = example_config()
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if rest.starts_with('[') || rest.split_once(" = ").is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) => rest,
+                Some(rest)
+                    if rest.starts_with('[')
+                        || rest
+                            .split_once(" = ")
+                            .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_')) =>
+                {
+                    rest
+                }
                 _ => l,
             })
             .collect::<Vec<_>>()
@@ -347,7 +361,8 @@ mod tests {
     fn retention_keys_parse_and_zero_switches_off() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config.toml");
-        std::fs::write(&cfg, "[retention]\nkeep = 5\nmax_age = \"90d\"\nmax_bytes = \"0\"\nmin_free = \"512M\"\n").unwrap();
+        std::fs::write(&cfg, "[retention]\nkeep = 5\nmax_age = \"90d\"\nmax_bytes = \"0\"\nmin_free = \"512M\"\n")
+            .unwrap();
         let s = Settings::load(&Overrides { config: Some(cfg.clone()), ..Default::default() }).unwrap();
         assert_eq!(s.retention.keep, Some(5));
         assert_eq!(s.retention.max_age, Some(Duration::from_secs(90 * 86400)));

@@ -179,9 +179,8 @@ mod tests {
         assert!(out.status.is_none());
         let grandchild: i32 = std::fs::read_to_string(pidfile.path()).unwrap().trim().parse().unwrap();
         std::thread::sleep(Duration::from_millis(100));
-        let alive = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false);
+        let alive =
+            std::fs::read_to_string(format!("/proc/{grandchild}/stat")).map(|s| !s.contains(") Z ")).unwrap_or(false);
         assert!(!alive, "grandchild {grandchild} survived the deadline");
     }
 

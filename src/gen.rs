@@ -53,7 +53,13 @@ pub fn man_pages(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(written)
 }
 
-fn man_page(cmd: &clap::Command, name: String, dir: &Path, root: bool, written: &mut Vec<PathBuf>) -> std::io::Result<()> {
+fn man_page(
+    cmd: &clap::Command,
+    name: String,
+    dir: &Path,
+    root: bool,
+    written: &mut Vec<PathBuf>,
+) -> std::io::Result<()> {
     let page = cmd.clone().name(name.clone()).bin_name(name.replace('-', " ").replacen("wedge autopsy", BIN, 1));
     let mut buf = Vec::new();
     clap_mangen::Man::new(page).render(&mut buf)?;
@@ -74,8 +80,10 @@ pub fn completions(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     use clap_complete::Shell;
     std::fs::create_dir_all(dir)?;
     let mut cmd = Cli::command();
-    let files: Vec<PathBuf> =
-        [Shell::Bash, Shell::Zsh, Shell::Fish].into_iter().map(|sh| clap_complete::generate_to(sh, &mut cmd, BIN, dir)).collect::<Result<_, _>>()?;
+    let files: Vec<PathBuf> = [Shell::Bash, Shell::Zsh, Shell::Fish]
+        .into_iter()
+        .map(|sh| clap_complete::generate_to(sh, &mut cmd, BIN, dir))
+        .collect::<Result<_, _>>()?;
     let bash = dir.join(format!("{BIN}.bash"));
     let text = std::fs::read_to_string(&bash)?;
     std::fs::write(&bash, fix_bash_hyphenated_bin(&text))?;
@@ -133,7 +141,8 @@ pub fn runbook_docs() -> String {
 }
 
 fn table(out: &mut String, obj: &Value) {
-    let required: Vec<&str> = obj["required"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    let required: Vec<&str> =
+        obj["required"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
     out.push_str("| Key | Type | Required | Meaning |\n|---|---|---|---|\n");
     if let Some(props) = obj["properties"].as_object() {
         for (key, p) in props {
@@ -150,7 +159,9 @@ fn type_of(p: &Value) -> String {
     }
     let base = match &p["type"] {
         Value::String(t) => t.clone(),
-        Value::Array(ts) => ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join(" or "),
+        Value::Array(ts) => {
+            ts.iter().filter_map(Value::as_str).filter(|t| *t != "null").collect::<Vec<_>>().join(" or ")
+        }
         _ => "any".into(),
     };
     let base = match base.as_str() {
@@ -170,7 +181,9 @@ pub fn generate_cmd(what: &GenerateWhat) -> Result<Exit, Error> {
     let io = |e: std::io::Error| Error::Other(e.into());
     match what {
         GenerateWhat::Man { dir } => man_pages(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
-        GenerateWhat::Completions { dir } => completions(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display())),
+        GenerateWhat::Completions { dir } => {
+            completions(dir).map_err(io)?.iter().for_each(|p| println!("{}", p.display()))
+        }
         GenerateWhat::Config => print!("{}", crate::config::example_config()),
         GenerateWhat::RunbookDocs => print!("{}", runbook_docs()),
     }
@@ -227,10 +240,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let pages = man_pages(&d.path().join("man")).unwrap();
         let names: Vec<String> = pages.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
-        for n in ["wedge-autopsy.1", "wedge-autopsy-prune.1", "wedge-autopsy-runbook-check.1", "wedge-autopsy-inspect.1"] {
+        for n in
+            ["wedge-autopsy.1", "wedge-autopsy-prune.1", "wedge-autopsy-runbook-check.1", "wedge-autopsy-inspect.1"]
+        {
             assert!(names.iter().any(|x| x == n), "{n} not in {names:?}");
         }
-        assert!(!names.iter().any(|x| x.contains("generate") || x.contains("help")), "hidden or help command got a page: {names:?}");
+        assert!(
+            !names.iter().any(|x| x.contains("generate") || x.contains("help")),
+            "hidden or help command got a page: {names:?}"
+        );
         let root = std::fs::read_to_string(d.path().join("man/wedge-autopsy.1")).unwrap();
         assert!(root.contains(".SH FILES") && root.contains("config.toml"));
         let comps = completions(&d.path().join("comp")).unwrap();

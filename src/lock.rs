@@ -83,7 +83,14 @@ impl VmLock {
         let io = |source| LockError::Io { dir: out.display().to_string(), path: path.display().to_string(), source };
         // Same private mode as the archive directory.
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(out.join("locks")).map_err(io)?;
-        let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
         // SAFETY: flock on a descriptor we own.
         let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
@@ -96,7 +103,12 @@ impl VmLock {
             }
             return Err(io(err));
         }
-        let holder = Holder { pid: std::process::id() as i32, user: current_user(), started_at: chrono::Utc::now(), vmid: vmid.get() };
+        let holder = Holder {
+            pid: std::process::id() as i32,
+            user: current_user(),
+            started_at: chrono::Utc::now(),
+            vmid: vmid.get(),
+        };
         let text = serde_json::to_string(&holder).expect("holder serializes") + "\n";
         (|| -> std::io::Result<()> {
             file.set_len(0)?;

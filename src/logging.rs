@@ -10,8 +10,8 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::render::live::SuspendingStderr;
 use crate::cli::LogFormat;
+use crate::render::live::SuspendingStderr;
 use crate::render::ui::{choose, Env, LogSink, Ui};
 use crate::render::STEP_TARGET;
 
@@ -48,7 +48,8 @@ pub fn init(env: &Env, quiet: bool, verbose: u8, format: Option<LogFormat>) -> U
             ui
         }
         LogSink::Text { color } => {
-            let fmt = tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).with_target(false).with_ansi(color);
+            let fmt =
+                tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).with_target(false).with_ansi(color);
             let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
             ui
         }

@@ -14,8 +14,8 @@ use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::render::ui::{self as ui, Display, Ui};
-use wedge_autopsy::restart;
 use wedge_autopsy::render::{self, StderrLines};
+use wedge_autopsy::restart;
 use wedge_autopsy::retention;
 use wedge_autopsy::runbook;
 use wedge_autopsy::target::{Target, VmId};
@@ -39,13 +39,16 @@ fn main() -> ExitCode {
         // Build-time assets: independent of any installed config.
         return finish(wedge_autopsy::gen::generate_cmd(what));
     }
-    let ui = wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
+    let ui =
+        wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
     let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
         None => autopsy_cmd(&cli.autopsy, &settings, &ui),
         Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
         Some(Command::Generate { .. }) => unreachable!("handled above"),
         Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
-        Some(Command::Diagnose { vmid, window, min_idle, json }) => diagnose_cmd(&vmid, window, min_idle, json, settings),
+        Some(Command::Diagnose { vmid, window, min_idle, json }) => {
+            diagnose_cmd(&vmid, window, min_idle, json, settings)
+        }
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
         Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
         Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
@@ -77,7 +80,11 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         true => Some(restart::Request::new(settings, restart_options(args), args.quiet)?),
         false => None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(anyhow::Error::from)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)?;
     let cancel = Cancel::new();
     rt.block_on(async { autopsy::cancel_on_signals(&cancel) }).map_err(anyhow::Error::from)?;
     if args.all_wedged {
@@ -87,7 +94,10 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
             }
         }
         if vmids.is_empty() {
-            let _ = writeln!(std::io::stderr(), "wedge-autopsy: --all-wedged: no running VM on this node is wedged; nothing captured");
+            let _ = writeln!(
+                std::io::stderr(),
+                "wedge-autopsy: --all-wedged: no running VM on this node is wedged; nothing captured"
+            );
             return Ok(Exit::Ok);
         }
     }
@@ -114,13 +124,19 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
             }
         }
         match retention::check_floor(&settings.out, settings.retention.min_free) {
-            Ok(free) => println!("free space: {} under {} (min_free {})", retention::human_bytes(free), settings.out.display(), retention::human_bytes(settings.retention.min_free)),
+            Ok(free) => println!(
+                "free space: {} under {} (min_free {})",
+                retention::human_bytes(free),
+                settings.out.display(),
+                retention::human_bytes(settings.retention.min_free)
+            ),
             Err(e) => println!("would refuse: {e}"),
         }
         return Ok(Exit::Ok);
     }
     // Prove every target first: a refused VMID touches nothing, not even --out.
-    let proven: Vec<(VmId, Result<Target, Error>)> = vmids.iter().map(|&v| (v, autopsy::prepare(&req_for(v), settings))).collect();
+    let proven: Vec<(VmId, Result<Target, Error>)> =
+        vmids.iter().map(|&v| (v, autopsy::prepare(&req_for(v), settings))).collect();
     if proven.iter().any(|(_, t)| t.is_ok()) {
         archive::prepare_out(&settings.out).map_err(|e| Error::BadInput(e.to_string()))?;
         retention::check_floor(&settings.out, settings.retention.min_free).map_err(|e| Error::Seal(e.to_string()))?;
@@ -138,7 +154,8 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         let handles: Vec<_> = proven
             .into_iter()
             .map(|(vmid, target)| {
-                let (req, restart_req, slots, cancel, handle) = (req_for(vmid), restart_req.clone(), &slots, &cancel, rt.handle());
+                let (req, restart_req, slots, cancel, handle) =
+                    (req_for(vmid), restart_req.clone(), &slots, &cancel, rt.handle());
                 let run = scope.spawn(move || {
                     let target = target?;
                     let _slot = slots.acquire();
@@ -151,7 +168,10 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
                 (vmid, run)
             })
             .collect();
-        handles.into_iter().map(|(v, h)| (v, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into())))).collect()
+        handles
+            .into_iter()
+            .map(|(v, h)| (v, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into()))))
+            .collect()
     });
     let mut worst = Exit::Ok;
     for (vmid, result) in &results {
@@ -176,7 +196,11 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
                 let prefix = if several { format!("VM {vmid}: ") } else { String::new() };
                 let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {prefix}{e}");
                 if args.json && several {
-                    let _ = writeln!(std::io::stdout(), "{}", serde_json::json!({"vmid": vmid, "error": e.to_string(), "exit": e.exit().code()}));
+                    let _ = writeln!(
+                        std::io::stdout(),
+                        "{}",
+                        serde_json::json!({"vmid": vmid, "error": e.to_string(), "exit": e.exit().code()})
+                    );
                 }
                 e.exit()
             }
@@ -216,10 +240,21 @@ impl Drop for SemaphoreGuard<'_> {
 }
 
 fn restart_options(args: &AutopsyArgs) -> restart::Options {
-    restart::Options { force: args.force, allow_ha: args.allow_ha, timeout: args.restart_timeout.clone(), qm: args.qm.clone() }
+    restart::Options {
+        force: args.force,
+        allow_ha: args.allow_ha,
+        timeout: args.restart_timeout.clone(),
+        qm: args.qm.clone(),
+    }
 }
 
-fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, json: bool, mut settings: Settings) -> Result<Exit, Error> {
+fn diagnose_cmd(
+    vmid: &str,
+    window: Option<String>,
+    min_idle: Option<String>,
+    json: bool,
+    mut settings: Settings,
+) -> Result<Exit, Error> {
     let vmid: VmId = vmid.parse().map_err(Error::Target)?;
     if let Some(w) = window {
         settings.sample_interval = config::parse_duration(&w).map_err(|e| Error::BadInput(format!("--window: {e}")))?;
@@ -228,7 +263,14 @@ fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, js
         settings.min_idle = config::parse_duration(&m).map_err(|e| Error::BadInput(format!("--min-idle: {e}")))?;
     }
     let runbook = runbook::load("diagnose", &settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
-    let req = Request { vmid, runbook, stacks: None, no_qmp: false, trigger: Trigger::manual(None), command_line: std::env::args().collect() };
+    let req = Request {
+        vmid,
+        runbook,
+        stacks: None,
+        no_qmp: false,
+        trigger: Trigger::manual(None),
+        command_line: std::env::args().collect(),
+    };
     let target = autopsy::prepare(&req, &settings)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
     let (d, _) = rt.block_on(async {
@@ -237,7 +279,10 @@ fn diagnose_cmd(vmid: &str, window: Option<String>, min_idle: Option<String>, js
         autopsy::diagnose_live(&req, &settings, &target, &cancel).await
     })?;
     if json {
-        println!("{}", serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings}));
+        println!(
+            "{}",
+            serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings})
+        );
     } else {
         println!("VM {vmid} (pid {}): {}", target.pid, d.verdict);
         for f in &d.facts {
@@ -281,7 +326,10 @@ fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Ex
             let result = stacks::gdb::Gdb::default().capture(&req);
             let restore = stacks::restore_stopped(pid, &before, &|| true);
             if !restore.newly_stopped.is_empty() {
-                eprintln!("wedge-autopsy: threads {:?} were left stopped by gdb; resumed: {}", restore.newly_stopped, restore.resumed);
+                eprintln!(
+                    "wedge-autopsy: threads {:?} were left stopped by gdb; resumed: {}",
+                    restore.newly_stopped, restore.resumed
+                );
             }
             let text = std::fs::read_to_string(dir.join("stacks/gdb.txt")).unwrap_or_default();
             let _ = std::fs::remove_dir_all(&dir);
@@ -300,7 +348,12 @@ fn audit_cmd(json: bool, settings: &Settings) -> Result<Exit, Error> {
     }
     for vm in &vms {
         let flags = vm.risks.len() + vm.unlike_neighbours.len() + vm.pending.len();
-        println!("VM {}{}: {}", vm.vmid, vm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(), if flags == 0 { "ok" } else { "flagged" });
+        println!(
+            "VM {}{}: {}",
+            vm.vmid,
+            vm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
+            if flags == 0 { "ok" } else { "flagged" }
+        );
         for r in &vm.risks {
             println!("  risk     {}", r.what);
         }
@@ -318,7 +371,9 @@ fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error
     match action {
         RunbookAction::List => {
             for (name, source) in runbook::list(&settings.runbook_dir) {
-                let desc = runbook::load(&name, &settings.runbook_dir).map(|r| r.description).unwrap_or_else(|e| format!("INVALID: {e}"));
+                let desc = runbook::load(&name, &settings.runbook_dir)
+                    .map(|r| r.description)
+                    .unwrap_or_else(|e| format!("INVALID: {e}"));
                 println!("{name:<20} {source:<40} {desc}");
             }
             Ok(Exit::Ok)
@@ -329,7 +384,9 @@ fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error
                 .or_else(|_| std::fs::read_to_string(&path))
                 .ok()
                 .or_else(|| runbook::BUILT_IN.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()))
-                .ok_or_else(|| Error::BadInput(format!("no runbook named {name:?}; `wedge-autopsy runbook list` shows them")))?;
+                .ok_or_else(|| {
+                    Error::BadInput(format!("no runbook named {name:?}; `wedge-autopsy runbook list` shows them"))
+                })?;
             print!("{text}");
             Ok(Exit::Ok)
         }
@@ -368,7 +425,9 @@ fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&st
     }
     let reader = ArchiveReader::open(path).map_err(|e| Error::BadInput(e.to_string()))?;
     if let Some(p) = cat {
-        let bytes = reader.read(p).ok_or_else(|| Error::BadInput(format!("{p} is not in the archive; --json lists the files")))?;
+        let bytes = reader
+            .read(p)
+            .ok_or_else(|| Error::BadInput(format!("{p} is not in the archive; --json lists the files")))?;
         std::io::stdout().write_all(&bytes).map_err(anyhow::Error::from)?;
         return Ok(Exit::Ok);
     }
@@ -379,7 +438,12 @@ fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&st
     let m = &reader.manifest;
     match reader.read_string("summary.md") {
         Some(md) => print!("{md}"),
-        None => println!("VM {} pid {} on {} (no summary.md in this archive)", m.vmid.unwrap_or(0), m.pid.unwrap_or(0), m.host),
+        None => println!(
+            "VM {} pid {} on {} (no summary.md in this archive)",
+            m.vmid.unwrap_or(0),
+            m.pid.unwrap_or(0),
+            m.host
+        ),
     }
     // The verdict is recomputed from the sealed evidence, with this version's rules.
     let d = diagnose::diagnose(&reader, &m.steps, &diagnose::Rules::default());

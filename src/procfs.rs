@@ -16,16 +16,38 @@ use crate::step::StepSink;
 
 /// Files copied for the whole process (`proc/<name>`).
 pub const PROCESS_FILES: &[&str] = &[
-    "cmdline", "status", "stat", "io", "limits", "cgroup", "sched", "smaps_rollup", "maps", "wchan",
-    "syscall", "stack", "mountinfo", "oom_score", "timerslack_ns",
+    "cmdline",
+    "status",
+    "stat",
+    "io",
+    "limits",
+    "cgroup",
+    "sched",
+    "smaps_rollup",
+    "maps",
+    "wchan",
+    "syscall",
+    "stack",
+    "mountinfo",
+    "oom_score",
+    "timerslack_ns",
 ];
 /// Files copied for every thread (`proc/task/<tid>/<name>`).
 pub const THREAD_FILES: &[&str] = &["comm", "stat", "status", "wchan", "syscall", "stack", "sched"];
 /// Host files (`host/<name>`), read as they are.
 pub const HOST_FILES: &[&str] = &[
-    "/proc/loadavg", "/proc/meminfo", "/proc/vmstat", "/proc/diskstats", "/proc/uptime",
-    "/proc/version", "/proc/pressure/cpu", "/proc/pressure/io", "/proc/pressure/memory",
-    "/proc/sys/kernel/hung_task_timeout_secs", "/proc/cmdline", "/proc/mdstat",
+    "/proc/loadavg",
+    "/proc/meminfo",
+    "/proc/vmstat",
+    "/proc/diskstats",
+    "/proc/uptime",
+    "/proc/version",
+    "/proc/pressure/cpu",
+    "/proc/pressure/io",
+    "/proc/pressure/memory",
+    "/proc/sys/kernel/hung_task_timeout_secs",
+    "/proc/cmdline",
+    "/proc/mdstat",
 ];
 /// Upper bound for one /proc file; `maps` of a big QEMU is well under this.
 const MAX_FILE: u64 = 16 << 20;
@@ -88,9 +110,17 @@ pub fn split_nul(raw: &[u8]) -> Vec<String> {
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Syscall {
     /// In a system call: number, six arguments, user stack pointer and program counter.
-    In { nr: i64, args: Vec<u64>, sp: u64, pc: u64 },
+    In {
+        nr: i64,
+        args: Vec<u64>,
+        sp: u64,
+        pc: u64,
+    },
     /// Blocked but not in a syscall (e.g. a page fault): only SP and PC are known.
-    Blocked { sp: u64, pc: u64 },
+    Blocked {
+        sp: u64,
+        pc: u64,
+    },
     Running,
 }
 
@@ -247,7 +277,8 @@ mod tests {
 
     #[test]
     fn stat_with_hostile_comm() {
-        let s = parse_stat("4242 (CPU 0/KVM) (x) S 1 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 9 0 987654 0 0").unwrap();
+        let s =
+            parse_stat("4242 (CPU 0/KVM) (x) S 1 4242 4242 0 -1 4194560 0 0 0 0 0 0 0 0 20 0 9 0 987654 0 0").unwrap();
         assert_eq!(s.comm, "CPU 0/KVM) (x");
         assert_eq!(s.state, 'S');
         assert_eq!(s.ppid, 1);

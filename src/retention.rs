@@ -93,7 +93,13 @@ impl Plan {
 
 /// Decides which of `entries` (any order) to remove under `limits` at `now`, given the
 /// filesystem's current free bytes. `protect` (the archive just sealed) is never removed.
-pub fn plan(mut entries: Vec<Entry>, limits: &Limits, now: DateTime<Utc>, free: Option<u64>, protect: Option<&Path>) -> Plan {
+pub fn plan(
+    mut entries: Vec<Entry>,
+    limits: &Limits,
+    now: DateTime<Utc>,
+    free: Option<u64>,
+    protect: Option<&Path>,
+) -> Plan {
     entries.sort_by(|a, b| b.time.cmp(&a.time).then_with(|| b.archive.cmp(&a.archive)));
     let protected = |e: &Entry| protect.is_some_and(|p| p == e.archive);
     let mut out = Plan::default();
@@ -280,7 +286,13 @@ pub fn after_run(settings: &Settings, sealed: &Path, show: bool) {
     match prune(&settings.out, &settings.retention, Some(sealed), false) {
         Ok(p) if !p.plan.remove.is_empty() && show => {
             let names: Vec<String> = p.plan.remove.iter().map(|(e, _)| e.name()).collect();
-            eprintln!("retention: removed {} old archive(s), {} freed ({}): {}", names.len(), human_bytes(p.plan.freed()), p.plan.remove[0].1, names.join(", "));
+            eprintln!(
+                "retention: removed {} old archive(s), {} freed ({}): {}",
+                names.len(),
+                human_bytes(p.plan.freed()),
+                p.plan.remove[0].1,
+                names.join(", ")
+            );
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("retention not applied: {e}"),
@@ -295,7 +307,8 @@ pub fn prune_cmd(args: &PruneArgs, settings: &Settings) -> Result<Exit, Error> {
         limits.keep = (k > 0).then_some(k);
     }
     if let Some(a) = &args.max_age {
-        limits.max_age = Some(crate::config::parse_duration(a).map_err(|e| bad("--max-age", e))?).filter(|d| !d.is_zero());
+        limits.max_age =
+            Some(crate::config::parse_duration(a).map_err(|e| bad("--max-age", e))?).filter(|d| !d.is_zero());
     }
     if let Some(b) = &args.max_bytes {
         limits.max_bytes = Some(crate::runbook::parse_size(b).map_err(|e| bad("--max-bytes", e))?).filter(|b| *b > 0);
@@ -377,7 +390,13 @@ mod tests {
     #[test]
     fn the_newest_and_the_protected_archive_are_never_removed() {
         let es = vec![entry("a", 400, 100), entry("b", 500, 100)];
-        let p = plan(es.clone(), &Limits { keep: Some(1), max_age: Some(Duration::from_secs(1)), max_bytes: Some(1), min_free: 0 }, at(0), None, None);
+        let p = plan(
+            es.clone(),
+            &Limits { keep: Some(1), max_age: Some(Duration::from_secs(1)), max_bytes: Some(1), min_free: 0 },
+            at(0),
+            None,
+            None,
+        );
         assert_eq!(removed(&p), ["b"]);
         let p = plan(es, &Limits { keep: Some(1), ..none() }, at(0), None, Some(Path::new("b")));
         assert!(p.remove.is_empty());
@@ -400,7 +419,10 @@ mod tests {
         assert!(!is_archive_name("autopsy-102.tar.zst.sha256"));
         assert!(!is_archive_name(".autopsy-102-x.tar.zst.123.tmp"));
         assert!(!is_archive_name("notes.tar.zst"));
-        assert_eq!(time_from_name("autopsy-102-20260611T164700Z-pve1.tar.zst").unwrap().to_rfc3339(), "2026-06-11T16:47:00+00:00");
+        assert_eq!(
+            time_from_name("autopsy-102-20260611T164700Z-pve1.tar.zst").unwrap().to_rfc3339(),
+            "2026-06-11T16:47:00+00:00"
+        );
         assert_eq!(time_from_name("autopsy-x.tar.zst"), None);
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");
@@ -428,7 +450,8 @@ mod tests {
         write(dir, &format!(".{}.tar.zst.999.tmp", names[0]), 5);
         write(dir, "autopsy-notes.txt", 5);
         write(dir, "keep-me.tar.zst", 5);
-        std::os::unix::fs::symlink(dir.join("keep-me.tar.zst"), dir.join("autopsy-999-20200101T000000Z-x.tar.zst")).unwrap();
+        std::os::unix::fs::symlink(dir.join("keep-me.tar.zst"), dir.join("autopsy-999-20200101T000000Z-x.tar.zst"))
+            .unwrap();
         std::fs::create_dir(dir.join("autopsy-998-20200101T000000Z-x.tar.zst")).unwrap();
 
         let limits = Limits { keep: Some(2), ..none() };
@@ -439,7 +462,8 @@ mod tests {
 
         let done = prune(dir, &limits, None, false).unwrap();
         assert!(done.failed.is_empty(), "{:?}", done.failed);
-        let mut left: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         let mut want = vec![
             format!(".{}.999.staging", names[0]),

@@ -207,8 +207,16 @@ pub fn resolve_with(vmid: VmId, layout: &Layout, spec: &TargetSpec) -> Result<Ta
     }
     let domain = spec.domain.as_deref().map(|d| spec.render(d, vmid, layout, ""));
     let dom = domain.clone().unwrap_or_default();
-    let pidfile = spec.pidfile.as_deref().map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom))).unwrap_or_else(|| layout.pidfile(vmid));
-    let mut qmp_socket = spec.qmp.as_deref().map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom))).unwrap_or_else(|| layout.qmp_socket(vmid));
+    let pidfile = spec
+        .pidfile
+        .as_deref()
+        .map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom)))
+        .unwrap_or_else(|| layout.pidfile(vmid));
+    let mut qmp_socket = spec
+        .qmp
+        .as_deref()
+        .map(|t| PathBuf::from(spec.render(t, vmid, layout, &dom)))
+        .unwrap_or_else(|| layout.qmp_socket(vmid));
     let shown = pidfile.display().to_string();
     let text = match std::fs::read_to_string(&pidfile) {
         Ok(t) => t,

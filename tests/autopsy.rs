@@ -45,7 +45,10 @@ fn sealed_archive(json: &Value) -> ArchiveReader {
 fn no_thread_left_stopped(before: &BTreeMap<i32, char>, after: &BTreeMap<i32, char>) {
     for (tid, st) in after {
         if matches!(st, 'T' | 't') {
-            assert!(matches!(before.get(tid), Some('T' | 't')), "thread {tid} left stopped: before {before:?} after {after:?}");
+            assert!(
+                matches!(before.get(tid), Some('T' | 't')),
+                "thread {tid} left stopped: before {before:?} after {after:?}"
+            );
         }
     }
 }
@@ -98,7 +101,11 @@ fn wedged_vm_is_sealed_with_all_evidence() {
     assert_eq!(block["return"][0]["inserted"]["bps_wr"], 62914560, "the incident's 60 MB/s throttle is live");
 
     // Per-thread kernel stacks for every thread, and user stacks.
-    let tids: Vec<String> = ar.list().iter().filter_map(|p| p.strip_prefix("proc/task/")?.strip_suffix("/stack").map(str::to_string)).collect();
+    let tids: Vec<String> = ar
+        .list()
+        .iter()
+        .filter_map(|p| p.strip_prefix("proc/task/")?.strip_suffix("/stack").map(str::to_string))
+        .collect();
     assert_eq!(tids.len(), before.len(), "a kernel stack per thread: {tids:?} vs {before:?}");
     assert!(ar.read_string(&format!("proc/task/{}/stack", lab.pid())).unwrap().contains("[<0>]"));
     // Native stacks by default: every thread, frozen once, vCPUs labelled from QMP.
@@ -142,7 +149,10 @@ fn healthy_vm_seals_ok_and_progress_ends_with_archive() {
     assert!(ar.read_string("stacks/gdb.txt").unwrap().contains("Thread "));
     let err = stderr(&out);
     let last = err.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>();
-    assert!(last[last.len() - 2].contains(json["archive"].as_str().unwrap()), "progress ends with the archive path:\n{err}");
+    assert!(
+        last[last.len() - 2].contains(json["archive"].as_str().unwrap()),
+        "progress ends with the archive path:\n{err}"
+    );
     assert!(err.lines().any(|l| l.contains("proc") && l.contains("ok")), "one line per step:\n{err}");
     no_thread_left_stopped(&before, &lab.thread_states());
     assert_eq!(tracer_pid(lab.pid()), 0);
@@ -229,7 +239,12 @@ fn refusals_are_one_line_and_touch_nothing() {
 
 #[test]
 fn vm_on_another_node_names_that_node() {
-    let lab = Lab::start(LabOptions { vmid: 108, name: "away".into(), node: Some("pve-far".into()), ..LabOptions::default() });
+    let lab = Lab::start(LabOptions {
+        vmid: 108,
+        name: "away".into(),
+        node: Some("pve-far".into()),
+        ..LabOptions::default()
+    });
     let (out, _) = run(&lab, &["108"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(stderr(&out).contains("runs on node pve-far"), "{}", stderr(&out));
@@ -267,9 +282,13 @@ fn sigint_mid_run_still_seals_what_was_captured() {
     let ar = sealed_archive(&json);
     assert!(ar.manifest.interrupted);
     assert!(ar.read("proc/status").is_some());
-    assert!(!std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0)).is_some_and(|a| a == ["sleep", "60"])
-    }), "the interrupted command's process group was killed");
+    assert!(
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
+                .is_some_and(|a| a == ["sleep", "60"])
+        }),
+        "the interrupted command's process group was killed"
+    );
 }
 
 #[test]
@@ -327,7 +346,8 @@ fn several_vms_in_one_call_and_all_wedged() {
     let out = run_bounded(&mut lab.tool_args(&["130", "131", "132", "--json", "--sample-interval", "0"]), RUN_TIMEOUT);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(3), "the refusal of 132 is the worst outcome: {err}");
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     for (line, vmid) in lines.iter().zip([130, 131]) {
         assert_eq!(line["vmid"], vmid);
@@ -350,7 +370,11 @@ fn several_vms_in_one_call_and_all_wedged() {
         std::thread::spawn(move || {
             let mut q = common::Qmp::connect(&path, Duration::from_secs(10)).unwrap();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                q.execute("human-monitor-command", Some(serde_json::json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""}))).unwrap();
+                q.execute(
+                    "human-monitor-command",
+                    Some(serde_json::json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""})),
+                )
+                .unwrap();
                 std::thread::sleep(Duration::from_millis(50));
             }
         })
@@ -361,7 +385,8 @@ fn several_vms_in_one_call_and_all_wedged() {
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     io.join().unwrap();
-    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1, "{lines:?} {}", stderr(&out));
     assert_eq!(lines[0]["vmid"], 131);
     assert_eq!(lines[0]["verdict"], "block-path-frozen");

@@ -31,10 +31,20 @@ fn autopsy_verdicts(lab: &Lab, vmid: u32) -> (String, String, ArchiveReader) {
     std::fs::write(&cfg, "min_idle = \"1s\"\n").unwrap();
     let v = vmid.to_string();
     let out = run_bounded(
-        &mut lab.tool_args(&[&v, "--json", "--sample-interval", "1s", "--config", cfg.to_str().unwrap(), "--stacks", "gdb"]),
+        &mut lab.tool_args(&[
+            &v,
+            "--json",
+            "--sample-interval",
+            "1s",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--stacks",
+            "gdb",
+        ]),
         T,
     );
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let json: Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
     let ar = ArchiveReader::open(&PathBuf::from(json["archive"].as_str().unwrap())).unwrap();
     let sealed = ar.read_json("summary.json").unwrap()["diagnosis"]["verdict"].as_str().unwrap().to_string();
     assert_eq!(json["verdict"].as_str().unwrap(), sealed);
@@ -72,7 +82,11 @@ fn healthy_while_io_completes() {
             let mut q = Qmp::connect(&path, Duration::from_secs(10)).expect("lab monitor");
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
-                q.execute("human-monitor-command", Some(json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""}))).unwrap();
+                q.execute(
+                    "human-monitor-command",
+                    Some(json!({"command-line": "qemu-io drive-scsi0 \"aio_read 0 4k\""})),
+                )
+                .unwrap();
                 n += 1;
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -31,7 +31,8 @@ fn stderr(o: &Output) -> String {
 }
 
 fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("no JSON ({e}); status {}; stderr:\n{}", o.status, stderr(o)))
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("no JSON ({e}); status {}; stderr:\n{}", o.status, stderr(o)))
 }
 
 fn step<'a>(json: &'a Value, id: &str) -> &'a Value {
@@ -80,7 +81,10 @@ fn as_found(pid: i32, before: &BTreeMap<i32, char>) {
     let after = thread_states(pid);
     for (tid, st) in &after {
         if matches!(st, 'T' | 't') {
-            assert!(matches!(before.get(tid), Some('T' | 't')), "thread {tid} left stopped: before {before:?} after {after:?}");
+            assert!(
+                matches!(before.get(tid), Some('T' | 't')),
+                "thread {tid} left stopped: before {before:?} after {after:?}"
+            );
         }
     }
     assert_eq!(tracer_pid(pid), 0, "pid {pid} still traced");
@@ -88,7 +92,11 @@ fn as_found(pid: i32, before: &BTreeMap<i32, char>) {
 
 fn write_runbook(lab: &Lab, name: &str, steps: &str) -> PathBuf {
     let p = lab.root().join(format!("{name}.toml"));
-    std::fs::write(&p, format!("schema = 1\nname = \"{name}\"\ndescription = \"fault test\"\ndeadline = \"90s\"\n{steps}")).unwrap();
+    std::fs::write(
+        &p,
+        format!("schema = 1\nname = \"{name}\"\ndescription = \"fault test\"\ndeadline = \"90s\"\n{steps}"),
+    )
+    .unwrap();
     p
 }
 
@@ -140,14 +148,23 @@ fn fake_lab(vmid: u32, script: Script) -> (Lab, FakeQmp) {
 fn run_qmp_fault(lab: &Lab) -> (Output, Value) {
     let rb = write_runbook(lab, "qmpfault", QMP_STEPS);
     let vmid = lab.vmid().to_string();
-    let out = run_bounded(&mut lab.tool_args(&[&vmid, "--json", "--sample-interval", "500ms", "--runbook", rb.to_str().unwrap()]), RUN_TIMEOUT);
+    let out = run_bounded(
+        &mut lab.tool_args(&[&vmid, "--json", "--sample-interval", "500ms", "--runbook", rb.to_str().unwrap()]),
+        RUN_TIMEOUT,
+    );
     let json = json_of(&out);
     (out, json)
 }
 
 /// Common to every QMP fault: sealed, exit 1, /proc and stacks captured anyway,
 /// the VM as found, and the fake received nothing once it misbehaved.
-fn qmp_fault_common(lab: &Lab, fake: &FakeQmp, before: &BTreeMap<i32, char>, out: &Output, json: &Value) -> ArchiveReader {
+fn qmp_fault_common(
+    lab: &Lab,
+    fake: &FakeQmp,
+    before: &BTreeMap<i32, char>,
+    out: &Output,
+    json: &Value,
+) -> ArchiveReader {
     assert_eq!(out.status.code(), Some(1), "partial: {}\n{json}", stderr(out));
     let ar = sealed(json);
     assert_eq!(status(json, "proc"), "ok");
@@ -206,7 +223,9 @@ fn qmp_greeting_then_silence() {
 #[test]
 fn qmp_reply_cut_mid_line() {
     let script = Script {
-        on: only("query-status", |id| vec![Act::Raw(format!("{{\"return\": {{\"status\": \"runn\", \"id\": {id}").into_bytes()), Act::Hang]),
+        on: only("query-status", |id| {
+            vec![Act::Raw(format!("{{\"return\": {{\"status\": \"runn\", \"id\": {id}").into_bytes()), Act::Hang]
+        }),
         ..Default::default()
     };
     let (lab, fake) = fake_lab(203, script);
@@ -258,7 +277,11 @@ fn qmp_reply_over_cap() {
     let ar = qmp_fault_common(&lab, &fake, &before, &out, &json);
     assert_eq!(status(&json, "qmp-status"), "ok");
     assert_eq!(status(&json, "qmp-block"), "failed");
-    assert!(err_of(&json, "qmp-block").contains("too large") || err_of(&json, "qmp-block").contains("cap"), "{}", err_of(&json, "qmp-block"));
+    assert!(
+        err_of(&json, "qmp-block").contains("too large") || err_of(&json, "qmp-block").contains("cap"),
+        "{}",
+        err_of(&json, "qmp-block")
+    );
     assert!(ar.read("qmp/query-block.json").is_none());
     let t = ar.read("qmp/transcript.jsonl").unwrap();
     assert!(t.len() < 1 << 20, "transcript bounded: {} bytes", t.len());
@@ -271,7 +294,10 @@ fn qmp_foreign_id() {
     let script = Script {
         on: only("query-status", |id| {
             vec![
-                Act::Raw(common::fake_qmp::reply_line(&Value::String("pvestatd-7".into()), serde_json::json!({"status": "paused"}))),
+                Act::Raw(common::fake_qmp::reply_line(
+                    &Value::String("pvestatd-7".into()),
+                    serde_json::json!({"status": "paused"}),
+                )),
                 Act::Raw(common::fake_qmp::reply_line(id, common::fake_qmp::canned("query-status"))),
             ]
         }),
@@ -282,7 +308,11 @@ fn qmp_foreign_id() {
     let (out, json) = run_qmp_fault(&lab);
     assert_eq!(out.status.code(), Some(0), "{}\n{json}", stderr(&out));
     let ar = sealed(&json);
-    assert_eq!(ar.read_json("qmp/query-status.json").unwrap()["return"]["status"], "running", "the foreign 'paused' was not taken");
+    assert_eq!(
+        ar.read_json("qmp/query-status.json").unwrap()["return"]["status"],
+        "running",
+        "the foreign 'paused' was not taken"
+    );
     assert!(ar.read_string("qmp/transcript.jsonl").unwrap().contains("pvestatd-7"));
     assert_eq!(fake.commands().len(), 5, "capabilities, status, 2 blockstats, block: {:?}", fake.commands());
     as_found(lab.pid(), &before);
@@ -460,7 +490,10 @@ fn target_pid_reused_by_foreign_process() {
     // Take the pid over: set the last pid handed out to pid-1 and fork, retrying
     // while other processes on the machine race us for it.
     let mut foreign = None;
-    assert!(wait_until(Duration::from_secs(30), || !Path::new(&format!("/proc/{pid}")).exists()), "pid {pid} never released (not reaped)");
+    assert!(
+        wait_until(Duration::from_secs(30), || !Path::new(&format!("/proc/{pid}")).exists()),
+        "pid {pid} never released (not reaped)"
+    );
     for _ in 0..200 {
         if std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string()).is_err() {
             eprintln!("SKIP part: cannot write ns_last_pid; pid reuse not forced");
@@ -487,7 +520,11 @@ fn target_pid_reused_by_foreign_process() {
     assert!(err_of(&json, "proc-after").contains("no longer"), "{}", err_of(&json, "proc-after"));
     assert_eq!(status(&json, "pid-command"), "failed");
     assert!(err_of(&json, "pid-command").contains("no longer"), "{}", err_of(&json, "pid-command"));
-    assert!(wait_until(Duration::from_secs(5), || common::proc_state(pid) == Some('S')), "foreign process untouched: {:?}", common::proc_state(pid));
+    assert!(
+        wait_until(Duration::from_secs(5), || common::proc_state(pid) == Some('S')),
+        "foreign process untouched: {:?}",
+        common::proc_state(pid)
+    );
     assert_eq!(tracer_pid(pid), 0);
     // The run's later /proc step must not have captured the stranger either.
     let _ = foreign.kill();
@@ -530,14 +567,19 @@ fn target_thread_in_d_state() {
     let mut cmd = Command::new(&bin);
     cmd.arg("vfork").arg("-pidfile").arg(&pidfile);
     let pid = standin_vm(&lab, 214, cmd);
-    assert!(wait_until(Duration::from_secs(10), || thread_states(pid).values().any(|&c| c == 'D')), "no D thread: {:?}", thread_states(pid));
+    assert!(
+        wait_until(Duration::from_secs(10), || thread_states(pid).values().any(|&c| c == 'D')),
+        "no D thread: {:?}",
+        thread_states(pid)
+    );
     let before = thread_states(pid);
     let out = run_bounded(&mut lab.tool_args(&["214", "--json", "--no-qmp", "--stacks", "native"]), RUN_TIMEOUT);
     let json = json_of(&out);
     let ar = sealed(&json);
     assert_eq!(status(&json, "stacks"), "ok", "{}", err_of(&json, "stacks"));
     let threads = ar.read_json("stacks/threads.json").unwrap();
-    let vforker = threads["threads"].as_array().unwrap().iter().find(|t| t["comm"] == "vforker").expect("D thread listed");
+    let vforker =
+        threads["threads"].as_array().unwrap().iter().find(|t| t["comm"] == "vforker").expect("D thread listed");
     assert_eq!(vforker["capture"], "skipped_d", "{vforker}");
     assert!(vforker["syscall"].is_object() || vforker["kernel_stack"].is_array(), "read without a stop: {vforker}");
     assert!(thread_states(pid).values().any(|&c| c == 'D'), "the vforker is still in D");
@@ -602,9 +644,20 @@ fn tool_gdb_hangs() {
     let ar = sealed(&json);
     let notes = ar.manifest.steps.iter().find(|s| s.id == "stacks").unwrap().notes.join("; ");
     assert!(notes.contains("resumed"), "{notes}");
-    assert!(wait_until(Duration::from_secs(5), || thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))), "{:?}", thread_states(pid));
+    assert!(
+        wait_until(Duration::from_secs(5), || thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))),
+        "{:?}",
+        thread_states(pid)
+    );
     as_found(pid, &before);
-    assert!(!std::fs::read_dir("/proc").unwrap().flatten().any(|e| common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0)).is_some_and(|a| a == ["sleep", "600"])), "gdb's process group killed");
+    assert!(
+        !std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .any(|e| common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
+                .is_some_and(|a| a == ["sleep", "600"])),
+        "gdb's process group killed"
+    );
 }
 
 /// Fault: `journalctl` floods output without end (fake first on PATH), default runbook.
@@ -666,7 +719,8 @@ fn self_sigint_during_sampling() {
     let (lab, fake) = fake_lab(232, Script::default());
     let before = lab.thread_states();
     let rb = write_runbook(&lab, "qmpfault", QMP_STEPS);
-    let child = spawn_tool(&lab, &["232", "--json", "--sample-interval", "30s", "--runbook", rb.to_str().unwrap()], None);
+    let child =
+        spawn_tool(&lab, &["232", "--json", "--sample-interval", "30s", "--runbook", rb.to_str().unwrap()], None);
     // The stacks step is the last; once it has run the tool only waits for sample 2.
     assert!(wait_until(Duration::from_secs(40), || fake.commands().iter().any(|c| c == "query-block")));
     std::thread::sleep(Duration::from_secs(3));
@@ -691,14 +745,21 @@ fn self_sigterm_during_gdb() {
     let pid = lab.pid();
     let before = thread_states(pid);
     let child = spawn_tool(&lab, &["233", "--json", "--stacks", "gdb", "--sample-interval", "0"], Some(&bin));
-    assert!(wait_until(Duration::from_secs(60), || thread_states(pid).values().any(|&c| c == 'T')), "fake gdb never stopped the VM");
+    assert!(
+        wait_until(Duration::from_secs(60), || thread_states(pid).values().any(|&c| c == 'T')),
+        "fake gdb never stopped the VM"
+    );
     signal(&child, libc::SIGTERM);
     let out = wait_output(child);
     let json = json_of(&out);
     assert_eq!(out.status.code(), Some(1), "{}\n{json}", stderr(&out));
     sealed(&json);
     assert_eq!(status(&json, "stacks"), "interrupted", "{}", err_of(&json, "stacks"));
-    assert!(wait_until(Duration::from_secs(5), || thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))), "{:?}", thread_states(pid));
+    assert!(
+        wait_until(Duration::from_secs(5), || thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))),
+        "{:?}",
+        thread_states(pid)
+    );
     as_found(pid, &before);
 }
 
@@ -715,18 +776,33 @@ fn self_sigkill_leaves_nothing_the_next_run_does_not_clean() {
     let out = wait_output(child);
     assert_eq!(out.status.code(), None, "killed");
     assert!(out.stdout.is_empty());
-    let left: Vec<String> = std::fs::read_dir(lab.out_dir()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> = std::fs::read_dir(lab.out_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(left.len() == 1 && left[0].starts_with('.') && left[0].ends_with(".staging"), "{left:?}");
     as_found(lab.pid(), &before);
     // The orphaned command step (own process group) finishes by itself.
     assert!(wait_until(Duration::from_secs(15), || !common::pid_alive(sleeper)));
-    let out = run_bounded(&mut lab.tool_args(&["234", "--json", "--sample-interval", "0", "--stacks", "native"]), RUN_TIMEOUT);
+    let out = run_bounded(
+        &mut lab.tool_args(&["234", "--json", "--sample-interval", "0", "--stacks", "native"]),
+        RUN_TIMEOUT,
+    );
     let json = json_of(&out);
     assert_eq!(out.status.code(), Some(0), "{}\n{json}", stderr(&out));
     let ar = sealed(&json);
-    let names: Vec<String> = std::fs::read_dir(lab.out_dir()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(lab.out_dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!names.iter().any(|n| n.ends_with(".staging")), "leftover removed: {names:?}");
-    assert!(ar.manifest.steps[0].notes.iter().any(|n| n.contains("removed leftovers") && n.contains(&left[0])), "{:?}", ar.manifest.steps[0].notes);
+    assert!(
+        ar.manifest.steps[0].notes.iter().any(|n| n.contains("removed leftovers") && n.contains(&left[0])),
+        "{:?}",
+        ar.manifest.steps[0].notes
+    );
     as_found(lab.pid(), &before);
 }
 
@@ -736,7 +812,8 @@ fn self_sigkill_leaves_nothing_the_next_run_does_not_clean() {
 fn self_sigkill_while_tracing_never_leaves_the_vm_stopped() {
     let lab = Lab::start(LabOptions { vmid: 235, name: "k".into(), smp: 60, mbps: 0, ..LabOptions::default() });
     let pid = lab.pid();
-    let steps: String = (0..10).map(|i| format!("[[step]]\nid = \"s{i}\"\nkind = \"stacks\"\nmethods = [\"native\"]\n\n")).collect();
+    let steps: String =
+        (0..10).map(|i| format!("[[step]]\nid = \"s{i}\"\nkind = \"stacks\"\nmethods = [\"native\"]\n\n")).collect();
     let rb = write_runbook(&lab, "stacks10", &steps);
     let before = thread_states(pid);
     let mut while_tracing = 0;
@@ -757,7 +834,8 @@ fn self_sigkill_while_tracing_never_leaves_the_vm_stopped() {
             while_tracing += 1;
         }
         assert!(
-            wait_until(Duration::from_secs(5), || tracer_pid(pid) == 0 && thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))),
+            wait_until(Duration::from_secs(5), || tracer_pid(pid) == 0
+                && thread_states(pid).values().all(|c| !matches!(c, 'T' | 't'))),
             "round {round}: left stopped or traced: {:?}, TracerPid {}",
             thread_states(pid),
             tracer_pid(pid)
@@ -774,7 +852,8 @@ fn self_sigkill_while_tracing_never_leaves_the_vm_stopped() {
 /// Mounts a tmpfs of `size` at `dir`; `None` (with the reason printed) if refused.
 fn tmpfs(dir: &Path, size: &str) -> Option<Mounted> {
     std::fs::create_dir_all(dir).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(dir).output();
+    let st =
+        Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(dir).output();
     match st {
         Ok(o) if o.status.success() => Some(Mounted(dir.to_path_buf())),
         Ok(o) => {
@@ -816,9 +895,16 @@ fn storage_output_full() {
     assert_eq!(json["sealed"], false);
     let err = stderr(&out);
     assert!(err.contains("No space left"), "{err}");
-    let left: Vec<String> = std::fs::read_dir(dir.join("out")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let left: Vec<String> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(!left.iter().any(|n| n.contains(".tar.zst")), "no half-written archive: {left:?}");
-    assert!(left.len() == 1 && left[0].ends_with(".staging") && err.contains(&left[0]) && err.contains("kept"), "unsealed files kept and named: {left:?}\n{err}");
+    assert!(
+        left.len() == 1 && left[0].ends_with(".staging") && err.contains(&left[0]) && err.contains("kept"),
+        "unsealed files kept and named: {left:?}\n{err}"
+    );
     as_found(lab.pid(), &before);
 }
 
@@ -879,13 +965,15 @@ fn scale_64_disks_every_device_and_thread() {
     let ar = sealed(&json);
     for n in [1, 2] {
         let bs = ar.read_json(&format!("qmp/query-blockstats.{n}.json")).unwrap();
-        let devs: std::collections::BTreeSet<String> = bs["return"].as_array().unwrap().iter().filter_map(|d| d["device"].as_str().map(str::to_string)).collect();
+        let devs: std::collections::BTreeSet<String> =
+            bs["return"].as_array().unwrap().iter().filter_map(|d| d["device"].as_str().map(str::to_string)).collect();
         assert_eq!(devs.len(), 64, "sample {n}: {devs:?}");
         assert!(devs.contains("drive-scsi63"));
     }
     assert_eq!(ar.read_json("qmp/query-block.json").unwrap()["return"].as_array().unwrap().len(), 64);
     let threads = ar.read_json("stacks/threads.json").unwrap();
-    let got: BTreeMap<i64, &Value> = threads["threads"].as_array().unwrap().iter().map(|t| (t["tid"].as_i64().unwrap(), t)).collect();
+    let got: BTreeMap<i64, &Value> =
+        threads["threads"].as_array().unwrap().iter().map(|t| (t["tid"].as_i64().unwrap(), t)).collect();
     for tid in before.keys() {
         let t = got.get(&(*tid as i64)).unwrap_or_else(|| panic!("thread {tid} has no stack: {:?}", got.keys()));
         assert_eq!(t["capture"], "stopped", "{t}");
@@ -903,7 +991,10 @@ fn scale_64_disks_every_device_and_thread() {
 #[test]
 fn fault_table_is_current() {
     let root = common::repo_root();
-    let out = run_bounded(Command::new("python3").arg(root.join("scripts/fault-table")).arg("--stdout"), Duration::from_secs(30));
+    let out = run_bounded(
+        Command::new("python3").arg(root.join("scripts/fault-table")).arg("--stdout"),
+        Duration::from_secs(30),
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let committed = std::fs::read_to_string(root.join("docs/faults.md")).unwrap_or_default();
     assert!(committed == String::from_utf8_lossy(&out.stdout), "docs/faults.md is stale: run scripts/fault-table");

@@ -19,14 +19,35 @@ impl Rng {
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
 const INTERESTING: &[&[u8]] = &[
-    b"\r\n", b"\n", b"\0\0", b"{", b"}", b"\"", b"[", b"\xff\xfe", b"{\"event\":\"X\"}\r\n",
-    b"{\"return\":{},\"id\":\"wa-1\"}\r\n", b"{\"QMP\":{}}\r\n", b"[[step]]\n", b"kind = \"command\"\n",
-    b"(", b")", b"18446744073709551616", b"-1", b"\x7fELF", b"{pid}", b"{unknown}",
+    b"\r\n",
+    b"\n",
+    b"\0\0",
+    b"{",
+    b"}",
+    b"\"",
+    b"[",
+    b"\xff\xfe",
+    b"{\"event\":\"X\"}\r\n",
+    b"{\"return\":{},\"id\":\"wa-1\"}\r\n",
+    b"{\"QMP\":{}}\r\n",
+    b"[[step]]\n",
+    b"kind = \"command\"\n",
+    b"(",
+    b")",
+    b"18446744073709551616",
+    b"-1",
+    b"\x7fELF",
+    b"{pid}",
+    b"{unknown}",
 ];
 
 fn mutate(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {

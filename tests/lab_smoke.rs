@@ -42,10 +42,8 @@ fn started_vm_is_laid_out_like_proxmox() {
     assert!(!argv.iter().any(|a| a.contains("iothread")), "incident config has no iothread");
 
     // the saved command line (qm start's source) is what is running
-    let saved: Vec<String> = serde_json::from_str(
-        &std::fs::read_to_string(lab.run_dir().join("102.cmdline.json")).unwrap(),
-    )
-    .unwrap();
+    let saved: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(lab.run_dir().join("102.cmdline.json")).unwrap()).unwrap();
     assert_eq!(saved, argv);
 
     // a live QMP socket, and debug-threads names
@@ -63,9 +61,7 @@ fn started_vm_is_laid_out_like_proxmox() {
     }
     let scsi0 = conf.lines().find(|l| l.starts_with("scsi0: ")).unwrap();
     assert!(scsi0.contains("mbps_rd=60") && scsi0.contains("mbps_wr=60"), "{scsi0}");
-    let vmlist: Value =
-        serde_json::from_str(&std::fs::read_to_string(lab.pve_dir().join(".vmlist")).unwrap())
-            .unwrap();
+    let vmlist: Value = serde_json::from_str(&std::fs::read_to_string(lab.pve_dir().join(".vmlist")).unwrap()).unwrap();
     assert_eq!(vmlist["ids"]["102"]["type"], "qemu");
     assert_eq!(vmlist["ids"]["102"]["node"], lab.up_info()["node"]);
     assert!(!lab.out_dir().exists(), "out dir must be left for the tool to create");
@@ -145,11 +141,8 @@ fn qm_restarts_a_healthy_vm_to_a_new_pid() {
     assert_eq!(again.status.code(), Some(255));
     assert_eq!(lab.pid(), new);
 
-    let calls: Vec<Value> = std::fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let calls: Vec<Value> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(calls, vec![serde_json::json!(["stop", "102"]), serde_json::json!(["start", "102"])]);
 }
 
@@ -158,12 +151,7 @@ fn qm_stop_escalates_to_sigkill_on_a_wedged_vm() {
     let lab = Lab::start(LabOptions::default());
     lab.wedge();
     let pid = lab.pid();
-    let out = lab
-        .qm()
-        .args(["stop", "102", "--timeout", "1"])
-        .env("QM_TERM_GRACE", "1")
-        .output()
-        .unwrap();
+    let out = lab.qm().args(["stop", "102", "--timeout", "1"]).env("QM_TERM_GRACE", "1").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     // quit was ignored, then SIGTERM was ignored: only SIGKILL ended it
@@ -220,9 +208,7 @@ fn pause_sigstop_and_held_qmp_are_observable() {
     let st = lab.thread_states();
     assert!(!st.is_empty() && st.values().all(|c| *c == 'T' || *c == 't'), "{st:?}");
     lab.sigcont();
-    assert!(wait_until(Duration::from_secs(5), || {
-        lab.thread_states().values().all(|c| *c != 'T')
-    }));
+    assert!(wait_until(Duration::from_secs(5), || { lab.thread_states().values().all(|c| *c != 'T') }));
 }
 
 #[test]
@@ -230,10 +216,8 @@ fn drop_leaves_no_qemu_behind() {
     let (root, pids) = {
         let mut lab = Lab::start(LabOptions { vmid: 130, ..Default::default() });
         let other = lab.add_vm(LabOptions { vmid: 131, name: "other".into(), ..Default::default() });
-        let vmlist: Value = serde_json::from_str(
-            &std::fs::read_to_string(lab.pve_dir().join(".vmlist")).unwrap(),
-        )
-        .unwrap();
+        let vmlist: Value =
+            serde_json::from_str(&std::fs::read_to_string(lab.pve_dir().join(".vmlist")).unwrap()).unwrap();
         assert!(vmlist["ids"]["130"].is_object() && vmlist["ids"]["131"].is_object(), "{vmlist}");
         // the hardest cases: one wedged and SIGSTOPped, one restarted by qm
         lab.wedge();
@@ -287,12 +271,7 @@ fn throttle_off_on_a_wedged_drive_kills_qmp_and_qm_stop_still_ends_it() {
     assert!(lab.qmp(Duration::from_secs(2)).is_err(), "QMP must not answer any more");
 
     let pid = lab.pid();
-    let out = lab
-        .qm()
-        .args(["stop", "150", "--timeout", "1"])
-        .env("QM_TERM_GRACE", "1")
-        .output()
-        .unwrap();
+    let out = lab.qm().args(["stop", "150", "--timeout", "1"]).env("QM_TERM_GRACE", "1").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("qmp command 'quit' failed"), "{err}");

@@ -15,9 +15,21 @@ fn lab_runbook(lab: &Lab, qmp_pattern: &str) -> PathBuf {
     let root = lab.root().display().to_string();
     let shipped = std::fs::read_to_string(common::repo_root().join("runbooks/libvirt-qemu.toml")).unwrap();
     let text = shipped
-        .replace("\"/run/libvirt/qemu/{domain}.pid\"", &format!("{:?}", format!("{root}/run/libvirt/qemu/{{domain}}.pid")))
-        .replace("\"/var/lib/libvirt/qemu/domain-*-{domain}/monitor.sock\"", &format!("{:?}", format!("{root}/{qmp_pattern}")))
-        .replace("monitor = \"virsh\"", &format!("monitor = \"virsh\"\nvirsh = {:?}", common::repo_root().join("tests/support/virsh").display().to_string()));
+        .replace(
+            "\"/run/libvirt/qemu/{domain}.pid\"",
+            &format!("{:?}", format!("{root}/run/libvirt/qemu/{{domain}}.pid")),
+        )
+        .replace(
+            "\"/var/lib/libvirt/qemu/domain-*-{domain}/monitor.sock\"",
+            &format!("{:?}", format!("{root}/{qmp_pattern}")),
+        )
+        .replace(
+            "monitor = \"virsh\"",
+            &format!(
+                "monitor = \"virsh\"\nvirsh = {:?}",
+                common::repo_root().join("tests/support/virsh").display().to_string()
+            ),
+        );
     assert_ne!(text, shipped);
     let p = lab.root().join("libvirt.toml");
     std::fs::write(&p, text).unwrap();
@@ -55,7 +67,8 @@ fn libvirt_domain_is_captured_through_virsh() {
     assert!(ar.read_string("qmp/transcript.jsonl").unwrap().contains("\"via\":\"virsh\""));
     assert!(ar.read("stacks/threads.json").is_some(), "{:?}", ar.list());
     // Every monitor command went through virsh, and only read-only ones.
-    let calls: Vec<Vec<String>> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let calls: Vec<Vec<String>> =
+        std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert!(calls.len() >= 10, "{calls:?}");
     for c in &calls {
         assert_eq!(c[0], "qemu-monitor-command");

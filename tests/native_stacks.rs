@@ -79,7 +79,8 @@ fn thread_states(pid: i32) -> Vec<(i32, String, char, Option<i64>)> {
         let close = stat.rfind(')').unwrap();
         let comm = stat[stat.find('(').unwrap() + 1..close].to_string();
         let state = stat[close + 2..].chars().next().unwrap();
-        let nr = std::fs::read_to_string(dir.join("syscall")).ok().and_then(|s| s.split_whitespace().next()?.parse().ok());
+        let nr =
+            std::fs::read_to_string(dir.join("syscall")).ok().and_then(|s| s.split_whitespace().next()?.parse().ok());
         out.push((tid, comm, state, nr));
     }
     out.sort();
@@ -440,13 +441,8 @@ fn qemu_threads_match_eu_stack() {
                 diffs += &format!("tid {} ({}): ours {:x?}\n  eu-stack {:x?}\n", t.tid, t.name, ours, pick);
             }
         }
-        let eu_named: usize = r
-            .threads
-            .iter()
-            .filter_map(|t| eu1.get(&t.tid))
-            .flat_map(|v| v.iter())
-            .filter(|e| e.1.is_some())
-            .count();
+        let eu_named: usize =
+            r.threads.iter().filter_map(|t| eu1.get(&t.tid)).flat_map(|v| v.iter()).filter(|e| e.1.is_some()).count();
         println!(
             "attempt {attempt}: {threads_ok}/{} threads identical, {frames_ok}/{frames_total} frames, \
              {named} of the eu-stack-named matching frames named by us, {names_equal} with the same name \

@@ -18,7 +18,10 @@ fn prune(dir: &Path, cfg: &Path, args: &[&str]) -> (i32, String) {
         .env("NO_COLOR", "1")
         .output()
         .unwrap();
-    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[test]
@@ -43,11 +46,16 @@ fn prune_keeps_the_newest_and_leaves_other_files_alone() {
     // The flag wins over the file's keep = 2.
     let (code, text) = prune(&dir, &cfg, &["--keep", "1"]);
     assert_eq!(code, 0, "{text}");
-    let mut left: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> =
+        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     assert_eq!(
         left,
-        ["autopsy-102-20260603T120000Z-pve1.tar.zst", "autopsy-102-20260603T120000Z-pve1.tar.zst.sha256", "operator-notes.txt"]
+        [
+            "autopsy-102-20260603T120000Z-pve1.tar.zst",
+            "autopsy-102-20260603T120000Z-pve1.tar.zst.sha256",
+            "operator-notes.txt"
+        ]
     );
 
     let (code, text) = prune(&dir, &cfg, &["--max-age", "soon"]);

@@ -45,7 +45,11 @@ fn qm_log_path(lab: &Lab) -> PathBuf {
 /// `QM_LOG` so each qm invocation is recorded.
 fn tool(lab: &Lab, cfg: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut c = lab.tool_args(args);
-    c.arg("--config").arg(cfg).env("WEDGE_LAB_ROOT", lab.root()).env("QM_LOG", qm_log_path(lab)).env("HA_LOG", lab.root().join("ha.log"));
+    c.arg("--config")
+        .arg(cfg)
+        .env("WEDGE_LAB_ROOT", lab.root())
+        .env("QM_LOG", qm_log_path(lab))
+        .env("HA_LOG", lab.root().join("ha.log"));
     for (k, v) in env {
         c.env(k, v);
     }
@@ -68,7 +72,12 @@ fn log_lines(p: &Path) -> Vec<Vec<String>> {
 }
 
 fn action<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["actions"].as_array().unwrap().iter().find(|a| a["action"] == name).unwrap_or_else(|| panic!("no {name} action in {r:#}"))
+    r["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["action"] == name)
+        .unwrap_or_else(|| panic!("no {name} action in {r:#}"))
 }
 
 /// The restart.json next to the archive, checked against the `--json` restart object.
@@ -76,7 +85,8 @@ fn restart_json_matches(json: &Value) -> Value {
     let archive = PathBuf::from(json["archive"].as_str().unwrap());
     archive::verify(&archive).expect("archive still verifies after the restart");
     let side = wedge_autopsy::restart::outcome_path(&archive);
-    let on_disk: Value = serde_json::from_slice(&std::fs::read(&side).unwrap_or_else(|e| panic!("{}: {e}", side.display()))).unwrap();
+    let on_disk: Value =
+        serde_json::from_slice(&std::fs::read(&side).unwrap_or_else(|e| panic!("{}: {e}", side.display()))).unwrap();
     assert_eq!(on_disk, json["restart"], "restart.json equals the --json restart object");
     on_disk
 }
@@ -113,7 +123,10 @@ fn healthy_vm_restarts_then_cooldown_refuses_and_force_passes() {
     // Order: verify the seal, then stop, then start, then verify the new QEMU.
     let names: Vec<&str> = r["actions"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     let pos = |n: &str| names.iter().position(|x| *x == n).unwrap_or_else(|| panic!("{n} in {names:?}"));
-    assert!(pos("verify-archive") < pos("stop") && pos("stop") < pos("start") && pos("start") < pos("verify-new"), "{names:?}");
+    assert!(
+        pos("verify-archive") < pos("stop") && pos("stop") < pos("start") && pos("start") < pos("verify-new"),
+        "{names:?}"
+    );
     assert_eq!(
         log_lines(&qm_log_path(&lab)),
         vec![vec!["stop", "120", "--timeout", "5"], vec!["start", "120"]],
@@ -153,7 +166,8 @@ fn wedged_vm_ignoring_quit_and_sigterm_is_sigkilled_after_the_deadline() {
     // wait 60 s before its own SIGKILL: the tool's 5 s deadline comes first.
     let cfg = config(&lab, "timeout = \"1s\"\nstop_deadline = \"5s\"");
     let t = Instant::now();
-    let (out, json) = run(&lab, &cfg, &["121", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_TERM_GRACE", "60")]);
+    let (out, json) =
+        run(&lab, &cfg, &["121", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_TERM_GRACE", "60")]);
     eprintln!("wedged restart run took {:?}", t.elapsed());
     assert_eq!(out.status.code(), Some(0), "{}\n{json:#}", stderr(&out));
     let r = &json["restart"];
@@ -193,7 +207,8 @@ fn hanging_qm_stop_is_killed_then_the_proven_qemu_is_sigkilled() {
     let lab = Lab::start(LabOptions { vmid: 122, name: "hang".into(), ..LabOptions::default() });
     let old = lab.pid();
     let cfg = config(&lab, "timeout = \"1s\"\nstop_deadline = \"3s\"");
-    let (out, json) = run(&lab, &cfg, &["122", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_STOP_HANG", "1")]);
+    let (out, json) =
+        run(&lab, &cfg, &["122", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_STOP_HANG", "1")]);
     assert_eq!(out.status.code(), Some(0), "{}\n{json:#}", stderr(&out));
     let r = &json["restart"];
     let stop = action(r, "stop");
@@ -235,8 +250,11 @@ fn pid_reused_between_seal_and_kill_is_not_signalled() {
     let cfg = config(&lab, "timeout = \"1s\"\nstop_deadline = \"2s\"");
     let hook = lab.root().join("hook");
     let stdout_path = lab.root().join("tool.out");
-    let mut cmd = tool(&lab, &cfg, &["123", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_STOP_HANG", "1")]);
-    cmd.env(wedge_autopsy::restart::TEST_HOOK_ENV, &hook).stdout(File::create(&stdout_path).unwrap()).stderr(Stdio::null());
+    let mut cmd =
+        tool(&lab, &cfg, &["123", "--then-restart", "--json", "--sample-interval", "0"], &[("QM_STOP_HANG", "1")]);
+    cmd.env(wedge_autopsy::restart::TEST_HOOK_ENV, &hook)
+        .stdout(File::create(&stdout_path).unwrap())
+        .stderr(Stdio::null());
     let tool_pid = lab.spawn(&mut cmd);
     let ready = PathBuf::from(format!("{}.ready", hook.display()));
     assert!(wait_until(RUN_TIMEOUT, || ready.exists()), "the tool never reached the kill decision");
@@ -309,7 +327,8 @@ fn seal_failure_stops_nothing() {
     assert!(stderr(&out).contains("nothing was stopped"), "{}", stderr(&out));
     assert!(log_lines(&qm_log_path(&lab)).is_empty(), "qm was never called");
     assert_eq!(lab.pid(), old, "the VM still runs its old QEMU");
-    let leftovers: Vec<String> = std::fs::read_dir(&out_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let leftovers: Vec<String> =
+        std::fs::read_dir(&out_dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(!leftovers.iter().any(|n| n.ends_with(".restart.json")), "{leftovers:?}");
     assert!(!out_dir.join("restart-state/124.json").exists(), "no cooldown recorded for a restart that never happened");
 }
@@ -334,7 +353,10 @@ fn second_autopsy_while_the_first_holds_the_lock_is_busy() {
     let first_pid = lab.spawn(&mut first);
     let lock = lab.out_dir().join("locks/125.lock");
     let holder = |p: &Path| std::fs::read_to_string(p).ok().and_then(|t| serde_json::from_str::<Value>(t.trim()).ok());
-    assert!(wait_until(RUN_TIMEOUT, || holder(&lock).is_some_and(|h| h["pid"] == first_pid)), "first run never took the lock");
+    assert!(
+        wait_until(RUN_TIMEOUT, || holder(&lock).is_some_and(|h| h["pid"] == first_pid)),
+        "first run never took the lock"
+    );
 
     let old = lab.pid();
     let (out, _) = run(&lab, &cfg, &["125", "--then-restart"], &[]);
@@ -377,7 +399,8 @@ fn ha_managed_vm_is_refused_without_allow_ha_and_goes_through_ha_manager_with_it
     assert_eq!(lab.pid(), old);
     restart_json_matches(&json);
 
-    let (out, json) = run(&lab, &cfg, &["126", "--then-restart", "--allow-ha", "--json", "--sample-interval", "0"], &[]);
+    let (out, json) =
+        run(&lab, &cfg, &["126", "--then-restart", "--allow-ha", "--json", "--sample-interval", "0"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}\n{json:#}", stderr(&out));
     let r = &json["restart"];
     assert_eq!(r["method"], "ha-manager");
@@ -438,7 +461,10 @@ fn command_and_libvirt_backends_restart_the_same_way() {
     assert!(mid != old && !pid_alive(old));
 
     // method = "libvirt": the domain comes from the QEMU's own -name.
-    let cfg = config(&lab, &format!("method = \"libvirt\"\ncooldown = \"0\"\nvirsh = {:?}", support.join("virsh").display().to_string()));
+    let cfg = config(
+        &lab,
+        &format!("method = \"libvirt\"\ncooldown = \"0\"\nvirsh = {:?}", support.join("virsh").display().to_string()),
+    );
     let vlog = lab.root().join("virsh.log");
     let (out, json) = run(
         &lab,

@@ -82,7 +82,12 @@ impl Server {
 
     fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
         let auth = format!("Bearer {TOKEN}");
-        self.request("POST", path, &[("Authorization", &auth), ("Content-Type", "application/json")], body.to_string().as_bytes())
+        self.request(
+            "POST",
+            path,
+            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
     }
 
     fn get(&self, path: &str) -> (u16, Value) {
@@ -137,7 +142,8 @@ impl Drop for Server {
 fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Value) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -148,7 +154,11 @@ fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let status: u16 = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     let body = dechunk_if_needed(&text, body);
     (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
@@ -275,7 +285,8 @@ fn tracer_pid(pid: i32) -> i32 {
 
 fn sleeping_command_running(argv: &[&str]) -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0)).is_some_and(|a| a == argv)
+        common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
+            .is_some_and(|a| a == argv)
     })
 }
 
@@ -341,7 +352,11 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     // QEMU (which ignores quit) is stopped for good and a new one proven and answering.
     assert_eq!(doc["restart"]["attempted"], true, "{}", doc["restart"]);
     assert_eq!(doc["restart"]["ok"], true, "{}", doc["restart"]);
-    assert!(doc["restart"]["detail"].as_str().unwrap().contains(&format!("restarted: pid {pid_before} -> ")), "{}", doc["restart"]);
+    assert!(
+        doc["restart"]["detail"].as_str().unwrap().contains(&format!("restarted: pid {pid_before} -> ")),
+        "{}",
+        doc["restart"]
+    );
     assert!(md.contains("## Restart"), "{md}");
     assert!(wedge_autopsy::restart::outcome_path(&path).exists(), "restart.json beside the archive");
     let ar = ArchiveReader::open(&path).unwrap();
@@ -421,7 +436,12 @@ fn refusals_get_their_status_and_start_nothing() {
     let (st, _) = server.request("POST", "/v1/grafana", signed, gbody.replace("121", "106").as_bytes());
     assert_eq!(st, 401, "body changed after signing");
     let sig4 = wedge_autopsy::serve::auth::sign(b"grafana-secret", good.as_bytes());
-    let (st, body) = server.request("POST", "/v1/grafana", &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig4)], good.as_bytes());
+    let (st, body) = server.request(
+        "POST",
+        "/v1/grafana",
+        &[("Authorization", &bearer), ("X-Grafana-Alerting-Signature", &sig4)],
+        good.as_bytes(),
+    );
     assert_eq!(st, 400, "an Alertmanager payload on the Grafana endpoint: {body}");
     let big = alertmanager("106", &"x".repeat(10_000), "firing").to_string();
     let (st, _) = server.request("POST", "/v1/alertmanager", auth, big.as_bytes());
@@ -552,14 +572,21 @@ fn burst_of_a_thousand_deliveries_is_answered_with_bounded_memory() {
     let outcomes: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
     let threads: Vec<_> = (0..8)
         .map(|t| {
-            let (addr, statuses, slowest, outcomes) = (server.addr.clone(), statuses.clone(), slowest.clone(), outcomes.clone());
+            let (addr, statuses, slowest, outcomes) =
+                (server.addr.clone(), statuses.clone(), slowest.clone(), outcomes.clone());
             std::thread::spawn(move || {
                 let bearer = format!("Bearer {TOKEN}");
                 for i in 0..125 {
                     let mut p = alertmanager("113", &format!("burst-{t}-{i}"), "firing");
                     p["alerts"][0]["annotations"]["padding"] = json!("p".repeat(2000));
                     let start = Instant::now();
-                    let (st, body) = http(&addr, "POST", "/v1/alertmanager", &[("Authorization", &bearer)], p.to_string().as_bytes());
+                    let (st, body) = http(
+                        &addr,
+                        "POST",
+                        "/v1/alertmanager",
+                        &[("Authorization", &bearer)],
+                        p.to_string().as_bytes(),
+                    );
                     let took = start.elapsed();
                     let mut s = slowest.lock().unwrap();
                     *s = (*s).max(took);
@@ -582,7 +609,11 @@ fn burst_of_a_thousand_deliveries_is_answered_with_bounded_memory() {
         slowest.lock().unwrap()
     );
     assert_eq!(*statuses.lock().unwrap(), BTreeMap::from([(202, 1000)]), "every delivery answered 202");
-    assert_eq!(*outcomes.lock().unwrap(), BTreeMap::from([("joined".to_string(), 1000)]), "no new autopsy within the VM's cooldown");
+    assert_eq!(
+        *outcomes.lock().unwrap(),
+        BTreeMap::from([("joined".to_string(), 1000)]),
+        "no new autopsy within the VM's cooldown"
+    );
     // Generous: a leak of ~1 KiB per delivery or buffering every 2 KiB body would
     // already show; allocator noise does not reach 32 MiB.
     assert!(rss1 < rss0 + 32 * 1024, "VmRSS grew from {rss0} to {rss1} KiB");

@@ -196,7 +196,8 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ArchiveError> {
         if name == "manifest.json" {
             let mut buf = Vec::new();
             reader.take(MAX_MANIFEST).read_to_end(&mut buf)?;
-            manifest = Some(serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?);
+            manifest =
+                Some(serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?);
         } else {
             let (n, h) = hash_reader(reader)?;
             if seen.insert(name.to_string(), (n, h)).is_some() {
@@ -211,7 +212,10 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ArchiveError> {
         match seen.remove(&f.path) {
             None => return Err(fail(format!("{} is in the manifest but not in the archive", f.path))),
             Some((n, h)) if n != f.size || h != f.sha256 => {
-                return Err(fail(format!("{}: sha256 {h} (size {n}) but the manifest says {} (size {})", f.path, f.sha256, f.size)))
+                return Err(fail(format!(
+                    "{}: sha256 {h} (size {n}) but the manifest says {} (size {})",
+                    f.path, f.sha256, f.size
+                )))
             }
             Some(_) => {}
         }
@@ -222,10 +226,7 @@ pub fn verify(path: &Path) -> Result<VerifyReport, ArchiveError> {
     Ok(VerifyReport { sha256, size, files: manifest.files.len() })
 }
 
-fn for_each_entry(
-    path: &Path,
-    mut f: impl FnMut(&str, &mut dyn Read) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+fn for_each_entry(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> std::io::Result<()>) -> std::io::Result<()> {
     let dec = zstd::stream::read::Decoder::new(File::open(path)?)?;
     let mut ar = tar::Archive::new(dec);
     for entry in ar.entries()? {
@@ -260,7 +261,9 @@ impl ArchiveReader {
                 )));
             }
             if name == "manifest.json" {
-                manifest = Some(serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?);
+                manifest = Some(
+                    serde_json::from_slice(&buf).map_err(|e| std::io::Error::other(format!("manifest.json: {e}")))?,
+                );
             } else {
                 files.insert(name.to_string(), buf);
             }
@@ -431,7 +434,8 @@ mod tests {
         assert_eq!(r.manifest.files.len(), 2);
 
         // Rewrite the archive with one byte of one file changed: verify must name it.
-        let mut files: Vec<(String, Vec<u8>)> = r.list().into_iter().map(|p| (p.clone(), r.read(&p).unwrap())).collect();
+        let mut files: Vec<(String, Vec<u8>)> =
+            r.list().into_iter().map(|p| (p.clone(), r.read(&p).unwrap())).collect();
         files[0].1[0] ^= 1;
         let bad = out.path().join("bad.tar.zst");
         let enc = zstd::stream::write::Encoder::new(File::create(&bad).unwrap(), 1).unwrap();

@@ -25,8 +25,8 @@ use crate::archive::{self, Sealed, Staging};
 use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::{self, Diagnosis, Rules};
-use crate::render::summary::{self, Summary};
 use crate::error::{Error, Exit};
+use crate::render::summary::{self, Summary};
 use crate::runbook::{Runbook, StepKind, Vars};
 use crate::step::{StepRecord, StepStatus};
 use crate::target::{self, Layout, Target, VmId};
@@ -76,7 +76,8 @@ impl Report {
 
 /// Resolves the target for `req`, checking everything a run needs before touching it.
 pub fn prepare(req: &Request, settings: &Settings) -> Result<Target, Error> {
-    let layout = Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() };
+    let layout =
+        Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() };
     let target = target::resolve_with(req.vmid, &layout, &req.runbook.target)?;
     // Through virsh the socket is libvirtd's business; otherwise we need it.
     if !target.qmp_present && !req.no_qmp && target.monitor == target::Monitor::Socket {
@@ -122,7 +123,11 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             }
             StepKind::File { path, output, .. } => format!("copy {} -> {}", path.render(&vars), output.render(&vars)),
             StepKind::Command { argv, output, .. } => {
-                format!("run {:?} -> {}", argv.iter().map(|a| a.render(&vars)).collect::<Vec<_>>(), output.render(&vars))
+                format!(
+                    "run {:?} -> {}",
+                    argv.iter().map(|a| a.render(&vars)).collect::<Vec<_>>(),
+                    output.render(&vars)
+                )
             }
             StepKind::Core { output, min_free } => {
                 format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
@@ -131,7 +136,12 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
         };
-        out.push_str(&format!("  {:<24} {:>5}ms{}  {what}\n", s.id, s.timeout.as_millis(), if s.optional { " opt" } else { "    " }));
+        out.push_str(&format!(
+            "  {:<24} {:>5}ms{}  {what}\n",
+            s.id,
+            s.timeout.as_millis(),
+            if s.optional { " opt" } else { "    " }
+        ));
     }
     out.push_str(&format!(
         "archive: {}/autopsy-{}-<UTC>-<host>.tar.zst (0600), then read back and hash-checked\n",
@@ -207,7 +217,8 @@ pub async fn run(
         steps: records.clone(),
         files: Vec::new(),
     };
-    let diagnosis = diagnose::diagnose(&staging, &manifest.steps, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
+    let diagnosis =
+        diagnose::diagnose(&staging, &manifest.steps, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let summary = Summary {
         vmid: Some(req.vmid.get()),
         name: target.name(),
@@ -380,7 +391,8 @@ pub async fn diagnose_live(
     cancel: &Cancel,
 ) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
     let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
-    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging =
+        Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
     let records = capture(req, settings, target, &staging, &Silent, cancel).await;
     let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let _ = std::fs::remove_dir_all(&tmp);
@@ -400,7 +412,14 @@ pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
     vmids.sort();
     let mut wedged = Vec::new();
     for vmid in vmids {
-        let req = Request { vmid, runbook: runbook.clone(), stacks: None, no_qmp: false, trigger: Trigger::default(), command_line: vec![] };
+        let req = Request {
+            vmid,
+            runbook: runbook.clone(),
+            stacks: None,
+            no_qmp: false,
+            trigger: Trigger::default(),
+            command_line: vec![],
+        };
         let Ok(target) = prepare(&req, settings) else { continue };
         if let Ok((d, _)) = diagnose_live(&req, settings, &target, cancel).await {
             if matches!(d.verdict, diagnose::Verdict::BlockPathFrozen | diagnose::Verdict::MainLoopWedged) {

@@ -146,7 +146,13 @@ impl Lane {
         match client.execute(command, args, timeout).await {
             Ok(r) => Ok(r),
             Err(e) => {
-                if matches!(e, QmpError::Timeout { .. } | QmpError::Closed | QmpError::ReplyTooLarge { .. } | QmpError::Protocol(_)) {
+                if matches!(
+                    e,
+                    QmpError::Timeout { .. }
+                        | QmpError::Closed
+                        | QmpError::ReplyTooLarge { .. }
+                        | QmpError::Protocol(_)
+                ) {
                     *self.unavailable.lock().unwrap() = Some(format!("QMP gave up after {command}: {}", e.classify()));
                 }
                 Err(LaneError::Qmp(e))
@@ -156,7 +162,14 @@ impl Lane {
 
     /// One command through `virsh qemu-monitor-command`, under the same allowlist and
     /// deadline as a direct session; the exchange goes into the transcript.
-    async fn execute_virsh(&self, program: String, domain: String, command: &str, args: Option<Value>, timeout: Duration) -> Result<Reply, LaneError> {
+    async fn execute_virsh(
+        &self,
+        program: String,
+        domain: String,
+        command: &str,
+        args: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Reply, LaneError> {
         policy::check(command, args.as_ref()).map_err(|r| LaneError::Qmp(QmpError::Refused(r)))?;
         let mut msg = serde_json::json!({"execute": command});
         if let Some(a) = args {
@@ -209,7 +222,10 @@ impl Lane {
         if let Some(c) = client.as_mut().filter(|c| c.disabled_reason().is_some()) {
             let late = c.collect_late(LATE_REPLY_WAIT).await;
             if late > 0 {
-                let _ = sink.write("qmp/late-replies.txt", format!("{late} replies arrived after their deadline; see transcript.jsonl\n").as_bytes());
+                let _ = sink.write(
+                    "qmp/late-replies.txt",
+                    format!("{late} replies arrived after their deadline; see transcript.jsonl\n").as_bytes(),
+                );
             }
         }
         let mut transcript = self.connect_notes.lock().unwrap().clone();

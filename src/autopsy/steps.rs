@@ -73,7 +73,9 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
         StepKind::Qmp { command, arguments, samples, interval, output } => {
             return qmp_step(ctx, step, command, arguments.clone(), *samples, *interval, output, timeout, sink).await;
         }
-        StepKind::QomThrottle { output } => Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await),
+        StepKind::QomThrottle { output } => {
+            Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await)
+        }
         _ => {
             let job = blocking_job(ctx, step, timeout, sink.clone());
             run_blocking(job, timeout, ctx.cancel).await
@@ -89,7 +91,14 @@ enum Ended {
     Interrupted,
 }
 
-fn finish(step: &Step, start: chrono::DateTime<Utc>, took: Duration, ended: Ended, sink: &StepSink, timeout: Duration) -> StepRecord {
+fn finish(
+    step: &Step,
+    start: chrono::DateTime<Utc>,
+    took: Duration,
+    ended: Ended,
+    sink: &StepSink,
+    timeout: Duration,
+) -> StepRecord {
     let (files, notes) = sink.close();
     let (status, error) = match ended {
         Ended::Done(StepOutcome::Ok) => (StepStatus::Ok, None),
@@ -97,7 +106,10 @@ fn finish(step: &Step, start: chrono::DateTime<Utc>, took: Duration, ended: Ende
         Ended::Done(StepOutcome::Failed(why)) => (StepStatus::Failed, Some(why)),
         Ended::Done(StepOutcome::Timeout(why)) => (StepStatus::Timeout, Some(why)),
         Ended::Done(StepOutcome::Interrupted(why)) => (StepStatus::Interrupted, Some(why)),
-        Ended::Timeout => (StepStatus::Timeout, Some(format!("did not finish within {} ms; abandoned, output so far kept", timeout.as_millis()))),
+        Ended::Timeout => (
+            StepStatus::Timeout,
+            Some(format!("did not finish within {} ms; abandoned, output so far kept", timeout.as_millis())),
+        ),
         Ended::Interrupted => (StepStatus::Interrupted, Some("interrupted by signal; output so far kept".into())),
     };
     let mut r = record(step, status, start, took);
@@ -137,7 +149,10 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
                 // The pid may have been reused since it was proven: never file a
                 // stranger's /proc (environ included) as the VM's.
                 if !target.still_same() {
-                    return StepOutcome::Failed(format!("pid {pid} is no longer VM {}'s QEMU; /proc not read", target.vmid));
+                    return StepOutcome::Failed(format!(
+                        "pid {pid} is no longer VM {}'s QEMU; /proc not read",
+                        target.vmid
+                    ));
                 }
                 match crate::procfs::capture_process(pid, &sink, &cancel) {
                     Ok(_) => StepOutcome::Ok,
@@ -158,7 +173,10 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
                 let target = ctx.target.clone();
                 return Box::new(move || {
                     if !target.still_same() {
-                        return StepOutcome::Failed(format!("pid {pid} is no longer VM {}'s QEMU; not run", target.vmid));
+                        return StepOutcome::Failed(format!(
+                            "pid {pid} is no longer VM {}'s QEMU; not run",
+                            target.vmid
+                        ));
                     }
                     command_step(&argv, &output, output_cap, timeout, &vars, &sink, &cancel)
                 });
@@ -230,7 +248,10 @@ fn command_step(
         sink.note(format!("output capped at {cap} bytes"));
     }
     if out.timed_out {
-        return StepOutcome::Timeout(format!("killed (with its process group) at the {} ms deadline; output so far kept", timeout.as_millis()));
+        return StepOutcome::Timeout(format!(
+            "killed (with its process group) at the {} ms deadline; output so far kept",
+            timeout.as_millis()
+        ));
     }
     if out.cancelled {
         return StepOutcome::Interrupted("killed (with its process group): run interrupted; output so far kept".into());
@@ -346,7 +367,9 @@ fn core_step(
     };
     let rss = std::fs::read_to_string(format!("/proc/{}/status", target.pid))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .unwrap_or(0)
         * 1024;
     if free < min_free + rss {
@@ -386,7 +409,10 @@ fn core_step(
         Err(ExecError::NotFound(_)) => StepOutcome::Skipped("gdb is not installed (apt install gdb)".into()),
         Err(e) => StepOutcome::Failed(e.to_string()),
         Ok(o) if o.success() && path.exists() => StepOutcome::Ok,
-        Ok(o) => StepOutcome::Failed(format!("gcore failed: {}", String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or(""))),
+        Ok(o) => StepOutcome::Failed(format!(
+            "gcore failed: {}",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        )),
     }
 }
 
@@ -442,7 +468,14 @@ async fn qmp_step(
     }))
 }
 
-async fn one_sample(lane: &Lane, command: &str, args: Option<Value>, timeout: Duration, rel: &str, sink: &StepSink) -> Ended {
+async fn one_sample(
+    lane: &Lane,
+    command: &str,
+    args: Option<Value>,
+    timeout: Duration,
+    rel: &str,
+    sink: &StepSink,
+) -> Ended {
     match lane.execute(command, args, timeout).await {
         Ok(reply) => match sink.write(rel, &reply.raw) {
             Ok(()) => Ended::Done(StepOutcome::Ok),

@@ -22,7 +22,8 @@ pub struct VmAudit {
 
 /// Audits `<dir>/*.conf`. Unreadable files are reported as an error string.
 pub fn audit_dir(dir: &Path) -> Result<Vec<VmAudit>, String> {
-    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}; point --pve-dir at the cluster filesystem", dir.display()))?;
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}; point --pve-dir at the cluster filesystem", dir.display()))?;
     let mut configs: Vec<(String, String)> = Vec::new();
     for e in entries.flatten() {
         let p = e.path();
@@ -51,10 +52,8 @@ fn traits(cfg: &PveConfig) -> Vec<(&'static str, String)> {
 }
 
 pub fn audit(configs: &[(String, String)]) -> Vec<VmAudit> {
-    let parsed: Vec<(String, PveConfig, Option<PveConfig>)> = configs
-        .iter()
-        .map(|(id, text)| (id.clone(), PveConfig::parse(text), pending_section(text)))
-        .collect();
+    let parsed: Vec<(String, PveConfig, Option<PveConfig>)> =
+        configs.iter().map(|(id, text)| (id.clone(), PveConfig::parse(text), pending_section(text))).collect();
     let mut counts: BTreeMap<(&str, String), usize> = BTreeMap::new();
     for (_, cfg, _) in &parsed {
         for t in traits(cfg) {
@@ -107,7 +106,12 @@ fn pending_changes(cur: &PveConfig, pend: &PveConfig) -> Vec<String> {
             out.push(format!("delete {}", pend.keys[&k]));
             continue;
         }
-        let show = |o: &Options| o.iter().map(|(a, b)| if a == "file" { b.clone() } else { format!("{a}={b}") }).collect::<Vec<_>>().join(",");
+        let show = |o: &Options| {
+            o.iter()
+                .map(|(a, b)| if a == "file" { b.clone() } else { format!("{a}={b}") })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         match cur_n.get(&k) {
             Some(c) if *c == v => {}
             Some(c) => out.push(format!("{k}: {} → {}", show(c), show(&v))),
@@ -133,7 +137,11 @@ mod tests {
     fn odd_one_out_and_pending_as_option_sets() {
         let a = audit(&cfgs());
         let devvm = &a[1];
-        assert!(devvm.unlike_neighbours.iter().any(|u| u.starts_with("the only VM with scsihw lsi")), "{:?}", devvm.unlike_neighbours);
+        assert!(
+            devvm.unlike_neighbours.iter().any(|u| u.starts_with("the only VM with scsihw lsi")),
+            "{:?}",
+            devvm.unlike_neighbours
+        );
         // Reordered scsi0 options compare equal; the scsihw change is real.
         assert_eq!(devvm.pending, vec!["scsihw: lsi → virtio-scsi-single".to_string()]);
         // VM 103's pending section only reorders keys and options: no change.

@@ -97,10 +97,18 @@ pub fn risks(cfg: &PveConfig) -> Vec<Risk> {
     }
     for (key, o) in cfg.disks() {
         let is_scsi = key.starts_with("scsi");
-        if (key.starts_with("virtio") || (is_scsi && hw == "virtio-scsi-single")) && o.get("iothread").map(String::as_str) != Some("1") {
-            out.push(Risk { key: key.clone(), what: format!("{key}: no iothread; disk emulation shares the main loop with timers and QMP") });
+        if (key.starts_with("virtio") || (is_scsi && hw == "virtio-scsi-single"))
+            && o.get("iothread").map(String::as_str) != Some("1")
+        {
+            out.push(Risk {
+                key: key.clone(),
+                what: format!("{key}: no iothread; disk emulation shares the main loop with timers and QMP"),
+            });
         } else if is_scsi && hw != "virtio-scsi-single" {
-            out.push(Risk { key: key.clone(), what: format!("{key}: no iothread possible with scsihw {hw}; disk emulation runs on the main loop") });
+            out.push(Risk {
+                key: key.clone(),
+                what: format!("{key}: no iothread possible with scsihw {hw}; disk emulation runs on the main loop"),
+            });
         }
         let limits: Vec<String> = o
             .iter()
@@ -110,7 +118,10 @@ pub fn risks(cfg: &PveConfig) -> Vec<Risk> {
         if !limits.is_empty() {
             out.push(Risk {
                 key: key.clone(),
-                what: format!("{key}: QEMU-level throttle {}; queued I/O completes only when the throttle timer fires", limits.join(",")),
+                what: format!(
+                    "{key}: QEMU-level throttle {}; queued I/O completes only when the throttle timer fires",
+                    limits.join(",")
+                ),
             });
         }
         if o.get("aio").map(String::as_str) == Some("io_uring") {
@@ -149,10 +160,16 @@ mod tests {
 
     #[test]
     fn reordered_keys_and_options_compare_equal_drift_does_not() {
-        let a = PveConfig::parse("scsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,mbps_rd=60,mbps_wr=60,size=32G\nmemory: 4096\n");
-        let b = PveConfig::parse("memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=60,mbps_rd=60\nscsihw: lsi\n");
+        let a = PveConfig::parse(
+            "scsihw: lsi\nscsi0: local-lvm:vm-102-disk-0,mbps_rd=60,mbps_wr=60,size=32G\nmemory: 4096\n",
+        );
+        let b = PveConfig::parse(
+            "memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=60,mbps_rd=60\nscsihw: lsi\n",
+        );
         assert_eq!(a.normalized(), b.normalized());
-        let drift = PveConfig::parse("memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=50,mbps_rd=60\nscsihw: lsi\n");
+        let drift = PveConfig::parse(
+            "memory: 4096\nscsi0: local-lvm:vm-102-disk-0,size=32G,mbps_wr=50,mbps_rd=60\nscsihw: lsi\n",
+        );
         assert_ne!(a.normalized(), drift.normalized());
     }
 
@@ -171,7 +188,9 @@ mod tests {
 
     #[test]
     fn healthy_neighbour_has_no_risk() {
-        let cfg = PveConfig::parse("scsihw: virtio-scsi-single\nscsi0: local-lvm:vm-101-disk-0,iothread=1,aio=threads,size=32G\n");
+        let cfg = PveConfig::parse(
+            "scsihw: virtio-scsi-single\nscsi0: local-lvm:vm-101-disk-0,iothread=1,aio=threads,size=32G\n",
+        );
         assert!(risks(&cfg).is_empty(), "{:?}", risks(&cfg));
     }
 }

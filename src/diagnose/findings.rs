@@ -72,17 +72,18 @@ impl DeviceDelta {
 
 pub fn collect(ev: &dyn Evidence, steps: &[StepRecord]) -> Findings {
     let mut f = Findings {
-        process_state: ev.read_string("proc/status").and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("State:")).map(|v| v.trim().to_string())
-        }),
+        process_state: ev
+            .read_string("proc/status")
+            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("State:")).map(|v| v.trim().to_string())),
         ..Default::default()
     };
-    let pid: Option<i32> = ev.read_string("proc/status").and_then(|s| {
-        s.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok())
-    });
+    let pid: Option<i32> = ev
+        .read_string("proc/status")
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse().ok()));
     threads(ev, pid, &mut f);
     devices(ev, steps, &mut f);
-    f.qmp_replies = steps.iter().filter(|s| s.kind == "qmp" && s.status == StepStatus::Ok).map(|s| s.files.len().max(1)).sum();
+    f.qmp_replies =
+        steps.iter().filter(|s| s.kind == "qmp" && s.status == StepStatus::Ok).map(|s| s.files.len().max(1)).sum();
     if let Some(blocks) = ret(ev, "qmp/query-block.json") {
         for b in blocks.as_array().into_iter().flatten() {
             let dev = b["device"].as_str().filter(|d| !d.is_empty()).or(b["qdev"].as_str()).unwrap_or("?").to_string();
@@ -114,7 +115,12 @@ pub fn collect(ev: &dyn Evidence, steps: &[StepRecord]) -> Findings {
             f.throttle.insert(format!("group {name}"), lim);
         }
     }
-    if let Some((_, text)) = ev.list().iter().find(|p| p.starts_with("config/") && p.ends_with(".conf")).and_then(|p| Some((p.clone(), ev.read_string(p)?))) {
+    if let Some((_, text)) = ev
+        .list()
+        .iter()
+        .find(|p| p.starts_with("config/") && p.ends_with(".conf"))
+        .and_then(|p| Some((p.clone(), ev.read_string(p)?)))
+    {
         let cfg = PveConfig::parse(&text);
         f.risks = config::risks(&cfg);
         drift(&cfg, &mut f);
@@ -125,11 +131,8 @@ pub fn collect(ev: &dyn Evidence, steps: &[StepRecord]) -> Findings {
 }
 
 fn threads(ev: &dyn Evidence, pid: Option<i32>, f: &mut Findings) {
-    let mut tids: Vec<i32> = ev
-        .list()
-        .iter()
-        .filter_map(|p| p.strip_prefix("proc/task/")?.strip_suffix("/stat")?.parse().ok())
-        .collect();
+    let mut tids: Vec<i32> =
+        ev.list().iter().filter_map(|p| p.strip_prefix("proc/task/")?.strip_suffix("/stat")?.parse().ok()).collect();
     tids.sort_unstable();
     for tid in tids {
         let read = |name: &str| ev.read_string(&format!("proc/task/{tid}/{name}")).unwrap_or_default();
@@ -140,7 +143,10 @@ fn threads(ev: &dyn Evidence, pid: Option<i32>, f: &mut Findings) {
             state: stat.as_ref().map(|s| s.state).unwrap_or('?'),
             // A bare "0" means the thread is running, not sleeping anywhere.
             wchan: Some(read("wchan").trim().to_string()).filter(|w| w != "0").unwrap_or_default(),
-            kernel_stack: read("stack").lines().map(|l| l.split_once("] ").map(|(_, r)| r).unwrap_or(l).to_string()).collect(),
+            kernel_stack: read("stack")
+                .lines()
+                .map(|l| l.split_once("] ").map(|(_, r)| r).unwrap_or(l).to_string())
+                .collect(),
         };
         if Some(tid) == pid {
             f.main_thread = Some(t.clone());
@@ -185,7 +191,10 @@ fn devices(ev: &dyn Evidence, steps: &[StepRecord], f: &mut Findings) {
             rd_bytes: pair("rd_bytes"),
             wr_highest: pair("wr_highest_offset"),
             idle_ns: (s1["idle_time_ns"].as_u64(), s2["idle_time_ns"].as_u64()),
-            failed: (n(s1, "failed_wr_operations") + n(s1, "failed_rd_operations"), n(s2, "failed_wr_operations") + n(s2, "failed_rd_operations")),
+            failed: (
+                n(s1, "failed_wr_operations") + n(s1, "failed_rd_operations"),
+                n(s2, "failed_wr_operations") + n(s2, "failed_rd_operations"),
+            ),
         });
     }
 }
@@ -193,7 +202,11 @@ fn devices(ev: &dyn Evidence, steps: &[StepRecord], f: &mut Findings) {
 /// Config limits vs. live ones, compared as numbers (never strings).
 fn drift(cfg: &PveConfig, f: &mut Findings) {
     for (disk, want) in config::configured_limits(cfg) {
-        let live = f.throttle.iter().find(|(dev, _)| dev.ends_with(&disk) || dev.ends_with(&format!("-{disk}"))).map(|(_, l)| l.clone());
+        let live = f
+            .throttle
+            .iter()
+            .find(|(dev, _)| dev.ends_with(&disk) || dev.ends_with(&format!("-{disk}")))
+            .map(|(_, l)| l.clone());
         let Some(live) = live else {
             if !want.is_empty() && !f.throttle.is_empty() {
                 f.throttle_drift.push(format!("{disk}: config limits {want:?} but QEMU reports none for this disk"));
@@ -215,7 +228,9 @@ fn io_uring(ev: &dyn Evidence, f: &mut Findings) {
         let field = |name: &str| {
             block.lines().find_map(|l| l.trim().strip_prefix(name)?.trim_start_matches(':').trim().parse::<u64>().ok())
         };
-        let (Some(sqh), Some(sqt), Some(cqh), Some(cqt)) = (field("SqHead"), field("SqTail"), field("CqHead"), field("CqTail")) else {
+        let (Some(sqh), Some(sqt), Some(cqh), Some(cqt)) =
+            (field("SqHead"), field("SqTail"), field("CqHead"), field("CqTail"))
+        else {
             continue;
         };
         f.io_uring.push(format!(
@@ -243,7 +258,11 @@ fn stacks(ev: &dyn Evidence, f: &mut Findings) {
         for t in v["threads"].as_array().into_iter().flatten() {
             let frames: Vec<String> = t["frames"].as_array().into_iter().flatten().take(6).map(frame_name).collect();
             let name = t["name"].as_str().unwrap_or("?").to_string();
-            let stack = if frames.is_empty() { "(no user-space frames: a kernel-side thread)".to_string() } else { frames.join(" < ") };
+            let stack = if frames.is_empty() {
+                "(no user-space frames: a kernel-side thread)".to_string()
+            } else {
+                frames.join(" < ")
+            };
             groups.entry(stack).or_default().push(name);
         }
         for (stack, names) in groups {

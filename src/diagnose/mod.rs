@@ -183,7 +183,10 @@ fn decide(ev: &dyn Evidence, steps: &[StepRecord], f: &Findings, rules: &Rules, 
                 d.device, window, d.wr_ops.1, d.rd_ops.1, d.flush_ops.1
             );
             if let Some(idle) = d.idle_secs() {
-                fact.push_str(&format!("; last completion {idle:.1} s ago (idle_time_ns {})", d.idle_ns.1.unwrap_or(0)));
+                fact.push_str(&format!(
+                    "; last completion {idle:.1} s ago (idle_time_ns {})",
+                    d.idle_ns.1.unwrap_or(0)
+                ));
             }
             facts.push(fact);
         }

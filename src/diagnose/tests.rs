@@ -59,7 +59,13 @@ fn ok_steps() -> Vec<StepRecord> {
     vec![
         rec("qmp-connect", "qmp", StepStatus::Ok, None, &[]),
         rec("qmp-status", "qmp", StepStatus::Ok, None, &["qmp/query-status.json"]),
-        rec("qmp-blockstats", "qmp", StepStatus::Ok, None, &["qmp/query-blockstats.1.json", "qmp/query-blockstats.2.json"]),
+        rec(
+            "qmp-blockstats",
+            "qmp",
+            StepStatus::Ok,
+            None,
+            &["qmp/query-blockstats.1.json", "qmp/query-blockstats.2.json"],
+        ),
     ]
 }
 
@@ -101,9 +107,11 @@ fn moving_counters_are_healthy() {
 fn paused_and_io_error() {
     let ev = Mem::default().put("qmp/query-status.json", json!({"return": {"status": "paused", "running": false}}));
     assert_eq!(diagnose(&ev, &ok_steps(), &Rules::default()).verdict, Verdict::Paused);
-    let ev = Mem::default()
-        .put("qmp/query-status.json", json!({"return": {"status": "running", "running": true}}))
-        .put("qmp/query-block.json", json!({"return": [{"device": "drive-scsi0", "io-status": "nospace", "inserted": {}}]}));
+    let ev =
+        Mem::default().put("qmp/query-status.json", json!({"return": {"status": "running", "running": true}})).put(
+            "qmp/query-block.json",
+            json!({"return": [{"device": "drive-scsi0", "io-status": "nospace", "inserted": {}}]}),
+        );
     let d = diagnose(&ev, &ok_steps(), &Rules::default());
     assert_eq!(d.verdict, Verdict::IoError);
     assert!(d.facts.iter().any(|f| f.contains("nospace")));

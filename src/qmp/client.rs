@@ -98,9 +98,7 @@ impl QmpClient {
     /// Connects to the QMP socket at `path`, reads the greeting and negotiates
     /// capabilities. See [`QmpClient::connect_traced`] for the transcript of a failure.
     pub async fn connect(path: &Path, cfg: &QmpConfig) -> Result<QmpClient, QmpError> {
-        Self::connect_traced(path, cfg)
-            .await
-            .map_err(QmpError::from)
+        Self::connect_traced(path, cfg).await.map_err(QmpError::from)
     }
 
     /// Like [`QmpClient::connect`], but a failure keeps the attempt count and transcript.
@@ -120,9 +118,7 @@ impl QmpClient {
 
         let greeted = loop {
             attempts += 1;
-            let window = cfg
-                .greeting_timeout
-                .min(deadline.saturating_duration_since(Instant::now()));
+            let window = cfg.greeting_timeout.min(deadline.saturating_duration_since(Instant::now()));
             transcript.note(format!(
                 "attempt {attempts}: connecting to {}, waiting up to {} for the greeting",
                 path.display(),
@@ -132,15 +128,9 @@ impl QmpClient {
                 Ok(g) => break g,
                 Err(AttemptError::Fatal(error)) => {
                     transcript.note(format!("giving up: {error}"));
-                    return Err(ConnectFailure {
-                        error,
-                        attempts,
-                        transcript,
-                    });
+                    return Err(ConnectFailure { error, attempts, transcript });
                 }
-                Err(AttemptError::Retry(why)) => {
-                    transcript.note(format!("attempt {attempts}: {why}"))
-                }
+                Err(AttemptError::Retry(why)) => transcript.note(format!("attempt {attempts}: {why}")),
             }
             let left = deadline.saturating_duration_since(Instant::now());
             tokio::time::sleep(backoff.min(left)).await;
@@ -149,17 +139,9 @@ impl QmpClient {
             if deadline.saturating_duration_since(Instant::now()) >= MIN_ATTEMPT {
                 continue;
             }
-            let error = QmpError::NoGreeting {
-                path: path.to_path_buf(),
-                waited: start.elapsed(),
-                attempts,
-            };
+            let error = QmpError::NoGreeting { path: path.to_path_buf(), waited: start.elapsed(), attempts };
             transcript.note(format!("giving up: {error}"));
-            return Err(ConnectFailure {
-                error,
-                attempts,
-                transcript,
-            });
+            return Err(ConnectFailure { error, attempts, transcript });
         };
 
         Self::negotiate(greeted, transcript, attempts, cfg).await
@@ -183,7 +165,12 @@ impl QmpClient {
         }
     }
 
-    async fn negotiate(greeted: Greeted, transcript: Transcript, attempts: u32, cfg: &QmpConfig) -> Result<QmpClient, ConnectFailure> {
+    async fn negotiate(
+        greeted: Greeted,
+        transcript: Transcript,
+        attempts: u32,
+        cfg: &QmpConfig,
+    ) -> Result<QmpClient, ConnectFailure> {
         let (reader, writer, greeting) = greeted;
         let mut client = QmpClient {
             reader,
@@ -202,11 +189,7 @@ impl QmpClient {
 
         let cap_start = Instant::now();
         let request = b"{\"execute\":\"qmp_capabilities\",\"id\":\"wa-0\"}\n";
-        let negotiated = tokio::time::timeout(
-            cfg.capabilities_timeout,
-            client.send_and_wait(request, "wa-0"),
-        )
-        .await;
+        let negotiated = tokio::time::timeout(cfg.capabilities_timeout, client.send_and_wait(request, "wa-0")).await;
         let error = match negotiated {
             Ok(Ok((_, msg))) => match msg.get("error") {
                 None => return Ok(client),
@@ -215,19 +198,12 @@ impl QmpClient {
             Ok(Err(e)) => e,
             Err(_) => {
                 let waited = cap_start.elapsed();
-                client.disable(format!(
-                    "qmp_capabilities unanswered after {}",
-                    secs(waited)
-                ));
+                client.disable(format!("qmp_capabilities unanswered after {}", secs(waited)));
                 QmpError::CapabilitiesUnanswered { waited }
             }
         };
         client.transcript.note(format!("giving up: {error}"));
-        Err(ConnectFailure {
-            error,
-            attempts,
-            transcript: client.transcript,
-        })
+        Err(ConnectFailure { error, attempts, transcript: client.transcript })
     }
 
     /// Sends one command and waits up to `timeout` for its reply.
@@ -250,8 +226,7 @@ impl QmpClient {
         }
         if let Some(reason) = &self.disabled {
             let reason = reason.clone();
-            self.transcript
-                .note(format!("not sent: `{command}`: {reason}"));
+            self.transcript.note(format!("not sent: `{command}`: {reason}"));
             return Err(QmpError::Disabled { reason });
         }
 
@@ -264,8 +239,7 @@ impl QmpClient {
         }
         req.insert("id".into(), Value::String(id.clone()));
         // serde_json escapes control characters, so the request is a single line.
-        let mut line = serde_json::to_vec(&Value::Object(req))
-            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        let mut line = serde_json::to_vec(&Value::Object(req)).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
 
         let started = Instant::now();
@@ -275,10 +249,7 @@ impl QmpClient {
                     "an earlier command (`{command}`) timed out after {}; nothing more is sent to a wedged monitor",
                     secs(timeout)
                 ));
-                Err(QmpError::Timeout {
-                    command: command.to_string(),
-                    after: timeout,
-                })
+                Err(QmpError::Timeout { command: command.to_string(), after: timeout })
             }
             Ok(Err(e)) => Err(e),
             Ok(Ok((raw, mut msg))) => {
@@ -286,11 +257,7 @@ impl QmpClient {
                     return Err(self.command_error(command, err));
                 }
                 let value = msg.remove("return").unwrap_or(Value::Null);
-                Ok(Reply {
-                    raw,
-                    value,
-                    elapsed: started.elapsed(),
-                })
+                Ok(Reply { raw, value, elapsed: started.elapsed() })
             }
         }
     }
@@ -333,8 +300,7 @@ impl QmpClient {
                 }
                 Ok(Ok(Line::TooLong { head, seen })) => {
                     self.transcript.truncated(Kind::Recv, &head, seen);
-                    self.transcript
-                        .note("late: line over the reply cap; stopped reading");
+                    self.transcript.note("late: line over the reply cap; stopped reading");
                     self.stream_broken = true;
                     return lines;
                 }
@@ -349,12 +315,8 @@ impl QmpClient {
                 Ok(v) if v.get("event").is_some() => self.keep_event(&bytes, v),
                 Ok(v) => {
                     self.transcript.line(Kind::Recv, &bytes);
-                    let id = v
-                        .as_object()
-                        .map_or_else(|| "(not an object)".into(), id_text);
-                    self.transcript.note(format!(
-                        "late: message with id {id} arrived after its deadline"
-                    ));
+                    let id = v.as_object().map_or_else(|| "(not an object)".into(), id_text);
+                    self.transcript.note(format!("late: message with id {id} arrived after its deadline"));
                 }
                 Err(_) => {
                     self.transcript.line(Kind::Recv, &bytes);
@@ -421,30 +383,19 @@ impl QmpClient {
     /// Marks the session unusable because of `e` and returns it.
     fn broken(&mut self, e: QmpError) -> QmpError {
         self.stream_broken = true;
-        self.disable(format!(
-            "the connection is unusable after an earlier error: {e}"
-        ));
+        self.disable(format!("the connection is unusable after an earlier error: {e}"));
         e
     }
 
     fn command_error(&mut self, command: &str, err: &Value) -> QmpError {
         let field = |k: &str| one_line(err.get(k).and_then(Value::as_str).unwrap_or("?"), 300);
-        QmpError::Command {
-            command: command.to_string(),
-            class: field("class"),
-            desc: field("desc"),
-        }
+        QmpError::Command { command: command.to_string(), class: field("class"), desc: field("desc") }
     }
 
     /// Writes `line` and reads until the reply tagged `id` arrives. Returns the raw
     /// reply line and its parsed object. Not bounded in time: callers wrap it.
-    async fn send_and_wait(
-        &mut self,
-        line: &[u8],
-        id: &str,
-    ) -> Result<(Vec<u8>, Map<String, Value>), QmpError> {
-        self.transcript
-            .line(Kind::Send, line.strip_suffix(b"\n").unwrap_or(line));
+    async fn send_and_wait(&mut self, line: &[u8], id: &str) -> Result<(Vec<u8>, Map<String, Value>), QmpError> {
+        self.transcript.line(Kind::Send, line.strip_suffix(b"\n").unwrap_or(line));
         if let Err(e) = self.writer.write_all(line).await {
             return Err(self.broken(io_error(e)));
         }
@@ -456,10 +407,7 @@ impl QmpClient {
                         self.transcript.note("EOF while waiting for a reply");
                     } else {
                         self.transcript.line(Kind::Recv, &partial);
-                        self.transcript.note(format!(
-                            "EOF after {} bytes of an unterminated line",
-                            partial.len()
-                        ));
+                        self.transcript.note(format!("EOF after {} bytes of an unterminated line", partial.len()));
                     }
                     return Err(self.broken(QmpError::Closed));
                 }
@@ -493,20 +441,11 @@ impl QmpClient {
                     msg.remove("id");
                     return Ok((bytes, msg));
                 }
-                self.skip(
-                    &bytes,
-                    format!(
-                        "skipped a reply with id {} while waiting for {id}",
-                        id_text(&msg)
-                    ),
-                );
+                self.skip(&bytes, format!("skipped a reply with id {} while waiting for {id}", id_text(&msg)));
                 continue;
             }
-            let what = if msg.contains_key("QMP") {
-                "an unexpected second greeting"
-            } else {
-                "an unrecognised message"
-            };
+            let what =
+                if msg.contains_key("QMP") { "an unexpected second greeting" } else { "an unrecognised message" };
             self.skip(&bytes, format!("skipped {what}"));
         }
     }
@@ -517,10 +456,8 @@ impl QmpClient {
             self.events.push(event);
         } else {
             if self.events_dropped == 0 {
-                self.transcript.note(format!(
-                    "event cap of {} reached: later events are counted, not kept",
-                    self.max_events
-                ));
+                self.transcript
+                    .note(format!("event cap of {} reached: later events are counted, not kept", self.max_events));
             }
             self.events_dropped += 1;
         }
@@ -550,12 +487,7 @@ async fn attempt(
 ) -> Result<Greeted, AttemptError> {
     let until = tokio::time::Instant::now() + window;
     let stream = match tokio::time::timeout_at(until, UnixStream::connect(path)).await {
-        Err(_) => {
-            return Err(AttemptError::Retry(format!(
-                "connect did not complete within {}",
-                secs(window)
-            )))
-        }
+        Err(_) => return Err(AttemptError::Retry(format!("connect did not complete within {}", secs(window)))),
         Ok(Err(e)) => return Err(connect_error(path, e)),
         Ok(Ok(s)) => s,
     };
@@ -575,14 +507,12 @@ async fn greet(
     let line = match tokio::time::timeout_at(until, reader.next_line()).await {
         Err(_) => {
             return Err(AttemptError::Retry(format!(
-            "connected, but no greeting within {} (socket held by another client, or QEMU frozen)",
-            secs(window)
-        )))
+                "connected, but no greeting within {} (socket held by another client, or QEMU frozen)",
+                secs(window)
+            )))
         }
         Ok(Err(e)) if e.kind() == ErrorKind::ConnectionReset => {
-            return Err(AttemptError::Retry(
-                "connection reset before the greeting".into(),
-            ))
+            return Err(AttemptError::Retry("connection reset before the greeting".into()))
         }
         Ok(Err(e)) => return Err(AttemptError::Fatal(QmpError::Io(e))),
         Ok(Ok(l)) => l,
@@ -606,9 +536,7 @@ async fn greet(
         }
         Line::TooLong { head, seen } => {
             transcript.truncated(Kind::Recv, &head, seen);
-            Err(AttemptError::Fatal(QmpError::ReplyTooLarge {
-                limit: reply_cap,
-            }))
+            Err(AttemptError::Fatal(QmpError::ReplyTooLarge { limit: reply_cap }))
         }
     }
 }
@@ -619,18 +547,14 @@ fn connect_error(path: &Path, e: std::io::Error) -> AttemptError {
         ErrorKind::NotFound => AttemptError::Fatal(QmpError::SocketMissing { path }),
         ErrorKind::ConnectionRefused => AttemptError::Fatal(QmpError::ConnectRefused { path }),
         // EAGAIN: the listener's backlog is full (several clients queued). Try again.
-        ErrorKind::WouldBlock => {
-            AttemptError::Retry("connect: listen backlog full (EAGAIN)".into())
-        }
+        ErrorKind::WouldBlock => AttemptError::Retry("connect: listen backlog full (EAGAIN)".into()),
         _ => AttemptError::Fatal(QmpError::Connect { path, source: e }),
     }
 }
 
 fn io_error(e: std::io::Error) -> QmpError {
     match e.kind() {
-        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => {
-            QmpError::Closed
-        }
+        ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::UnexpectedEof => QmpError::Closed,
         _ => QmpError::Io(e),
     }
 }

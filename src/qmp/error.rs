@@ -34,11 +34,7 @@ pub enum QmpError {
         "no QMP greeting from {} within {} ({attempts} attempts): the socket is held by another client or QEMU is frozen; check `ss -xp | grep {}`",
         .path.display(), secs(*.waited), .path.display()
     )]
-    NoGreeting {
-        path: PathBuf,
-        waited: Duration,
-        attempts: u32,
-    },
+    NoGreeting { path: PathBuf, waited: Duration, attempts: u32 },
 
     /// The greeting came but `qmp_capabilities` got no answer: the main loop is wedged.
     #[error(
@@ -63,11 +59,15 @@ pub enum QmpError {
     Disabled { reason: String },
 
     /// A line from QEMU exceeded the reply cap; the connection is abandoned.
-    #[error("QMP reply line exceeds {limit} bytes: connection abandoned; raise reply_cap if a reply this large is expected")]
+    #[error(
+        "QMP reply line exceeds {limit} bytes: connection abandoned; raise reply_cap if a reply this large is expected"
+    )]
     ReplyTooLarge { limit: usize },
 
     /// QEMU closed the connection (possibly mid-reply).
-    #[error("QEMU closed the QMP connection: the process may have exited or been killed; check whether it is still running")]
+    #[error(
+        "QEMU closed the QMP connection: the process may have exited or been killed; check whether it is still running"
+    )]
     Closed,
 
     /// Reading or writing the established connection failed.
@@ -80,11 +80,7 @@ pub enum QmpError {
 
     /// QEMU answered with `{"error": {"class", "desc"}}`. The session stays usable.
     #[error("QMP `{command}` failed: {class}: {desc}")]
-    Command {
-        command: String,
-        class: String,
-        desc: String,
-    },
+    Command { command: String, class: String, desc: String },
 }
 
 impl QmpError {
@@ -110,11 +106,6 @@ impl QmpError {
     /// Whether the error means QEMU did not answer in time (a wedge signal), as
     /// opposed to a usage or transport problem.
     pub fn is_unanswered(&self) -> bool {
-        matches!(
-            self,
-            QmpError::NoGreeting { .. }
-                | QmpError::CapabilitiesUnanswered { .. }
-                | QmpError::Timeout { .. }
-        )
+        matches!(self, QmpError::NoGreeting { .. } | QmpError::CapabilitiesUnanswered { .. } | QmpError::Timeout { .. })
     }
 }

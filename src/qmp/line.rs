@@ -31,11 +31,7 @@ pub(crate) struct LineReader<R> {
 
 impl<R: AsyncRead + Unpin> LineReader<R> {
     pub(crate) fn new(inner: R, cap: usize) -> Self {
-        LineReader {
-            inner: BufReader::with_capacity(64 * 1024, inner),
-            pending: Vec::new(),
-            cap,
-        }
+        LineReader { inner: BufReader::with_capacity(64 * 1024, inner), pending: Vec::new(), cap }
     }
 
     /// Bytes of a line begun but not yet terminated (e.g. a reply cut off mid-line).
@@ -54,9 +50,7 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
         loop {
             let avail = self.inner.fill_buf().await?;
             if avail.is_empty() {
-                return Ok(Line::Eof {
-                    partial: std::mem::take(&mut self.pending),
-                });
+                return Ok(Line::Eof { partial: std::mem::take(&mut self.pending) });
             }
             let (take, done) = match avail.iter().position(|&b| b == b'\n') {
                 Some(i) => (i, true),

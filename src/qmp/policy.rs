@@ -37,28 +37,14 @@ pub struct Refusal {
 ///
 /// `Ok(())` means the command may be sent during capture; `Err` says why not.
 pub fn check(command: &str, arguments: Option<&Value>) -> Result<(), Refusal> {
-    let refuse = |reason: String, next: &'static str| Refusal {
-        command: one_line(command, 80),
-        reason,
-        next,
-    };
+    let refuse = |reason: String, next: &'static str| Refusal { command: one_line(command, 80), reason, next };
 
-    if command.is_empty()
-        || !command
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(refuse(
-            "not a valid QMP command name".into(),
-            NEXT_ALLOWLIST,
-        ));
+    if command.is_empty() || !command.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(refuse("not a valid QMP command name".into(), NEXT_ALLOWLIST));
     }
     if let Some(args) = arguments {
         if !args.is_object() {
-            return Err(refuse(
-                "`arguments` must be a JSON object".into(),
-                "pass an object or no arguments",
-            ));
+            return Err(refuse("`arguments` must be a JSON object".into(), "pass an object or no arguments"));
         }
     }
 
@@ -70,24 +56,16 @@ pub fn check(command: &str, arguments: Option<&Value>) -> Result<(), Refusal> {
     if let Some((_, reason, next)) = DENY.iter().find(|(name, _, _)| *name == norm) {
         return Err(refuse((*reason).into(), next));
     }
-    if let Some((_, reason, next)) = DENY_PREFIX
-        .iter()
-        .find(|(prefix, _, _)| norm.starts_with(prefix))
-    {
+    if let Some((_, reason, next)) = DENY_PREFIX.iter().find(|(prefix, _, _)| norm.starts_with(prefix)) {
         return Err(refuse((*reason).into(), next));
     }
 
     let allowed = QOM_READS.contains(&command)
-        || ["query-", "x-query-"]
-            .iter()
-            .any(|p| command.strip_prefix(p).is_some_and(is_lower_name));
+        || ["query-", "x-query-"].iter().any(|p| command.strip_prefix(p).is_some_and(is_lower_name));
     if allowed {
         Ok(())
     } else {
-        Err(refuse(
-            "not on the read-only allowlist".into(),
-            NEXT_ALLOWLIST,
-        ))
+        Err(refuse("not on the read-only allowlist".into(), NEXT_ALLOWLIST))
     }
 }
 
@@ -98,18 +76,11 @@ pub fn is_allowed(command: &str, arguments: Option<&Value>) -> bool {
 
 const NEXT_ALLOWLIST: &str =
     "only query-*, x-query-*, qom-list, qom-get, qom-list-types, qom-list-properties and HMP `info <subcommand>` are sent during capture";
-const NEXT_AFTER_SEAL: &str =
-    "capture is read-only: do this only after the archive is sealed, outside the capture";
+const NEXT_AFTER_SEAL: &str = "capture is read-only: do this only after the archive is sealed, outside the capture";
 const NEXT_READ_INSTEAD: &str = "read the state with query-block or qom-get instead";
-const NEXT_HMP: &str =
-    "send exactly `info <subcommand>` (one line, single spaces) or use the QMP query-* equivalent";
+const NEXT_HMP: &str = "send exactly `info <subcommand>` (one line, single spaces) or use the QMP query-* equivalent";
 
-const QOM_READS: &[&str] = &[
-    "qom-list",
-    "qom-get",
-    "qom-list-types",
-    "qom-list-properties",
-];
+const QOM_READS: &[&str] = &["qom-list", "qom-get", "qom-list-types", "qom-list-properties"];
 
 /// Exact names (normalized: lower case, `-` for `_`), with reason and next step.
 const DENY: &[(&str, &str, &str)] = &[
@@ -161,33 +132,13 @@ const DENY: &[(&str, &str, &str)] = &[
 /// Name prefixes (normalized), with reason and next step.
 const DENY_PREFIX: &[(&str, &str, &str)] = &[
     ("blockdev-", "reconfigures the block graph", NEXT_AFTER_SEAL),
-    (
-        "x-blockdev-",
-        "reconfigures the block graph",
-        NEXT_AFTER_SEAL,
-    ),
-    (
-        "drive-",
-        "starts a drive job or changes a drive",
-        NEXT_AFTER_SEAL,
-    ),
+    ("x-blockdev-", "reconfigures the block graph", NEXT_AFTER_SEAL),
+    ("drive-", "starts a drive job or changes a drive", NEXT_AFTER_SEAL),
     ("block-job-", "controls a block job", NEXT_AFTER_SEAL),
-    (
-        "block-dirty-bitmap-",
-        "changes dirty bitmaps",
-        NEXT_AFTER_SEAL,
-    ),
+    ("block-dirty-bitmap-", "changes dirty bitmaps", NEXT_AFTER_SEAL),
     ("job-", "controls a job", NEXT_AFTER_SEAL),
-    (
-        "migrate",
-        "starts, tunes or cancels migration",
-        NEXT_AFTER_SEAL,
-    ),
-    (
-        "snapshot-",
-        "takes, loads or deletes snapshots",
-        NEXT_AFTER_SEAL,
-    ),
+    ("migrate", "starts, tunes or cancels migration", NEXT_AFTER_SEAL),
+    ("snapshot-", "takes, loads or deletes snapshots", NEXT_AFTER_SEAL),
     ("object-", "creates or deletes objects", NEXT_AFTER_SEAL),
     ("netdev-", "changes network backends", NEXT_AFTER_SEAL),
     ("chardev-", "changes character devices", NEXT_AFTER_SEAL),
@@ -197,10 +148,7 @@ const DENY_PREFIX: &[(&str, &str, &str)] = &[
 
 /// HMP words with a precise reason (first word of the command line, lower case).
 const HMP_DENY: &[(&str, &str)] = &[
-    (
-        "qemu-io",
-        "issues I/O to a drive (this is how a lab wedge is made)",
-    ),
+    ("qemu-io", "issues I/O to a drive (this is how a lab wedge is made)"),
     ("stop", "pauses every vCPU"),
     ("s", "pauses every vCPU"),
     ("cont", "resumes the VM"),
@@ -222,9 +170,7 @@ const HMP_DENY: &[(&str, &str)] = &[
 
 /// Lower-case QMP name characters, non-empty.
 fn is_lower_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// Accepts `{"command-line": "info <sub>[ <arg>…]", "cpu-index"?: N}` only.
@@ -232,10 +178,7 @@ fn check_hmp(arguments: Option<&Value>) -> Result<(), String> {
     let Some(obj) = arguments.and_then(Value::as_object) else {
         return Err("HMP needs arguments {\"command-line\": \"info …\"}".into());
     };
-    if let Some(key) = obj
-        .keys()
-        .find(|k| *k != "command-line" && *k != "cpu-index")
-    {
+    if let Some(key) = obj.keys().find(|k| *k != "command-line" && *k != "cpu-index") {
         return Err(format!("unexpected HMP argument `{}`", one_line(key, 40)));
     }
     if obj.get("cpu-index").is_some_and(|v| !v.is_u64()) {
@@ -260,11 +203,7 @@ fn check_info_line(line: &str) -> Result<(), String> {
     let mut words = line.split(' ');
     let first = words.next().unwrap_or_default();
     if first != "info" {
-        let word = line
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_ascii_lowercase();
+        let word = line.split_whitespace().next().unwrap_or_default().to_ascii_lowercase();
         if word == "info" {
             return Err("leading whitespace or odd case is not accepted".into());
         }
@@ -283,10 +222,7 @@ fn check_info_line(line: &str) -> Result<(), String> {
         if arg.is_empty() {
             return Err("repeated or trailing spaces are not accepted".into());
         }
-        if !arg
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_./:,=".contains(&b))
-        {
+        if !arg.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./:,=".contains(&b)) {
             return Err("info arguments may only contain letters, digits and -_./:,=".into());
         }
     }
@@ -352,30 +288,17 @@ mod tests {
         for (cmd, want) in cases {
             let r = check(cmd, None).expect_err(cmd);
             assert_eq!(r.command, cmd);
-            assert!(
-                r.reason.contains(want),
-                "{cmd}: reason {:?} lacks {want:?}",
-                r.reason
-            );
+            assert!(r.reason.contains(want), "{cmd}: reason {:?} lacks {want:?}", r.reason);
             let msg = r.to_string();
-            assert!(
-                !msg.contains('\n') && msg.contains(cmd) && msg.contains(r.next),
-                "{msg}"
-            );
+            assert!(!msg.contains('\n') && msg.contains(cmd) && msg.contains(r.next), "{msg}");
         }
     }
 
     #[test]
     fn case_and_separator_tricks_get_the_real_reason_and_stay_refused() {
         assert!(check("STOP", None).unwrap_err().reason.contains("pauses"));
-        assert!(check("Block-Set-IO-Throttle", None)
-            .unwrap_err()
-            .reason
-            .contains("throttle"));
-        assert!(check("system-reset", None)
-            .unwrap_err()
-            .reason
-            .contains("resets"));
+        assert!(check("Block-Set-IO-Throttle", None).unwrap_err().reason.contains("throttle"));
+        assert!(check("system-reset", None).unwrap_err().reason.contains("resets"));
         // QMP names are case-sensitive: QEMU would not know these, and neither do we.
         assert!(!is_allowed("Query-status", None));
         assert!(!is_allowed("QUERY-STATUS", None));
@@ -390,14 +313,9 @@ mod tests {
 
     #[test]
     fn unknown_commands_are_refused() {
-        for c in [
-            "qom-list-typez",
-            "set_link",
-            "trace-event-set-state",
-            "human-monitor",
-            "querystatus",
-            "nbd-server-start",
-        ] {
+        for c in
+            ["qom-list-typez", "set_link", "trace-event-set-state", "human-monitor", "querystatus", "nbd-server-start"]
+        {
             let r = check(c, None).expect_err(c);
             assert_eq!(r.reason, "not on the read-only allowlist", "{c}");
             assert_eq!(r.next, NEXT_ALLOWLIST);
@@ -422,10 +340,7 @@ mod tests {
             "info qom-tree /machine",
             "info block -v drive-scsi0",
         ] {
-            assert!(
-                is_allowed("human-monitor-command", Some(&hmp(line))),
-                "{line:?}"
-            );
+            assert!(is_allowed("human-monitor-command", Some(&hmp(line))), "{line:?}");
         }
         let with_cpu = json!({"command-line": "info registers", "cpu-index": 1});
         assert!(is_allowed("human-monitor-command", Some(&with_cpu)));
@@ -458,10 +373,7 @@ mod tests {
         for line in bad {
             let r = check("human-monitor-command", Some(&hmp(line))).expect_err(line);
             assert_eq!(r.command, "human-monitor-command");
-            assert!(
-                !r.to_string().contains('\n'),
-                "{line:?}: message must be one line"
-            );
+            assert!(!r.to_string().contains('\n'), "{line:?}: message must be one line");
         }
     }
 
@@ -493,10 +405,7 @@ mod tests {
             Some(json!({"command-line": "info registers", "cpu-index": "0"})),
         ];
         for args in refused {
-            assert!(
-                !is_allowed("human-monitor-command", args.as_ref()),
-                "{args:?}"
-            );
+            assert!(!is_allowed("human-monitor-command", args.as_ref()), "{args:?}");
         }
     }
 }

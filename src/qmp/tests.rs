@@ -42,10 +42,7 @@ impl Peer {
     async fn accept(l: &UnixListener) -> Peer {
         let (s, _) = l.accept().await.unwrap();
         let (r, w) = s.into_split();
-        Peer {
-            r: BufReader::new(r),
-            w,
-        }
+        Peer { r: BufReader::new(r), w }
     }
 
     async fn send(&mut self, line: &str) {
@@ -67,8 +64,7 @@ impl Peer {
         self.send(GREETING).await;
         let cap = self.recv().await.expect("capabilities request");
         assert_eq!(cap["execute"], "qmp_capabilities");
-        self.send(&json!({"return": {}, "id": cap["id"]}).to_string())
-            .await;
+        self.send(&json!({"return": {}, "id": cap["id"]}).to_string()).await;
         cap
     }
 
@@ -85,11 +81,7 @@ fn transcript(c: &QmpClient) -> Vec<Value> {
 }
 
 fn parse_jsonl(bytes: &[u8]) -> Vec<Value> {
-    std::str::from_utf8(bytes)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    std::str::from_utf8(bytes).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn kinds(t: &[Value], kind: &str) -> usize {
@@ -99,8 +91,7 @@ fn kinds(t: &[Value], kind: &str) -> usize {
 #[tokio::test]
 async fn handshake_and_command() {
     let (_d, path, l) = listen();
-    let reply =
-        r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": "wa-1"}"#;
+    let reply = r#"{"return": {"status": "running", "singlestep": false, "running": true}, "id": "wa-1"}"#;
     let server = tokio::spawn(async move {
         let mut p = Peer::accept(&l).await;
         let cap = p.handshake().await;
@@ -114,11 +105,7 @@ async fn handshake_and_command() {
     assert_eq!(c.greeting().unwrap()["QMP"]["version"]["qemu"]["major"], 7);
     let r = c.execute("query-status", None, LONG).await.unwrap();
     assert_eq!(r.value["status"], "running");
-    assert_eq!(
-        r.raw,
-        reply.as_bytes(),
-        "raw is the line as sent, minus \\r\\n"
-    );
+    assert_eq!(r.raw, reply.as_bytes(), "raw is the line as sent, minus \\r\\n");
     assert!(r.elapsed < LONG);
 
     let t = transcript(&c);
@@ -147,26 +134,20 @@ async fn events_interleaved_are_kept_in_order() {
         let mut p = Peer::accept(&l).await;
         p.send(GREETING).await;
         let cap = p.recv().await.unwrap();
-        p.send(r#"{"event": "RTC_CHANGE", "data": {"offset": 1}, "timestamp": {"seconds": 1, "microseconds": 0}}"#).await;
-        p.send(&json!({"return": {}, "id": cap["id"]}).to_string())
+        p.send(r#"{"event": "RTC_CHANGE", "data": {"offset": 1}, "timestamp": {"seconds": 1, "microseconds": 0}}"#)
             .await;
+        p.send(&json!({"return": {}, "id": cap["id"]}).to_string()).await;
         let cmd = p.recv().await.unwrap();
         p.send(r#"{"event": "BLOCK_IO_ERROR", "data": {"device": "drive-scsi0"}, "timestamp": {"seconds": 2, "microseconds": 0}}"#).await;
-        p.send(r#"{"event": "STOP", "timestamp": {"seconds": 3, "microseconds": 0}}"#)
-            .await;
-        p.send(&json!({"return": [{"device": "drive-scsi0"}], "id": cmd["id"]}).to_string())
-            .await;
+        p.send(r#"{"event": "STOP", "timestamp": {"seconds": 3, "microseconds": 0}}"#).await;
+        p.send(&json!({"return": [{"device": "drive-scsi0"}], "id": cmd["id"]}).to_string()).await;
         p.rest().await
     });
 
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
     let r = c.execute("query-blockstats", None, LONG).await.unwrap();
     assert_eq!(r.value[0]["device"], "drive-scsi0");
-    let names: Vec<_> = c
-        .events()
-        .iter()
-        .map(|e| e["event"].as_str().unwrap())
-        .collect();
+    let names: Vec<_> = c.events().iter().map(|e| e["event"].as_str().unwrap()).collect();
     assert_eq!(names, ["RTC_CHANGE", "BLOCK_IO_ERROR", "STOP"]);
     assert_eq!(c.events_dropped(), 0);
     assert_eq!(kinds(&transcript(&c), "event"), 3);
@@ -181,43 +162,22 @@ async fn replies_with_foreign_or_missing_id_are_skipped() {
         let mut p = Peer::accept(&l).await;
         p.handshake().await;
         let cmd = p.recv().await.unwrap();
-        p.send(r#"{"return": {"x": 1}, "id": "someone-else"}"#)
-            .await;
-        p.send(r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray input"}}"#)
-            .await;
+        p.send(r#"{"return": {"x": 1}, "id": "someone-else"}"#).await;
+        p.send(r#"{"error": {"class": "GenericError", "desc": "JSON parse error, stray input"}}"#).await;
         p.send(r#"{"surprise": true}"#).await;
-        p.send(&json!({"return": {"x": 2}, "id": cmd["id"]}).to_string())
-            .await;
+        p.send(&json!({"return": {"x": 2}, "id": cmd["id"]}).to_string()).await;
         p.rest().await
     });
 
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
-    let r = c
-        .execute("qom-list", Some(json!({"path": "/objects"})), LONG)
-        .await
-        .unwrap();
-    assert_eq!(
-        r.value["x"], 2,
-        "only the reply carrying our id is accepted"
-    );
+    let r = c.execute("qom-list", Some(json!({"path": "/objects"})), LONG).await.unwrap();
+    assert_eq!(r.value["x"], 2, "only the reply carrying our id is accepted");
     assert_eq!(c.skipped_replies(), 3);
     let t = transcript(&c);
-    let notes: Vec<_> = t
-        .iter()
-        .filter(|e| e["kind"] == "note")
-        .map(|e| e["line"].as_str().unwrap())
-        .collect();
-    assert!(
-        notes
-            .iter()
-            .any(|n| n.contains("\"someone-else\"") && n.contains("wa-1")),
-        "{notes:?}"
-    );
+    let notes: Vec<_> = t.iter().filter(|e| e["kind"] == "note").map(|e| e["line"].as_str().unwrap()).collect();
+    assert!(notes.iter().any(|n| n.contains("\"someone-else\"") && n.contains("wa-1")), "{notes:?}");
     assert!(notes.iter().any(|n| n.contains("id (none)")), "{notes:?}");
-    assert!(
-        notes.iter().any(|n| n.contains("unrecognised")),
-        "{notes:?}"
-    );
+    assert!(notes.iter().any(|n| n.contains("unrecognised")), "{notes:?}");
     drop(c);
     server.await.unwrap();
 }
@@ -234,21 +194,13 @@ async fn accepted_but_silent_socket_is_no_greeting_within_budget() {
         held.len()
     });
 
-    let cfg = QmpConfig {
-        connect_budget: Duration::from_secs(1),
-        ..fast_cfg()
-    };
+    let cfg = QmpConfig { connect_budget: Duration::from_secs(1), ..fast_cfg() };
     let t0 = Instant::now();
     let f = QmpClient::connect_traced(&path, &cfg).await.unwrap_err();
     let took = t0.elapsed();
-    assert!(
-        took >= Duration::from_secs(1) && took < Duration::from_millis(1800),
-        "took {took:?}"
-    );
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(1800), "took {took:?}");
     match &f.error {
-        QmpError::NoGreeting {
-            waited, attempts, ..
-        } => {
+        QmpError::NoGreeting { waited, attempts, .. } => {
             assert!(*waited >= Duration::from_secs(1));
             assert!(*attempts >= 3, "retried: {attempts}");
             assert_eq!(*attempts, f.attempts);
@@ -259,21 +211,12 @@ async fn accepted_but_silent_socket_is_no_greeting_within_budget() {
     let msg = f.to_string();
     assert!(msg.contains("ss -xp") && !msg.contains('\n'), "{msg}");
     let t = parse_jsonl(&f.transcript_jsonl());
+    assert!(t.iter().filter(|e| e["line"].as_str().unwrap().contains("no greeting within")).count() >= 3);
     assert!(
-        t.iter()
-            .filter(|e| e["line"].as_str().unwrap().contains("no greeting within"))
-            .count()
-            >= 3
-    );
-    assert!(
-        !t.iter()
-            .any(|e| e["line"].as_str().unwrap().contains("waiting up to 0s")),
+        !t.iter().any(|e| e["line"].as_str().unwrap().contains("waiting up to 0s")),
         "no attempt is started without time left"
     );
-    assert!(
-        server.await.unwrap() >= 3,
-        "each attempt was a new connection"
-    );
+    assert!(server.await.unwrap() >= 3, "each attempt was a new connection");
 }
 
 #[tokio::test]
@@ -281,15 +224,9 @@ async fn never_accepted_socket_is_no_greeting() {
     // Bound and listening but never accepting: connect() succeeds via the backlog,
     // which is what a second client sees while the first holds QEMU's monitor.
     let (_d, path, _l) = listen();
-    let cfg = QmpConfig {
-        connect_budget: Duration::from_millis(700),
-        ..fast_cfg()
-    };
+    let cfg = QmpConfig { connect_budget: Duration::from_millis(700), ..fast_cfg() };
     let e = QmpClient::connect(&path, &cfg).await.unwrap_err();
-    assert!(
-        matches!(e, QmpError::NoGreeting { attempts, .. } if attempts >= 2),
-        "{e:?}"
-    );
+    assert!(matches!(e, QmpError::NoGreeting { attempts, .. } if attempts >= 2), "{e:?}");
     assert!(e.is_unanswered());
 }
 
@@ -301,33 +238,22 @@ async fn greeting_then_silence_is_capabilities_unanswered_without_retry() {
         p.send(GREETING).await;
         let cap = p.recv().await.unwrap();
         // A second connection would mean the client retried a wedged main loop.
-        let again = tokio::time::timeout(Duration::from_millis(1500), l.accept())
-            .await
-            .is_ok();
+        let again = tokio::time::timeout(Duration::from_millis(1500), l.accept()).await.is_ok();
         (cap, again, p.rest().await)
     });
 
     let t0 = Instant::now();
-    let f = QmpClient::connect_traced(&path, &fast_cfg())
-        .await
-        .unwrap_err();
+    let f = QmpClient::connect_traced(&path, &fast_cfg()).await.unwrap_err();
     match f.error {
         QmpError::CapabilitiesUnanswered { waited } => {
-            assert!(
-                waited >= Duration::from_millis(500) && waited < Duration::from_millis(1500),
-                "{waited:?}"
-            )
+            assert!(waited >= Duration::from_millis(500) && waited < Duration::from_millis(1500), "{waited:?}")
         }
         ref e => panic!("expected CapabilitiesUnanswered, got {e:?}"),
     }
     assert!(t0.elapsed() < Duration::from_millis(1500));
     assert_eq!(f.error.classify(), "capabilities-unanswered");
     let t = parse_jsonl(&f.transcript_jsonl());
-    assert!(
-        t.iter()
-            .any(|e| e["kind"] == "recv" && e["line"] == GREETING),
-        "greeting kept in the failure transcript"
-    );
+    assert!(t.iter().any(|e| e["kind"] == "recv" && e["line"] == GREETING), "greeting kept in the failure transcript");
     drop(f);
     let (cap, again, rest) = server.await.unwrap();
     assert_eq!(cap["execute"], "qmp_capabilities");
@@ -347,10 +273,7 @@ async fn timeout_disables_the_client_and_nothing_more_is_sent() {
     });
 
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
-    let e = c
-        .execute("query-block", None, Duration::from_millis(200))
-        .await
-        .unwrap_err();
+    let e = c.execute("query-block", None, Duration::from_millis(200)).await.unwrap_err();
     match &e {
         QmpError::Timeout { command, after } => {
             assert_eq!(command, "query-block");
@@ -361,10 +284,7 @@ async fn timeout_disables_the_client_and_nothing_more_is_sent() {
     assert_eq!(e.classify(), "timeout");
     for _ in 0..3 {
         let e = c.execute("query-status", None, LONG).await.unwrap_err();
-        assert!(
-            matches!(&e, QmpError::Disabled { reason } if reason.contains("query-block")),
-            "{e:?}"
-        );
+        assert!(matches!(&e, QmpError::Disabled { reason } if reason.contains("query-block")), "{e:?}");
         assert_eq!(e.classify(), "disabled");
     }
     assert!(c.disabled_reason().is_some());
@@ -373,11 +293,7 @@ async fn timeout_disables_the_client_and_nothing_more_is_sent() {
     drop(c);
     let (cmd, rest) = server.await.unwrap();
     assert_eq!(cmd["execute"], "query-block");
-    assert!(
-        rest.is_empty(),
-        "client wrote after the timeout: {:?}",
-        String::from_utf8_lossy(&rest)
-    );
+    assert!(rest.is_empty(), "client wrote after the timeout: {:?}", String::from_utf8_lossy(&rest));
 }
 
 #[tokio::test]
@@ -387,9 +303,7 @@ async fn reply_cut_off_then_eof_is_closed() {
         let mut p = Peer::accept(&l).await;
         p.handshake().await;
         p.recv().await.unwrap();
-        p.w.write_all(br#"{"return": {"status": "runn"#)
-            .await
-            .unwrap();
+        p.w.write_all(br#"{"return": {"status": "runn"#).await.unwrap();
         // Dropping both halves closes the connection mid-line.
     });
 
@@ -397,13 +311,8 @@ async fn reply_cut_off_then_eof_is_closed() {
     let e = c.execute("query-status", None, LONG).await.unwrap_err();
     assert!(matches!(e, QmpError::Closed), "{e:?}");
     let t = transcript(&c);
-    assert!(t
-        .iter()
-        .any(|e| e["kind"] == "recv" && e["line"] == r#"{"return": {"status": "runn"#));
-    assert!(matches!(
-        c.execute("query-status", None, LONG).await,
-        Err(QmpError::Disabled { .. })
-    ));
+    assert!(t.iter().any(|e| e["kind"] == "recv" && e["line"] == r#"{"return": {"status": "runn"#));
+    assert!(matches!(c.execute("query-status", None, LONG).await, Err(QmpError::Disabled { .. })));
     server.await.unwrap();
 }
 
@@ -421,27 +330,15 @@ async fn garbage_is_a_protocol_error() {
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
     let e = c.execute("query-status", None, LONG).await.unwrap_err();
     match &e {
-        QmpError::Protocol(what) => assert!(
-            what.contains("not JSON") && what.contains("garbage"),
-            "{what}"
-        ),
+        QmpError::Protocol(what) => assert!(what.contains("not JSON") && what.contains("garbage"), "{what}"),
         e => panic!("expected Protocol, got {e:?}"),
     }
     assert!(!e.to_string().contains('\n'));
     let t = transcript(&c);
-    assert!(
-        t.iter().any(|e| e["kind"] == "recv" && e["lossy"] == true),
-        "non-UTF-8 line recorded lossily"
-    );
-    assert!(matches!(
-        c.execute("query-status", None, LONG).await,
-        Err(QmpError::Disabled { .. })
-    ));
+    assert!(t.iter().any(|e| e["kind"] == "recv" && e["lossy"] == true), "non-UTF-8 line recorded lossily");
+    assert!(matches!(c.execute("query-status", None, LONG).await, Err(QmpError::Disabled { .. })));
     drop(c);
-    assert!(
-        server.await.unwrap().is_empty(),
-        "nothing sent after the protocol error"
-    );
+    assert!(server.await.unwrap().is_empty(), "nothing sent after the protocol error");
 }
 
 #[tokio::test]
@@ -453,8 +350,7 @@ async fn reply_over_cap_is_refused_without_reading_it_all() {
         let mut p = Peer::accept(&l).await;
         p.handshake().await;
         let cmd = p.recv().await.unwrap();
-        let mut big =
-            format!(r#"{{"id": "{}", "return": ""#, cmd["id"].as_str().unwrap()).into_bytes();
+        let mut big = format!(r#"{{"id": "{}", "return": ""#, cmd["id"].as_str().unwrap()).into_bytes();
         big.resize(big.len() + 10 * 1024 * 1024, b'a');
         big.extend_from_slice(b"\"}\r\n");
         // Blocks once the socket buffer is full, unless the client reads it all.
@@ -463,42 +359,18 @@ async fn reply_over_cap_is_refused_without_reading_it_all() {
         wrote
     });
 
-    let cfg = QmpConfig {
-        reply_cap: 64 * 1024,
-        ..fast_cfg()
-    };
+    let cfg = QmpConfig { reply_cap: 64 * 1024, ..fast_cfg() };
     let mut c = QmpClient::connect(&path, &cfg).await.unwrap();
-    let e = c
-        .execute("query-named-block-nodes", None, LONG)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(e, QmpError::ReplyTooLarge { limit: 65536 }),
-        "{e:?}"
-    );
-    assert!(
-        !finished.load(Ordering::SeqCst),
-        "the client must stop reading at the cap, not swallow 10 MiB"
-    );
+    let e = c.execute("query-named-block-nodes", None, LONG).await.unwrap_err();
+    assert!(matches!(e, QmpError::ReplyTooLarge { limit: 65536 }), "{e:?}");
+    assert!(!finished.load(Ordering::SeqCst), "the client must stop reading at the cap, not swallow 10 MiB");
     let t = c.transcript_jsonl();
-    assert!(
-        t.len() < 32 * 1024,
-        "transcript keeps only the head: {} bytes",
-        t.len()
-    );
+    assert!(t.len() < 32 * 1024, "transcript keeps only the head: {} bytes", t.len());
     let t = parse_jsonl(&t);
-    assert!(t
-        .iter()
-        .any(|e| e["truncated_from"].as_u64().is_some_and(|n| n > 65536)));
-    assert!(matches!(
-        c.execute("query-status", None, LONG).await,
-        Err(QmpError::Disabled { .. })
-    ));
+    assert!(t.iter().any(|e| e["truncated_from"].as_u64().is_some_and(|n| n > 65536)));
+    assert!(matches!(c.execute("query-status", None, LONG).await, Err(QmpError::Disabled { .. })));
     drop(c);
-    assert!(
-        !server.await.unwrap(),
-        "server write fails once the client is gone"
-    );
+    assert!(!server.await.unwrap(), "server write fails once the client is gone");
 }
 
 #[tokio::test]
@@ -510,13 +382,13 @@ async fn event_flood_is_bounded_and_the_reply_still_found() {
         let cmd = p.recv().await.unwrap();
         let mut burst = Vec::new();
         for i in 0..10_000 {
-            let ev = json!({"event": "RTC_CHANGE", "data": {"offset": i}, "timestamp": {"seconds": i, "microseconds": 0}});
+            let ev =
+                json!({"event": "RTC_CHANGE", "data": {"offset": i}, "timestamp": {"seconds": i, "microseconds": 0}});
             burst.extend_from_slice(ev.to_string().as_bytes());
             burst.extend_from_slice(b"\r\n");
         }
         p.w.write_all(&burst).await.unwrap();
-        p.send(&json!({"return": {"status": "running"}, "id": cmd["id"]}).to_string())
-            .await;
+        p.send(&json!({"return": {"status": "running"}, "id": cmd["id"]}).to_string()).await;
         p.rest().await
     });
 
@@ -525,22 +397,11 @@ async fn event_flood_is_bounded_and_the_reply_still_found() {
     assert_eq!(r.value["status"], "running");
     assert_eq!(c.events().len(), 1000);
     assert_eq!(c.events_dropped(), 9000);
-    assert_eq!(
-        c.events()[0]["data"]["offset"],
-        0,
-        "the earliest events are kept"
-    );
+    assert_eq!(c.events()[0]["data"]["offset"], 0, "the earliest events are kept");
     let t = transcript(&c);
-    assert_eq!(
-        kinds(&t, "event"),
-        1000,
-        "dropped events are not in the transcript either"
-    );
+    assert_eq!(kinds(&t, "event"), 1000, "dropped events are not in the transcript either");
     assert!(t.len() < 1100);
-    assert!(t.last().unwrap()["line"]
-        .as_str()
-        .unwrap()
-        .contains("9000 events dropped"));
+    assert!(t.last().unwrap()["line"].as_str().unwrap().contains("9000 events dropped"));
     drop(c);
     server.await.unwrap();
 }
@@ -555,10 +416,7 @@ async fn qemu_like(l: UnixListener, connections: usize) -> Vec<String> {
         };
         let (r, mut w) = s.into_split();
         let mut r = BufReader::new(r);
-        if w.write_all(format!("{GREETING}\r\n").as_bytes())
-            .await
-            .is_err()
-        {
+        if w.write_all(format!("{GREETING}\r\n").as_bytes()).await.is_err() {
             continue; // a client that already gave up
         }
         let mut line = String::new();
@@ -592,26 +450,14 @@ async fn socket_held_by_another_client_then_released_connects_on_retry() {
         drop(holder);
     });
 
-    let cfg = QmpConfig {
-        connect_budget: Duration::from_secs(4),
-        ..fast_cfg()
-    };
+    let cfg = QmpConfig { connect_budget: Duration::from_secs(4), ..fast_cfg() };
     let t0 = Instant::now();
     let mut c = QmpClient::connect(&path, &cfg).await.unwrap();
-    assert!(
-        t0.elapsed() >= Duration::from_millis(700),
-        "cannot be greeted while held"
-    );
-    assert!(
-        c.connect_attempts() >= 2,
-        "attempts: {}",
-        c.connect_attempts()
-    );
+    assert!(t0.elapsed() >= Duration::from_millis(700), "cannot be greeted while held");
+    assert!(c.connect_attempts() >= 2, "attempts: {}", c.connect_attempts());
     c.execute("query-status", None, LONG).await.unwrap();
     let t = transcript(&c);
-    assert!(t
-        .iter()
-        .any(|e| e["line"].as_str().unwrap().contains("no greeting within")));
+    assert!(t.iter().any(|e| e["line"].as_str().unwrap().contains("no greeting within")));
     drop(c);
     release.await.unwrap();
     let seen = server.await.unwrap();
@@ -627,48 +473,22 @@ async fn refused_commands_never_reach_the_server() {
     let refused: [(&str, Option<Value>); 6] = [
         ("stop", None),
         ("quit", None),
-        (
-            "qom-set",
-            Some(
-                json!({"path": "/objects/throttle-drive-scsi0", "property": "limits", "value": {}}),
-            ),
-        ),
-        (
-            "block_set_io_throttle",
-            Some(json!({"id": "scsi0", "bps": 0})),
-        ),
-        (
-            "human-monitor-command",
-            Some(json!({"command-line": "info block\nq"})),
-        ),
+        ("qom-set", Some(json!({"path": "/objects/throttle-drive-scsi0", "property": "limits", "value": {}}))),
+        ("block_set_io_throttle", Some(json!({"id": "scsi0", "bps": 0}))),
+        ("human-monitor-command", Some(json!({"command-line": "info block\nq"}))),
         ("qmp_capabilities", None),
     ];
     for (cmd, args) in refused {
         let e = c.execute(cmd, args, LONG).await.unwrap_err();
-        assert!(
-            matches!(&e, QmpError::Refused(r) if r.command == cmd),
-            "{cmd}: {e:?}"
-        );
+        assert!(matches!(&e, QmpError::Refused(r) if r.command == cmd), "{cmd}: {e:?}");
         assert_eq!(e.classify(), "refused");
     }
-    c.execute(
-        "human-monitor-command",
-        Some(json!({"command-line": "info status"})),
-        LONG,
-    )
-    .await
-    .unwrap();
+    c.execute("human-monitor-command", Some(json!({"command-line": "info status"})), LONG).await.unwrap();
     c.execute("query-status", None, LONG).await.unwrap();
-    let notes = transcript(&c)
-        .iter()
-        .filter(|e| e["line"].as_str().unwrap().starts_with("not sent"))
-        .count();
+    let notes = transcript(&c).iter().filter(|e| e["line"].as_str().unwrap().starts_with("not sent")).count();
     assert_eq!(notes, 6, "each refusal is noted in the transcript");
     drop(c);
-    assert_eq!(
-        server.await.unwrap(),
-        ["qmp_capabilities", "human-monitor-command", "query-status"]
-    );
+    assert_eq!(server.await.unwrap(), ["qmp_capabilities", "human-monitor-command", "query-status"]);
 }
 
 #[tokio::test]
@@ -680,23 +500,15 @@ async fn qmp_error_reply_is_a_command_error_and_not_fatal() {
         let a = p.recv().await.unwrap();
         p.send(&json!({"error": {"class": "CommandNotFound", "desc": "The command x-query-virtio-queue-status has not been found"}, "id": a["id"]}).to_string()).await;
         let b = p.recv().await.unwrap();
-        p.send(&json!({"return": {"status": "running"}, "id": b["id"]}).to_string())
-            .await;
+        p.send(&json!({"return": {"status": "running"}, "id": b["id"]}).to_string()).await;
         p.rest().await
     });
 
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
     let args = json!({"path": "/machine/peripheral/virtio0/virtio-backend", "queue": 0});
-    let e = c
-        .execute("x-query-virtio-queue-status", Some(args), LONG)
-        .await
-        .unwrap_err();
+    let e = c.execute("x-query-virtio-queue-status", Some(args), LONG).await.unwrap_err();
     match &e {
-        QmpError::Command {
-            command,
-            class,
-            desc,
-        } => {
+        QmpError::Command { command, class, desc } => {
             assert_eq!(command, "x-query-virtio-queue-status");
             assert_eq!(class, "CommandNotFound");
             assert!(desc.contains("has not been found"));
@@ -714,14 +526,8 @@ async fn missing_socket_and_stale_socket_fail_fast() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.qmp");
     let t0 = Instant::now();
-    let f = QmpClient::connect_traced(&missing, &fast_cfg())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&f.error, QmpError::SocketMissing { path } if *path == missing),
-        "{:?}",
-        f.error
-    );
+    let f = QmpClient::connect_traced(&missing, &fast_cfg()).await.unwrap_err();
+    assert!(matches!(&f.error, QmpError::SocketMissing { path } if *path == missing), "{:?}", f.error);
     assert_eq!(f.attempts, 1);
     assert!(f.to_string().contains("is the VM running?"));
 
@@ -731,10 +537,7 @@ async fn missing_socket_and_stale_socket_fail_fast() {
     let e = QmpClient::connect(&stale, &fast_cfg()).await.unwrap_err();
     assert!(matches!(e, QmpError::ConnectRefused { .. }), "{e:?}");
     assert_eq!(e.classify(), "connect-refused");
-    assert!(
-        t0.elapsed() < SHORT,
-        "no retries for a missing or stale socket"
-    );
+    assert!(t0.elapsed() < SHORT, "no retries for a missing or stale socket");
 }
 
 #[tokio::test]
@@ -746,14 +549,8 @@ async fn non_qmp_greeting_is_a_protocol_error() {
         p.rest().await
     });
     let e = QmpClient::connect(&path, &fast_cfg()).await.unwrap_err();
-    assert!(
-        matches!(&e, QmpError::Protocol(w) if w.contains("greeting")),
-        "{e:?}"
-    );
-    assert!(
-        server.await.unwrap().is_empty(),
-        "nothing sent to a non-QMP peer"
-    );
+    assert!(matches!(&e, QmpError::Protocol(w) if w.contains("greeting")), "{e:?}");
+    assert!(server.await.unwrap().is_empty(), "nothing sent to a non-QMP peer");
 }
 
 /// Drives a real QEMU. Start one, then run with the socket path:
@@ -794,25 +591,15 @@ async fn drive_real(path: &Path) {
         ("query-status", None),
         ("query-blockstats", None),
         ("qom-list", Some(json!({"path": "/objects"}))),
-        (
-            "human-monitor-command",
-            Some(json!({"command-line": "info status"})),
-        ),
+        ("human-monitor-command", Some(json!({"command-line": "info status"}))),
         ("query-no-such-thing", None),
     ] {
         match c.execute(cmd, args, Duration::from_secs(3)).await {
-            Ok(r) => println!(
-                "{cmd}: {} in {:?}",
-                String::from_utf8_lossy(&r.raw),
-                r.elapsed
-            ),
+            Ok(r) => println!("{cmd}: {} in {:?}", String::from_utf8_lossy(&r.raw), r.elapsed),
             Err(e) => println!("{cmd}: error [{}] {e}", e.classify()),
         }
     }
-    assert!(matches!(
-        c.execute("stop", None, LONG).await,
-        Err(QmpError::Refused(_))
-    ));
+    assert!(matches!(c.execute("stop", None, LONG).await, Err(QmpError::Refused(_))));
     println!("events: {:?}", c.events());
     println!("{}", String::from_utf8_lossy(&c.transcript_jsonl()));
 }
@@ -825,42 +612,25 @@ async fn late_reply_is_recorded_without_sending() {
         p.handshake().await;
         let cmd = p.recv().await.unwrap();
         tokio::time::sleep(Duration::from_millis(400)).await;
-        p.send(r#"{"event": "BLOCK_JOB_READY", "timestamp": {"seconds": 1, "microseconds": 0}}"#)
-            .await;
-        p.send(&json!({"return": [], "id": cmd["id"]}).to_string())
-            .await;
+        p.send(r#"{"event": "BLOCK_JOB_READY", "timestamp": {"seconds": 1, "microseconds": 0}}"#).await;
+        p.send(&json!({"return": [], "id": cmd["id"]}).to_string()).await;
         p.rest().await
     });
 
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
-    let e = c
-        .execute("query-block", None, Duration::from_millis(150))
-        .await
-        .unwrap_err();
+    let e = c.execute("query-block", None, Duration::from_millis(150)).await.unwrap_err();
     assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
     let t0 = Instant::now();
     assert_eq!(c.collect_late(Duration::from_millis(1500)).await, 2);
-    assert!(
-        t0.elapsed() >= Duration::from_millis(1400),
-        "waits out its window"
-    );
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "waits out its window");
     assert_eq!(c.events().len(), 1);
     let t = transcript(&c);
     assert!(t.iter().any(|e| e["kind"] == "recv"
         && serde_json::from_str::<Value>(e["line"].as_str().unwrap()).ok()
             == Some(json!({"return": [], "id": "wa-1"}))));
-    assert!(t.iter().any(|e| e["line"]
-        .as_str()
-        .unwrap()
-        .contains("\"wa-1\" arrived after its deadline")));
+    assert!(t.iter().any(|e| e["line"].as_str().unwrap().contains("\"wa-1\" arrived after its deadline")));
     // Still disabled: a late answer does not make the monitor trustworthy again.
-    assert!(matches!(
-        c.execute("query-status", None, LONG).await,
-        Err(QmpError::Disabled { .. })
-    ));
+    assert!(matches!(c.execute("query-status", None, LONG).await, Err(QmpError::Disabled { .. })));
     drop(c);
-    assert!(
-        server.await.unwrap().is_empty(),
-        "nothing sent after the timeout"
-    );
+    assert!(server.await.unwrap().is_empty(), "nothing sent after the timeout");
 }

@@ -44,10 +44,7 @@ pub(crate) struct Transcript {
 
 impl Transcript {
     pub(crate) fn new() -> Self {
-        Transcript {
-            start: Instant::now(),
-            buf: Vec::new(),
-        }
+        Transcript { start: Instant::now(), buf: Vec::new() }
     }
 
     /// When the connection attempt began; `ms` counts from here.

@@ -48,7 +48,11 @@ impl LiveSteps {
     }
 
     fn spinner_style(&self) -> ProgressStyle {
-        let t = if self.color { "  {spinner:.cyan} {prefix:<24} {elapsed:>4}  {msg}" } else { "  {spinner} {prefix:<24} {elapsed:>4}  {msg}" };
+        let t = if self.color {
+            "  {spinner:.cyan} {prefix:<24} {elapsed:>4}  {msg}"
+        } else {
+            "  {spinner} {prefix:<24} {elapsed:>4}  {msg}"
+        };
         ProgressStyle::with_template(t).expect("valid template").tick_chars("⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏✓")
     }
 
@@ -77,8 +81,17 @@ impl LiveSteps {
             Some(false) => ("✗", self.style(Style::new().red().bold())),
             None => ("-", self.style(Style::new().yellow())),
         };
-        let detail = if detail.is_empty() { String::new() } else { format!("  {}", self.style(Style::new().dim()).apply_to(detail)) };
-        let mut msg = format!("{} {id:<24} {:>6}  {:<11}{detail}", st.apply_to(mark), format!("{:.1}s", took.as_secs_f64()), st.apply_to(status));
+        let detail = if detail.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", self.style(Style::new().dim()).apply_to(detail))
+        };
+        let mut msg = format!(
+            "{} {id:<24} {:>6}  {:<11}{detail}",
+            st.apply_to(mark),
+            format!("{:.1}s", took.as_secs_f64()),
+            st.apply_to(status)
+        );
         for n in notes {
             msg.push_str(&format!("\n      {}", self.style(Style::new().dim()).apply_to(format!("note: {n}"))));
         }
@@ -109,13 +122,27 @@ impl Progress for LiveSteps {
             _ => Some(false),
         };
         let notes: &[String] = if self.verbose { &r.notes } else { &[] };
-        self.finish(&r.id, r.status.as_str(), ok, Duration::from_millis(r.duration_ms), r.error.as_deref().unwrap_or(""), notes);
+        self.finish(
+            &r.id,
+            r.status.as_str(),
+            ok,
+            Duration::from_millis(r.duration_ms),
+            r.error.as_deref().unwrap_or(""),
+            notes,
+        );
     }
 
     fn sealed(&self, sealed: Option<&Sealed>, error: Option<&str>, took: Duration) {
         match sealed {
             Some(s) => {
-                self.finish("seal", "ok", Some(true), took, &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)), &[]);
+                self.finish(
+                    "seal",
+                    "ok",
+                    Some(true),
+                    took,
+                    &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)),
+                    &[],
+                );
                 self.line(format!("\narchive {}\nsha256  {}", s.path.display(), s.sha256));
             }
             None => self.finish("seal", "failed", Some(false), took, error.unwrap_or("unknown error"), &[]),

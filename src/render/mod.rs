@@ -42,11 +42,24 @@ impl Progress for StderrLines {
     fn sealed(&self, sealed: Option<&Sealed>, error: Option<&str>, took: Duration) {
         match (sealed, error) {
             (Some(s), _) => {
-                self.line(&format!("{:<24} {:<11} {:>6} ms  {} files, {} bytes, verified", "seal", "ok", took.as_millis(), s.files, s.size));
+                self.line(&format!(
+                    "{:<24} {:<11} {:>6} ms  {} files, {} bytes, verified",
+                    "seal",
+                    "ok",
+                    took.as_millis(),
+                    s.files,
+                    s.size
+                ));
                 self.line(&format!("archive {}", s.path.display()));
                 self.line(&format!("sha256  {}", s.sha256));
             }
-            (None, e) => self.line(&format!("{:<24} {:<11} {:>6} ms  {}", "seal", "failed", took.as_millis(), e.unwrap_or("unknown error"))),
+            (None, e) => self.line(&format!(
+                "{:<24} {:<11} {:>6} ms  {}",
+                "seal",
+                "failed",
+                took.as_millis(),
+                e.unwrap_or("unknown error")
+            )),
         }
     }
 }
@@ -76,10 +89,14 @@ impl Progress for Traced {
     fn sealed(&self, sealed: Option<&Sealed>, error: Option<&str>, took: Duration) {
         let ms = took.as_millis() as u64;
         match sealed {
-            Some(s) => tracing::info!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "ok", duration_ms = ms,
-                archive = %s.path.display(), sha256 = %s.sha256, bytes = s.size, "sealed {} ({} files, {} bytes)", s.path.display(), s.files, s.size),
-            None => tracing::error!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "failed", duration_ms = ms,
-                error = error.unwrap_or(""), "seal failed: {}", error.unwrap_or("unknown error")),
+            Some(s) => {
+                tracing::info!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "ok", duration_ms = ms,
+                archive = %s.path.display(), sha256 = %s.sha256, bytes = s.size, "sealed {} ({} files, {} bytes)", s.path.display(), s.files, s.size)
+            }
+            None => {
+                tracing::error!(target: STEP_TARGET, step = "seal", vmid = self.vmid, status = "failed", duration_ms = ms,
+                error = error.unwrap_or(""), "seal failed: {}", error.unwrap_or("unknown error"))
+            }
         }
     }
 }

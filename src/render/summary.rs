@@ -60,7 +60,11 @@ pub fn markdown(s: &Summary) -> String {
     };
     o.push_str(&format!("# wedge-autopsy: {vm} on {} — **{}**\n\n", s.node, d.verdict));
     let took = (s.ended_at - s.started_at).num_milliseconds();
-    o.push_str(&format!("- **Captured:** {} → {} ({took} ms)\n", when(s.started_at, &s.utc_offset), when(s.ended_at, &s.utc_offset)));
+    o.push_str(&format!(
+        "- **Captured:** {} → {} ({took} ms)\n",
+        when(s.started_at, &s.utc_offset),
+        when(s.ended_at, &s.utc_offset)
+    ));
     let mut trig = s.trigger.kind.clone();
     if let Some(u) = &s.trigger.user {
         trig.push_str(&format!(" by {u}"));
@@ -73,7 +77,11 @@ pub fn markdown(s: &Summary) -> String {
     }
     o.push_str(&format!("- **Trigger:** {trig}\n"));
     if let Some(pid) = s.pid {
-        o.push_str(&format!("- **QEMU:** pid {pid} on host {}{}\n", s.host, s.proof.as_ref().map(|p| format!(", proven by {p}")).unwrap_or_default()));
+        o.push_str(&format!(
+            "- **QEMU:** pid {pid} on host {}{}\n",
+            s.host,
+            s.proof.as_ref().map(|p| format!(", proven by {p}")).unwrap_or_default()
+        ));
     }
     if let Some(a) = &s.archive {
         o.push_str(&format!("- **Archive:** `{}` ({} bytes)\n- **SHA-256:** `{}`\n", a.name, a.size, a.sha256));
@@ -119,10 +127,22 @@ pub fn markdown(s: &Summary) -> String {
         let st: Vec<String> = states.iter().map(|(s, n)| format!("{n}×{s}")).collect();
         o.push_str(&format!("Threads: {} ({})\n", f.threads.len(), st.join(" ")));
         if let Some(m) = &f.main_thread {
-            o.push_str(&format!("- main thread {} `{}`: state {}, in `{}`\n", m.tid, m.name, m.state, if m.wchan.is_empty() { "-" } else { &m.wchan }));
+            o.push_str(&format!(
+                "- main thread {} `{}`: state {}, in `{}`\n",
+                m.tid,
+                m.name,
+                m.state,
+                if m.wchan.is_empty() { "-" } else { &m.wchan }
+            ));
         }
         for t in &f.blocked {
-            o.push_str(&format!("- **D state** {} `{}` in `{}`: {}\n", t.tid, t.name, t.wchan, t.kernel_stack.iter().take(6).cloned().collect::<Vec<_>>().join(" < ")));
+            o.push_str(&format!(
+                "- **D state** {} `{}` in `{}`: {}\n",
+                t.tid,
+                t.name,
+                t.wchan,
+                t.kernel_stack.iter().take(6).cloned().collect::<Vec<_>>().join(" < ")
+            ));
         }
         o.push('\n');
     }
@@ -149,7 +169,13 @@ pub fn markdown(s: &Summary) -> String {
     }
     o.push_str("## Steps\n\n| step | status | ms | detail |\n|---|---|---|---|\n");
     for st in &s.steps {
-        o.push_str(&format!("| {} | {} | {} | {} |\n", st.id, st.status, st.duration_ms, cell(st.error.as_deref().unwrap_or(""))));
+        o.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            st.id,
+            st.status,
+            st.duration_ms,
+            cell(st.error.as_deref().unwrap_or(""))
+        ));
     }
     if let Some(r) = &s.restart {
         o.push_str(&format!("\n## Restart\n\n```json\n{}\n```\n", serde_json::to_string_pretty(r).unwrap_or_default()));
@@ -189,13 +215,21 @@ mod tests {
             node: "pve1".into(),
             pid: Some(4242),
             proof: Some("pidfile /var/run/qemu-server/102.pid".into()),
-            trigger: Trigger { kind: "manual".into(), user: Some("wizard".into()), tty: Some("/dev/pts/3".into()), reason: Some("INC-2026-06-11".into()) },
+            trigger: Trigger {
+                kind: "manual".into(),
+                user: Some("wizard".into()),
+                tty: Some("/dev/pts/3".into()),
+                reason: Some("INC-2026-06-11".into()),
+            },
             started_at: at("2026-06-11T16:40:00Z"),
             ended_at: at("2026-06-11T16:40:02.500Z"),
             utc_offset: "+03:00".into(),
             diagnosis: Diagnosis {
                 verdict: Verdict::BlockPathFrozen,
-                facts: vec!["query-status: running".into(), "drive-scsi0: 0 I/O operations completed across 2000 ms".into()],
+                facts: vec![
+                    "query-status: running".into(),
+                    "drive-scsi0: 0 I/O operations completed across 2000 ms".into(),
+                ],
                 findings: Findings {
                     devices: vec![DeviceDelta {
                         device: "drive-scsi0".into(),
@@ -210,8 +244,15 @@ mod tests {
                     ..Default::default()
                 },
             },
-            steps: vec![step("qmp-status", StepStatus::Ok, 1, None), step("qmp-block", StepStatus::Timeout, 4000, Some("did not finish | abandoned"))],
-            archive: Some(ArchiveFacts { name: "autopsy-102-20260611T164000Z-pve1.tar.zst".into(), size: 123456, sha256: "ab".repeat(32) }),
+            steps: vec![
+                step("qmp-status", StepStatus::Ok, 1, None),
+                step("qmp-block", StepStatus::Timeout, 4000, Some("did not finish | abandoned")),
+            ],
+            archive: Some(ArchiveFacts {
+                name: "autopsy-102-20260611T164000Z-pve1.tar.zst".into(),
+                size: 123456,
+                sha256: "ab".repeat(32),
+            }),
             restart: None,
         };
         let got = markdown(&s);

@@ -81,7 +81,9 @@ pub fn choose(env: &Env, quiet: bool, verbose: u8, format: Option<LogFormat>) ->
     let (display, log) = match format {
         Some(LogFormat::Json) => (Display::None, LogSink::Json),
         None if env.journal => (Display::None, LogSink::Journald),
-        Some(LogFormat::Text) | None if env.stderr_tty && !env.term_dumb => (Display::Live { color }, LogSink::Text { color }),
+        Some(LogFormat::Text) | None if env.stderr_tty && !env.term_dumb => {
+            (Display::Live { color }, LogSink::Text { color })
+        }
         Some(LogFormat::Text) | None => (Display::Lines, LogSink::Text { color }),
     };
     let display = if quiet { Display::None } else { display };

@@ -120,7 +120,9 @@ impl RestartConfig {
         let bad = |m: String| Error::BadInput(format!("config [restart]: {m}"));
         let raw: RawConfig = match &settings.restart {
             None => RawConfig::default(),
-            Some(t) => toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?,
+            Some(t) => {
+                toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| bad(e.message().to_string()))?
+            }
         };
         let dur = |key: &str, v: Option<&String>, default: Duration| -> Result<Duration, Error> {
             match v {
@@ -157,7 +159,10 @@ impl RestartConfig {
                 command::validate("start", raw.start.as_deref()).map_err(bad)?;
             }
             _ if raw.stop.is_some() || raw.start.is_some() => {
-                return Err(bad("stop/start argv lists are only used with method = \"command\"; remove them or set the method".into()))
+                return Err(bad(
+                    "stop/start argv lists are only used with method = \"command\"; remove them or set the method"
+                        .into(),
+                ))
             }
             _ => {}
         }
@@ -201,7 +206,14 @@ impl Recorder {
     }
 
     /// Records an action that started at `started` (wall clock `at`).
-    pub fn push(&mut self, at: DateTime<Utc>, started: Instant, action: &str, ok: bool, detail: impl Into<String>) -> &mut Action {
+    pub fn push(
+        &mut self,
+        at: DateTime<Utc>,
+        started: Instant,
+        action: &str,
+        ok: bool,
+        detail: impl Into<String>,
+    ) -> &mut Action {
         let a = Action {
             at,
             action: action.into(),
@@ -242,11 +254,18 @@ impl Recorder {
             Ok(out) if out.success() => Ran::Ok(tail(&out.stdout)),
             Ok(out) => Ran::Failed(
                 out.status.and_then(|s| s.code()).unwrap_or(-1),
-                format!("`{}` failed ({}): {}", argv.join(" "), out.status.map(|s| s.to_string()).unwrap_or_default(), tail(&out.stderr)),
+                format!(
+                    "`{}` failed ({}): {}",
+                    argv.join(" "),
+                    out.status.map(|s| s.to_string()).unwrap_or_default(),
+                    tail(&out.stderr)
+                ),
             ),
         };
         let (ok, detail, code, timed_out) = match &ran {
-            Ran::Ok(o) => (true, if o.is_empty() { "exit 0".to_string() } else { format!("exit 0: {o}") }, Some(0), false),
+            Ran::Ok(o) => {
+                (true, if o.is_empty() { "exit 0".to_string() } else { format!("exit 0: {o}") }, Some(0), false)
+            }
             Ran::Failed(c, m) => (false, m.clone(), Some(*c), false),
             Ran::TimedOut(m) => (false, m.clone(), None, true),
             Ran::Error(m) => (false, m.clone(), None, false),
@@ -321,7 +340,9 @@ pub fn method_for(cfg: &RestartConfig, ha: bool, old: &Target) -> Result<Box<dyn
     }
     Ok(match cfg.method {
         MethodKind::Qm => Box::new(qm::Qm { bin: cfg.qm.clone() }),
-        MethodKind::Libvirt => Box::new(libvirt::Libvirt::for_target(cfg.virsh.clone(), old).map_err(RestartError::Setup)?),
+        MethodKind::Libvirt => {
+            Box::new(libvirt::Libvirt::for_target(cfg.virsh.clone(), old).map_err(RestartError::Setup)?)
+        }
         MethodKind::Command => Box::new(command::CommandMethod { stop: cfg.stop.clone(), start: cfg.start.clone() }),
     })
 }
@@ -329,7 +350,9 @@ pub fn method_for(cfg: &RestartConfig, ha: bool, old: &Target) -> Result<Box<dyn
 /// Why a requested restart did not complete. One line each, naming the next step.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RestartError {
-    #[error("not restarted: the archive was not sealed, so nothing was stopped; fix the seal error above and run again")]
+    #[error(
+        "not restarted: the archive was not sealed, so nothing was stopped; fix the seal error above and run again"
+    )]
     NotSealed,
     #[error("not restarted: the sealed archive failed its re-verification ({0}); nothing was stopped; check the disk under --out")]
     Verify(String),
@@ -351,7 +374,9 @@ pub enum RestartError {
     NotProven { pid: i32, state: char },
     #[error("the old QEMU (pid {pid}) outlived the stop and could not be killed: {detail}; nothing was started. Kill it by hand after checking `cat /proc/{pid}/cmdline`")]
     KillFailed { pid: i32, detail: String },
-    #[error("the old QEMU is gone but the start failed: {0}; VM is DOWN: start it with `qm start` once the cause is fixed")]
+    #[error(
+        "the old QEMU is gone but the start failed: {0}; VM is DOWN: start it with `qm start` once the cause is fixed"
+    )]
     StartFailed(String),
     #[error("the start command succeeded but the new QEMU could not be verified: {0}; check `qm status` and the VM's console")]
     VerifyNew(String),
@@ -448,7 +473,11 @@ impl Request {
         Ok(Request {
             cfg: RestartConfig::from_settings(settings, &opts)?,
             opts,
-            layout: Layout { run_dir: settings.run_dir.clone(), pve_dir: settings.pve_dir.clone(), node: settings.node.clone() },
+            layout: Layout {
+                run_dir: settings.run_dir.clone(),
+                pve_dir: settings.pve_dir.clone(),
+                node: settings.node.clone(),
+            },
             spec: target::TargetSpec::proxmox(),
             out: settings.out.clone(),
             quiet,
@@ -518,7 +547,12 @@ pub fn cooldown_path(out: &Path, vmid: VmId) -> PathBuf {
 }
 
 /// `Some(age)` of the last attempt when it lies within `cooldown`.
-pub fn cooldown_active(out: &Path, vmid: VmId, cooldown: Duration, now: DateTime<Utc>) -> Option<(Duration, CooldownState)> {
+pub fn cooldown_active(
+    out: &Path,
+    vmid: VmId,
+    cooldown: Duration,
+    now: DateTime<Utc>,
+) -> Option<(Duration, CooldownState)> {
     let text = std::fs::read_to_string(cooldown_path(out, vmid)).ok()?;
     let st: CooldownState = serde_json::from_str(&text).ok()?;
     let age = (now - st.last_attempt_at).to_std().unwrap_or(Duration::ZERO);
@@ -541,9 +575,16 @@ pub fn outcome_path(archive: &Path) -> PathBuf {
 /// The restart plan for `--dry-run`, appended to the capture plan.
 pub fn plan(req: &Request, vmid: VmId, old: Option<&Target>) -> String {
     let mut o = String::from("restart (--then-restart), only after the archive above is sealed and verified again:\n");
-    o.push_str(&format!("  lock      {} held from the first capture to the end of the restart\n", crate::lock::lock_path(&req.out, vmid).display()));
+    o.push_str(&format!(
+        "  lock      {} held from the first capture to the end of the restart\n",
+        crate::lock::lock_path(&req.out, vmid).display()
+    ));
     let cd = match cooldown_active(&req.out, vmid, req.cfg.cooldown, Utc::now()) {
-        Some((age, _)) if !req.opts.force => format!("IN FORCE: last restart {} ago, within {}; it would be refused (--force overrides)", human(age), human(req.cfg.cooldown)),
+        Some((age, _)) if !req.opts.force => format!(
+            "IN FORCE: last restart {} ago, within {}; it would be refused (--force overrides)",
+            human(age),
+            human(req.cfg.cooldown)
+        ),
         Some((age, _)) => format!("last restart {} ago, overridden by --force", human(age)),
         None => format!("{} between restarts; none recorded within it", human(req.cfg.cooldown)),
     };
@@ -632,8 +673,20 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
         let at = Utc::now();
         let s = Instant::now();
         match write_cooldown(&req.out, old.vmid, &st) {
-            Ok(()) => rec.push(at, s, "record", true, format!("cooldown state {}", cooldown_path(&req.out, old.vmid).display())),
-            Err(e) => rec.push(at, s, "record", false, format!("cannot write {}: {e}", cooldown_path(&req.out, old.vmid).display())),
+            Ok(()) => rec.push(
+                at,
+                s,
+                "record",
+                true,
+                format!("cooldown state {}", cooldown_path(&req.out, old.vmid).display()),
+            ),
+            Err(e) => rec.push(
+                at,
+                s,
+                "record",
+                false,
+                format!("cannot write {}: {e}", cooldown_path(&req.out, old.vmid).display()),
+            ),
         };
     }
     o.actions = std::mem::take(&mut rec.actions);
@@ -691,7 +744,13 @@ fn drive(
         rec.push(at, s, "ha-check", false, format!("listed in {ha_path}; refused without --allow-ha"));
         return Err(RestartError::HaManaged { vmid, path: ha_path });
     }
-    rec.push(at, s, "ha-check", true, if ha { format!("listed in {ha_path}; through ha-manager (--allow-ha)") } else { "not HA-managed".into() });
+    rec.push(
+        at,
+        s,
+        "ha-check",
+        true,
+        if ha { format!("listed in {ha_path}; through ha-manager (--allow-ha)") } else { "not HA-managed".into() },
+    );
     // 3. Cooldown.
     let (at, s) = (Utc::now(), Instant::now());
     match cooldown_active(&req.out, vmid, req.cfg.cooldown, at) {
@@ -705,7 +764,9 @@ fn drive(
             rec.push(at, s, "cooldown", false, e.to_string());
             return Err(e);
         }
-        Some((age, _)) => rec.push(at, s, "cooldown", true, format!("last restart {} ago, overridden by --force", human(age))),
+        Some((age, _)) => {
+            rec.push(at, s, "cooldown", true, format!("last restart {} ago, overridden by --force", human(age)))
+        }
         None => rec.push(at, s, "cooldown", true, format!("no restart within {}", human(req.cfg.cooldown))),
     };
     let method = method_for(&req.cfg, ha, old)?;
@@ -735,7 +796,13 @@ fn drive(
             match kill_proven(old) {
                 Kill::Sent(how) => {
                     o.escalated = true;
-                    rec.push(at, s, "kill", true, format!("SIGKILL to pid {} ({how}) after proving it is still VM {vmid}'s QEMU", old.pid));
+                    rec.push(
+                        at,
+                        s,
+                        "kill",
+                        true,
+                        format!("SIGKILL to pid {} ({how}) after proving it is still VM {vmid}'s QEMU", old.pid),
+                    );
                 }
                 Kill::NotSame => {
                     rec.push(at, s, "kill", true, format!("pid {} is no longer VM {vmid}'s QEMU (start time or cmdline differ: exited, exiting or reused); not signalled", old.pid));
@@ -759,7 +826,13 @@ fn drive(
         }
         Some((state, wchan)) => {
             let secs = req.cfg.kill_wait.as_secs();
-            rec.push(at, s, "wait-exit", false, format!("pid {} still present after {}s (state {state}, wchan {wchan})", old.pid, secs));
+            rec.push(
+                at,
+                s,
+                "wait-exit",
+                false,
+                format!("pid {} still present after {}s (state {state}, wchan {wchan})", old.pid, secs),
+            );
             o.vm_state = "stuck".into();
             return Err(match (stop, kill_error) {
                 (_, Some(detail)) => RestartError::KillFailed { pid: old.pid, detail },
@@ -777,7 +850,18 @@ fn drive(
     let (at, s) = (Utc::now(), Instant::now());
     match verify_new(req, old) {
         Ok((new, status)) => {
-            rec.push(at, s, "verify-new", true, format!("new pid {} proven by {:?}{}", new.pid, new.proof, status.as_ref().map(|st| format!(", query-status: {st}")).unwrap_or_default()));
+            rec.push(
+                at,
+                s,
+                "verify-new",
+                true,
+                format!(
+                    "new pid {} proven by {:?}{}",
+                    new.pid,
+                    new.proof,
+                    status.as_ref().map(|st| format!(", query-status: {st}")).unwrap_or_default()
+                ),
+            );
             o.new_pid = Some(new.pid);
             o.qmp_status = status;
             o.performed = true;
@@ -870,7 +954,9 @@ fn kill_proven(old: &Target) -> Kill {
         Kill::NotSame
     } else {
         // SAFETY: fd is a pidfd we own; no siginfo; flags 0.
-        let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0) };
+        let r = unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd, libc::SIGKILL, std::ptr::null::<libc::siginfo_t>(), 0)
+        };
         if r == 0 {
             Kill::Sent("pidfd_send_signal")
         } else {
@@ -926,7 +1012,10 @@ fn verify_new(req: &Request, old: &Target) -> Result<(Target, Option<String>), (
     };
     match status {
         Ok(st) => Ok((new, Some(st))),
-        Err(e) => Err((Some(new.pid), format!("new pid {} does not answer query-status on {}: {e}", new.pid, new.qmp_socket.display()))),
+        Err(e) => Err((
+            Some(new.pid),
+            format!("new pid {} does not answer query-status on {}: {e}", new.pid, new.qmp_socket.display()),
+        )),
     }
 }
 

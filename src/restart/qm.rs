@@ -42,7 +42,11 @@ impl RestartMethod for Qm {
 
     fn plan(&self, vm: &VmRef) -> Vec<String> {
         vec![
-            format!("stop      {} (deadline {}s, then its process group is killed)", self.stop_argv(vm).join(" "), vm.cfg.stop_deadline.as_secs()),
+            format!(
+                "stop      {} (deadline {}s, then its process group is killed)",
+                self.stop_argv(vm).join(" "),
+                vm.cfg.stop_deadline.as_secs()
+            ),
             format!("start     {} (deadline {}s)", self.start_argv(vm).join(" "), vm.cfg.start_timeout.as_secs()),
         ]
     }
@@ -86,7 +90,12 @@ impl RestartMethod for HaManager {
 
     fn plan(&self, vm: &VmRef) -> Vec<String> {
         vec![
-            format!("stop      {}, then wait up to {}s for pid {} to exit", self.set(vm, "stopped").join(" "), vm.cfg.stop_deadline.as_secs(), vm.old.pid),
+            format!(
+                "stop      {}, then wait up to {}s for pid {} to exit",
+                self.set(vm, "stopped").join(" "),
+                vm.cfg.stop_deadline.as_secs(),
+                vm.old.pid
+            ),
             format!("start     {}", self.set(vm, "started").join(" ")),
         ]
     }
@@ -106,7 +115,11 @@ impl RestartMethod for HaManager {
                 StopResult::Done
             }
             Some((state, _)) => {
-                let m = format!("pid {} still running (state {state}) {}s after the HA stop request", vm.old.pid, vm.cfg.stop_deadline.as_secs());
+                let m = format!(
+                    "pid {} still running (state {state}) {}s after the HA stop request",
+                    vm.old.pid,
+                    vm.cfg.stop_deadline.as_secs()
+                );
                 rec.push(at, s, "wait-ha-stop", false, m.clone());
                 StopResult::TimedOut(m)
             }

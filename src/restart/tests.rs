@@ -50,7 +50,8 @@ fn restart_table_is_strict() {
     assert!(e.contains("start"), "{e}");
     let e = cfg(Some("stop = [\"x\"]\nstart = [\"y\"]"), &Options::default()).unwrap_err();
     assert!(e.contains("only used with method = \\\"command\\\"") || e.contains("only used with method"), "{e}");
-    let e = cfg(Some("method = \"command\"\nstop = [\"x\", \"{name}\"]\nstart = [\"y\"]"), &Options::default()).unwrap_err();
+    let e = cfg(Some("method = \"command\"\nstop = [\"x\", \"{name}\"]\nstart = [\"y\"]"), &Options::default())
+        .unwrap_err();
     assert!(e.contains("{name}"), "{e}");
     let e = cfg(Some("method = \"command\"\nstop = [\"\"]\nstart = [\"y\"]"), &Options::default()).unwrap_err();
     assert!(e.contains("program"), "{e}");
@@ -59,7 +60,9 @@ fn restart_table_is_strict() {
     let e = cfg(None, &Options { timeout: Some("x".into()), ..Default::default() }).unwrap_err();
     assert!(e.contains("--restart-timeout"), "{e}");
     assert!(cfg(Some("method = \"command\"\nstop = [\"vmctl\", \"stop\", \"{vmid}\"]\nstart = [\"vmctl\", \"start\", \"{vmid}\", \"--after={pid}\"]"), &Options::default()).is_ok());
-    assert!(cfg(Some("method = \"libvirt\"\nvirsh = \"/usr/bin/virsh\"\nverify_qmp = false"), &Options::default()).is_ok());
+    assert!(
+        cfg(Some("method = \"libvirt\"\nvirsh = \"/usr/bin/virsh\"\nverify_qmp = false"), &Options::default()).is_ok()
+    );
 }
 
 #[test]
@@ -80,7 +83,11 @@ fn ha_section_headers_only() {
 #[test]
 fn libvirt_domain_from_cmdline() {
     let a = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
-    assert_eq!(libvirt::domain_of(&a("qemu -name guest=web1,debug-threads=on -uuid 1b4e28ba-2fa1-11d2-883f-0016d3cca427")).as_deref(), Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427"));
+    assert_eq!(
+        libvirt::domain_of(&a("qemu -name guest=web1,debug-threads=on -uuid 1b4e28ba-2fa1-11d2-883f-0016d3cca427"))
+            .as_deref(),
+        Some("1b4e28ba-2fa1-11d2-883f-0016d3cca427")
+    );
     assert_eq!(libvirt::domain_of(&a("qemu -name guest=web1,debug-threads=on")).as_deref(), Some("web1"));
     assert_eq!(libvirt::domain_of(&a("qemu -name devvm,debug-threads=on")).as_deref(), Some("devvm"));
     assert_eq!(libvirt::domain_of(&a("qemu -name a,,b")).as_deref(), Some("a,b"));
@@ -121,7 +128,13 @@ fn cooldown_window() {
     let v: VmId = "102".parse().unwrap();
     let now = Utc::now();
     assert!(cooldown_active(out.path(), v, Duration::from_secs(60), now).is_none());
-    let st = CooldownState { last_attempt_at: now - chrono::Duration::seconds(30), old_pid: 1, new_pid: Some(2), performed: true, archive: None };
+    let st = CooldownState {
+        last_attempt_at: now - chrono::Duration::seconds(30),
+        old_pid: 1,
+        new_pid: Some(2),
+        performed: true,
+        archive: None,
+    };
     write_cooldown(out.path(), v, &st).unwrap();
     let (age, _) = cooldown_active(out.path(), v, Duration::from_secs(60), now).unwrap();
     assert_eq!(age.as_secs(), 30);
@@ -143,7 +156,10 @@ fn gate_refuses_without_seal_and_on_tampering() {
 #[test]
 fn restart_error_exits() {
     let v: VmId = "102".parse().unwrap();
-    assert_eq!(RestartError::Cooldown { vmid: v, ago: "1m".into(), cooldown: "30m".into(), path: "p".into() }.exit(), Exit::Busy);
+    assert_eq!(
+        RestartError::Cooldown { vmid: v, ago: "1m".into(), cooldown: "30m".into(), path: "p".into() }.exit(),
+        Exit::Busy
+    );
     assert_eq!(RestartError::HaManaged { vmid: v, path: "p".into() }.exit(), Exit::RestartFailed);
     let msg = RestartError::HaManaged { vmid: v, path: "p".into() }.to_string();
     assert!(msg.contains("--allow-ha") && !msg.contains('\n'), "{msg}");

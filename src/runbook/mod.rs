@@ -207,7 +207,9 @@ pub struct RunbookErrors(pub Vec<RunbookError>);
 
 /// Finds a runbook by name (operator dir first, then built-in) or by path.
 pub fn load(name_or_path: &str, operator_dir: &Path) -> Result<Runbook, RunbookErrors> {
-    let one = |message: String| RunbookErrors(vec![RunbookError { file: name_or_path.into(), line: None, key: None, message }]);
+    let one = |message: String| {
+        RunbookErrors(vec![RunbookError { file: name_or_path.into(), line: None, key: None, message }])
+    };
     let is_path = name_or_path.contains('/') || name_or_path.ends_with(".toml");
     let path = if is_path { PathBuf::from(name_or_path) } else { operator_dir.join(format!("{name_or_path}.toml")) };
     match std::fs::read_to_string(&path) {
@@ -249,7 +251,12 @@ pub fn list(operator_dir: &Path) -> Vec<(String, String)> {
 pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
     let raw: RawRunbook = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|s| line_of(text, s.start));
-        RunbookErrors(vec![RunbookError { file: file.into(), line, key: None, message: e.message().trim().to_string() }])
+        RunbookErrors(vec![RunbookError {
+            file: file.into(),
+            line,
+            key: None,
+            message: e.message().trim().to_string(),
+        }])
     })?;
     let mut errs = Vec::new();
     let mut err = |step: Option<usize>, key: &str, message: String| {
@@ -284,7 +291,11 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 if let Some(v) = v {
                     match Template::parse(v) {
                         Ok(tmpl) if tmpl.uses_only(&["vmid", "domain", "run_dir", "pve_dir"]) => {}
-                        Ok(_) => err(None, key, format!("{v:?}: [target] templates take {{vmid}} {{domain}} {{run_dir}} {{pve_dir}} only")),
+                        Ok(_) => err(
+                            None,
+                            key,
+                            format!("{v:?}: [target] templates take {{vmid}} {{domain}} {{run_dir}} {{pve_dir}} only"),
+                        ),
                         Err(e) => err(None, key, e),
                     }
                 }
@@ -422,10 +433,17 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                         None
                     }
                 };
-                output(format!("qmp/{command}.json"), &mut err)
-                    .map(|output| StepKind::Qmp { command, arguments, samples, interval, output })
+                output(format!("qmp/{command}.json"), &mut err).map(|output| StepKind::Qmp {
+                    command,
+                    arguments,
+                    samples,
+                    interval,
+                    output,
+                })
             }
-            "qom-throttle" => output("qmp/throttle-groups.json".into(), &mut err).map(|output| StepKind::QomThrottle { output }),
+            "qom-throttle" => {
+                output("qmp/throttle-groups.json".into(), &mut err).map(|output| StepKind::QomThrottle { output })
+            }
             "stacks" => {
                 let methods = s.methods.clone().unwrap_or_else(|| vec!["native".into(), "gdb".into()]);
                 for m in &methods {
@@ -454,7 +472,9 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 let name = s.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("file").to_string();
                 let out = output(format!("files/{name}"), &mut err);
                 match (path, out) {
-                    (Some(path), Some(output)) => Some(StepKind::File { path, output, redact: s.redact.clone().unwrap_or_default() }),
+                    (Some(path), Some(output)) => {
+                        Some(StepKind::File { path, output, redact: s.redact.clone().unwrap_or_default() })
+                    }
                     _ => None,
                 }
             }
@@ -481,7 +501,11 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 };
                 let prog = argv[0].rsplit('/').next().unwrap_or_default();
                 if SHELLS.contains(&prog) {
-                    err(Some(i), "argv", format!("runs a shell ({prog}); run the program directly with its arguments as a list"));
+                    err(
+                        Some(i),
+                        "argv",
+                        format!("runs a shell ({prog}); run the program directly with its arguments as a list"),
+                    );
                 }
                 let mut tmpl = Vec::new();
                 for a in &argv {

@@ -46,10 +46,12 @@ impl Template {
             }
             let close = rest[open..].find('}').ok_or_else(|| format!("{text:?}: unclosed '{{'"))? + open;
             let name = &rest[open + 1..close];
-            let var = PLACEHOLDERS
-                .iter()
-                .find(|p| **p == name)
-                .ok_or_else(|| format!("{text:?}: unknown placeholder {{{name}}}; known: {}", PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")))?;
+            let var = PLACEHOLDERS.iter().find(|p| **p == name).ok_or_else(|| {
+                format!(
+                    "{text:?}: unknown placeholder {{{name}}}; known: {}",
+                    PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")
+                )
+            })?;
             parts.push(Part::Var(var));
             rest = &rest[close + 1..];
         }

@@ -123,10 +123,16 @@ fn target_table_is_checked() {
     let e = errors(&format!("{HEAD}\n[target]\ndomain = \"vm-{{vmid}}\"\nmonitor = \"virsh\"\npidfile = \"/run/{{pid}}.pid\"\n\n[[step]]\nid = \"p\"\nkind = \"proc\"\n"));
     assert_eq!(e.len(), 1, "{e:?}");
     assert_eq!((e[0].key.as_deref(), e[0].line), (Some("pidfile"), Some(8)), "{e:?}");
-    let e = errors(&format!("{HEAD}\n[target]\nqmp = \"/x.qmp\"\nmonitor = \"virsh\"\n\n[[step]]\nid = \"p\"\nkind = \"proc\"\n"));
+    let e = errors(&format!(
+        "{HEAD}\n[target]\nqmp = \"/x.qmp\"\nmonitor = \"virsh\"\n\n[[step]]\nid = \"p\"\nkind = \"proc\"\n"
+    ));
     assert!(e[0].message.contains("needs `domain`"), "{e:?}");
     assert_eq!(e[0].line, Some(7));
-    let rb = parse(&format!("{HEAD}\n[target]\npidfile = \"/run/qemu/{{vmid}}.pid\"\n\n[[step]]\nid = \"p\"\nkind = \"proc\"\n"), "t").unwrap();
+    let rb = parse(
+        &format!("{HEAD}\n[target]\npidfile = \"/run/qemu/{{vmid}}.pid\"\n\n[[step]]\nid = \"p\"\nkind = \"proc\"\n"),
+        "t",
+    )
+    .unwrap();
     assert_eq!(rb.target.pidfile.as_deref(), Some("/run/qemu/{vmid}.pid"));
     assert!(!rb.target.cluster);
 }

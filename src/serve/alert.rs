@@ -209,7 +209,11 @@ mod tests {
     #[test]
     fn locate_uses_vmlist_and_pidfile() {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join(".vmlist"), r#"{"version":1,"ids":{"102":{"node":"pve1"},"103":{"node":"pve2"}}}"#).unwrap();
+        std::fs::write(
+            d.path().join(".vmlist"),
+            r#"{"version":1,"ids":{"102":{"node":"pve1"},"103":{"node":"pve2"}}}"#,
+        )
+        .unwrap();
         let id = |n: &str| n.parse::<VmId>().unwrap();
         assert_eq!(locate(id("104"), d.path(), d.path(), "pve1").unwrap_err().status(), 404);
         let e = locate(id("103"), d.path(), d.path(), "pve1").unwrap_err();

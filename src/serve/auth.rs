@@ -71,7 +71,10 @@ impl Auth {
         let got = decode_hex(got).ok_or_else(|| AuthError::BadSignature(name.clone()))?;
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
         if let Some(th) = &self.timestamp_header {
-            let ts = headers.get(th.as_str()).and_then(|v| v.to_str().ok()).ok_or_else(|| AuthError::MissingSignature(th.clone()))?;
+            let ts = headers
+                .get(th.as_str())
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| AuthError::MissingSignature(th.clone()))?;
             mac.update(ts.as_bytes());
             mac.update(b":");
         }

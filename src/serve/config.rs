@@ -166,7 +166,9 @@ impl ServeConfig {
 /// Parses `[serve]` (absent = all defaults) and applies `--listen`.
 pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<ServeConfig, String> {
     let raw: Raw = match table {
-        Some(t) => toml::Value::Table(t.clone()).try_into().map_err(|e: toml::de::Error| format!("[serve]: {}", e.message()))?,
+        Some(t) => toml::Value::Table(t.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("[serve]: {}", e.message()))?,
         None => Raw::default(),
     };
     let dur = |key: &str, v: &Option<String>, default: Duration| -> Result<Duration, String> {
@@ -188,13 +190,18 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
     }
     for url in &raw.notify {
         if !url.starts_with("http://") {
-            return Err(format!("[serve] notify {url:?}: only http:// URLs are supported; front https targets with a local relay"));
+            return Err(format!(
+                "[serve] notify {url:?}: only http:// URLs are supported; front https targets with a local relay"
+            ));
         }
         url.parse::<hyper::Uri>().map_err(|e| format!("[serve] notify {url:?}: {e}"))?;
     }
     if let Some(argv) = &raw.on_complete {
         if argv.is_empty() || argv[0].is_empty() {
-            return Err("[serve] on_complete must be a non-empty argv list, e.g. [\"/usr/local/bin/ticket\", \"--update\"]".into());
+            return Err(
+                "[serve] on_complete must be a non-empty argv list, e.g. [\"/usr/local/bin/ticket\", \"--update\"]"
+                    .into(),
+            );
         }
     }
     let mut vm_map = BTreeMap::new();
@@ -222,7 +229,9 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
         if let Some(list) = p.restart_on {
             restart_on = Vec::new();
             for v in list {
-                let verdict = parse_verdict(&v).ok_or_else(|| format!("{at} restart_on {v:?}: not a verdict (e.g. \"block-path-frozen\", \"main-loop-wedged\")"))?;
+                let verdict = parse_verdict(&v).ok_or_else(|| {
+                    format!("{at} restart_on {v:?}: not a verdict (e.g. \"block-path-frozen\", \"main-loop-wedged\")")
+                })?;
                 if verdict == Verdict::Healthy {
                     return Err(format!("{at} restart_on may not name \"healthy\": a healthy VM is never restarted"));
                 }

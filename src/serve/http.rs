@@ -69,8 +69,16 @@ async fn authed_body(ctx: &Ctx, headers: &HeaderMap, body: Body, signed: bool) -
         return Err(error(401, e.to_string()));
     }
     let max = ctx.cfg.max_body;
-    let too_big = || error(413, format!("body larger than {max} bytes ([serve] max_body): send fewer alerts per notification (max_alerts)"));
-    let declared = headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_big = || {
+        error(
+            413,
+            format!("body larger than {max} bytes ([serve] max_body): send fewer alerts per notification (max_alerts)"),
+        )
+    };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         ctx.store.count_refused("too-large");
         return Err(too_big());
@@ -131,7 +139,8 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
                 .iter()
                 .map(|a| {
                     alert::vmid_of(a, &ctx2.cfg).and_then(|vmid| {
-                        alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node).map(|_| vmid)
+                        alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node)
+                            .map(|_| vmid)
                     })
                 })
                 .collect::<Vec<_>>()
@@ -156,7 +165,11 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
         };
         let origin = Origin {
             kind: "alert".into(),
-            reason: Some(format!("{} alert {}", if source == Source::Alertmanager { "Alertmanager" } else { "Grafana" }, a.describe())),
+            reason: Some(format!(
+                "{} alert {}",
+                if source == Source::Alertmanager { "Alertmanager" } else { "Grafana" },
+                a.describe()
+            )),
             labels: bounded(&a.labels),
             annotations: bounded(&a.annotations),
             generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
@@ -182,7 +195,11 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
     // A full queue or a stopping service: 503 even if other alerts of this payload were
     // taken, because the redelivery of those is recognised as a duplicate.
     if let Some(e) = busy {
-        let mut r = (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": e.to_string(), "jobs": body["jobs"], "refused": body["refused"]}))).into_response();
+        let mut r = (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": e.to_string(), "jobs": body["jobs"], "refused": body["refused"]})),
+        )
+            .into_response();
         r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
         return r;
     }
@@ -226,7 +243,10 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
         Ok(r) => r,
         Err(e) => {
             ctx.store.count_refused("malformed");
-            return error(400, format!("malformed request: {e}; send {{\"vmid\": 102, \"restart\": false, \"reason\": \"…\"}}"));
+            return error(
+                400,
+                format!("malformed request: {e}; send {{\"vmid\": 102, \"restart\": false, \"reason\": \"…\"}}"),
+            );
         }
     };
     let text = match &req.vmid {
@@ -242,13 +262,21 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
         }
     };
     let ctx2 = ctx.clone();
-    let located = match blocking_locate(move || alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node)).await {
+    let located = match blocking_locate(move || {
+        alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node)
+    })
+    .await
+    {
         Ok(l) => l,
         Err(r) => return r,
     };
     if let Err(r) = located {
         ctx.store.count_refused("refused");
-        return (StatusCode::from_u16(r.status()).unwrap_or(StatusCode::NOT_FOUND), Json(json!({"error": r.to_string(), "node": r.node()}))).into_response();
+        return (
+            StatusCode::from_u16(r.status()).unwrap_or(StatusCode::NOT_FOUND),
+            Json(json!({"error": r.to_string(), "node": r.node()})),
+        )
+            .into_response();
     }
     let origin = Origin {
         kind: "api".into(),
@@ -284,7 +312,10 @@ async fn blocking_locate<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'stat
         Err(_) => {
             let mut r = error(
                 503,
-                format!("reading the cluster VM list took longer than {} s (is pmxcfs hanging?): retry later", LOCATE_TIMEOUT.as_secs()),
+                format!(
+                    "reading the cluster VM list took longer than {} s (is pmxcfs hanging?): retry later",
+                    LOCATE_TIMEOUT.as_secs()
+                ),
             );
             r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
             Err(r)
@@ -311,14 +342,21 @@ async fn one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Path(id): Path<Str
     }
     match id.parse::<u64>().ok().and_then(|id| ctx.store.get(id)) {
         Some(j) => Json(j).into_response(),
-        None => error(404, format!("no autopsy {id:?} (only the last {} are kept): GET /v1/autopsies lists them", ctx.cfg.keep_jobs)),
+        None => error(
+            404,
+            format!("no autopsy {id:?} (only the last {} are kept): GET /v1/autopsies lists them", ctx.cfg.keep_jobs),
+        ),
     }
 }
 
 async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
     let (queued, running) = ctx.store.active();
     if ctx.store.is_shutting_down() {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stopping", "queued": queued, "running": running}))).into_response();
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "stopping", "queued": queued, "running": running})),
+        )
+            .into_response();
     }
     Json(json!({"status": "ok", "queued": queued, "running": running})).into_response()
 }

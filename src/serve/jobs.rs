@@ -190,7 +190,11 @@ pub struct Submit {
 
 impl Store {
     pub fn new(limits: Limits) -> Store {
-        let inner = Inner { next: 1, counters: Counters { duration_buckets: vec![0; DURATION_BUCKETS.len()], ..Default::default() }, ..Default::default() };
+        let inner = Inner {
+            next: 1,
+            counters: Counters { duration_buckets: vec![0; DURATION_BUCKETS.len()], ..Default::default() },
+            ..Default::default()
+        };
         Store { limits, inner: Mutex::new(inner) }
     }
 
@@ -411,7 +415,12 @@ mod tests {
     use super::*;
 
     fn store() -> Store {
-        Store::new(Limits { repeat_window: Duration::from_secs(3600), vm_cooldown: Duration::from_secs(600), max_queue: 2, keep_jobs: 3 })
+        Store::new(Limits {
+            repeat_window: Duration::from_secs(3600),
+            vm_cooldown: Duration::from_secs(600),
+            max_queue: 2,
+            keep_jobs: 3,
+        })
     }
 
     fn alert(vmid: &str, firing: &str) -> Submit {
@@ -478,7 +487,12 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let s = Store::new(Limits { repeat_window: Duration::from_secs(3600), vm_cooldown: Duration::ZERO, max_queue: 10_000, keep_jobs: 3 });
+        let s = Store::new(Limits {
+            repeat_window: Duration::from_secs(3600),
+            vm_cooldown: Duration::ZERO,
+            max_queue: 10_000,
+            keep_jobs: 3,
+        });
         for i in 0..20u32 {
             let (id, _) = s.submit(alert(&(100 + i).to_string(), &format!("f{i}@1"))).unwrap();
             s.start(id);

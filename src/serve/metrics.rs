@@ -40,16 +40,31 @@ pub fn render(s: &Snapshot) -> String {
     for r in ["sealed", "failed", "cancelled"] {
         let _ = writeln!(o, "wedge_autopsy_runs_total{{result=\"{r}\"}} {}", c.runs.get(r).copied().unwrap_or(0));
     }
-    head(&mut o, "wedge_autopsy_run_duration_seconds", "histogram", "Wall time of finished autopsies, from start to seal.");
+    head(
+        &mut o,
+        "wedge_autopsy_run_duration_seconds",
+        "histogram",
+        "Wall time of finished autopsies, from start to seal.",
+    );
     for (i, b) in DURATION_BUCKETS.iter().enumerate() {
-        let _ = writeln!(o, "wedge_autopsy_run_duration_seconds_bucket{{le=\"{b}\"}} {}", c.duration_buckets.get(i).copied().unwrap_or(0));
+        let _ = writeln!(
+            o,
+            "wedge_autopsy_run_duration_seconds_bucket{{le=\"{b}\"}} {}",
+            c.duration_buckets.get(i).copied().unwrap_or(0)
+        );
     }
     let _ = writeln!(o, "wedge_autopsy_run_duration_seconds_bucket{{le=\"+Inf\"}} {}", c.duration_count);
     let _ = writeln!(o, "wedge_autopsy_run_duration_seconds_sum {}", c.duration_sum);
     let _ = writeln!(o, "wedge_autopsy_run_duration_seconds_count {}", c.duration_count);
-    head(&mut o, "wedge_autopsy_restarts_total", "counter", "Restarts after a capture, by outcome (ok, failed, not-attempted).");
+    head(
+        &mut o,
+        "wedge_autopsy_restarts_total",
+        "counter",
+        "Restarts after a capture, by outcome (ok, failed, not-attempted).",
+    );
     for r in ["ok", "failed", "not-attempted"] {
-        let _ = writeln!(o, "wedge_autopsy_restarts_total{{outcome=\"{r}\"}} {}", c.restarts.get(r).copied().unwrap_or(0));
+        let _ =
+            writeln!(o, "wedge_autopsy_restarts_total{{outcome=\"{r}\"}} {}", c.restarts.get(r).copied().unwrap_or(0));
     }
     head(&mut o, "wedge_autopsy_deliveries_total", "counter", "Webhook and API deliveries by outcome.");
     for (k, v) in &c.deliveries {
@@ -66,7 +81,12 @@ pub fn render(s: &Snapshot) -> String {
     if let Some(w) = &s.watch {
         head(&mut o, "wedge_autopsy_watch_checks_total", "counter", "Watch diagnoses run.");
         let _ = writeln!(o, "wedge_autopsy_watch_checks_total {}", w.checks);
-        head(&mut o, "wedge_autopsy_watch_verdict", "gauge", "1 for the verdict of each watched VM's last check, 0 for the others.");
+        head(
+            &mut o,
+            "wedge_autopsy_watch_verdict",
+            "gauge",
+            "1 for the verdict of each watched VM's last check, 0 for the others.",
+        );
         for (vmid, v) in &w.vms {
             for verdict in VERDICTS {
                 let on = u8::from(v.verdict == Some(verdict));
@@ -77,11 +97,25 @@ pub fn render(s: &Snapshot) -> String {
         for (vmid, v) in &w.vms {
             let _ = writeln!(o, "wedge_autopsy_watch_frozen_streak{{vmid=\"{vmid}\"}} {}", v.frozen_streak);
         }
-        head(&mut o, "wedge_autopsy_watch_wedged", "gauge", "1 when a VM stayed block-path-frozen for the configured consecutive checks.");
+        head(
+            &mut o,
+            "wedge_autopsy_watch_wedged",
+            "gauge",
+            "1 when a VM stayed block-path-frozen for the configured consecutive checks.",
+        );
         for (vmid, v) in &w.vms {
-            let _ = writeln!(o, "wedge_autopsy_watch_wedged{{vmid=\"{vmid}\"}} {}", u8::from(w.consecutive > 0 && v.frozen_streak >= w.consecutive));
+            let _ = writeln!(
+                o,
+                "wedge_autopsy_watch_wedged{{vmid=\"{vmid}\"}} {}",
+                u8::from(w.consecutive > 0 && v.frozen_streak >= w.consecutive)
+            );
         }
-        head(&mut o, "wedge_autopsy_watch_check_errors", "gauge", "1 when a VM's last check could not run (proof or QMP failed).");
+        head(
+            &mut o,
+            "wedge_autopsy_watch_check_errors",
+            "gauge",
+            "1 when a VM's last check could not run (proof or QMP failed).",
+        );
         for (vmid, v) in &w.vms {
             let _ = writeln!(o, "wedge_autopsy_watch_check_errors{{vmid=\"{vmid}\"}} {}", u8::from(v.error.is_some()));
         }
@@ -102,7 +136,13 @@ mod tests {
         let mut w = WatchState { consecutive: 2, ..Default::default() };
         w.vms.insert(
             "102".parse().unwrap(),
-            VmWatch { verdict: Some(Verdict::BlockPathFrozen), frozen_streak: 2, streak_since: None, checked_at: chrono::Utc::now(), error: None },
+            VmWatch {
+                verdict: Some(Verdict::BlockPathFrozen),
+                frozen_streak: 2,
+                streak_since: None,
+                checked_at: chrono::Utc::now(),
+                error: None,
+            },
         );
         s.watch = Some(w);
         let t = render(&s);

@@ -47,8 +47,10 @@ const AFTER_GRACE: Duration = Duration::from_secs(30);
 pub fn load_config(settings: &Settings, listen: Option<&str>) -> Result<config::ServeConfig, Error> {
     let table = match &settings.config_file {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| Error::BadInput(format!("cannot read config {}: {e}", p.display())))?;
-            let fc: FileConfig = toml::from_str(&text).map_err(|e| Error::BadInput(format!("config {}: {}", p.display(), e.message())))?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Error::BadInput(format!("cannot read config {}: {e}", p.display())))?;
+            let fc: FileConfig = toml::from_str(&text)
+                .map_err(|e| Error::BadInput(format!("config {}: {}", p.display(), e.message())))?;
             fc.serve
         }
         None => None,
@@ -73,8 +75,9 @@ pub fn serve(listen: Option<String>, settings: Settings, restarter: Arc<dyn Rest
     // client or the log reader goes away mid-write.
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    std::fs::create_dir_all(&settings.out)
-        .map_err(|e| Error::BadInput(format!("cannot create output directory {}: {e}; fix --out or `out`", settings.out.display())))?;
+    std::fs::create_dir_all(&settings.out).map_err(|e| {
+        Error::BadInput(format!("cannot create output directory {}: {e}; fix --out or `out`", settings.out.display()))
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
@@ -140,7 +143,10 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
     // open must not hold up the seal.
     match tokio::time::timeout(CONNECTIONS_GRACE, server).await {
         Ok(Ok(Err(e))) => eprintln!("wedge-autopsy serve: server error while stopping: {e}"),
-        Err(_) => eprintln!("wedge-autopsy serve: connections still open after {} s; closing them", CONNECTIONS_GRACE.as_secs()),
+        Err(_) => eprintln!(
+            "wedge-autopsy serve: connections still open after {} s; closing them",
+            CONNECTIONS_GRACE.as_secs()
+        ),
         _ => {}
     }
     drain(&ctx, grace).await;
@@ -160,9 +166,15 @@ async fn drain(ctx: &runner::Ctx, grace: Duration) {
     if wait(grace).await {
         return;
     }
-    eprintln!("wedge-autopsy serve: shutdown grace ({} s) is over: interrupting running captures so they seal now", grace.as_secs());
+    eprintln!(
+        "wedge-autopsy serve: shutdown grace ({} s) is over: interrupting running captures so they seal now",
+        grace.as_secs()
+    );
     ctx.hard_stop.cancel();
     if !wait(AFTER_GRACE).await {
-        eprintln!("wedge-autopsy serve: {} job(s) still running after the grace; exiting anyway", ctx.in_flight.load(Ordering::SeqCst));
+        eprintln!(
+            "wedge-autopsy serve: {} job(s) still running after the grace; exiting anyway",
+            ctx.in_flight.load(Ordering::SeqCst)
+        );
     }
 }

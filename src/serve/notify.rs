@@ -53,7 +53,13 @@ pub struct Completion {
 /// backoff 1 s, 2 s, 4 s… (max 30 s). 2xx ends; 4xx other than 408/429 is final;
 /// transport errors, 5xx, 408 and 429 are retried. `stop` ends the retries early
 /// (service shutdown past its grace).
-pub async fn post_all(urls: &[String], doc: &Completion, attempts: u32, timeout: Duration, stop: &Cancel) -> Vec<Delivery> {
+pub async fn post_all(
+    urls: &[String],
+    doc: &Completion,
+    attempts: u32,
+    timeout: Duration,
+    stop: &Cancel,
+) -> Vec<Delivery> {
     let body = Bytes::from(serde_json::to_vec(doc).unwrap_or_default());
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut out = Vec::new();
@@ -142,7 +148,9 @@ pub fn run_hook(argv: &[String], doc: &Completion, timeout: Duration) -> Deliver
     let target = argv.first().cloned().unwrap_or_default();
     match exec::run(&spec, &Cancel::new()) {
         Ok(out) if out.success() => Delivery { target, ok: true, attempts: 1, detail: "exit 0".into() },
-        Ok(out) if out.timed_out => Delivery { target, ok: false, attempts: 1, detail: format!("killed after {} ms", timeout.as_millis()) },
+        Ok(out) if out.timed_out => {
+            Delivery { target, ok: false, attempts: 1, detail: format!("killed after {} ms", timeout.as_millis()) }
+        }
         Ok(out) => Delivery {
             target,
             ok: false,

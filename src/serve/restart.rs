@@ -84,11 +84,22 @@ impl Restarter for Wired {
         };
         let o = crate::restart::run(&r, &req.target, Some(&sealed), &crate::cancel::Cancel::new());
         let detail = match (&o.error, o.performed) {
-            (None, true) => format!("restarted: pid {} -> {} via {} in {} ms{}", o.old_pid, o.new_pid.unwrap_or(0), o.method, o.duration_ms, if o.escalated { " (SIGKILL escalation)" } else { "" }),
+            (None, true) => format!(
+                "restarted: pid {} -> {} via {} in {} ms{}",
+                o.old_pid,
+                o.new_pid.unwrap_or(0),
+                o.method,
+                o.duration_ms,
+                if o.escalated { " (SIGKILL escalation)" } else { "" }
+            ),
             (Some(e), _) => e.clone(),
             (None, false) => format!("not performed: VM state {}", o.vm_state),
         };
-        RestartOutcome { attempted: o.old_stopped || o.performed || o.actions.iter().any(|a| a.action == "stop"), ok: o.performed, detail }
+        RestartOutcome {
+            attempted: o.old_stopped || o.performed || o.actions.iter().any(|a| a.action == "stop"),
+            ok: o.performed,
+            detail,
+        }
     }
 }
 
@@ -117,7 +128,10 @@ pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) 
     }
     if !policy.restart_on.contains(&verdict) {
         let names: Vec<&str> = policy.restart_on.iter().map(|v| v.as_str()).collect();
-        return Decision::Refused(format!("verdict {verdict} is not one the policy restarts on ({})", names.join(", ")));
+        return Decision::Refused(format!(
+            "verdict {verdict} is not one the policy restarts on ({})",
+            names.join(", ")
+        ));
     }
     Decision::Go
 }
@@ -138,7 +152,11 @@ mod tests {
         assert_eq!(decide(&restarting(), false, true, MainLoopWedged), Decision::Go);
         assert_eq!(decide(&Policy::default(), true, true, MainLoopWedged), Decision::Go);
         assert!(matches!(decide(&restarting(), false, true, Healthy), Decision::Refused(r) if r.contains("healthy")));
-        assert!(matches!(decide(&restarting(), true, true, Inconclusive), Decision::Refused(r) if r.contains("inconclusive")));
-        assert!(matches!(decide(&restarting(), false, false, BlockPathFrozen), Decision::Refused(r) if r.contains("sealed")));
+        assert!(
+            matches!(decide(&restarting(), true, true, Inconclusive), Decision::Refused(r) if r.contains("inconclusive"))
+        );
+        assert!(
+            matches!(decide(&restarting(), false, false, BlockPathFrozen), Decision::Refused(r) if r.contains("sealed"))
+        );
     }
 }

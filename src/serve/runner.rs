@@ -151,7 +151,13 @@ async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
 }
 
 /// Records a finished capture, runs the gated restart, and builds the completion.
-async fn finish_sealed(ctx: &Arc<Ctx>, job: &Job, report: Report, target: Target, took: Duration) -> Option<Completion> {
+async fn finish_sealed(
+    ctx: &Arc<Ctx>,
+    job: &Job,
+    report: Report,
+    target: Target,
+    took: Duration,
+) -> Option<Completion> {
     let verdict = report.diagnosis.verdict;
     let restart = restart_step(ctx.restarter.clone(), job, verdict, report.sealed.as_ref(), target).await;
     match &restart {
@@ -161,7 +167,11 @@ async fn finish_sealed(ctx: &Arc<Ctx>, job: &Job, report: Report, target: Target
         Some(_) => ctx.store.count_restart("not-attempted"),
     }
     let mut summary = report.summary.clone();
-    summary.archive = report.sealed.as_ref().map(|s| ArchiveFacts { name: s.path.display().to_string(), size: s.size, sha256: s.sha256.clone() });
+    summary.archive = report.sealed.as_ref().map(|s| ArchiveFacts {
+        name: s.path.display().to_string(),
+        size: s.size,
+        sha256: s.sha256.clone(),
+    });
     summary.restart = restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
     let markdown = summary::markdown(&summary);
     let state = if report.sealed.is_some() { State::Sealed } else { State::Failed };
@@ -210,7 +220,11 @@ pub async fn restart_step(
                 reason: format!("job {} ({}): verdict {verdict}", job.id, describe(job)),
             };
             let r = tokio::task::spawn_blocking(move || restarter.restart(&req)).await;
-            Some(r.unwrap_or_else(|e| RestartOutcome { attempted: true, ok: false, detail: format!("restart task failed: {e}") }))
+            Some(r.unwrap_or_else(|e| RestartOutcome {
+                attempted: true,
+                ok: false,
+                detail: format!("restart task failed: {e}"),
+            }))
         }
     }
 }
@@ -252,10 +266,22 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
         match r {
             Ok(Ok(p)) => {
                 doc.copy = Some(p.display().to_string());
-                results.push(super::jobs::Delivery { target: "copy_to".into(), ok: true, attempts: 1, detail: p.display().to_string() });
+                results.push(super::jobs::Delivery {
+                    target: "copy_to".into(),
+                    ok: true,
+                    attempts: 1,
+                    detail: p.display().to_string(),
+                });
             }
-            Ok(Err(e)) => results.push(super::jobs::Delivery { target: "copy_to".into(), ok: false, attempts: 1, detail: e }),
-            Err(e) => results.push(super::jobs::Delivery { target: "copy_to".into(), ok: false, attempts: 1, detail: e.to_string() }),
+            Ok(Err(e)) => {
+                results.push(super::jobs::Delivery { target: "copy_to".into(), ok: false, attempts: 1, detail: e })
+            }
+            Err(e) => results.push(super::jobs::Delivery {
+                target: "copy_to".into(),
+                ok: false,
+                attempts: 1,
+                detail: e.to_string(),
+            }),
         }
     }
     if let Some(argv) = &ctx.cfg.on_complete {
@@ -264,9 +290,14 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
             results.push(r);
         }
     }
-    results.extend(notify::post_all(&ctx.cfg.notify, doc, ctx.cfg.notify_attempts, ctx.cfg.notify_timeout, &ctx.hard_stop).await);
+    results.extend(
+        notify::post_all(&ctx.cfg.notify, doc, ctx.cfg.notify_attempts, ctx.cfg.notify_timeout, &ctx.hard_stop).await,
+    );
     for r in results.iter().filter(|r| !r.ok) {
-        eprintln!("wedge-autopsy serve: job {id}: could not deliver to {}: {} after {} attempt(s)", r.target, r.detail, r.attempts);
+        eprintln!(
+            "wedge-autopsy serve: job {id}: could not deliver to {}: {} after {} attempt(s)",
+            r.target, r.detail, r.attempts
+        );
     }
     let copy = doc.copy.clone();
     ctx.store.update(id, |j| {
@@ -299,7 +330,12 @@ mod tests {
     }
 
     fn job(policy: Policy, requested: bool) -> Job {
-        let store = Store::new(Limits { repeat_window: Duration::from_secs(60), vm_cooldown: Duration::ZERO, max_queue: 9, keep_jobs: 9 });
+        let store = Store::new(Limits {
+            repeat_window: Duration::from_secs(60),
+            vm_cooldown: Duration::ZERO,
+            max_queue: 9,
+            keep_jobs: 9,
+        });
         let origin = Origin {
             kind: "alert".into(),
             reason: Some("VmDiskWritesFlat".into()),
@@ -331,7 +367,13 @@ mod tests {
     }
 
     fn sealed() -> Sealed {
-        Sealed { path: "/out/a.tar.zst".into(), sidecar: "/out/a.tar.zst.sha256".into(), sha256: "ab".into(), size: 1, files: 1 }
+        Sealed {
+            path: "/out/a.tar.zst".into(),
+            sidecar: "/out/a.tar.zst.sha256".into(),
+            sha256: "ab".into(),
+            size: 1,
+            files: 1,
+        }
     }
 
     #[tokio::test]
@@ -342,17 +384,26 @@ mod tests {
         let s = sealed();
 
         // capture-only policy: nothing, not even a refusal.
-        assert_eq!(restart_step(r.clone(), &job(Policy::default(), false), Verdict::BlockPathFrozen, Some(&s), target()).await, None);
+        assert_eq!(
+            restart_step(r.clone(), &job(Policy::default(), false), Verdict::BlockPathFrozen, Some(&s), target()).await,
+            None
+        );
         // Healthy, unsealed, or a verdict the policy does not name: refused, never called.
-        for (verdict, sealed) in [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))] {
+        for (verdict, sealed) in
+            [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))]
+        {
             let out = restart_step(r.clone(), &job(restart.clone(), false), verdict, sealed, target()).await.unwrap();
             assert!(!out.attempted, "{verdict}: {out:?}");
         }
         assert!(fake.calls.lock().unwrap().is_empty());
         // The policy's verdicts, sealed: called once each with the archive's facts.
-        let out = restart_step(r.clone(), &job(restart.clone(), false), Verdict::BlockPathFrozen, Some(&s), target()).await.unwrap();
+        let out = restart_step(r.clone(), &job(restart.clone(), false), Verdict::BlockPathFrozen, Some(&s), target())
+            .await
+            .unwrap();
         assert!(out.ok && out.attempted, "{out:?}");
-        let out = restart_step(r.clone(), &job(Policy::default(), true), Verdict::MainLoopWedged, Some(&s), target()).await.unwrap();
+        let out = restart_step(r.clone(), &job(Policy::default(), true), Verdict::MainLoopWedged, Some(&s), target())
+            .await
+            .unwrap();
         assert!(out.ok, "an API request with restart=true uses the default verdict list: {out:?}");
         let calls = fake.calls.lock().unwrap();
         assert_eq!(calls.len(), 2);

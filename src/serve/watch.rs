@@ -100,11 +100,16 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
                 g.checks += 1;
                 let prev = g.vms.get(&vmid).cloned();
                 let (streak, since) = match (verdict, prev) {
-                    (Some(Verdict::BlockPathFrozen), Some(p)) if p.frozen_streak > 0 => (p.frozen_streak + 1, p.streak_since),
+                    (Some(Verdict::BlockPathFrozen), Some(p)) if p.frozen_streak > 0 => {
+                        (p.frozen_streak + 1, p.streak_since)
+                    }
                     (Some(Verdict::BlockPathFrozen), _) => (1, Some(now)),
                     _ => (0, None),
                 };
-                g.vms.insert(vmid, VmWatch { verdict, frozen_streak: streak, streak_since: since, checked_at: now, error });
+                g.vms.insert(
+                    vmid,
+                    VmWatch { verdict, frozen_streak: streak, streak_since: since, checked_at: now, error },
+                );
                 (streak, since)
             };
             if streak >= w.consecutive {
@@ -113,7 +118,10 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
                     let since = since.unwrap_or(now);
                     let origin = Origin {
                         kind: "watch".into(),
-                        reason: Some(format!("block-path-frozen for {streak} consecutive checks since {}", since.format("%Y-%m-%dT%H:%M:%SZ"))),
+                        reason: Some(format!(
+                            "block-path-frozen for {streak} consecutive checks since {}",
+                            since.format("%Y-%m-%dT%H:%M:%SZ")
+                        )),
                         labels: BTreeMap::new(),
                         annotations: BTreeMap::new(),
                         generator_url: None,
@@ -141,11 +149,12 @@ async fn check(settings: &crate::config::Settings, vmid: VmId) -> Result<Verdict
         command_line: vec!["wedge-autopsy".into(), "serve".into(), "watch".into()],
     };
     let (r, s) = (req.clone(), settings.clone());
-    let target = tokio::time::timeout(Duration::from_secs(15), tokio::task::spawn_blocking(move || autopsy::prepare(&r, &s)))
-        .await
-        .map_err(|_| "proving the process timed out".to_string())?
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let target =
+        tokio::time::timeout(Duration::from_secs(15), tokio::task::spawn_blocking(move || autopsy::prepare(&r, &s)))
+            .await
+            .map_err(|_| "proving the process timed out".to_string())?
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
     let cancel = crate::cancel::Cancel::new();
     let (d, _) = autopsy::diagnose_live(&req, settings, &target, &cancel).await.map_err(|e| e.to_string())?;
     Ok(d.verdict)

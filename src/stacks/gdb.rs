@@ -64,7 +64,11 @@ impl StackMethod for Gdb {
             text.extend_from_slice(b"\n--- gdb stderr ---\n");
             text.extend_from_slice(&out.stderr);
         }
-        let rel = if self.backtrace == "bt" { "stacks/gdb.txt".to_string() } else { format!("stacks/gdb-{}.txt", self.backtrace.replace(' ', "-")) };
+        let rel = if self.backtrace == "bt" {
+            "stacks/gdb.txt".to_string()
+        } else {
+            format!("stacks/gdb-{}.txt", self.backtrace.replace(' ', "-"))
+        };
         req.sink.write(&rel, &text).map_err(|e| StackError::Failed(e.to_string()))?;
         if out.cancelled {
             return Err(StackError::Interrupted);

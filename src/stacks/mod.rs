@@ -91,17 +91,12 @@ pub struct RestoreReport {
 /// them with SIGCONT, but only when nothing was stopped before (SIGCONT resumes the whole
 /// thread group, and a VM that someone else stopped must stay stopped). The identity
 /// of `pid` is re-checked by the caller-provided `still_target` just before signalling.
-pub fn restore_stopped(
-    pid: i32,
-    before: &ThreadStates,
-    still_target: &dyn Fn() -> bool,
-) -> RestoreReport {
+pub fn restore_stopped(pid: i32, before: &ThreadStates, still_target: &dyn Fn() -> bool) -> RestoreReport {
     let mut report = RestoreReport::default();
     // A tracer that just exited can leave a thread in `t` for a moment; give it a beat.
     let mut after = ThreadStates::read(pid).unwrap_or_default();
     for _ in 0..5 {
-        report.newly_stopped =
-            after.stopped().filter(|t| !matches!(before.0.get(t), Some('T' | 't'))).collect();
+        report.newly_stopped = after.stopped().filter(|t| !matches!(before.0.get(t), Some('T' | 't'))).collect();
         if report.newly_stopped.is_empty() {
             return report;
         }

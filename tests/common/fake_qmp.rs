@@ -86,8 +86,13 @@ pub fn canned(command: &str) -> Value {
             "rd_operations": 10, "wr_operations": 5, "flush_operations": 1, "rd_bytes": 40960, "wr_bytes": 20480,
             "wr_highest_offset": 4096, "idle_time_ns": 5_000_000_000u64, "failed_wr_operations": 0}}]),
         "qom-list" => json!([]),
-        "query-block" | "query-named-block-nodes" | "query-cpus-fast" | "query-iothreads" | "query-block-jobs"
-        | "query-jobs" | "query-chardev" => json!([]),
+        "query-block"
+        | "query-named-block-nodes"
+        | "query-cpus-fast"
+        | "query-iothreads"
+        | "query-block-jobs"
+        | "query-jobs"
+        | "query-chardev" => json!([]),
         _ => json!({}),
     }
 }

@@ -183,12 +183,7 @@ pub fn pid_alive(pid: i32) -> bool {
 
 pub fn proc_cmdline(pid: i32) -> Option<Vec<String>> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    Some(
-        raw.split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect(),
-    )
+    Some(raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
 }
 
 /// The value following `-pidfile` in `argv`, if any.
@@ -230,8 +225,7 @@ impl Qmp {
         if self.reader.read_line(&mut line)? == 0 {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QMP closed"));
         }
-        serde_json::from_str(&line)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
     /// Returns the `return` value; a QMP error becomes an `Err`.
@@ -328,8 +322,7 @@ impl Vm {
 
     /// The current, verified pid. Panics if the VM is not running.
     pub fn pid(&self) -> i32 {
-        self.try_pid()
-            .unwrap_or_else(|| panic!("VM {} is not running", self.vmid))
+        self.try_pid().unwrap_or_else(|| panic!("VM {} is not running", self.vmid))
     }
 
     pub fn is_alive(&self) -> bool {
@@ -443,10 +436,7 @@ impl Vm {
     pub fn kill(&self) {
         if let Some(pid) = self.try_pid() {
             sigkill(pid);
-            assert!(
-                wait_until(Duration::from_secs(10), || !pid_alive(pid)),
-                "pid {pid} survived SIGKILL"
-            );
+            assert!(wait_until(Duration::from_secs(10), || !pid_alive(pid)), "pid {pid} survived SIGKILL");
         }
     }
 }
@@ -466,10 +456,7 @@ fn fresh_root() -> tempfile::TempDir {
     // sun_path is 108 bytes: keep the socket paths short even with a long TMPDIR
     let base = std::env::temp_dir();
     let base = if base.as_os_str().len() > 40 { PathBuf::from("/tmp") } else { base };
-    tempfile::Builder::new()
-        .prefix("wlab-")
-        .tempdir_in(base)
-        .expect("create lab temp dir")
+    tempfile::Builder::new().prefix("wlab-").tempdir_in(base).expect("create lab temp dir")
 }
 
 impl Lab {
@@ -494,18 +481,15 @@ impl Lab {
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );
-        let up: Value = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("lab up printed {stdout:?}: {e}"));
+        let up: Value =
+            serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("lab up printed {stdout:?}: {e}"));
         let vm = Vm { lab_root: self.root.clone(), vmid: opts.vmid, up };
         self.vms.push(vm.clone());
         vm
     }
 
     pub fn vm(&self, vmid: u32) -> &Vm {
-        self.vms
-            .iter()
-            .find(|v| v.vmid == vmid)
-            .unwrap_or_else(|| panic!("no lab VM {vmid}"))
+        self.vms.iter().find(|v| v.vmid == vmid).unwrap_or_else(|| panic!("no lab VM {vmid}"))
     }
 
     pub fn vms(&self) -> &[Vm] {

@@ -189,7 +189,9 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
     let born = starttime(pid).ok_or(StackError::NoProcess(pid))?;
     let before = ThreadStates::read(pid).map_err(|_| StackError::NoProcess(pid))?;
     let maps_text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| match e.raw_os_error() {
-        Some(libc::EACCES) | Some(libc::EPERM) => StackError::Permission { pid, detail: format!("/proc/{pid}/maps: {e}") },
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            StackError::Permission { pid, detail: format!("/proc/{pid}/maps: {e}") }
+        }
         _ => StackError::NoProcess(pid),
     })?;
     let maps = modules::parse_maps(&maps_text);
@@ -283,7 +285,8 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
             Some(l) if l != &cap.comm => format!("{} [{l}]", cap.comm),
             _ => cap.comm.clone(),
         };
-        let capture = serde_json::to_value(cap.capture).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
+        let capture =
+            serde_json::to_value(cap.capture).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
         threads.push(ThreadReport {
             tid: cap.tid,
             name,

@@ -194,7 +194,11 @@ mod tests {
             freeze_us: 300,
             stopping_us: 200,
             total_us: 5000,
-            threads: vec![thread(8, same()), thread(9, vec![frame(0x7f00_0000_3000, Some("main"))]), thread(10, same())],
+            threads: vec![
+                thread(8, same()),
+                thread(9, vec![frame(0x7f00_0000_3000, Some("main"))]),
+                thread(10, same()),
+            ],
             modules: vec![],
             notes: vec![],
         };

@@ -94,7 +94,9 @@ enum TState {
     /// Seized and interrupted, stop not yet seen.
     Pending,
     /// In a ptrace stop; `sig` is to be re-injected on detach.
-    Stopped { sig: i32 },
+    Stopped {
+        sig: i32,
+    },
     Detached,
     Gone,
 }
@@ -364,7 +366,9 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
                 }
                 Err(e) => {
                     let c = caps.get_mut(&tid).unwrap();
-                    if e == libc::ESRCH || e == libc::EPERM && read_thread(pid, tid).is_none_or(|t| matches!(t.state, 'Z' | 'X')) {
+                    if e == libc::ESRCH
+                        || e == libc::EPERM && read_thread(pid, tid).is_none_or(|t| matches!(t.state, 'Z' | 'X'))
+                    {
                         c.capture = Capture::Vanished;
                         c.errors.push("exited before it could be seized".into());
                     } else {
@@ -447,7 +451,8 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
         (Some(a), Some(b)) => (b - a).as_micros() as u64,
         _ => 0,
     };
-    let pending: Vec<i32> = tracer.threads.iter().filter(|(_, (s, _))| *s == TState::Pending).map(|(t, _)| *t).collect();
+    let pending: Vec<i32> =
+        tracer.threads.iter().filter(|(_, (s, _))| *s == TState::Pending).map(|(t, _)| *t).collect();
     for tid in pending {
         let c = caps.get_mut(&tid).unwrap();
         c.capture = Capture::NotStopped;

@@ -91,7 +91,8 @@ impl SymbolTable {
     }
 
     fn name<'a>(s: &Sym, module: &'a Module) -> &'a str {
-        let bytes: &[u8] = if s.debug { module.debug.as_ref().map_or(&[][..], |d| &d.bytes) } else { &module.elf.bytes };
+        let bytes: &[u8] =
+            if s.debug { module.debug.as_ref().map_or(&[][..], |d| &d.bytes) } else { &module.elf.bytes };
         let tail = bytes.get(s.name as usize..).unwrap_or(&[]);
         let end = tail.iter().position(|b| *b == 0).unwrap_or(tail.len());
         std::str::from_utf8(&tail[..end]).unwrap_or("")
@@ -166,8 +167,16 @@ fn dwarf_context(elf: &Elf) -> Option<addr2line::Context<Reader<'_>>> {
     // What addr2line needs for names, lines and inlines; location lists, .debug_frame,
     // macros are never read, so never decompressed.
     const NEEDED: &[&str] = &[
-        ".debug_info", ".debug_abbrev", ".debug_line", ".debug_str", ".debug_line_str", ".debug_rnglists",
-        ".debug_ranges", ".debug_aranges", ".debug_addr", ".debug_str_offsets",
+        ".debug_info",
+        ".debug_abbrev",
+        ".debug_line",
+        ".debug_str",
+        ".debug_line_str",
+        ".debug_rnglists",
+        ".debug_ranges",
+        ".debug_aranges",
+        ".debug_addr",
+        ".debug_str_offsets",
     ];
     // Debian's debug files compress their DWARF (SHF_COMPRESSED); decompress once.
     let owned = elf.dwarf_owned.get_or_init(|| {
@@ -219,7 +228,11 @@ impl<'m> Symbolizer<'m> {
         let pos = match self.dwarf.iter().position(|(i, _)| *i == idx) {
             Some(p) => p,
             None => {
-                let elf = if module.elf.has_dwarf { Some(&module.elf) } else { module.debug.as_ref().filter(|d| d.has_dwarf) };
+                let elf = if module.elf.has_dwarf {
+                    Some(&module.elf)
+                } else {
+                    module.debug.as_ref().filter(|d| d.has_dwarf)
+                };
                 self.dwarf.push((idx, elf.and_then(dwarf_context)));
                 self.dwarf.len() - 1
             }

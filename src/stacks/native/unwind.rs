@@ -14,8 +14,8 @@
 //!   memory, or the depth cap.
 
 use gimli::{
-    BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult,
-    LittleEndian, Location, Register, RegisterRule, UnwindContext, UnwindSection, UnwindTableRow, Value,
+    BaseAddresses, CfaRule, DebugFrame, EhFrame, EhFrameHdr, EndianSlice, Evaluation, EvaluationResult, LittleEndian,
+    Location, Register, RegisterRule, UnwindContext, UnwindSection, UnwindTableRow, Value,
 };
 use serde::{Deserialize, Serialize};
 
@@ -293,7 +293,8 @@ fn apply_row(
     };
     let cfa = match row.cfa() {
         CfaRule::RegisterAndOffset { register, offset } => {
-            let base = regs.get(register.0 as usize).ok_or(End::CfiError(format!("CFA register {} unknown", register.0)))?;
+            let base =
+                regs.get(register.0 as usize).ok_or(End::CfiError(format!("CFA register {} unknown", register.0)))?;
             base.wrapping_add(*offset as u64)
         }
         CfaRule::Expression(e) => {
@@ -383,9 +384,9 @@ fn eval(
                 return match pieces.first().map(|p| &p.location) {
                     Some(Location::Address { address }) => Ok(Loc::Addr(*address)),
                     Some(Location::Value { value }) => Ok(Loc::Val(value.to_u64(u64::MAX).map_err(err)?)),
-                    Some(Location::Register { register }) => Ok(Loc::Val(
-                        regs.get(register.0 as usize).ok_or(End::CfiError("register unknown".into()))?,
-                    )),
+                    Some(Location::Register { register }) => {
+                        Ok(Loc::Val(regs.get(register.0 as usize).ok_or(End::CfiError("register unknown".into()))?))
+                    }
                     _ => Err(End::CfiError("unsupported expression result".into())),
                 };
             }
@@ -398,7 +399,8 @@ fn eval(
                 ev.resume_with_memory(Value::Generic(u64::from_le_bytes(b))).map_err(err)?
             }
             EvaluationResult::RequiresRegister { register, .. } => {
-                let v = regs.get(register.0 as usize).ok_or(End::CfiError(format!("register {} unknown", register.0)))?;
+                let v =
+                    regs.get(register.0 as usize).ok_or(End::CfiError(format!("register {} unknown", register.0)))?;
                 ev.resume_with_register(Value::Generic(v)).map_err(err)?
             }
             other => return Err(End::CfiError(format!("unsupported expression need: {other:?}"))),
