@@ -776,10 +776,12 @@ fn self_sigkill_leaves_nothing_the_next_run_does_not_clean() {
     let out = wait_output(child);
     assert_eq!(out.status.code(), None, "killed");
     assert!(out.stdout.is_empty());
+    // The staging dir, and the per-VM lock file whose flock died with the process.
     let left: Vec<String> = std::fs::read_dir(lab.out_dir())
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "locks")
         .collect();
     assert!(left.len() == 1 && left[0].starts_with('.') && left[0].ends_with(".staging"), "{left:?}");
     as_found(lab.pid(), &before);
@@ -882,14 +884,22 @@ fn run_out(lab: &Lab, out: &Path, extra: &[&str]) -> Output {
 }
 
 /// Fault: the output filesystem is full (a 256 KiB tmpfs).
-/// Outcome: sealing fails naming ENOSPC, exit 4; the half-written archive is removed, the unsealed staging dir is kept and named in the error (the next run removes it), the VM as found.
+/// Outcome: with the default `min_free` floor (1 GiB) the capture is refused before the VM is touched, exit 4, naming the floor; with the floor off, sealing fails naming ENOSPC, exit 4; the half-written archive is removed, the unsealed staging dir is kept and named in the error (the next run removes it), the VM as found.
 #[test]
 fn storage_output_full() {
     let lab = lab(241);
     let dir = lab.root().join("full");
     let Some(_m) = tmpfs(&dir, "256k") else { return };
     let before = lab.thread_states();
+    // The free-space floor refuses up front, before anything is captured.
     let out = run_out(&lab, &dir.join("out"), &["--sample-interval", "0"]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("below the min_free floor"), "{}", stderr(&out));
+    assert_eq!(lab.thread_states(), before, "refused before touching the VM");
+    // With the floor off, the disk fills up while sealing.
+    let cfg = lab.root().join("nofloor.toml");
+    std::fs::write(&cfg, "[retention]\nmin_free = \"0\"\n").unwrap();
+    let out = run_out(&lab, &dir.join("out"), &["--sample-interval", "0", "--config", cfg.to_str().unwrap()]);
     let json = json_of(&out);
     assert_eq!(out.status.code(), Some(4), "{}\n{json}", stderr(&out));
     assert_eq!(json["sealed"], false);
@@ -901,8 +911,10 @@ fn storage_output_full() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert!(!left.iter().any(|n| n.contains(".tar.zst")), "no half-written archive: {left:?}");
+    // Besides the kept staging dir, only the per-VM lock file (its flock died with the run).
+    let staging: Vec<&String> = left.iter().filter(|n| n.as_str() != "locks").collect();
     assert!(
-        left.len() == 1 && left[0].ends_with(".staging") && err.contains(&left[0]) && err.contains("kept"),
+        staging.len() == 1 && staging[0].ends_with(".staging") && err.contains(staging[0].as_str()) && err.contains("kept"),
         "unsealed files kept and named: {left:?}\n{err}"
     );
     as_found(lab.pid(), &before);
