@@ -149,30 +149,22 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         _ => Box::new(StderrLines::new()),
     };
     let lines = display.as_ref();
-    let slots = Semaphore::new(args.parallel as usize);
-    let results: Vec<(VmId, Result<autopsy::Outcome, Error>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = proven
-            .into_iter()
-            .map(|(vmid, target)| {
-                let (req, restart_req, slots, cancel, handle) =
-                    (req_for(vmid), restart_req.clone(), &slots, &cancel, rt.handle());
-                let run = scope.spawn(move || {
-                    let target = target?;
-                    let _slot = slots.acquire();
-                    let prefixed = autopsy::Prefixed { prefix: vmid.to_string(), inner: lines };
-                    let shown: &dyn autopsy::Progress = if several { &prefixed } else { lines };
-                    let traced = render::Traced { vmid: vmid.get() };
-                    let progress = render::Tee(shown, &traced);
-                    handle.block_on(autopsy::run_with_restart(&req, settings, target, restart_req, &progress, cancel))
-                });
-                (vmid, run)
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|(v, h)| (v, h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("capture thread panicked").into()))))
-            .collect()
-    });
+    let vmids_in_order: Vec<VmId> = proven.iter().map(|(v, _)| *v).collect();
+    let handle = rt.handle();
+    let outcomes = autopsy::run_bounded(
+        proven,
+        args.parallel as usize,
+        |(vmid, target): (VmId, Result<Target, Error>)| {
+            let (req, restart_req) = (req_for(vmid), restart_req.clone());
+            let prefixed = autopsy::Prefixed { prefix: vmid.to_string(), inner: lines };
+            let shown: &dyn autopsy::Progress = if several { &prefixed } else { lines };
+            let traced = render::Traced { vmid: vmid.get() };
+            let progress = render::Tee(shown, &traced);
+            handle.block_on(autopsy::run_with_restart(&req, settings, target?, restart_req, &progress, &cancel))
+        },
+        || Err(anyhow::anyhow!("capture thread panicked").into()),
+    );
+    let results: Vec<(VmId, Result<autopsy::Outcome, Error>)> = vmids_in_order.into_iter().zip(outcomes).collect();
     let mut worst = Exit::Ok;
     for (vmid, result) in &results {
         let code = match result {
@@ -208,35 +200,6 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         worst = worst.worse(code);
     }
     Ok(worst)
-}
-
-/// A counting semaphore for the capture threads (std only; the captures block).
-struct Semaphore {
-    free: std::sync::Mutex<usize>,
-    cv: std::sync::Condvar,
-}
-
-impl Semaphore {
-    fn new(n: usize) -> Self {
-        Semaphore { free: std::sync::Mutex::new(n), cv: std::sync::Condvar::new() }
-    }
-    fn acquire(&self) -> SemaphoreGuard<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        while *free == 0 {
-            free = self.cv.wait(free).unwrap_or_else(|e| e.into_inner());
-        }
-        *free -= 1;
-        SemaphoreGuard(self)
-    }
-}
-
-struct SemaphoreGuard<'a>(&'a Semaphore);
-
-impl Drop for SemaphoreGuard<'_> {
-    fn drop(&mut self) {
-        *self.0.free.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-        self.0.cv.notify_one();
-    }
 }
 
 fn restart_options(args: &AutopsyArgs) -> restart::Options {
@@ -284,10 +247,7 @@ fn diagnose_cmd(
             serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings})
         );
     } else {
-        println!("VM {vmid} (pid {}): {}", target.pid, d.verdict);
-        for f in &d.facts {
-            println!("  - {f}");
-        }
+        print!("{}", render::diagnose_text(vmid, target.pid, &d));
     }
     Ok(Exit::Verdict(d.verdict.exit_code()))
 }
@@ -346,24 +306,7 @@ fn audit_cmd(json: bool, settings: &Settings) -> Result<Exit, Error> {
         println!("{}", serde_json::to_string_pretty(&vms).map_err(anyhow::Error::from)?);
         return Ok(Exit::Ok);
     }
-    for vm in &vms {
-        let flags = vm.risks.len() + vm.unlike_neighbours.len() + vm.pending.len();
-        println!(
-            "VM {}{}: {}",
-            vm.vmid,
-            vm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default(),
-            if flags == 0 { "ok" } else { "flagged" }
-        );
-        for r in &vm.risks {
-            println!("  risk     {}", r.what);
-        }
-        for u in &vm.unlike_neighbours {
-            println!("  unlike   {u}");
-        }
-        for p in &vm.pending {
-            println!("  pending  {p} (applies only after a full stop→start)");
-        }
-    }
+    print!("{}", render::audit_text(&vms));
     Ok(Exit::Ok)
 }
 
@@ -435,22 +378,12 @@ fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&st
         println!("{}", serde_json::to_string_pretty(&reader.manifest).map_err(anyhow::Error::from)?);
         return Ok(Exit::Ok);
     }
-    let m = &reader.manifest;
-    match reader.read_string("summary.md") {
-        Some(md) => print!("{md}"),
-        None => println!(
-            "VM {} pid {} on {} (no summary.md in this archive)",
-            m.vmid.unwrap_or(0),
-            m.pid.unwrap_or(0),
-            m.host
-        ),
-    }
-    // The verdict is recomputed from the sealed evidence, with this version's rules.
-    let d = diagnose::diagnose(&reader, &m.steps, &diagnose::Rules::default());
-    println!("\nRecomputed from the archive: {}", d.verdict);
-    println!("\nFiles ({}):", m.files.len());
-    for f in &m.files {
-        println!("  {:>10}  {}  {}", f.size, &f.sha256[..12], f.path);
-    }
+    // Recomputed from the sealed evidence with the idle threshold the run used.
+    let min_idle_secs = reader
+        .read_json("summary.json")
+        .and_then(|v| v["min_idle_secs"].as_f64())
+        .unwrap_or(diagnose::DEFAULT_MIN_IDLE_SECS);
+    let d = diagnose::diagnose(&reader, &reader.manifest.steps, &diagnose::Rules { min_idle_secs });
+    print!("{}", render::inspect_text(&reader, &d));
     Ok(Exit::Ok)
 }

@@ -68,6 +68,12 @@ fn wedged_block_path() {
     assert_eq!(again, sealed, "recomputed from the archive");
     let md = ar.read_string("summary.md").unwrap();
     assert!(md.contains("## Verdict: block-path-frozen"), "{md}");
+    // `inspect` recomputes with the idle threshold the run used (1 s here, not 30 s).
+    let out = run_bounded(common::tool().arg("inspect").arg(&ar.path).arg("--verify"), T);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text.starts_with("verified: "), "{text}");
+    assert!(text.contains("Recomputed from the archive: block-path-frozen"), "{text}");
     assert!(md.contains("scsihw lsi"), "risk stack in the summary: {md}");
 }
 

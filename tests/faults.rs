@@ -914,7 +914,10 @@ fn storage_output_full() {
     // Besides the kept staging dir, only the per-VM lock file (its flock died with the run).
     let staging: Vec<&String> = left.iter().filter(|n| n.as_str() != "locks").collect();
     assert!(
-        staging.len() == 1 && staging[0].ends_with(".staging") && err.contains(staging[0].as_str()) && err.contains("kept"),
+        staging.len() == 1
+            && staging[0].ends_with(".staging")
+            && err.contains(staging[0].as_str())
+            && err.contains("kept"),
         "unsealed files kept and named: {left:?}\n{err}"
     );
     as_found(lab.pid(), &before);

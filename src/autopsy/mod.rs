@@ -8,6 +8,7 @@
 //! SIGTERM and SIGHUP stop the run, mark what did not finish as interrupted, and seal.
 
 mod outcome;
+mod parallel;
 mod progress;
 mod qmp_lane;
 mod steps;
@@ -18,6 +19,7 @@ use chrono::Utc;
 use serde::Serialize;
 
 pub use outcome::{run_with_restart, Outcome};
+pub use parallel::run_bounded;
 pub use progress::{Prefixed, Progress, Silent};
 
 use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
@@ -234,6 +236,7 @@ pub async fn run(
         ended_at: manifest.ended_at,
         utc_offset: manifest.utc_offset.clone(),
         diagnosis: diagnosis.clone(),
+        min_idle_secs: settings.min_idle.as_secs_f64(),
         steps: manifest.steps.clone(),
         archive: None,
         restart: None,

@@ -138,3 +138,54 @@ pub fn autopsy_json(r: &Report) -> serde_json::Value {
         })).collect::<Vec<_>>(),
     })
 }
+
+/// `diagnose` as text: the verdict, then its facts.
+pub fn diagnose_text(vmid: crate::target::VmId, pid: i32, d: &crate::diagnose::Diagnosis) -> String {
+    let mut o = format!("VM {vmid} (pid {pid}): {}\n", d.verdict);
+    for f in &d.facts {
+        o.push_str(&format!("  - {f}\n"));
+    }
+    o
+}
+
+/// `audit` as text: one block per VM, what flags it and what to do about pending changes.
+pub fn audit_text(vms: &[crate::diagnose::audit::VmAudit]) -> String {
+    let mut o = String::new();
+    for vm in vms {
+        let flags = vm.risks.len() + vm.unlike_neighbours.len() + vm.pending.len();
+        let name = vm.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default();
+        o.push_str(&format!("VM {}{name}: {}\n", vm.vmid, if flags == 0 { "ok" } else { "flagged" }));
+        for r in &vm.risks {
+            o.push_str(&format!("  risk     {}\n", r.what));
+        }
+        for u in &vm.unlike_neighbours {
+            o.push_str(&format!("  unlike   {u}\n"));
+        }
+        for p in &vm.pending {
+            o.push_str(&format!("  pending  {p} (applies only after a full stop→start)\n"));
+        }
+    }
+    o
+}
+
+/// `inspect` as text: the sealed summary, the verdict recomputed from the evidence, and
+/// every file with the start of its hash.
+pub fn inspect_text(reader: &crate::archive::ArchiveReader, recomputed: &crate::diagnose::Diagnosis) -> String {
+    use crate::archive::Evidence;
+    let m = &reader.manifest;
+    let mut o = match reader.read_string("summary.md") {
+        Some(md) => md,
+        None => format!(
+            "VM {} pid {} on {} (no summary.md in this archive)\n",
+            m.vmid.unwrap_or(0),
+            m.pid.unwrap_or(0),
+            m.host
+        ),
+    };
+    o.push_str(&format!("\nRecomputed from the archive: {}\n", recomputed.verdict));
+    o.push_str(&format!("\nFiles ({}):\n", m.files.len()));
+    for f in &m.files {
+        o.push_str(&format!("  {:>10}  {}  {}\n", f.size, &f.sha256[..12.min(f.sha256.len())], f.path));
+    }
+    o
+}

@@ -22,6 +22,8 @@ pub struct Summary {
     pub ended_at: DateTime<Utc>,
     pub utc_offset: String,
     pub diagnosis: Diagnosis,
+    /// The idle threshold the verdict used, so `inspect` recomputes it with the same rule.
+    pub min_idle_secs: f64,
     pub steps: Vec<StepRecord>,
     /// Known only after sealing; absent from the copy inside the archive.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -244,6 +246,7 @@ mod tests {
                     ..Default::default()
                 },
             },
+            min_idle_secs: 30.0,
             steps: vec![
                 step("qmp-status", StepStatus::Ok, 1, None),
                 step("qmp-block", StepStatus::Timeout, 4000, Some("did not finish | abandoned")),
