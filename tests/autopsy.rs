@@ -150,7 +150,7 @@ fn healthy_vm_seals_ok_and_progress_ends_with_archive() {
     let err = stderr(&out);
     let last = err.lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>();
     assert!(
-        last[last.len() - 2].contains(json["archive"].as_str().unwrap()),
+        last[last.len() - 1].contains(json["archive"].as_str().unwrap()),
         "progress ends with the archive path:\n{err}"
     );
     assert!(err.lines().any(|l| l.contains("proc") && l.contains("ok")), "one line per step:\n{err}");

@@ -143,7 +143,7 @@ impl Progress for LiveSteps {
                     &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)),
                     &[],
                 );
-                self.line(format!("\narchive {}\nsha256  {}", s.path.display(), s.sha256));
+                self.line(format!("\nsha256  {}\narchive {}", s.sha256, s.path.display()));
             }
             None => self.finish("seal", "failed", Some(false), took, error.unwrap_or("unknown error"), &[]),
         }

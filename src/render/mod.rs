@@ -50,8 +50,9 @@ impl Progress for StderrLines {
                     s.files,
                     s.size
                 ));
-                self.line(&format!("archive {}", s.path.display()));
+                // The archive path is the last line, for scripts that take it from there.
                 self.line(&format!("sha256  {}", s.sha256));
+                self.line(&format!("archive {}", s.path.display()));
             }
             (None, e) => self.line(&format!(
                 "{:<24} {:<11} {:>6} ms  {}",
