@@ -140,15 +140,16 @@ pub fn parse_syscall(text: &str) -> Option<Syscall> {
     }
 }
 
-fn read_capped(path: &Path) -> std::io::Result<Vec<u8>> {
+/// Reads at most `cap` bytes of `path`: a file that keeps growing cannot exhaust memory.
+pub(crate) fn read_capped(path: &Path, cap: u64) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    std::fs::File::open(path)?.take(MAX_FILE).read_to_end(&mut buf)?;
+    std::fs::File::open(path)?.take(cap).read_to_end(&mut buf)?;
     Ok(buf)
 }
 
 /// Copies `src` to archive path `rel`; a failure becomes a note. Returns whether it worked.
 fn copy_into(sink: &StepSink, src: &Path, rel: &str) -> bool {
-    match read_capped(src) {
+    match read_capped(src, MAX_FILE) {
         Ok(bytes) => match sink.write(rel, &bytes) {
             Ok(()) => true,
             Err(e) => {
@@ -178,7 +179,7 @@ pub fn capture_process(pid: i32, sink: &StepSink, cancel: &Cancel) -> Result<Str
         copy_into(sink, Path::new(&format!("{base}/{name}")), &format!("proc/{name}"));
     }
     // environ: values of secret-looking keys redacted.
-    match read_capped(Path::new(&format!("{base}/environ"))) {
+    match read_capped(Path::new(&format!("{base}/environ")), MAX_FILE) {
         Ok(raw) => {
             let text = redact::environ(&split_nul(&raw));
             if let Err(e) = sink.write("proc/environ", text.as_bytes()) {

@@ -202,7 +202,7 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
 
 fn file_step(path: &Template, output: &Template, redact: &[String], vars: &Vars, sink: &StepSink) -> StepOutcome {
     let src = path.render(vars);
-    let text = match read_capped(&src, 16 << 20) {
+    let text = match crate::procfs::read_capped(std::path::Path::new(&src), 16 << 20) {
         Ok(t) => t,
         Err(e) => return StepOutcome::Failed(format!("cannot read {src}: {e}")),
     };
@@ -211,13 +211,6 @@ fn file_step(path: &Template, output: &Template, redact: &[String], vars: &Vars,
         Ok(()) => StepOutcome::Ok,
         Err(e) => StepOutcome::Failed(e.to_string()),
     }
-}
-
-fn read_capped(path: &str, cap: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    std::fs::File::open(path)?.take(cap).read_to_end(&mut buf)?;
-    Ok(buf)
 }
 
 fn command_step(
