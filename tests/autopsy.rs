@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{run_bounded, Lab, LabOptions};
+use common::{run_bounded, tracer_pid, Lab, LabOptions};
 use serde_json::Value;
 use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 
@@ -51,11 +51,6 @@ fn no_thread_left_stopped(before: &BTreeMap<i32, char>, after: &BTreeMap<i32, ch
             );
         }
     }
-}
-
-fn tracer_pid(pid: i32) -> i32 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap().trim().parse().unwrap()
 }
 
 #[test]

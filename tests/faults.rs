@@ -17,7 +17,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::fake_qmp::{Act, FakeQmp, Script};
-use common::{run_bounded, wait_until, Lab, LabOptions};
+use common::{run_bounded, tracer_pid, wait_until, Lab, LabOptions};
 use serde_json::Value;
 use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 
@@ -54,11 +54,6 @@ fn sealed(json: &Value) -> ArchiveReader {
     let report = archive::verify(&path).expect("archive verifies");
     assert_eq!(json["sha256"].as_str().unwrap(), report.sha256);
     ArchiveReader::open(&path).unwrap()
-}
-
-fn tracer_pid(pid: i32) -> i32 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap().trim().parse().unwrap()
 }
 
 fn thread_states(pid: i32) -> BTreeMap<i32, char> {

@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Lab, LabOptions};
+use common::{tracer_pid, wait_until, Lab, LabOptions};
 use serde_json::{json, Value};
 use wedge_autopsy::archive::{self, ArchiveReader};
 
@@ -277,10 +277,6 @@ fn archives(out: &Path) -> Vec<PathBuf> {
 fn proc_kib(pid: i32, key: &str) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
-}
-
-fn tracer_pid(pid: i32) -> i32 {
-    proc_kib(pid, "TracerPid:") as i32
 }
 
 fn sleeping_command_running(argv: &[&str]) -> bool {
