@@ -275,7 +275,9 @@ fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Ex
         StacksArg::Gdb => {
             let dir = std::env::temp_dir().join(format!("wedge-autopsy-stacks-{}", std::process::id()));
             let sink = wedge_autopsy::step::StepSink::new(&dir);
-            let before = stacks::ThreadStates::read(pid).map_err(|e| Error::BadInput(format!("pid {pid}: {e}")))?;
+            if stacks::ThreadStates::read(pid).is_err() {
+                return Err(Error::BadInput(format!("pid {pid} does not exist: check it with `ps -p {pid}`")));
+            }
             let req = stacks::StackRequest {
                 pid,
                 sink: &sink,
@@ -283,13 +285,10 @@ fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Ex
                 cancel: &cancel,
                 labels: Default::default(),
             };
-            let result = stacks::gdb::Gdb::default().capture(&req);
-            let restore = stacks::restore_stopped(pid, &before, &|| true);
-            if !restore.newly_stopped.is_empty() {
-                eprintln!(
-                    "wedge-autopsy: threads {:?} were left stopped by gdb; resumed: {}",
-                    restore.newly_stopped, restore.resumed
-                );
+            let (result, restore) =
+                stacks::leaving_as_found(pid, &|| true, || stacks::gdb::Gdb::default().capture(&req));
+            for n in restore.notes("gdb") {
+                eprintln!("wedge-autopsy: {n}");
             }
             let text = std::fs::read_to_string(dir.join("stacks/gdb.txt")).unwrap_or_default();
             let _ = std::fs::remove_dir_all(&dir);

@@ -15,7 +15,7 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::exec::{self, ExecError, Spec};
 use crate::runbook::{Step, StepKind, Template, Vars};
-use crate::stacks::{self, StackError, StackRequest, ThreadStates};
+use crate::stacks::{self, StackError, StackRequest};
 use crate::step::{StepOutcome, StepRecord, StepSink, StepStatus};
 use crate::target::Target;
 
@@ -295,8 +295,25 @@ fn stacks_step(
     if !target.still_same() {
         return StepOutcome::Failed(format!("pid {} is no longer VM {}'s QEMU; not traced", target.pid, target.vmid));
     }
-    let before = ThreadStates::read(target.pid).unwrap_or_default();
     let req = StackRequest { pid: target.pid, sink, deadline, cancel, labels };
+    let (outcome, restore) = stacks::leaving_as_found(target.pid, &|| target.still_same(), || {
+        run_methods(methods, backtrace, &req, deadline, sink, cancel)
+    });
+    for n in restore.notes("the stack method") {
+        sink.note(n);
+    }
+    outcome
+}
+
+/// The stack methods in order until one works.
+fn run_methods(
+    methods: &[String],
+    backtrace: &str,
+    req: &StackRequest<'_>,
+    deadline: Instant,
+    sink: &StepSink,
+    cancel: &Cancel,
+) -> StepOutcome {
     let mut outcome = StepOutcome::Failed("no stack method ran".into());
     for name in methods {
         let method: Option<Box<dyn stacks::StackMethod>> = if name == "gdb" {
@@ -308,7 +325,7 @@ fn stacks_step(
             sink.note(format!("stack method {name} is not available in this build"));
             continue;
         };
-        match method.capture(&req) {
+        match method.capture(req) {
             Ok(summary) => {
                 sink.note(format!("{name}: {summary}"));
                 outcome = StepOutcome::Ok;
@@ -330,17 +347,6 @@ fn stacks_step(
                 }
             }
         }
-    }
-    let restore = stacks::restore_stopped(target.pid, &before, &|| target.still_same());
-    if !restore.newly_stopped.is_empty() {
-        sink.note(format!(
-            "threads {:?} were left stopped by the stack method; {}",
-            restore.newly_stopped,
-            if restore.resumed { "resumed with SIGCONT" } else { "NOT resumed" }
-        ));
-    }
-    if let Some(e) = restore.error {
-        sink.note(e);
     }
     outcome
 }
@@ -380,7 +386,6 @@ fn core_step(
         Ok(p) => p,
         Err(e) => return StepOutcome::Failed(e.to_string()),
     };
-    let before = ThreadStates::read(target.pid).unwrap_or_default();
     let argv = vec![
         "gdb".to_string(),
         "-p".into(),
@@ -393,10 +398,9 @@ fn core_step(
         format!("gcore {}", path.display()),
     ];
     let spec = Spec::new(argv, deadline.saturating_duration_since(Instant::now()));
-    let out = exec::run(&spec, cancel);
-    let restore = stacks::restore_stopped(target.pid, &before, &|| target.still_same());
-    if !restore.newly_stopped.is_empty() {
-        sink.note(format!("threads {:?} left stopped by gdb; resumed: {}", restore.newly_stopped, restore.resumed));
+    let (out, restore) = stacks::leaving_as_found(target.pid, &|| target.still_same(), || exec::run(&spec, cancel));
+    for n in restore.notes("gdb") {
+        sink.note(n);
     }
     match out {
         Err(ExecError::NotFound(_)) => StepOutcome::Skipped("gdb is not installed (apt install gdb)".into()),

@@ -87,6 +87,28 @@ pub struct RestoreReport {
     pub error: Option<String>,
 }
 
+impl RestoreReport {
+    /// What happened, for a step's notes: nothing when every thread was as found.
+    pub fn notes(&self, who: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.newly_stopped.is_empty() {
+            let what = if self.resumed { "resumed with SIGCONT" } else { "NOT resumed" };
+            out.push(format!("threads {:?} were left stopped by {who}; {what}", self.newly_stopped));
+        }
+        out.extend(self.error.clone());
+        out
+    }
+}
+
+/// Runs `f` (anything that may stop the target's threads: a stack method, gdb) between
+/// a reading of the thread states and [`restore_stopped`], so every caller leaves the
+/// VM as it found it the same way.
+pub fn leaving_as_found<T>(pid: i32, still_target: &dyn Fn() -> bool, f: impl FnOnce() -> T) -> (T, RestoreReport) {
+    let before = ThreadStates::read(pid).unwrap_or_default();
+    let result = f();
+    (result, restore_stopped(pid, &before, still_target))
+}
+
 /// After a method ran: finds threads left stopped that were running before and resumes
 /// them with SIGCONT, but only when nothing was stopped before (SIGCONT resumes the whole
 /// thread group, and a VM that someone else stopped must stay stopped). The identity
