@@ -111,7 +111,14 @@ fn guest_modes_on_each_controller() {
                     std::thread::sleep(Duration::from_millis(1500));
                     let b = request_queue(vm, &mut q);
                     for s in [a, b] {
-                        assert_eq!(s.inuse, 0, "VM {} ({:?} {:?}): nothing in flight: {s:?}", vm.vmid(), g.controller, g.mode);
+                        assert_eq!(
+                            s.inuse,
+                            0,
+                            "VM {} ({:?} {:?}): nothing in flight: {s:?}",
+                            vm.vmid(),
+                            g.controller,
+                            g.mode
+                        );
                         assert_eq!(s.last_avail, s.used, "VM {}: {s:?}", vm.vmid());
                         assert_eq!(s.shadow_avail, s.last_avail, "VM {}: nothing posted unpopped: {s:?}", vm.vmid());
                     }
@@ -141,30 +148,57 @@ fn guest_modes_on_each_controller() {
 }
 
 /// The three wedge kinds on virtio-scsi-single: the guest's write stays in
-/// flight (inuse >= 1, used-idx frozen) while QMP answers; below QEMU a
-/// worker thread sits in a write syscall waiting on FUSE.
+/// flight (inuse >= 1, used-idx frozen) while QMP answers. Below QEMU with
+/// aio=threads a pool worker sits in a write syscall waiting on FUSE; with
+/// aio=io_uring (Proxmox's default) no thread waits, and the write is an
+/// io_uring request the kernel took and never completed.
 #[test]
 fn wedged_guest_writes_stay_in_flight_on_virtio_scsi_single() {
-    let kinds = [WedgeKind::Inside, WedgeKind::Nbd, WedgeKind::Below];
-    let specs = kinds
+    let cases = [
+        (WedgeKind::Inside, "threads"),
+        (WedgeKind::Nbd, "threads"),
+        (WedgeKind::Below, "threads"),
+        (WedgeKind::Below, "io_uring"),
+    ];
+    let specs = cases
         .iter()
         .enumerate()
-        .map(|(i, k)| GuestSpec {
+        .map(|(i, (k, aio))| GuestSpec {
             vmid: 500 + i as u32,
             mode: GuestMode::Steady,
             backend: k.backend(),
-            // aio=threads: a pool worker, not an io_uring kernel worker, does the write
-            aio: "threads".into(),
+            aio: aio.to_string(),
             ..GuestSpec::default()
         })
         .collect();
     let lab = Lab::up_guests(specs);
-    for (vm, kind) in lab.vms().iter().zip(kinds) {
+    // up_guests keeps the order of the specs
+    for (vm, (kind, _)) in lab.vms().iter().zip(cases) {
         assert_eq!(vm.guest().backend, kind.backend());
         let r = vm.wedge_guest(kind);
         assert_eq!(r["wedged"], true, "lab wedge --how {}: {r}", kind.arg());
         assert_stuck(vm, kind);
     }
+}
+
+/// (fd, SqHead - CqTail) of every io_uring of pid, from /proc/PID/fdinfo.
+fn io_uring_in_flight(pid: i32) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let is_ring = std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"));
+        if !is_ring {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        let field = |k: &str| -> Option<u64> {
+            info.lines().find_map(|l| l.strip_prefix(k)?.strip_prefix(':')?.trim().parse().ok())
+        };
+        if let (Some(sq_head), Some(cq_tail)) = (field("SqHead"), field("CqTail")) {
+            out.push((fd, sq_head.wrapping_sub(cq_tail) & 0xffff_ffff));
+        }
+    }
+    out
 }
 
 fn assert_stuck(vm: &Vm, kind: WedgeKind) {
@@ -182,10 +216,20 @@ fn assert_stuck(vm: &Vm, kind: WedgeKind) {
     assert_eq!(ops_a, ops_b, "VM {} ({kind:?}): no write completes", vm.vmid());
     assert_eq!(q.execute("query-status", None).unwrap()["status"], "running");
     let workers = fuse_writers(vm.pid());
-    if kind == WedgeKind::Below {
-        assert!(!workers.is_empty(), "VM {}: a QEMU thread blocked in a FUSE write", vm.vmid());
-    } else {
-        assert!(workers.is_empty(), "VM {} ({kind:?}): no thread in a FUSE write: {workers:?}", vm.vmid());
+    let rings = io_uring_in_flight(vm.pid());
+    match (kind, vm.guest().aio.as_str()) {
+        (WedgeKind::Below, "threads") => {
+            assert!(!workers.is_empty(), "VM {}: a QEMU thread blocked in a FUSE write", vm.vmid())
+        }
+        (WedgeKind::Below, _) => {
+            assert!(workers.is_empty(), "VM {}: io_uring: no thread blocks: {workers:?}", vm.vmid());
+            assert!(
+                rings.iter().any(|(_, n)| *n >= 1),
+                "VM {}: an io_uring request taken and not completed: {rings:?}",
+                vm.vmid()
+            );
+        }
+        _ => assert!(workers.is_empty(), "VM {} ({kind:?}): no thread in a FUSE write: {workers:?}", vm.vmid()),
     }
 }
 

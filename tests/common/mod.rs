@@ -750,8 +750,9 @@ impl Lab {
     }
 
     /// A fresh root with several guests, all booting at once (each `lab up`
-    /// runs in parallel; TCG boots dominate the wall time). Panics naming the
-    /// first guest that did not come up; the `Lab` then still cleans up.
+    /// runs in parallel; TCG boots dominate the wall time), kept in the order
+    /// given. Panics naming each guest that did not come up; the `Lab` still
+    /// cleans up what did.
     pub fn up_guests(specs: Vec<GuestSpec>) -> Lab {
         let dir = fresh_root();
         let root = dir.path().to_path_buf();
