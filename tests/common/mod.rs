@@ -64,6 +64,10 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
+    /// `agent: 1` and a `<vmid>.qga` socket nobody answers on (`lab up --agent`)
+    pub agent: bool,
+    /// the QEMU binary to run (`LAB_QEMU`); `None` = qemu-system-x86_64 on PATH
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -80,6 +84,8 @@ impl Default for LabOptions {
             node: None,
             extra_conf: Vec::new(),
             libvirt: false,
+            agent: false,
+            qemu: None,
         }
     }
 }
@@ -107,6 +113,9 @@ impl LabOptions {
         }
         if self.libvirt {
             a.push("--libvirt".into());
+        }
+        if self.agent {
+            a.push("--agent".into());
         }
         if let Some(n) = &self.node {
             a.push("--node".into());
@@ -479,6 +488,9 @@ impl Lab {
     pub fn add_vm(&mut self, opts: LabOptions) -> Vm {
         let mut cmd = Command::new("python3");
         cmd.arg(lab_script()).arg("up").arg("--root").arg(&self.root).args(opts.up_args());
+        if let Some(q) = &opts.qemu {
+            cmd.env("LAB_QEMU", q);
+        }
         let out = run_bounded(&mut cmd, LAB_CMD_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
