@@ -224,10 +224,13 @@ fn hanging_qm_stop_is_killed_then_the_proven_qemu_is_sigkilled() {
 
 /// Makes the next process forked in this pid namespace get `pid` (needs root), by
 /// setting ns_last_pid and spawning; retries because other processes fork too.
+/// Fails the test naming the missing capability when ns_last_pid is not writable.
 fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     for _ in 0..200 {
-        if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
-            return None;
+        if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)) {
+            panic!(
+                "cannot write /proc/sys/kernel/ns_last_pid ({e}): this test needs root in the initial pid namespace"
+            );
         }
         let mut c = Command::new("sleep");
         c.arg("600");
@@ -267,30 +270,25 @@ fn pid_reused_between_seal_and_kill_is_not_signalled() {
     // The old QEMU dies on its own; another process takes its pid (when the kernel lets
     // us) and the pidfile names that process.
     lab.kill();
-    let reaped = wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{old}")).exists());
-    let impostor = reaped.then(|| spawn_with_pid(&lab, old)).flatten();
-    let reused = impostor.is_some();
-    let impostor = impostor.unwrap_or_else(|| {
-        eprintln!("could not make pid {old} reused (reaped: {reaped}); the impostor gets another pid");
-        let mut c = Command::new("sleep");
-        c.arg("600");
-        lab.spawn(&mut c) as i32
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{old}")).exists()),
+        "old QEMU pid {old} was never reaped, so it cannot be reused"
+    );
+    let impostor = spawn_with_pid(&lab, old)
+        .unwrap_or_else(|| panic!("no process could be made to take over pid {old} within 200 forks"));
     std::fs::write(lab.pidfile(), format!("{impostor}\n")).unwrap();
     std::fs::write(format!("{}.go", hook.display()), "").unwrap();
 
     let status = lab.wait_spawned(tool_pid, RUN_TIMEOUT).expect("tool finished");
     let json: Value = serde_json::from_slice(&std::fs::read(&stdout_path).unwrap()).unwrap();
     let r = &json["restart"];
-    eprintln!("pid reused: {reused}; restart: {}", serde_json::to_string_pretty(r).unwrap());
+    eprintln!("restart: {}", serde_json::to_string_pretty(r).unwrap());
     assert_eq!(common::proc_state(impostor), Some('S'), "the process now behind pid {old} survived");
     assert_eq!(r["escalated"], false, "nothing was killed: {r:#}");
     assert_eq!(action(r, "test-hook")["ok"], true, "the hook is visible in the record");
-    if reused {
-        assert_eq!(impostor, old);
-        let kill = action(r, "kill");
-        assert!(kill["detail"].as_str().unwrap().contains("not signalled"), "{kill}");
-    }
+    assert_eq!(impostor, old);
+    let kill = action(r, "kill");
+    assert!(kill["detail"].as_str().unwrap().contains("not signalled"), "{kill}");
     // The old QEMU is gone, so the start went ahead and produced a proven new one.
     assert_eq!(status.code(), Some(0), "{r:#}");
     assert_eq!(r["performed"], true);
