@@ -699,3 +699,11 @@ impl Drop for Lab {
         }
     }
 }
+
+/// Whether any live process has exactly this argv.
+pub fn proc_cmdline_exists(argv: &[&str]) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        let pid = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
+        pid_alive(pid) && proc_cmdline(pid).is_some_and(|a| a == argv)
+    })
+}
