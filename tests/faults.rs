@@ -360,7 +360,7 @@ fn qmp_garbage_bytes() {
 
 /// Fault: a reply line larger than the 8 MiB reply cap.
 /// Stand-in: a scripted QMP socket in front of a real lab QEMU.
-/// Outcome: the scripted fault fired; exit 1; sealed; the archive verifies (every hash, the sidecar); proc and stacks ok; nothing sent after the fault; while the tool still held the VM (a step after stacks, before the seal) every thread untraced and none newly stopped; after exit every VM thread as found (none newly stopped, TracerPid 0); earlier QMP steps ok; qmp-block failed as too large; no reply sealed for it; the transcript stays under 1 MiB.
+/// Outcome: the scripted fault fired; exit 1; sealed; the archive verifies (every hash, the sidecar); proc and stacks ok; nothing sent after the fault; while the tool still held the VM (a step after stacks, before the seal) every thread untraced and none newly stopped; after exit every VM thread as found (none newly stopped, TracerPid 0); qmp-status (before the fault) ok; the second blockstats sample, due after the fault, failed without being sent; qmp-block failed as too large; no reply sealed for it; the transcript stays under 1 MiB.
 #[test]
 fn qmp_reply_over_cap() {
     let script = Script {
@@ -376,10 +376,12 @@ fn qmp_reply_over_cap() {
     let before = lab.thread_states();
     let (out, json) = run_qmp_fault(&lab);
     let ar = qmp_fault_common(&lab, &fake, &before, &out, &json);
+    claim!("qmp-status (before the fault) ok", status(&json, "qmp-status") == "ok", "{json}");
     claim!(
-        "earlier QMP steps ok",
-        status(&json, "qmp-status") == "ok" && status(&json, "qmp-blockstats") == "ok",
-        "{json}"
+        "the second blockstats sample, due after the fault, failed without being sent",
+        status(&json, "qmp-blockstats") == "failed" && err_of(&json, "qmp-blockstats").contains("not sent"),
+        "{}",
+        err_of(&json, "qmp-blockstats")
     );
     claim!(
         "qmp-block failed as too large",
@@ -793,9 +795,11 @@ fn fake_bin(lab: &Lab, tools: &[(&str, &str)]) -> PathBuf {
     dir
 }
 
-/// A gdb that does what a wedged gdb does: stops the whole process, then hangs.
-const HANGING_GDB: &str = r#"while [ $# -gt 0 ]; do [ "$1" = "-p" ] && kill -STOP "$2"; shift; done
-exec sleep 600"#;
+/// A gdb that does what a wedged gdb does: stops the whole process, then hangs (in a
+/// `sleep 600.<tag>` of its own, so a test can tell its gdb from another test's).
+fn hanging_gdb(tag: u32) -> String {
+    format!("while [ $# -gt 0 ]; do [ \"$1\" = \"-p\" ] && kill -STOP \"$2\"; shift; done\nexec sleep 600.{tag}")
+}
 
 /// Fault: gdb hangs after stopping every thread of the target (fake `gdb` first on PATH).
 /// Stand-in: a fake `gdb` (a script) in front of a real lab QEMU.
@@ -803,7 +807,7 @@ exec sleep 600"#;
 #[test]
 fn tool_gdb_hangs() {
     let lab = lab(221);
-    let bin = fake_bin(&lab, &[("gdb", HANGING_GDB)]);
+    let bin = fake_bin(&lab, &[("gdb", &hanging_gdb(221))]);
     let steps = format!(
         "[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"stacks\"\nkind = \"stacks\"\nmethods = [\"gdb\"]\ntimeout = \"4s\"\n\n{}",
         check_step("during")
@@ -825,11 +829,7 @@ fn tool_gdb_hangs() {
     claim!("the threads gdb stopped resumed and that noted", notes.contains("resumed"), "{notes}");
     claim!(
         "gdb's process group killed",
-        !std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .any(|e| common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
-                .is_some_and(|a| a == ["sleep", "600"]))
+        wait_until(Duration::from_secs(5), || !common::proc_cmdline_exists(&["sleep", "600.221"]))
     );
     as_found_during(&ar, "during", &before);
     as_found(pid, &before);
@@ -964,7 +964,7 @@ fn self_sigint_during_sampling() {
 #[test]
 fn self_sigterm_during_gdb() {
     let lab = lab(233);
-    let bin = fake_bin(&lab, &[("gdb", HANGING_GDB)]);
+    let bin = fake_bin(&lab, &[("gdb", &hanging_gdb(233))]);
     let pid = lab.pid();
     let before = thread_states(pid);
     let child = spawn_tool(&lab, &["233", "--json", "--stacks", "gdb", "--sample-interval", "0"], Some(&bin));

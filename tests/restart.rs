@@ -28,9 +28,10 @@ fn config(lab: &Lab, restart_extra: &str) -> PathBuf {
     std::fs::write(
         &p,
         format!(
-            "qm = {:?}\n\n[restart]\nha_manager = {:?}\nverify_timeout = \"30s\"\n{restart_extra}\n",
+            "qm = {:?}\n\n[restart]\nha_manager = {:?}\n{}{restart_extra}\n",
             support.join("qm").display().to_string(),
-            support.join("ha-manager").display().to_string()
+            support.join("ha-manager").display().to_string(),
+            if restart_extra.contains("verify_timeout") { "" } else { "verify_timeout = \"30s\"\n" }
         ),
     )
     .unwrap();
