@@ -644,7 +644,7 @@ fn old_qemu_that_can_no_longer_be_proven_is_not_killed() {
 fn command_cfg(lab: &Lab, start: &[&str], extra: &str) -> PathBuf {
     let qm = common::qm_path().display().to_string();
     config(
-        &lab,
+        lab,
         &format!(
             "method = \"command\"\ncooldown = \"0\"\nstop = [{qm:?}, \"stop\", \"{{vmid}}\", \"--timeout\", \"5\"]\nstart = {}\n{extra}",
             serde_json::to_string(start).unwrap()
