@@ -597,7 +597,10 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
 fn abuse_thousand_deliveries_with_huge_fields_keep_memory_flat() {
     let lab = Lab::start(LabOptions { vmid: 113, name: "burst".into(), ..LabOptions::default() });
     let token = write_token(&lab);
-    let config = format!("sample_interval = \"0\"\n\n[serve]\ntoken_file = {:?}\n", token.display().to_string());
+    let config = format!(
+        "sample_interval = \"0\"\n\n[serve]\ntoken_file = {:?}\nmax_body = 2097152\n",
+        token.display().to_string()
+    );
     let server = Server::start(&lab, &config);
     // One real autopsy first, so the baseline includes a capture's own allocations.
     let (st, body) = server.post_json("/v1/alertmanager", &alertmanager("113", "first", "firing"));
@@ -747,8 +750,9 @@ fn closed_by_server(s: &mut TcpStream, deadline: Instant) -> bool {
 /// `max_connections = 64` and `header_timeout = "2s"`.
 /// Outcome: `/healthz` and an authenticated API request are answered while they are
 /// held (the oldest idle connection is closed to make room, counted in
-/// `wedge_autopsy_connections_closed_total{reason="evicted"}`), and every held connection
-/// is closed by the server within the header timeout.
+/// `wedge_autopsy_connections_closed_total{reason="evicted"}`), the systemd watchdog
+/// keeps getting `WATCHDOG=1` (each after a real `/healthz` answer), and every held
+/// connection is closed by the server within the header timeout.
 #[test]
 fn abuse_idle_and_slow_connections() {
     let lab = Lab::start(LabOptions { vmid: 116, name: "idle".into(), ..LabOptions::default() });
@@ -757,7 +761,12 @@ fn abuse_idle_and_slow_connections() {
         "[serve]\ntoken_file = {:?}\nmax_connections = 64\nheader_timeout = \"2s\"\n",
         token.display().to_string()
     );
-    let server = Server::start_full(&lab, &config, &[], &[], Some(128));
+    // systemd's watchdog stand-in: WATCHDOG_USEC=1.5 s, so a ping every 0.5 s.
+    let notify_path = lab.root().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let env = [("NOTIFY_SOCKET", notify_path.to_str().unwrap()), ("WATCHDOG_USEC", "1500000")];
+    let server = Server::start_full(&lab, &config, &env, &[], Some(128));
     let t0 = Instant::now();
     let mut held = Vec::new();
     for i in 0..300 {
@@ -785,17 +794,25 @@ fn abuse_idle_and_slow_connections() {
         times[times.len() - 1],
         t0.elapsed()
     );
+    // The watchdog keeps pinging under attack: each ping follows a real /healthz answer.
+    let mut buf = [0u8; 256];
+    let mut pings = 0;
+    let end = Instant::now() + Duration::from_secs(30);
+    while pings < 3 && Instant::now() < end {
+        let n = notify.recv(&mut buf).expect("a notification within 30 s");
+        if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+            pings += 1;
+        }
+    }
+    assert_eq!(pings, 3, "WATCHDOG=1 pings while 300 connections are held\n{}", server.log());
     let m = server.metrics();
     let evicted = metric(&m, "wedge_autopsy_connections_closed_total{reason=\"evicted\"}");
     assert!(evicted >= 300 - 64, "idle connections evicted to make room: {evicted}\n{m}");
     // Every held connection is closed by the server: evicted ones at once, the rest when
     // their header timeout (2 s) runs out. Deadline generous for a loaded CI machine.
     let deadline = Instant::now() + Duration::from_secs(20);
-    let open: Vec<usize> = held
-        .iter_mut()
-        .enumerate()
-        .filter_map(|(i, s)| (!closed_by_server(s, deadline)).then_some(i))
-        .collect();
+    let open: Vec<usize> =
+        held.iter_mut().enumerate().filter_map(|(i, s)| (!closed_by_server(s, deadline)).then_some(i)).collect();
     assert!(open.is_empty(), "connections the server left open: {open:?}");
     let (st, _) = server.request("GET", "/healthz", &[], b"");
     assert_eq!(st, 200);
@@ -934,7 +951,8 @@ fn abuse_control_characters_and_replayed_signatures() {
     assert_eq!(job["state"], "sealed", "{job}");
     let log = server.log();
     assert!(
-        !log.lines().any(|l| l.starts_with("wedge-autopsy serve: job 999") || l.starts_with("<!--") || l.starts_with("## ")),
+        !log.lines()
+            .any(|l| l.starts_with("wedge-autopsy serve: job 999") || l.starts_with("<!--") || l.starts_with("## ")),
         "a forged line reached the log:\n{log}"
     );
     assert!(log.contains("x\\n\\n## Verdict: healthy\\n<!--"), "the reason is logged, escaped:\n{log}");
@@ -1006,11 +1024,7 @@ fn abuse_secrets_never_reach_the_archive() {
             let mut bytes = Vec::new();
             e.read_to_end(&mut bytes).unwrap();
             for s in SECRETS {
-                assert!(
-                    memchr_find(&bytes, s.as_bytes()).is_none(),
-                    "{s} in {name} of {}",
-                    archive_file.display()
-                );
+                assert!(memchr_find(&bytes, s.as_bytes()).is_none(), "{s} in {name} of {}", archive_file.display());
             }
             entries += 1;
         }

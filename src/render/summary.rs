@@ -333,7 +333,7 @@ mod tests {
             assert!(l.ends_with(&"`".repeat(fence)), "{l}");
             assert!(!inner.contains(&"`".repeat(fence)), "{l}");
         }
-        let stacks = vec!["#0 f ```\n## Verdict: healthy".to_string()];
+        let stacks = ["#0 f ```\n## Verdict: healthy".to_string()];
         assert_eq!(fence_for(stacks.iter()), "````");
         assert_eq!(literal("plain"), "`plain`");
         assert_eq!(literal("a`b"), "``a`b``");

@@ -191,7 +191,7 @@ pub fn copy_verified(archive_path: &Path, sha256: &str, dir: &Path) -> Result<Pa
         std::fs::File::open(dir)?.sync_all()
     };
     copy().map_err(|e| format!("copy to {} failed: {e}", dir.display()))?;
-    let read_back = open_nofollow(&dest).and_then(|f| archive::hash_reader_of(f));
+    let read_back = open_nofollow(&dest).and_then(archive::hash_reader_of);
     match read_back {
         Ok((_, h)) if h == sha256 => Ok(dest),
         Ok((_, h)) => {
