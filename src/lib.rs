@@ -18,6 +18,7 @@ pub mod gen;
 pub mod lock;
 pub mod logging;
 pub mod procfs;
+pub mod qga;
 pub mod qmp;
 pub mod redact;
 pub mod render;

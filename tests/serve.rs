@@ -18,6 +18,17 @@ use serde_json::{json, Value};
 use wedge_autopsy::archive::{self, ArchiveReader};
 
 const TOKEN: &str = "t0ken-for-tests";
+
+/// An assertion whose text is a row of the fault table's outcome column
+/// (`scripts/fault-table` reads the `abuse_*` tests' claims, in order).
+macro_rules! claim {
+    ($what:literal, $ok:expr) => {
+        assert!($ok, "fault-table claim failed: {}", $what)
+    };
+    ($what:literal, $ok:expr, $($fmt:tt)+) => {
+        assert!($ok, "fault-table claim failed: {}: {}", $what, format!($($fmt)+))
+    };
+}
 const JOB_TIMEOUT: Duration = Duration::from_secs(150);
 
 // ---------------------------------------------------------------------------
@@ -590,9 +601,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
 /// Fault: 1000 distinct firings for one VM from 8 senders at once; 152 of them carry a
 /// 1 MB fingerprint and 40 labels of 4 KiB (the report: 150 such took RSS from 40 to
 /// 534 MB, for good).
-/// Outcome: all answered 202 (joined: one autopsy), firing keys hashed and at most
-/// `max_firings_per_vm` remembered, labels and reasons kept cut; VmRSS and VmHWM grow
-/// less than 48 MiB and `/healthz` still answers.
+/// Outcome: every delivery answered 202; all joined the VM's one autopsy; VmRSS grows less than 48 MiB; VmHWM grows less than 48 MiB; at most max_firings_per_vm (256) firing keys remembered; the job record stays under 64 KiB; one archive; /healthz still answers.
 #[test]
 fn abuse_thousand_deliveries_with_huge_fields_keep_memory_flat() {
     let lab = Lab::start(LabOptions { vmid: 113, name: "burst".into(), ..LabOptions::default() });
@@ -660,34 +669,35 @@ fn abuse_thousand_deliveries_with_huge_fields_keep_memory_flat() {
         outcomes.lock().unwrap(),
         slowest.lock().unwrap()
     );
-    assert_eq!(*statuses.lock().unwrap(), BTreeMap::from([(202, 1000)]), "every delivery answered 202");
-    assert_eq!(
-        *outcomes.lock().unwrap(),
-        BTreeMap::from([("joined".to_string(), 1000)]),
-        "no new autopsy within the VM's cooldown"
-    );
+    let st = statuses.lock().unwrap().clone();
+    claim!("every delivery answered 202", st == BTreeMap::from([(202, 1000)]), "{st:?}");
+    let oc = outcomes.lock().unwrap().clone();
+    claim!("all joined the VM's one autopsy", oc == BTreeMap::from([("joined".to_string(), 1000)]), "{oc:?}");
     // Keeping the 1 MB fingerprints (as before) grows RSS by ~150 MB; in-flight bodies
     // (8 senders × 1 MB, parsed) and allocator noise stay far below 48 MiB.
-    assert!(rss1 < rss0 + 48 * 1024, "VmRSS grew from {rss0} to {rss1} KiB");
-    assert!(hwm1 < hwm0 + 48 * 1024, "VmHWM grew from {hwm0} to {hwm1} KiB");
+    claim!("VmRSS grows less than 48 MiB", rss1 < rss0 + 48 * 1024, "{rss0} -> {rss1} KiB");
+    claim!("VmHWM grows less than 48 MiB", hwm1 < hwm0 + 48 * 1024, "{hwm0} -> {hwm1} KiB");
     let m = server.metrics();
     let keys = metric(&m, "wedge_autopsy_dedup_keys ");
-    assert!((1..=256).contains(&keys), "firing keys remembered: {keys}\n{m}");
+    claim!("at most max_firings_per_vm (256) firing keys remembered", (1..=256).contains(&keys), "{keys}\n{m}");
     let (_, list) = server.get("/v1/autopsies");
     assert_eq!(list["autopsies"].as_array().unwrap().len(), 1, "still one autopsy");
     let kept = serde_json::to_string(&list).unwrap().len();
-    assert!(kept < 64 * 1024, "the job record stays small: {kept} bytes");
+    claim!("the job record stays under 64 KiB", kept < 64 * 1024, "{kept} bytes");
     assert_eq!(list["autopsies"][0]["deliveries"], 1001);
-    assert_eq!(archives(&lab.out_dir()).len(), 1);
+    claim!("one archive", archives(&lab.out_dir()).len() == 1);
     let (st, _) = server.request("GET", "/healthz", &[], b"");
-    assert_eq!(st, 200, "still serving");
+    claim!("/healthz still answers", st == 200, "{st}");
 }
 
 #[test]
 fn watch_finds_a_frozen_vm_and_captures_it_without_an_alert() {
     let mut lab = Lab::start(LabOptions { vmid: 114, name: "watched".into(), ..LabOptions::default() });
-    lab.add_vm(LabOptions { vmid: 115, name: "idle".into(), ..LabOptions::default() });
+    lab.add_vm(LabOptions { vmid: 115, name: "neighbour".into(), ..LabOptions::default() });
     assert_eq!(lab.vm(114).wedge()["wedged"], true);
+    // The neighbour is really wedged too (writes queued in flight behind blkdebug), not
+    // merely idle: an idle disk is no evidence of a frozen one.
+    assert_eq!(lab.vm(115).wedge()["wedged"], true);
     let receiver = Receiver::start();
     let config = format!(
         "min_idle = \"1s\"\nsample_interval = \"1s\"\n\n[serve]\nnotify = [{:?}]\n\n[serve.watch]\ninterval = \"1s\"\nconsecutive = 2\nwindow = \"1s\"\n\n[[serve.policy]]\nvmid = 114\nwatch_autopsy = true\n",
@@ -704,9 +714,9 @@ fn watch_finds_a_frozen_vm_and_captures_it_without_an_alert() {
     let m = server.metrics();
     assert!(m.contains("wedge_autopsy_watch_verdict{vmid=\"114\",verdict=\"block-path-frozen\"} 1"), "{m}");
     assert!(m.contains("wedge_autopsy_watch_wedged{vmid=\"114\"} 1"), "{m}");
-    // The neighbour is watched too. A lab guest has no OS doing I/O, so with min_idle 1s
-    // its idle disk also reads as frozen and it is exported as wedged; but its policy
-    // (the default) does not ask for watch autopsies, so it is never captured.
+    // The neighbour is watched too: its wedge (requests in flight, none completing) is
+    // exported, but its policy (the default) does not ask for watch autopsies, so it is
+    // never captured.
     assert!(
         wait_until(Duration::from_secs(60), || server.metrics().contains("wedge_autopsy_watch_wedged{vmid=\"115\"} 1")),
         "{}\nlog:\n{}",
@@ -748,11 +758,7 @@ fn closed_by_server(s: &mut TcpStream, deadline: Instant) -> bool {
 /// Fault: 300 connections held open from loopback (150 never send a byte, 150 stop in
 /// the middle of their request head), against a server with 128 file descriptors,
 /// `max_connections = 64` and `header_timeout = "2s"`.
-/// Outcome: `/healthz` and an authenticated API request are answered while they are
-/// held (the oldest idle connection is closed to make room, counted in
-/// `wedge_autopsy_connections_closed_total{reason="evicted"}`), the systemd watchdog
-/// keeps getting `WATCHDOG=1` (each after a real `/healthz` answer), and every held
-/// connection is closed by the server within the header timeout.
+/// Outcome: /healthz answers 200 while they are held; an authenticated API request gets its real answer; the systemd watchdog keeps getting WATCHDOG=1 (each after a real /healthz); idle connections are evicted to make room (connections_closed_total{reason="evicted"}); every held connection is closed by the server (evicted at once, the rest at the header timeout); /healthz answers afterwards.
 #[test]
 fn abuse_idle_and_slow_connections() {
     let lab = Lab::start(LabOptions { vmid: 116, name: "idle".into(), ..LabOptions::default() });
@@ -781,12 +787,12 @@ fn abuse_idle_and_slow_connections() {
         let t = Instant::now();
         let (st, h) = server.request("GET", "/healthz", &[], b"");
         times.push(t.elapsed());
-        assert_eq!(st, 200, "/healthz under attack: {h}\n{}", server.log());
+        claim!("/healthz answers 200 while they are held", st == 200, "{h}\n{}", server.log());
     }
     let t = Instant::now();
     let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 999}));
     let api = t.elapsed();
-    assert!(matches!(st, 404 | 409), "the API request got a real answer: {st} {body}");
+    claim!("an authenticated API request gets its real answer", matches!(st, 404 | 409), "{st} {body}");
     times.sort();
     eprintln!(
         "under 300 held connections: /healthz median {:?}, max {:?}; API answer {api:?}; all opened in {:?}",
@@ -804,41 +810,55 @@ fn abuse_idle_and_slow_connections() {
             pings += 1;
         }
     }
-    assert_eq!(pings, 3, "WATCHDOG=1 pings while 300 connections are held\n{}", server.log());
+    claim!(
+        "the systemd watchdog keeps getting WATCHDOG=1 (each after a real /healthz)",
+        pings == 3,
+        "{pings}\n{}",
+        server.log()
+    );
     let m = server.metrics();
     let evicted = metric(&m, "wedge_autopsy_connections_closed_total{reason=\"evicted\"}");
-    assert!(evicted >= 300 - 64, "idle connections evicted to make room: {evicted}\n{m}");
+    claim!(
+        "idle connections are evicted to make room (connections_closed_total{reason=\"evicted\"})",
+        evicted >= 300 - 64,
+        "{evicted}\n{m}"
+    );
     // Every held connection is closed by the server: evicted ones at once, the rest when
     // their header timeout (2 s) runs out. Deadline generous for a loaded CI machine.
     let deadline = Instant::now() + Duration::from_secs(20);
     let open: Vec<usize> =
         held.iter_mut().enumerate().filter_map(|(i, s)| (!closed_by_server(s, deadline)).then_some(i)).collect();
-    assert!(open.is_empty(), "connections the server left open: {open:?}");
+    claim!(
+        "every held connection is closed by the server (evicted at once, the rest at the header timeout)",
+        open.is_empty(),
+        "left open: {open:?}"
+    );
     let (st, _) = server.request("GET", "/healthz", &[], b"");
-    assert_eq!(st, 200);
+    claim!("/healthz answers afterwards", st == 200);
     assert!(metric(&server.metrics(), "wedge_autopsy_connections_open ") <= 2);
 }
 
 /// Fault: a request head of 32 KiB, a payload of 201 alerts, a POST as `text/plain`
 /// (what a browser's form can send without a preflight), and POSTs to a service with no
 /// `token_file` (the default setup); a token file readable by others; a world-writable config.
-/// Outcome: 431, 413 (naming max_alerts), 415, and 401 naming token_file, nothing started;
-/// the output directory is 0700 from the start; the two bad files stop the service
-/// from starting with an error naming the `chmod`; `--log-format json` makes every
-/// service line a JSON object.
+/// Outcome: the output directory is 0700 from the start; a 32 KiB head gets 431; without token_file a POST gets 401 naming token_file; text/plain gets 415; 201 alerts get 413 naming max_alerts; nothing started; with --log-format json every service line is a JSON object; a token file readable by others stops the start (exit 2) naming `chmod 600`; a world-writable config stops the start (exit 2) naming `chmod o-w`.
 #[test]
 fn abuse_oversized_heads_foreign_content_and_no_token() {
     let lab = Lab::start(LabOptions { vmid: 117, name: "notok".into(), ..LabOptions::default() });
     let server = Server::start_full(&lab, "[serve]\n", &[], &["--log-format", "json"], None);
     let out = lab.out_dir();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o700, "out is private at once");
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    claim!("the output directory is 0700 from the start", mode == 0o700, "{mode:o}");
     let big = "a".repeat(32 * 1024);
     let (st, _) = server.request("GET", "/healthz", &[("X-Big", &big)], b"");
-    assert_eq!(st, 431, "oversized request head");
+    claim!("a 32 KiB head gets 431", st == 431, "{st}");
     let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 117}));
-    assert_eq!(st, 401, "no token configured: {body}");
-    assert!(body["error"].as_str().unwrap().contains("token_file"), "{body}");
+    claim!(
+        "without token_file a POST gets 401 naming token_file",
+        st == 401 && body["error"].as_str().unwrap_or("").contains("token_file"),
+        "{st} {body}"
+    );
     let (st, body) = server.request(
         "POST",
         "/v1/alertmanager",
@@ -858,23 +878,26 @@ fn abuse_oversized_heads_foreign_content_and_no_token() {
         &[("Authorization", &bearer), ("Content-Type", "text/plain")],
         json!({"vmid": 117}).to_string().as_bytes(),
     );
-    assert_eq!(st, 415, "not JSON: {body}");
+    claim!("text/plain gets 415", st == 415, "{st} {body}");
     let mut many = alertmanager("117", "fp", "firing");
     let one = many["alerts"][0].clone();
     many["alerts"] = json!((0..201).map(|_| one.clone()).collect::<Vec<_>>());
     let (st, body) = server.post_json("/v1/alertmanager", &many);
-    assert_eq!(st, 413, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("max_alerts"), "{body}");
+    claim!(
+        "201 alerts get 413 naming max_alerts",
+        st == 413 && body["error"].as_str().unwrap_or("").contains("max_alerts"),
+        "{st} {body}"
+    );
     let (_, list) = server.get("/v1/autopsies");
-    assert_eq!(list["autopsies"], json!([]), "nothing started");
-    assert!(archives(&out).is_empty());
+    claim!("nothing started", list["autopsies"] == json!([]) && archives(&out).is_empty(), "{list}");
     let log = server.log();
     drop(server);
     assert!(log.lines().count() >= 1);
-    for line in log.lines() {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}"));
-        assert!(v["message"].is_string(), "{line}");
-    }
+    let not_json: Vec<&str> = log
+        .lines()
+        .filter(|l| serde_json::from_str::<Value>(l).map(|v| !v["message"].is_string()).unwrap_or(true))
+        .collect();
+    claim!("with --log-format json every service line is a JSON object", not_json.is_empty(), "{not_json:?}");
 
     // Files that decide what root runs or who may ask: refused at start, fix named.
     chmod(&token, 0o644);
@@ -882,23 +905,26 @@ fn abuse_oversized_heads_foreign_content_and_no_token() {
     let mut cmd = lab.tool_args(&["serve", "--listen", "127.0.0.1:0", "--config", cfg_path.to_str().unwrap()]);
     let o = common::run_bounded(&mut cmd, Duration::from_secs(30));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("`chmod 600 {}`", token.display())), "{err}");
+    claim!(
+        "a token file readable by others stops the start (exit 2) naming `chmod 600`",
+        o.status.code() == Some(2) && err.contains(&format!("`chmod 600 {}`", token.display())),
+        "{err}"
+    );
     chmod(&token, 0o600);
     chmod(&cfg_path, 0o666);
     let o = common::run_bounded(&mut cmd, Duration::from_secs(30));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("`chmod o-w {}`", cfg_path.display())), "{err}");
+    claim!(
+        "a world-writable config stops the start (exit 2) naming `chmod o-w`",
+        o.status.code() == Some(2) && err.contains(&format!("`chmod o-w {}`", cfg_path.display())),
+        "{err}"
+    );
 }
 
 /// Fault: an API `reason` of `x\n\n## Verdict: healthy\n<!--` and an alert label with a
 /// newline and a forged log line (`job 999 VM 118: sealed healthy`); then Grafana
 /// deliveries signed with a timestamp from 2001, one signed now, and a replay of it.
-/// Outcome: the service log has no forged line (control characters escaped); the sealed
-/// summary.md has exactly one `## Verdict` (the real one) and the reason inside one
-/// code span; the 2001 signature gets 401 naming signature_max_skew; the fresh one joins
-/// the VM's job and its replay is a duplicate of it: one archive.
+/// Outcome: the 2001 signature gets 401 naming signature_max_skew; the fresh one joins the VM's job; its replay is a duplicate; the service log has no forged line; the reason is logged with its newlines escaped; summary.md has exactly one `## Verdict` line; the reason sits inside one code span; no line of summary.md opens a comment; one archive.
 #[test]
 fn abuse_control_characters_and_replayed_signatures() {
     let lab = Lab::start(LabOptions { vmid: 118, name: "forge".into(), ..LabOptions::default() });
@@ -937,45 +963,50 @@ fn abuse_control_characters_and_replayed_signatures() {
         )
     };
     let (st, body) = signed("1000000000");
-    assert_eq!(st, 401, "signed in 2001: {body}");
-    assert!(body["error"].as_str().unwrap().contains("signature_max_skew"), "{body}");
+    claim!(
+        "the 2001 signature gets 401 naming signature_max_skew",
+        st == 401 && body["error"].as_str().unwrap_or("").contains("signature_max_skew"),
+        "{st} {body}"
+    );
     let now = chrono::Utc::now().timestamp().to_string();
     let (st, first) = signed(&now);
     assert_eq!(st, 202, "{first}");
     let (st, replay) = signed(&now);
     assert_eq!(st, 202, "{replay}");
-    assert_eq!(first["jobs"][0]["id"], json!(id), "joins the VM's job: {first}");
-    assert_eq!(replay["jobs"][0]["outcome"], "duplicate", "{replay}");
+    claim!("the fresh one joins the VM's job", first["jobs"][0]["id"] == json!(id), "{first}");
+    claim!("its replay is a duplicate", replay["jobs"][0]["outcome"] == "duplicate", "{replay}");
 
     let job = server.wait_job(id);
     assert_eq!(job["state"], "sealed", "{job}");
     let log = server.log();
-    assert!(
+    claim!(
+        "the service log has no forged line",
         !log.lines()
             .any(|l| l.starts_with("wedge-autopsy serve: job 999") || l.starts_with("<!--") || l.starts_with("## ")),
-        "a forged line reached the log:\n{log}"
+        "{log}"
     );
-    assert!(log.contains("x\\n\\n## Verdict: healthy\\n<!--"), "the reason is logged, escaped:\n{log}");
+    claim!(
+        "the reason is logged with its newlines escaped",
+        log.contains("x\\n\\n## Verdict: healthy\\n<!--"),
+        "{log}"
+    );
     let path = PathBuf::from(job["archive"].as_str().unwrap());
     let ar = ArchiveReader::open(&path).unwrap();
     use wedge_autopsy::archive::Evidence;
     let md = ar.read_string("summary.md").unwrap();
     let verdicts: Vec<&str> = md.lines().filter(|l| l.starts_with("## Verdict")).collect();
-    assert_eq!(verdicts.len(), 1, "{md}");
+    claim!("summary.md has exactly one `## Verdict` line", verdicts.len() == 1, "{md}");
     assert!(!verdicts[0].contains("healthy") || job["verdict"] == "healthy", "{md}");
-    assert!(md.contains("— `x\\n\\n## Verdict: healthy\\n<!--`"), "{md}");
-    assert!(!md.lines().any(|l| l.starts_with("<!--")), "{md}");
-    assert_eq!(archives(&lab.out_dir()).len(), 1);
+    claim!("the reason sits inside one code span", md.contains("— `x\\n\\n## Verdict: healthy\\n<!--`"), "{md}");
+    claim!("no line of summary.md opens a comment", !md.lines().any(|l| l.starts_with("<!--")), "{md}");
+    claim!("one archive", archives(&lab.out_dir()).len() == 1);
 }
 
 /// Fault: the VM's QEMU carries `-object secret,id=sec0,data=SUPERSECRET`, its
 /// environment a proxy URL with a password and a `*_TICKET` value, its config a
 /// `cipassword` and a secret object in `args`; the autopsy is asked for by API with a
 /// `copy_to` and a notify URL that carries credentials.
-/// Outcome: none of the secrets appears in any file of the sealed archive (decompressed,
-/// manifest included), its copy, or the completion document; the manifest says the
-/// redaction ran and how many values it replaced; the job record shows the notify URL
-/// without its password.
+/// Outcome: no secret in any file of the archive or its copy (decompressed, manifest included); proc/cmdline keeps the secret object with data=<redacted>; proc/environ keeps the proxy URL with the password redacted; manifest.json records the redaction and how many values it replaced; no secret in the completion document; the job record names the notify URL without its password.
 #[test]
 fn abuse_secrets_never_reach_the_archive() {
     const SECRETS: [&str; 5] = ["SUPERSECRET", "Pr0xyS3cret", "T1cketS3cret", "CiPassw0rd", "CONFSECRET"];
@@ -1023,9 +1054,14 @@ fn abuse_secrets_never_reach_the_archive() {
             let name = e.path().unwrap().display().to_string();
             let mut bytes = Vec::new();
             e.read_to_end(&mut bytes).unwrap();
-            for s in SECRETS {
-                assert!(memchr_find(&bytes, s.as_bytes()).is_none(), "{s} in {name} of {}", archive_file.display());
-            }
+            let found: Vec<&str> =
+                SECRETS.iter().copied().filter(|s| memchr_find(&bytes, s.as_bytes()).is_some()).collect();
+            claim!(
+                "no secret in any file of the archive or its copy (decompressed, manifest included)",
+                found.is_empty(),
+                "{found:?} in {name} of {}",
+                archive_file.display()
+            );
             entries += 1;
         }
     }
@@ -1033,19 +1069,33 @@ fn abuse_secrets_never_reach_the_archive() {
     let ar = ArchiveReader::open(&path).unwrap();
     use wedge_autopsy::archive::Evidence;
     let cmdline = ar.read_string("proc/cmdline").unwrap();
-    assert!(cmdline.contains("secret,id=sec0,data=<redacted>"), "{cmdline:?}");
+    claim!(
+        "proc/cmdline keeps the secret object with data=<redacted>",
+        cmdline.contains("secret,id=sec0,data=<redacted>"),
+        "{cmdline:?}"
+    );
     let env = ar.read_string("proc/environ").unwrap();
-    assert!(env.contains("HTTPS_PROXY=http://proxyuser:<redacted>@proxy.example:3128"), "{env}");
+    claim!(
+        "proc/environ keeps the proxy URL with the password redacted",
+        env.contains("HTTPS_PROXY=http://proxyuser:<redacted>@proxy.example:3128"),
+        "{env}"
+    );
     let m = serde_json::to_value(&ar.manifest).unwrap();
-    assert_eq!(m["redaction"]["applied"], true, "{}", m["redaction"]);
-    assert!(m["redaction"]["values_replaced"].as_u64().unwrap() >= 4, "{}", m["redaction"]);
+    claim!(
+        "manifest.json records the redaction and how many values it replaced",
+        m["redaction"]["applied"] == true && m["redaction"]["values_replaced"].as_u64().unwrap_or(0) >= 4,
+        "{}",
+        m["redaction"]
+    );
     let doc_text = doc.to_string();
-    for s in SECRETS.iter().chain(&["N0tifyS3cret"]) {
-        assert!(!doc_text.contains(s), "{s} in the completion document");
-    }
+    let leaked: Vec<&str> = SECRETS.iter().chain(&["N0tifyS3cret"]).copied().filter(|s| doc_text.contains(s)).collect();
+    claim!("no secret in the completion document", leaked.is_empty(), "{leaked:?}");
     let job_text = job.to_string();
-    assert!(!job_text.contains("N0tifyS3cret"), "{job_text}");
-    assert!(job_text.contains("ticketbot:<redacted>@"), "{job_text}");
+    claim!(
+        "the job record names the notify URL without its password",
+        !job_text.contains("N0tifyS3cret") && job_text.contains("ticketbot:<redacted>@"),
+        "{job_text}"
+    );
 }
 
 fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {

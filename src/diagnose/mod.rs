@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod config;
 mod findings;
+pub mod pinnable;
 
 use serde::Serialize;
 use serde_json::Value;
