@@ -307,7 +307,7 @@ impl Evidence for Staging {
 }
 
 /// Relative paths of all regular files under `root`, sorted.
-fn walk(root: &Path) -> std::io::Result<Vec<String>> {
+pub fn walk(root: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -339,6 +339,11 @@ fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
         n += k as u64;
     }
     Ok((n, format!("{:x}", h.finalize())))
+}
+
+/// Size and SHA-256 of everything `f` yields (an already opened file).
+pub fn hash_reader_of(f: File) -> std::io::Result<(u64, String)> {
+    hash_reader(&mut BufReader::new(f))
 }
 
 pub fn hash_file(p: &Path) -> std::io::Result<(u64, String)> {
@@ -408,6 +413,7 @@ mod tests {
             runbook: Default::default(),
             target: None,
             interrupted: false,
+            redaction: None,
             steps: vec![],
             files: vec![],
         }

@@ -216,6 +216,7 @@ pub async fn run(
         runbook: RunbookRef { name: req.runbook.name.clone(), source: req.runbook.source.clone() },
         target: serde_json::to_value(&target).ok(),
         interrupted,
+        redaction: None,
         steps: records.clone(),
         files: Vec::new(),
     };
@@ -247,6 +248,8 @@ pub async fn run(
         let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
         sink.close();
     }
+    // Nothing secret leaves the host: one pass over every staged file and the manifest.
+    manifest.redaction = Some(crate::redact::seal_pass(&staging.dir, &target, &mut manifest));
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
