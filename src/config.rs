@@ -13,6 +13,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/wedge-autopsy/config.toml";
 pub const DEFAULT_RUN_DIR: &str = "/var/run/qemu-server";
 pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
+pub const DEFAULT_LOG_DIR: &str = "/var/log";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
 /// are kept as raw tables and validated by their owners. The JSON Schema derived from
@@ -29,6 +30,8 @@ pub struct FileConfig {
     pub runbook: Option<String>,
     pub runbook_dir: Option<PathBuf>,
     pub min_idle: Option<String>,
+    pub log_dir: Option<PathBuf>,
+    pub signature_dir: Option<PathBuf>,
     pub retention: Option<RetentionFile>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub serve: Option<toml::Table>,
@@ -56,6 +59,7 @@ pub struct Overrides {
     pub out: Option<PathBuf>,
     pub sample_interval: Option<String>,
     pub node: Option<String>,
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Resolved settings every subcommand uses.
@@ -72,6 +76,10 @@ pub struct Settings {
     pub runbook_dir: PathBuf,
     /// Idle time beyond which frozen I/O counters alone mean a frozen block path.
     pub min_idle: Duration,
+    /// Where Proxmox writes its logs (vzdump/, pve/tasks/).
+    pub log_dir: PathBuf,
+    /// Operator signatures, found by id before the built-in ones.
+    pub signature_dir: PathBuf,
     /// Retention limits for `<out>` and the free-space floor a capture must leave.
     pub retention: crate::retention::Limits,
     /// The file the settings came from, if any.
@@ -122,6 +130,8 @@ impl Settings {
                 Some(t) => parse_duration(t).map_err(|e| Error::BadInput(format!("min_idle: {e}")))?,
                 None => Duration::from_secs(30),
             },
+            log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
+            signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
@@ -213,6 +223,10 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "Operator runbooks, found by name before the built-in ones. Templates: /usr/share/wedge-autopsy/runbooks." },
     KeyDoc { section: None, key: "min_idle", value: "\"30s\"", default: "30s",
         meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
+    KeyDoc { section: None, key: "log_dir", value: "\"/var/log\"", default: "/var/log",
+        meaning: "Where Proxmox VE writes its logs: the VM's vzdump/qemu-<vmid>.log and pve/tasks/ are captured from here. Flag: --log-dir." },
+    KeyDoc { section: None, key: "signature_dir", value: "\"/etc/wedge-autopsy/signatures\"", default: "/etc/wedge-autopsy/signatures",
+        meaning: "Operator known-bug signatures (*.toml), found by id before the built-in ones. Check them with `wedge-autopsy signatures check FILE`." },
     KeyDoc { section: Some("retention"), key: "keep", value: "0", default: "0 (no count limit)",
         meaning: "Keep at most this many archives in <out>, newest first; older ones are pruned after each autopsy." },
     KeyDoc { section: Some("retention"), key: "max_age", value: "\"0\"", default: "\"0\" (no age limit)",
