@@ -46,21 +46,22 @@ fn main() -> ExitCode {
         for e in wedge_autopsy::signatures::configure(&settings.signature_dir) {
             tracing::warn!("signature not loaded: {e}");
         }
-        Ok(settings)
-    });
-    let result = result.and_then(|settings| match cli.command {
-        None => autopsy_cmd(&cli.autopsy, &settings, &ui),
-        Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
-        Some(Command::Generate { .. }) => unreachable!("handled above"),
-        Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
-        Some(Command::Signatures { action }) => signatures_cmd(action, &settings),
-        Some(Command::Diagnose { vmid, window, min_idle, json }) => {
-            diagnose_cmd(&vmid, window, min_idle, json, settings)
+        match cli.command {
+            None => autopsy_cmd(&cli.autopsy, &settings, &ui),
+            Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
+            Some(Command::Generate { .. }) => unreachable!("handled above"),
+            Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
+            Some(Command::Signatures { action }) => signatures_cmd(action, &settings),
+            Some(Command::Diagnose { vmid, window, min_idle, json }) => {
+                diagnose_cmd(&vmid, window, min_idle, json, settings)
+            }
+            Some(Command::Audit { json }) => audit_cmd(json, &settings),
+            Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
+            Some(Command::Inspect { archive, verify, json, cat }) => {
+                inspect_cmd(&archive, verify, json, cat.as_deref())
+            }
+            Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
         }
-        Some(Command::Audit { json }) => audit_cmd(json, &settings),
-        Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
-        Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
-        Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
     });
     finish(result)
 }
