@@ -5,13 +5,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{run_bounded, Lab, LabOptions};
 use serde_json::{json, Value};
-use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
+use wedge_autopsy::archive::{self, ArchiveReader, Evidence, MemEvidence};
 use wedge_autopsy::signatures;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(90);
@@ -140,18 +139,6 @@ fn proxmox_evidence_is_captured_and_unavailable_parts_do_not_fail_the_run() {
     assert!(text.contains("Recomputed risk match: incident-2026-06-11-risk-stack"), "{text}");
 }
 
-/// All files of an archive, as an editable evidence.
-struct Files(BTreeMap<String, Vec<u8>>);
-
-impl Evidence for Files {
-    fn read(&self, path: &str) -> Option<Vec<u8>> {
-        self.0.get(path).cloned()
-    }
-    fn list(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-}
-
 #[test]
 fn bug_signature_matches_real_stacks_only_with_the_bugs_frames() {
     // Two disks with iothreads and a QEMU throttle: the config of QEMU issue 3144.
@@ -166,7 +153,7 @@ fn bug_signature_matches_real_stacks_only_with_the_bugs_frames() {
     let out = run_bounded(&mut lab.tool_args(&["106", "--json", "--sample-interval", "0"]), RUN_TIMEOUT);
     let (_, ar) = archive_of(&out);
     let set = signatures::load(Path::new("/nonexistent"));
-    let files = Files(ar.list().into_iter().map(|p| (p.clone(), ar.read(&p).unwrap())).collect());
+    let files = MemEvidence::copy_of(&ar);
 
     // The real, healthy QEMU's stacks match no bug, whatever the verdict.
     let real = signatures::matches(&files, "block-path-frozen", None, &set);
@@ -191,8 +178,7 @@ fn bug_signature_matches_real_stacks_only_with_the_bugs_frames() {
     frames.extend(real_frames);
     thread["frames"] = Value::Array(frames);
     let tid = thread["tid"].as_i64().unwrap();
-    let mut edited = Files(files.0.clone());
-    edited.0.insert("stacks/threads.json".into(), serde_json::to_vec(&stacks).unwrap());
+    let edited = files.clone().with("stacks/threads.json", &stacks.to_string());
 
     let m = signatures::matches(&edited, "block-path-frozen", None, &set);
     let bug = m.iter().find(|m| m.id == "qemu-3144-throttle-group-iothreads").unwrap_or_else(|| panic!("{m:?}"));

@@ -1,25 +1,5 @@
-use std::collections::BTreeMap;
-
 use super::*;
-
-#[derive(Default)]
-struct Mem(BTreeMap<String, Vec<u8>>);
-
-impl Evidence for Mem {
-    fn read(&self, path: &str) -> Option<Vec<u8>> {
-        self.0.get(path).cloned()
-    }
-    fn list(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-}
-
-impl Mem {
-    fn with(mut self, p: &str, t: &str) -> Self {
-        self.0.insert(p.into(), t.as_bytes().to_vec());
-        self
-    }
-}
+use crate::archive::MemEvidence as Mem;
 
 const STOP: &str = "UPID:pve1:00001A2B:0012D687:66A1B2C3:qmstop:102:root@pam:";
 

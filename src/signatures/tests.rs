@@ -1,26 +1,5 @@
-use std::collections::BTreeMap;
-
 use super::*;
-use crate::archive::Evidence;
-
-#[derive(Default)]
-struct Mem(BTreeMap<String, Vec<u8>>);
-
-impl Evidence for Mem {
-    fn read(&self, path: &str) -> Option<Vec<u8>> {
-        self.0.get(path).cloned()
-    }
-    fn list(&self) -> Vec<String> {
-        self.0.keys().cloned().collect()
-    }
-}
-
-impl Mem {
-    fn with(mut self, p: &str, t: &str) -> Self {
-        self.0.insert(p.into(), t.as_bytes().to_vec());
-        self
-    }
-}
+use crate::archive::MemEvidence as Mem;
 
 #[test]
 fn every_built_in_signature_loads() {
@@ -91,14 +70,14 @@ fn tmf_deadlock_matches_by_frames_config_and_version() {
     assert!(m[0].evidence.iter().any(|e| e.contains("thread 11") && e.contains("#1 qemu_mutex_lock_impl")), "{m:?}");
     assert_eq!(m[0].fixed_in, "QEMU 10.2.0, pve-qemu-kvm 10.1.2-1");
     // The fixed build does not match, nor does another verdict, nor the wrong order.
-    let fixed = Mem(ev.0.clone()).with(
+    let fixed = ev.clone().with(
         "qmp/query-version.json",
         r#"{"return":{"qemu":{"major":10,"minor":1,"micro":2},"package":"pve-qemu-kvm_10.1.2-1"}}"#,
     );
     assert!(matches(&fixed, "block-path-frozen", None, &set).is_empty());
     assert!(matches(&ev, "healthy", None, &set).is_empty());
     let reversed: Vec<&str> = frames.iter().rev().copied().collect();
-    let rev = Mem(ev.0.clone()).with("stacks/threads.json", &threads_json(&reversed));
+    let rev = ev.clone().with("stacks/threads.json", &threads_json(&reversed));
     assert!(matches(&rev, "block-path-frozen", None, &set).is_empty());
 }
 
