@@ -297,6 +297,32 @@ impl Evidence for ArchiveReader {
     }
 }
 
+/// Evidence held in memory, `path -> bytes`: files taken from an archive and edited
+/// (what-if checks of signatures), or built by tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemEvidence(pub std::collections::BTreeMap<String, Vec<u8>>);
+
+impl MemEvidence {
+    /// Every file of `ev`, copied.
+    pub fn copy_of(ev: &dyn Evidence) -> MemEvidence {
+        MemEvidence(ev.list().into_iter().filter_map(|p| Some((p.clone(), ev.read(&p)?))).collect())
+    }
+    /// This evidence with `path` set to `text`.
+    pub fn with(mut self, path: &str, text: &str) -> MemEvidence {
+        self.0.insert(path.into(), text.as_bytes().to_vec());
+        self
+    }
+}
+
+impl Evidence for MemEvidence {
+    fn read(&self, path: &str) -> Option<Vec<u8>> {
+        self.0.get(path).cloned()
+    }
+    fn list(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
+
 impl Evidence for Staging {
     fn read(&self, path: &str) -> Option<Vec<u8>> {
         std::fs::read(self.dir.join(path)).ok()

@@ -134,6 +134,12 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             StepKind::Core { output, min_free } => {
                 format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
             }
+            StepKind::PveTasks { output, log_cap } => format!(
+                "the VM's tasks in {}/pve/tasks/active + their logs (last {} KiB each) -> {}",
+                vars.log_dir,
+                log_cap >> 10,
+                output.render(&vars)
+            ),
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
@@ -163,6 +169,7 @@ fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {
             .map(|t| t.qmp_socket.display().to_string())
             .unwrap_or_else(|| s.run_dir.join(format!("{vmid}.qmp")).display().to_string()),
         domain: target.and_then(|t| t.domain.clone()).unwrap_or_default(),
+        log_dir: s.log_dir.display().to_string(),
     }
 }
 

@@ -93,6 +93,93 @@ fn cell(s: &str) -> String {
     escape_control(s).replace('|', "\\|")
 }
 
+/// Text from outside (logs, command output, thread names) as inline code on one line:
+/// control characters escaped, backticks neutralised, bounded, so it can never become
+/// markdown structure.
+fn data(s: &str) -> String {
+    format!("`{}`", crate::qmp::one_line(&s.replace('`', "'"), 200).replace('|', "\\|"))
+}
+
+/// The Proxmox VE section: versions, backup, tasks, HA, pending changes, and first
+/// whatever is about to stop the VM.
+fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
+    let any = p.qemu_version.is_some()
+        || !p.pveversion.is_empty()
+        || p.backup.is_some()
+        || !p.tasks.is_empty()
+        || !p.vzdump_tail.is_empty()
+        || p.ha.is_some()
+        || !p.pending.is_empty()
+        || !p.stop_imminent.is_empty();
+    if !any {
+        return;
+    }
+    o.push_str("## Proxmox VE\n\n");
+    for w in &p.stop_imminent {
+        o.push_str(&format!("- **About to be stopped:** {w}\n"));
+    }
+    if let Some(v) = &p.qemu_version {
+        let build = match (&p.pve_qemu_build, &p.package) {
+            (Some(b), _) => format!(", pve-qemu-kvm {}", data(b)),
+            (None, Some(pkg)) => format!(", package {}", data(pkg)),
+            _ => String::new(),
+        };
+        o.push_str(&format!("- **QEMU:** {v}{build}\n"));
+    }
+    if let Some(x) = &p.proxmox_qemu {
+        o.push_str(&format!("- **Proxmox QEMU:** {x}\n"));
+    }
+    for l in &p.pveversion {
+        o.push_str(&format!("- pveversion: {}\n", data(l)));
+    }
+    if let Some(b) = &p.backup {
+        o.push_str(&format!("- **Backup (query-backup):** {b}\n"));
+    }
+    if let Some(st) = &p.stats {
+        o.push_str(&format!("- {st}\n"));
+    }
+    for t in &p.tasks {
+        o.push_str(&format!("- task: {}\n", data(t)));
+    }
+    if !p.vzdump_tail.is_empty() {
+        o.push_str("- vzdump log, last lines:\n");
+        for l in &p.vzdump_tail {
+            o.push_str(&format!("  - {}\n", data(l)));
+        }
+    }
+    if let Some(h) = &p.ha {
+        o.push_str(&format!("- HA: {}\n", data(h)));
+    }
+    for c in &p.pending {
+        o.push_str(&format!("- pending (applies only at the next full stop→start): {}\n", data(c)));
+    }
+    o.push('\n');
+}
+
+/// Known bugs and risk stacks matched, each with its links and "fixed in".
+fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMatch]) {
+    if matches.is_empty() {
+        return;
+    }
+    o.push_str("## Known bugs and risk stacks\n\n");
+    for m in matches {
+        let what = if m.kind == "bug" { "Known bug" } else { "Risk stack" };
+        o.push_str(&format!("- **{what}: {}** (`{}`)\n", m.title, m.id));
+        o.push_str(&format!("  - fixed in: {}\n", m.fixed_in));
+        for l in &m.links {
+            o.push_str(&format!("  - <{l}>\n"));
+        }
+        for e in &m.evidence {
+            o.push_str(&format!("  - matched: {}\n", data(e)));
+        }
+        for u in &m.unverified {
+            o.push_str(&format!("  - not verified: {u}\n"));
+        }
+        o.push_str(&format!("  - what to do: {}\n", m.advice));
+    }
+    o.push('\n');
+}
+
 pub fn markdown(s: &Summary) -> String {
     let d = &s.diagnosis;
     let f = &d.findings;
@@ -135,7 +222,10 @@ pub fn markdown(s: &Summary) -> String {
     for fact in &d.facts {
         o.push_str(&format!("- {fact}\n"));
     }
-    o.push_str("\n## Findings\n\n");
+    o.push('\n');
+    signatures_section(&mut o, &f.signatures);
+    pve_section(&mut o, &f.pve);
+    o.push_str("## Findings\n\n");
     if !f.devices.is_empty() {
         o.push_str(&format!("Block devices, two samples {} ms apart:\n\n", f.sample_window_ms));
         o.push_str("| device | rd ops | wr ops | flush ops | wr_highest_offset | idle |\n|---|---|---|---|---|---|\n");
