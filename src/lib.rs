@@ -15,9 +15,11 @@ pub mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gen;
+pub mod inflight;
 pub mod lock;
 pub mod logging;
 pub mod procfs;
+pub mod qga;
 pub mod qmp;
 pub mod redact;
 pub mod render;
