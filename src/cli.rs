@@ -45,6 +45,9 @@ pub struct Global {
     /// This node's name as the cluster knows it [default: short hostname]
     #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
+    /// Where separate debug files (symbols, DWARF) are searched by build-id; repeatable, in order [default: /usr/lib/debug]
+    #[arg(long = "debug-dir", global = true, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
     /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -69,6 +72,7 @@ impl Global {
             out: self.out.clone(),
             sample_interval: self.sample_interval.clone(),
             node: self.node.clone(),
+            debug_dirs: self.debug_dir.clone(),
         }
     }
 }

@@ -314,7 +314,16 @@ fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Ex
 }
 
 fn audit_cmd(json: bool, settings: &Settings) -> Result<Exit, Error> {
-    let vms = diagnose::audit::audit_dir(&settings.pve_dir.join("qemu-server")).map_err(Error::BadInput)?;
+    let mut vms = diagnose::audit::audit_dir(&settings.pve_dir.join("qemu-server")).map_err(Error::BadInput)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
+    let search = wedge_autopsy::stacks::native::DebugSearch { dirs: settings.debug_dirs.clone() };
+    let layout = wedge_autopsy::target::Layout {
+        run_dir: settings.run_dir.clone(),
+        pve_dir: settings.pve_dir.clone(),
+        node: settings.node.clone(),
+    };
+    let running = rt.block_on(diagnose::pinnable::running(&layout, &search, Default::default()));
+    diagnose::audit::attach_running(&mut vms, running);
     if json {
         println!("{}", serde_json::to_string_pretty(&vms).map_err(anyhow::Error::from)?);
         return Ok(Exit::Ok);

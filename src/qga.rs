@@ -138,6 +138,15 @@ impl Qga {
     }
 }
 
+/// `guest-ping` on a fresh connection: `Ok(round trip)` when the agent answers within
+/// `deadline` (used by `audit` to say whether the agent answers at all).
+pub fn ping(socket: &Path, deadline: Duration) -> Result<Duration, QgaError> {
+    let t = Instant::now();
+    let mut q = Qga::connect(socket, t + deadline)?;
+    q.execute("guest-ping", None)?;
+    Ok(t.elapsed())
+}
+
 /// The guest's per-disk counters from `guest-get-diskstats` (QEMU 7.1+ agents).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GuestDisk {

@@ -625,8 +625,11 @@ fn burst_of_a_thousand_deliveries_is_answered_with_bounded_memory() {
 #[test]
 fn watch_finds_a_frozen_vm_and_captures_it_without_an_alert() {
     let mut lab = Lab::start(LabOptions { vmid: 114, name: "watched".into(), ..LabOptions::default() });
-    lab.add_vm(LabOptions { vmid: 115, name: "idle".into(), ..LabOptions::default() });
+    lab.add_vm(LabOptions { vmid: 115, name: "neighbour".into(), ..LabOptions::default() });
     assert_eq!(lab.vm(114).wedge()["wedged"], true);
+    // The neighbour is really wedged too (writes queued in flight behind blkdebug), not
+    // merely idle: an idle disk is no evidence of a frozen one.
+    assert_eq!(lab.vm(115).wedge()["wedged"], true);
     let receiver = Receiver::start();
     let config = format!(
         "min_idle = \"1s\"\nsample_interval = \"1s\"\n\n[serve]\nnotify = [{:?}]\n\n[serve.watch]\ninterval = \"1s\"\nconsecutive = 2\nwindow = \"1s\"\n\n[[serve.policy]]\nvmid = 114\nwatch_autopsy = true\n",
@@ -643,9 +646,9 @@ fn watch_finds_a_frozen_vm_and_captures_it_without_an_alert() {
     let m = server.metrics();
     assert!(m.contains("wedge_autopsy_watch_verdict{vmid=\"114\",verdict=\"block-path-frozen\"} 1"), "{m}");
     assert!(m.contains("wedge_autopsy_watch_wedged{vmid=\"114\"} 1"), "{m}");
-    // The neighbour is watched too. A lab guest has no OS doing I/O, so with min_idle 1s
-    // its idle disk also reads as frozen and it is exported as wedged; but its policy
-    // (the default) does not ask for watch autopsies, so it is never captured.
+    // The neighbour is watched too: its wedge (requests in flight, none completing) is
+    // exported, but its policy (the default) does not ask for watch autopsies, so it is
+    // never captured.
     assert!(
         wait_until(Duration::from_secs(60), || server.metrics().contains("wedge_autopsy_watch_wedged{vmid=\"115\"} 1")),
         "{}\nlog:\n{}",

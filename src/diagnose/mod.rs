@@ -9,6 +9,7 @@ pub mod audit;
 pub mod config;
 mod findings;
 pub mod inflight;
+pub mod pinnable;
 
 use serde::Serialize;
 use serde_json::Value;

@@ -64,6 +64,10 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
+    /// `agent: 1` and a `<vmid>.qga` socket nobody answers on (`lab up --agent`)
+    pub agent: bool,
+    /// the QEMU binary to run (`LAB_QEMU`); `None` = qemu-system-x86_64 on PATH
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -80,6 +84,8 @@ impl Default for LabOptions {
             node: None,
             extra_conf: Vec::new(),
             libvirt: false,
+            agent: false,
+            qemu: None,
         }
     }
 }
@@ -107,6 +113,9 @@ impl LabOptions {
         }
         if self.libvirt {
             a.push("--libvirt".into());
+        }
+        if self.agent {
+            a.push("--agent".into());
         }
         if let Some(n) = &self.node {
             a.push("--node".into());
@@ -174,6 +183,60 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn tracer_pid(pid: i32) -> i32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap().trim().parse().unwrap()
+}
+
+/// `(tid, TracerPid)` of every thread of `pid` (empty when the process is gone).
+pub fn thread_tracers(pid: i32) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(st) = std::fs::read_to_string(e.path().join("status")) else { continue };
+        if let Some(t) = st.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()) {
+            out.push((tid, t));
+        }
+    }
+    out
+}
+
+/// Catches `tracer_proc` while one of its threads traces a thread of `target`: spins on
+/// every target thread's `TracerPid`, and when it names a thread of `tracer_proc`,
+/// SIGSTOPs `tracer_proc` and checks again once it is stopped (so the tracer cannot
+/// detach between the check and what the caller does next). Returns the tracer thread
+/// id, with `tracer_proc` left stopped; `None` if `tracer_proc` ended or `timeout`
+/// passed without it being caught tracing.
+pub fn stop_while_tracing(tracer_proc: i32, target: i32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    let is_ours = |tid: i32| tid != 0 && Path::new(&format!("/proc/{tracer_proc}/task/{tid}")).exists();
+    while Instant::now() < deadline {
+        if !pid_alive(tracer_proc) {
+            return None;
+        }
+        if let Some(&(_, t)) = thread_tracers(target).iter().find(|(_, t)| is_ours(*t)) {
+            // SAFETY: SIGSTOP to a child process the caller owns.
+            unsafe { libc::kill(tracer_proc, libc::SIGSTOP) };
+            let stopped = wait_until(Duration::from_secs(10), || {
+                std::fs::read_dir(format!("/proc/{tracer_proc}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .all(|e| proc_state_path(&e.path().join("stat")).is_none_or(|c| c == 'T' || c == 'Z'))
+            });
+            assert!(stopped, "tracer process {tracer_proc} did not stop on SIGSTOP");
+            if thread_tracers(target).iter().any(|(_, tt)| *tt == t && is_ours(t)) {
+                return Some(t);
+            }
+            // It detached between the two reads: let it go on and look again.
+            // SAFETY: as above.
+            unsafe { libc::kill(tracer_proc, libc::SIGCONT) };
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+fn proc_state_path(stat: &Path) -> Option<char> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 pub fn proc_state(pid: i32) -> Option<char> {
@@ -479,6 +542,9 @@ impl Lab {
     pub fn add_vm(&mut self, opts: LabOptions) -> Vm {
         let mut cmd = Command::new("python3");
         cmd.arg(lab_script()).arg("up").arg("--root").arg(&self.root).args(opts.up_args());
+        if let Some(q) = &opts.qemu {
+            cmd.env("LAB_QEMU", q);
+        }
         let out = run_bounded(&mut cmd, LAB_CMD_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -644,4 +710,12 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// Whether any live process has exactly this argv.
+pub fn proc_cmdline_exists(argv: &[&str]) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        let pid = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
+        pid_alive(pid) && proc_cmdline(pid).is_some_and(|a| a == argv)
+    })
 }
