@@ -96,7 +96,9 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
                     std::io::stderr(),
                     "wedge-autopsy: --all-wedged: VM {vmid} is {}{}",
                     d.verdict,
-                    d.strength.map(|s| format!(" ({})", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or(""))).unwrap_or_default()
+                    d.strength
+                        .map(|s| format!(" ({})", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or("")))
+                        .unwrap_or_default()
                 );
                 vmids.push(vmid);
             }

@@ -32,7 +32,9 @@ pub enum QgaError {
     NoSocket(String),
     #[error("guest agent socket: {0}")]
     Io(#[from] std::io::Error),
-    #[error("the guest agent did not answer within {0} ms (not running in the guest, or the guest is not scheduling it)")]
+    #[error(
+        "the guest agent did not answer within {0} ms (not running in the guest, or the guest is not scheduling it)"
+    )]
     Timeout(u128),
     #[error("guest agent: {0}")]
     Protocol(String),

@@ -25,9 +25,8 @@ fn diagnose(lab: &Lab, vm: &Vm, extra: &[&str]) -> (i32, Value) {
     let mut args = vec!["diagnose", &v, "--json"];
     args.extend_from_slice(extra);
     let out = run_bounded(&mut lab.tool_args(&args), T);
-    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!("VM {v}: diagnose printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let json: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("VM {v}: diagnose printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
     (out.status.code().unwrap_or(-1), json)
 }
 

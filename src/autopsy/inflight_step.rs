@@ -161,7 +161,9 @@ impl Sources {
                 s.unavailable.extend(p.unavailable);
             }
             Some(None) => s.unavailable.push("/proc: the process is no longer the proven QEMU; not read".into()),
-            None => s.unavailable.push(format!("/proc: no answer within {} ms (a D-state thread?)", PROC_BUDGET.as_millis())),
+            None => s
+                .unavailable
+                .push(format!("/proc: no answer within {} ms (a D-state thread?)", PROC_BUDGET.as_millis())),
         }
         if let Some(job) = agent_job {
             s.agent = Some(job.await.unwrap_or_else(|| AgentView {

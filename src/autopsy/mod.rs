@@ -362,7 +362,8 @@ pub async fn capture(
     }
     let mut slots: Vec<Slot> = Vec::new();
     for step in &req.runbook.steps {
-        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
+        let is_qmp =
+            matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
         if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
             progress.started("qmp-connect");
             let rec = ctx.qmp.connect(deadline, cancel).await;

@@ -205,7 +205,9 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             let deadline = Instant::now() + inner_deadline(timeout);
             Box::new(move || core_step(&target, &output.render(&vars), min_free, &out_dir, deadline, &sink, &cancel))
         }
-        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => unreachable!("QMP steps run on the lane"),
+        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => {
+            unreachable!("QMP steps run on the lane")
+        }
     }
 }
 

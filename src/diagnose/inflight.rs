@@ -208,10 +208,13 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
                 ));
                 stuck(&mut st, idle, min_idle_secs, &idle_txt);
             }
-            (None, true, Some(g)) if g.is_empty() && b.agent.as_ref().is_some_and(|x| x.disks.iter().all(|d| d.in_progress == 0)) => {
+            (None, true, Some(g))
+                if g.is_empty() && b.agent.as_ref().is_some_and(|x| x.disks.iter().all(|d| d.in_progress == 0)) =>
+            {
                 st.condition = DiskCondition::Idle;
                 st.strength = Strength::Proven;
-                st.evidence.push("guest agent: no I/O in progress on any guest disk at either end of the window".into());
+                st.evidence
+                    .push("guest agent: no I/O in progress on any guest disk at either end of the window".into());
             }
             (None, true, _) => {
                 st.no_view = Some(no_view_reason(disk));
@@ -247,7 +250,8 @@ fn stuck(st: &mut DiskState, idle: Option<f64>, min_idle_secs: f64, idle_txt: &s
     match idle {
         Some(s) if s >= min_idle_secs => {
             st.condition = DiskCondition::Stuck;
-            st.evidence.push(format!("{}: no request completed for {idle_txt} (threshold {min_idle_secs:.0} s)", st.device));
+            st.evidence
+                .push(format!("{}: no request completed for {idle_txt} (threshold {min_idle_secs:.0} s)", st.device));
         }
         _ => {
             st.condition = DiskCondition::StuckRecently;
@@ -281,7 +285,15 @@ fn layer(
             .sockets
             .iter()
             .filter(|s| s.proto.starts_with("tcp") && (s.tx_queue.unwrap_or(0) > 0 || s.rx_queue.unwrap_or(0) > 0))
-            .map(|s| format!("{} -> {} send-q {} recv-q {}", s.local, s.remote, s.tx_queue.unwrap_or(0), s.rx_queue.unwrap_or(0)))
+            .map(|s| {
+                format!(
+                    "{} -> {} send-q {} recv-q {}",
+                    s.local,
+                    s.remote,
+                    s.tx_queue.unwrap_or(0),
+                    s.rx_queue.unwrap_or(0)
+                )
+            })
             .collect();
         evidence.push(format!(
             "the image is served by QEMU's {protocol} driver ({target}) and no QEMU thread is blocked on a local file: the requests wait on the {protocol} server{}",
@@ -345,7 +357,13 @@ fn queue_view(disk: &Disk, topo: &Topology, a: &Sample, b: &Sample, deltas: &[De
         .request_queues()
         .filter(|q| q.inuse > 0 || q.posted() > 0)
         .map(|q| {
-            format!("queue {}: {} popped not completed, {} posted not popped, used-idx {}", q.index, q.inuse, q.posted(), q.used_idx)
+            format!(
+                "queue {}: {} popped not completed, {} posted not popped, used-idx {}",
+                q.index,
+                q.inuse,
+                q.posted(),
+                q.used_idx
+            )
         })
         .collect();
     let state = match (used_moved, n1 > 0, n2 > 0) {
@@ -355,11 +373,8 @@ fn queue_view(disk: &Disk, topo: &Topology, a: &Sample, b: &Sample, deltas: &[De
         _ => QState::OneEnd,
     };
     let sentence = if state == QState::Progress {
-        let done: u32 = d1
-            .request_queues()
-            .zip(d2.request_queues())
-            .map(|(x, y)| y.used_idx.wrapping_sub(x.used_idx) as u32)
-            .sum();
+        let done: u32 =
+            d1.request_queues().zip(d2.request_queues()).map(|(x, y)| y.used_idx.wrapping_sub(x.used_idx) as u32).sum();
         format!("{} ({}): {done} request(s) completed on its queues across the window", disk.device, d2.name)
     } else if state == QState::InFlightBoth {
         format!(
@@ -369,7 +384,10 @@ fn queue_view(disk: &Disk, topo: &Topology, a: &Sample, b: &Sample, deltas: &[De
             per_queue.join("; ")
         )
     } else if state == QState::Empty {
-        format!("{} ({}): nothing in flight at either end of the window (inuse 0, avail == used): idle", disk.device, d2.name)
+        format!(
+            "{} ({}): nothing in flight at either end of the window (inuse 0, avail == used): idle",
+            disk.device, d2.name
+        )
     } else {
         format!("{} ({}): requests came and went across the window ({n1} then {n2} in flight, used-idx moved: {used_moved})", disk.device, d2.name)
     };

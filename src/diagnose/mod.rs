@@ -314,7 +314,8 @@ fn main_loop_layer(d: &mut Diagnosis) {
     d.strength = Some(Strength::Proven);
     let main = d.findings.main_thread.clone();
     let below = main.as_ref().is_some_and(|m| {
-        m.state == 'D' || ["nfs", "fuse", "request_wait_answer", "blk_mq", "io_schedule"].iter().any(|w| m.wchan.contains(w))
+        m.state == 'D'
+            || ["nfs", "fuse", "request_wait_answer", "blk_mq", "io_schedule"].iter().any(|w| m.wchan.contains(w))
     });
     d.layer = Some(if below { Layer::BelowQemu } else { Layer::InsideQemu });
     if let (true, Some(m)) = (below, main) {
@@ -339,7 +340,10 @@ fn block_path_inflight(inf: &inflight::Inflight, rules: &Rules, d: &mut Diagnosi
         d.layer = [Layer::BelowQemu, Layer::NetworkBackend, Layer::InsideQemu, Layer::GuestNotSubmitting]
             .into_iter()
             .find(|l| layers.contains(l));
-        d.facts.push(format!("QEMU answered {} QMP commands during the capture: its main loop is alive", d.findings.qmp_replies));
+        d.facts.push(format!(
+            "QEMU answered {} QMP commands during the capture: its main loop is alive",
+            d.findings.qmp_replies
+        ));
         Verdict::BlockPathFrozen
     } else if with(DiskCondition::Suspected).next().is_some() {
         for s in with(DiskCondition::Suspected) {
@@ -354,7 +358,8 @@ fn block_path_inflight(inf: &inflight::Inflight, rules: &Rules, d: &mut Diagnosi
         for s in with(DiskCondition::StuckRecently) {
             d.facts.extend(s.evidence.iter().cloned());
         }
-        d.facts.push("diagnose again in a minute: stuck requests that stay stuck past the threshold prove a wedge".into());
+        d.facts
+            .push("diagnose again in a minute: stuck requests that stay stuck past the threshold prove a wedge".into());
         Verdict::Inconclusive
     } else if with(DiskCondition::Moving).next().is_some()
         || (!disks.is_empty() && disks.iter().all(|x| x.condition == DiskCondition::Idle))
@@ -400,7 +405,13 @@ fn block_path_counters(rules: &Rules, d: &mut Diagnosis) -> Verdict {
         .devices
         .iter()
         .filter(|x| x.idle_secs().is_some_and(|s| s >= rules.min_idle_secs))
-        .map(|x| format!("{}: 0 operations completed in {window} ms, none for {:.1} s", x.device, x.idle_secs().unwrap_or(0.0)))
+        .map(|x| {
+            format!(
+                "{}: 0 operations completed in {window} ms, none for {:.1} s",
+                x.device,
+                x.idle_secs().unwrap_or(0.0)
+            )
+        })
         .collect();
     if frozen.is_empty() {
         let idle: Vec<String> = f

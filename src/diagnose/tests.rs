@@ -138,7 +138,10 @@ fn qmp_failures() {
     assert!(d.facts.iter().any(|f| f.contains("another client most likely holds the socket")), "{:?}", d.facts);
     let steps = vec![failed("qmp-connect", StepStatus::Failed, QmpFailure::CapabilitiesUnanswered)];
     let d = diagnose(&held, &steps, &Rules::default());
-    assert_eq!((d.verdict, d.strength, d.layer), (Verdict::MainLoopWedged, Some(Strength::Proven), Some(Layer::InsideQemu)));
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::MainLoopWedged, Some(Strength::Proven), Some(Layer::InsideQemu))
+    );
     // The error text does not decide: only the typed failure does.
     let steps = vec![rec("qmp-connect", "qmp", StepStatus::Failed, Some("x (capabilities-unanswered)"), &[])];
     assert_eq!(diagnose(&held, &steps, &Rules::default()).verdict, Verdict::QmpUnreachable);
@@ -203,7 +206,14 @@ fn sample(n: u32, t_ms: u64, queue: Option<serde_json::Value>, threads: serde_js
 
 /// A running VM with one disk; `idle` seconds since its last completion (both samples),
 /// no completion in the window.
-fn vm(ctl: &str, file: &str, idle_s: u64, q1: Option<serde_json::Value>, q2: Option<serde_json::Value>, threads: serde_json::Value) -> Mem {
+fn vm(
+    ctl: &str,
+    file: &str,
+    idle_s: u64,
+    q1: Option<serde_json::Value>,
+    q2: Option<serde_json::Value>,
+    threads: serde_json::Value,
+) -> Mem {
     let idle = idle_s * 1_000_000_000;
     running(Mem::default())
         .put("qmp/query-blockstats.1.json", bs(5, 4096, Some(idle)))
@@ -239,8 +249,17 @@ fn idle_virtio_disk_is_healthy_however_long_idle() {
 fn stuck_virtio_request_is_proven_frozen_inside_qemu() {
     let ev = vm("virtio", IMG, 41, Some(vq(1, 2, 1)), Some(vq(1, 2, 1)), json!([]));
     let d = diagnose(&ev, &inflight_steps(), &Rules::default());
-    assert_eq!((d.verdict, d.strength, d.layer), (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu)), "{:?}", d.facts);
-    assert!(d.facts.iter().any(|f| f.contains("1 request(s) in flight") && f.contains("used-idx unchanged")), "{:?}", d.facts);
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu)),
+        "{:?}",
+        d.facts
+    );
+    assert!(
+        d.facts.iter().any(|f| f.contains("1 request(s) in flight") && f.contains("used-idx unchanged")),
+        "{:?}",
+        d.facts
+    );
     assert!(d.facts.iter().any(|f| f.contains("no request completed for 43.0 s")), "{:?}", d.facts);
     assert_eq!(d.exit_code(), 11);
     assert_eq!(d.automatic_restart(false), Ok(()));
@@ -260,13 +279,24 @@ fn worker_blocked_on_the_image_is_below_qemu_and_not_restarted() {
     let ev = vm("virtio", IMG, 41, Some(vq(1, 2, 1)), Some(vq(1, 2, 1)), worker.clone());
     let d = diagnose(&ev, &inflight_steps(), &Rules::default());
     assert_eq!((d.verdict, d.layer), (Verdict::BlockPathFrozen, Some(Layer::BelowQemu)), "{:?}", d.facts);
-    assert!(d.facts.iter().any(|f| f.contains("thread 4711 (worker) in pwrite64 on fd 17") && f.contains("request_wait_answer")), "{:?}", d.facts);
+    assert!(
+        d.facts
+            .iter()
+            .any(|f| f.contains("thread 4711 (worker) in pwrite64 on fd 17") && f.contains("request_wait_answer")),
+        "{:?}",
+        d.facts
+    );
     assert!(matches!(d.restart_advice(), RestartAdvice::WontHelp(_)));
     assert!(d.automatic_restart(true).is_err());
     // On LSI the worker is the in-flight view: proven, not merely suspected.
     let lsi = vm("lsi", IMG, 41, None, None, worker);
     let d = diagnose(&lsi, &inflight_steps(), &Rules::default());
-    assert_eq!((d.verdict, d.strength, d.layer), (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::BelowQemu)), "{:?}", d.facts);
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::BelowQemu)),
+        "{:?}",
+        d.facts
+    );
 }
 
 #[test]
@@ -294,9 +324,11 @@ fn lsi_without_a_view_is_at_most_suspected() {
 fn a_busy_vm_with_an_unused_disk_is_healthy() {
     // scsi0 idle for an hour on virtio with nothing in flight; scsi1 (own controller) busy.
     let mut ev = vm("virtio", IMG, 3600, Some(vq(0, 5, 5)), Some(vq(0, 5, 5)), json!([]));
-    let two = |wr: u64| json!({"return": [
+    let two = |wr: u64| {
+        json!({"return": [
         {"device": "drive-scsi0", "stats": {"wr_operations": 5, "idle_time_ns": 3_600_000_000_000u64}},
-        {"device": "drive-scsi1", "stats": {"wr_operations": wr, "idle_time_ns": 1000}}]});
+        {"device": "drive-scsi1", "stats": {"wr_operations": wr, "idle_time_ns": 1000}}]})
+    };
     ev = ev.put("qmp/query-blockstats.1.json", two(100)).put("qmp/query-blockstats.2.json", two(180));
     let d = diagnose(&ev, &inflight_steps(), &Rules::default());
     assert_eq!(d.verdict, Verdict::Healthy, "{:?}", d.facts);

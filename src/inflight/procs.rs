@@ -78,7 +78,9 @@ fn threads(pid: i32, fds: &BTreeMap<i32, String>, out: &mut ProcSample) {
         // read/write/ioctl/lseek/fstat are everyday calls on eventfds, pipes and /dev/kvm:
         // they count only when the fd is storage. The others count whatever the fd.
         let counts = match io {
-            Some((name, true)) if ["read", "write", "ioctl", "lseek", "fstat"].contains(&name) => is_storage_path(&file),
+            Some((name, true)) if ["read", "write", "ioctl", "lseek", "fstat"].contains(&name) => {
+                is_storage_path(&file)
+            }
             Some(_) => true,
             None => false,
         };
@@ -92,7 +94,9 @@ fn threads(pid: i32, fds: &BTreeMap<i32, String>, out: &mut ProcSample) {
             state: stat.state,
             wchan: if wchan == "0" { String::new() } else { wchan },
             syscall: nr,
-            syscall_name: io.map(|(n, _)| n.to_string()).unwrap_or_else(|| nr.map(|n| format!("#{n}")).unwrap_or_default()),
+            syscall_name: io
+                .map(|(n, _)| n.to_string())
+                .unwrap_or_else(|| nr.map(|n| format!("#{n}")).unwrap_or_default()),
             fd,
             file,
             run_ns: read("schedstat").split_whitespace().next().and_then(|s| s.parse().ok()),
@@ -133,7 +137,14 @@ fn sockets(pid: i32, fds: &BTreeMap<i32, String>) -> Vec<Socket> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/net/{proto}")).unwrap_or_default();
         for (inode, local, remote, tx, rx) in parse_tcp(&text) {
             if let Some(fd) = inodes.get(&inode) {
-                out.push(Socket { fd: *fd, proto: proto.into(), local, remote, tx_queue: Some(tx), rx_queue: Some(rx) });
+                out.push(Socket {
+                    fd: *fd,
+                    proto: proto.into(),
+                    local,
+                    remote,
+                    tx_queue: Some(tx),
+                    rx_queue: Some(rx),
+                });
             }
         }
     }

@@ -169,8 +169,7 @@ pub fn build(block: Option<&Value>, virtio: Option<&Value>, cmdline: &[String]) 
         }
     }
     let devs = devices(cmdline);
-    let by_id: BTreeMap<&str, &DeviceOpt> =
-        devs.iter().filter_map(|d| Some((d.opts.get("id")?.as_str(), d))).collect();
+    let by_id: BTreeMap<&str, &DeviceOpt> = devs.iter().filter_map(|d| Some((d.opts.get("id")?.as_str(), d))).collect();
     let Some(blocks) = block.and_then(Value::as_array) else {
         t.notes.push("no query-block reply: disks unknown".into());
         return t;

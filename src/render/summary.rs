@@ -66,7 +66,9 @@ pub fn verdict_line(d: &Diagnosis) -> String {
         _ => {}
     }
     let advice = match d.restart_advice() {
-        RestartAdvice::Helps => format!("{}", d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process")),
+        RestartAdvice::Helps => {
+            format!("{}", d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process"))
+        }
         RestartAdvice::Unproven(why) | RestartAdvice::WontHelp(why) => why,
         RestartAdvice::NotWedged(_) => return line,
     };

@@ -159,12 +159,18 @@ mod tests {
         assert_eq!(decide(&Policy::default(), false, true, &proven), Decision::NotWanted);
         assert_eq!(decide(&restarting(), false, true, &proven), Decision::Go);
         assert_eq!(decide(&restarting(), false, true, &d(MainLoopWedged, Some(Strength::Proven), None)), Decision::Go);
-        assert!(matches!(decide(&restarting(), false, true, &d(Healthy, None, None)), Decision::Refused(r) if r.contains("healthy")));
-        assert!(matches!(decide(&restarting(), true, true, &d(Inconclusive, None, None)), Decision::Refused(r) if r.contains("inconclusive")));
+        assert!(
+            matches!(decide(&restarting(), false, true, &d(Healthy, None, None)), Decision::Refused(r) if r.contains("healthy"))
+        );
+        assert!(
+            matches!(decide(&restarting(), true, true, &d(Inconclusive, None, None)), Decision::Refused(r) if r.contains("inconclusive"))
+        );
         assert!(matches!(decide(&restarting(), false, false, &proven), Decision::Refused(r) if r.contains("sealed")));
         // Suspected: only with the policy's opt-in. Below QEMU or network: never.
         let suspected = d(BlockPathFrozen, Some(Strength::Suspected), None);
-        assert!(matches!(decide(&restarting(), false, true, &suspected), Decision::Refused(r) if r.contains("suspected")));
+        assert!(
+            matches!(decide(&restarting(), false, true, &suspected), Decision::Refused(r) if r.contains("suspected"))
+        );
         let opt_in = Policy { restart_suspected: true, ..restarting() };
         assert_eq!(decide(&opt_in, false, true, &suspected), Decision::Go);
         for l in [Layer::BelowQemu, Layer::NetworkBackend] {

@@ -395,26 +395,46 @@ mod tests {
 
         // capture-only policy: nothing, not even a refusal.
         assert_eq!(
-            restart_step(r.clone(), &job(Policy::default(), false), &proven(Verdict::BlockPathFrozen), Some(&s), target()).await,
+            restart_step(
+                r.clone(),
+                &job(Policy::default(), false),
+                &proven(Verdict::BlockPathFrozen),
+                Some(&s),
+                target()
+            )
+            .await,
             None
         );
         // Healthy, unsealed, or a verdict the policy does not name: refused, never called.
         for (verdict, sealed) in
             [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))]
         {
-            let out =
-                restart_step(r.clone(), &job(restart.clone(), false), &proven(verdict), sealed, target()).await.unwrap();
+            let out = restart_step(r.clone(), &job(restart.clone(), false), &proven(verdict), sealed, target())
+                .await
+                .unwrap();
             assert!(!out.attempted, "{verdict}: {out:?}");
         }
         assert!(fake.calls.lock().unwrap().is_empty());
         // The policy's verdicts, sealed: called once each with the archive's facts.
-        let out = restart_step(r.clone(), &job(restart.clone(), false), &proven(Verdict::BlockPathFrozen), Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(restart.clone(), false),
+            &proven(Verdict::BlockPathFrozen),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok && out.attempted, "{out:?}");
-        let out = restart_step(r.clone(), &job(Policy::default(), true), &proven(Verdict::MainLoopWedged), Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(Policy::default(), true),
+            &proven(Verdict::MainLoopWedged),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok, "an API request with restart=true uses the default verdict list: {out:?}");
         let calls = fake.calls.lock().unwrap();
         assert_eq!(calls.len(), 2);
