@@ -15,6 +15,7 @@ pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
 /// Where separate debug files are searched by build-id (`<dir>/.build-id/xx/yyyy.debug`).
 pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
+pub const DEFAULT_LOG_DIR: &str = "/var/log";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
 /// are kept as raw tables and validated by their owners. The JSON Schema derived from
@@ -32,6 +33,8 @@ pub struct FileConfig {
     pub runbook_dir: Option<PathBuf>,
     pub min_idle: Option<String>,
     pub debug_dirs: Option<Vec<PathBuf>>,
+    pub log_dir: Option<PathBuf>,
+    pub signature_dir: Option<PathBuf>,
     pub retention: Option<RetentionFile>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub serve: Option<toml::Table>,
@@ -61,6 +64,7 @@ pub struct Overrides {
     pub node: Option<String>,
     /// `--debug-dir`, repeatable; empty means "not given".
     pub debug_dirs: Vec<PathBuf>,
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Resolved settings every subcommand uses.
@@ -79,6 +83,10 @@ pub struct Settings {
     pub min_idle: Duration,
     /// Directories searched for separate debug files, in order (`--debug-dir`, `debug_dirs`).
     pub debug_dirs: Vec<PathBuf>,
+    /// Where Proxmox writes its logs (vzdump/, pve/tasks/).
+    pub log_dir: PathBuf,
+    /// Operator signatures, found by id before the built-in ones.
+    pub signature_dir: PathBuf,
     /// Retention limits for `<out>` and the free-space floor a capture must leave.
     pub retention: crate::retention::Limits,
     /// The file the settings came from, if any.
@@ -134,6 +142,8 @@ impl Settings {
                 (true, Some(d)) => d,
                 (true, None) => vec![DEFAULT_DEBUG_DIR.into()],
             },
+            log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
+            signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
@@ -227,6 +237,10 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
     KeyDoc { section: None, key: "debug_dirs", value: "[\"/usr/lib/debug\"]", default: "[\"/usr/lib/debug\"]",
         meaning: "Where separate debug files are searched, by build-id (<dir>/.build-id/xx/yyyy.debug) and debuglink. Flag: --debug-dir DIR (repeatable; replaces this list)." },
+    KeyDoc { section: None, key: "log_dir", value: "\"/var/log\"", default: "/var/log",
+        meaning: "Where Proxmox VE writes its logs: the VM's vzdump/qemu-<vmid>.log and pve/tasks/ are captured from here. Flag: --log-dir." },
+    KeyDoc { section: None, key: "signature_dir", value: "\"/etc/wedge-autopsy/signatures\"", default: "/etc/wedge-autopsy/signatures",
+        meaning: "Operator known-bug signatures (*.toml), found by id before the built-in ones. Check them with `wedge-autopsy signatures check FILE`." },
     KeyDoc { section: Some("retention"), key: "keep", value: "0", default: "0 (no count limit)",
         meaning: "Keep at most this many archives in <out>, newest first; older ones are pruned after each autopsy." },
     KeyDoc { section: Some("retention"), key: "max_age", value: "\"0\"", default: "\"0\" (no age limit)",

@@ -9,7 +9,7 @@ use wedge_autopsy::archive::manifest::Trigger;
 use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 use wedge_autopsy::autopsy::{self, Request, Silent};
 use wedge_autopsy::cancel::Cancel;
-use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, StacksArg};
+use wedge_autopsy::cli::{AutopsyArgs, Cli, Command, RunbookAction, SignaturesAction, StacksArg};
 use wedge_autopsy::config::{self, Settings};
 use wedge_autopsy::diagnose;
 use wedge_autopsy::error::{Error, Exit};
@@ -41,18 +41,27 @@ fn main() -> ExitCode {
     }
     let ui =
         wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
-    let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
-        None => autopsy_cmd(&cli.autopsy, &settings, &ui),
-        Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
-        Some(Command::Generate { .. }) => unreachable!("handled above"),
-        Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
-        Some(Command::Diagnose { vmid, window, min_idle, json }) => {
-            diagnose_cmd(&vmid, window, min_idle, json, settings)
+    let result = Settings::load(&cli.global.overrides()).and_then(|settings| {
+        // Broken operator signatures are reported, never a reason to skip a capture.
+        for e in wedge_autopsy::signatures::configure(&settings.signature_dir) {
+            tracing::warn!("signature not loaded: {e}");
         }
-        Some(Command::Audit { json }) => audit_cmd(json, &settings),
-        Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
-        Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
-        Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
+        match cli.command {
+            None => autopsy_cmd(&cli.autopsy, &settings, &ui),
+            Some(Command::Prune(args)) => retention::prune_cmd(&args, &settings),
+            Some(Command::Generate { .. }) => unreachable!("handled above"),
+            Some(Command::Runbook { action }) => runbook_cmd(action, &settings),
+            Some(Command::Signatures { action }) => signatures_cmd(action, &settings),
+            Some(Command::Diagnose { vmid, window, min_idle, json }) => {
+                diagnose_cmd(&vmid, window, min_idle, json, settings)
+            }
+            Some(Command::Audit { json }) => audit_cmd(json, &settings),
+            Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
+            Some(Command::Inspect { archive, verify, json, cat }) => {
+                inspect_cmd(&archive, verify, json, cat.as_deref())
+            }
+            Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
+        }
     });
     finish(result)
 }
@@ -365,6 +374,21 @@ fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error
             Ok(if bad == 0 { Exit::Ok } else { Exit::BadInput })
         }
     }
+}
+
+fn signatures_cmd(action: SignaturesAction, settings: &Settings) -> Result<Exit, Error> {
+    use wedge_autopsy::signatures;
+    match action {
+        SignaturesAction::List => print!("{}", signatures::list_text(&signatures::load(&settings.signature_dir))),
+        SignaturesAction::Show { id } => print!(
+            "{}",
+            signatures::show_text(&id, &settings.signature_dir).ok_or_else(|| Error::BadInput(format!(
+                "no signature with id {id:?}; `wedge-autopsy signatures list` shows them"
+            )))?
+        ),
+        SignaturesAction::Check { files } => return Ok(signatures::check_files(&files)),
+    }
+    Ok(Exit::Ok)
 }
 
 fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&str>) -> Result<Exit, Error> {

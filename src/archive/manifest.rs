@@ -26,6 +26,10 @@ pub struct Manifest {
     #[serde(default)]
     pub target: Option<serde_json::Value>,
     pub interrupted: bool,
+    /// The redaction pass over every file before sealing: that it ran and how many values
+    /// it replaced, never what they were. Absent in archives from before the pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redaction: Option<crate::redact::Redaction>,
     pub steps: Vec<StepRecord>,
     pub files: Vec<FileEntry>,
 }

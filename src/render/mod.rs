@@ -249,6 +249,9 @@ pub fn inspect_text(reader: &crate::archive::ArchiveReader, recomputed: &crate::
         ),
     };
     o.push_str(&format!("\nRecomputed from the archive: {}\n", recomputed.verdict));
+    for m in &recomputed.findings.signatures {
+        o.push_str(&format!("Recomputed {} match: {} (fixed in: {})\n", m.kind, m.id, m.fixed_in));
+    }
     o.push_str(&format!("\nFiles ({}):\n", m.files.len()));
     for f in &m.files {
         o.push_str(&format!("  {:>10}  {}  {}\n", f.size, &f.sha256[..12.min(f.sha256.len())], f.path));

@@ -64,6 +64,10 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
+    /// extra QEMU arguments (`lab up --qemu-arg`)
+    pub qemu_args: Vec<String>,
+    /// extra environment of the QEMU process (`KEY`, `VALUE`)
+    pub qemu_env: Vec<(String, String)>,
     /// `agent: 1` and a `<vmid>.qga` socket nobody answers on (`lab up --agent`)
     pub agent: bool,
     /// the QEMU binary to run (`LAB_QEMU`); `None` = qemu-system-x86_64 on PATH
@@ -83,6 +87,8 @@ impl Default for LabOptions {
             aio: "io_uring".into(),
             node: None,
             extra_conf: Vec::new(),
+            qemu_args: Vec::new(),
+            qemu_env: Vec::new(),
             libvirt: false,
             agent: false,
             qemu: None,
@@ -124,6 +130,10 @@ impl LabOptions {
         for e in &self.extra_conf {
             a.push("--extra-conf".into());
             a.push(e.clone());
+        }
+        for q in &self.qemu_args {
+            // `=` form: the value may itself start with '-'.
+            a.push(format!("--qemu-arg={q}"));
         }
         a
     }
@@ -791,6 +801,8 @@ impl Lab {
     pub fn add_vm(&mut self, opts: LabOptions) -> Vm {
         let mut cmd = Command::new("python3");
         cmd.arg(lab_script()).arg("up").arg("--root").arg(&self.root).args(opts.up_args());
+        // QEMU inherits `lab up`'s environment.
+        cmd.envs(opts.qemu_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if let Some(q) = &opts.qemu {
             cmd.env("LAB_QEMU", q);
         }
