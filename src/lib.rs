@@ -15,6 +15,7 @@ pub mod exec;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod gen;
+pub mod inflight;
 pub mod lock;
 pub mod logging;
 pub mod procfs;

@@ -96,9 +96,19 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         .map_err(anyhow::Error::from)?;
     let cancel = Cancel::new();
     rt.block_on(async { autopsy::cancel_on_signals(&cancel) }).map_err(anyhow::Error::from)?;
+    // VMs named by the operator restart on their word; VMs found by --all-wedged only on proof.
+    let named: Vec<VmId> = vmids.clone();
     if args.all_wedged {
-        for vmid in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
+        for (vmid, d) in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
             if !vmids.contains(&vmid) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "wedge-autopsy: --all-wedged: VM {vmid} is {}{}",
+                    d.verdict,
+                    d.strength
+                        .map(|s| format!(" ({})", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or("")))
+                        .unwrap_or_default()
+                );
                 vmids.push(vmid);
             }
         }
@@ -122,6 +132,11 @@ fn autopsy_cmd(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit,
         no_qmp: args.no_qmp,
         trigger: Trigger::manual(args.reason.clone()),
         command_line: std::env::args().collect(),
+        restart_gate: if named.contains(&vmid) {
+            autopsy::RestartGate::Operator
+        } else {
+            autopsy::RestartGate::Automatic { allow_suspected: args.restart_suspected }
+        },
     };
     if args.dry_run {
         for vmid in &vmids {
@@ -242,6 +257,7 @@ fn diagnose_cmd(
         no_qmp: false,
         trigger: Trigger::manual(None),
         command_line: std::env::args().collect(),
+        restart_gate: Default::default(),
     };
     let target = autopsy::prepare(&req, &settings)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
@@ -253,12 +269,12 @@ fn diagnose_cmd(
     if json {
         println!(
             "{}",
-            serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings})
+            serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "strength": d.strength, "layer": d.layer, "restart": d.restart_advice(), "facts": d.facts, "disks": d.disks, "findings": d.findings})
         );
     } else {
         print!("{}", render::diagnose_text(vmid, target.pid, &d));
     }
-    Ok(Exit::Verdict(d.verdict.exit_code()))
+    Ok(Exit::Verdict(d.exit_code()))
 }
 
 fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Exit, Error> {

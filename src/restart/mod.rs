@@ -380,6 +380,8 @@ pub enum RestartError {
     StartFailed(String),
     #[error("the start command succeeded but the new QEMU could not be verified: {0}; check `qm status` and the VM's console")]
     VerifyNew(String),
+    #[error("not restarted: {0}")]
+    NotAdvised(String),
 }
 
 impl RestartError {
@@ -399,6 +401,7 @@ impl RestartError {
             RestartError::NotProven { .. } => "not-proven",
             RestartError::StartFailed(_) => "start-failed",
             RestartError::VerifyNew(_) => "verify-new",
+            RestartError::NotAdvised(_) => "not-advised",
         }
     }
 
@@ -632,6 +635,30 @@ fn human(d: Duration) -> String {
 /// verification, records. Blocking; call it from a plain thread or `spawn_blocking`
 /// (the QMP check uses the current tokio runtime if there is one). Never panics on a
 /// failure: every failure is `error` in the outcome.
+/// The outcome of a restart refused before anything was done (the evidence does not
+/// allow it): recorded like any other, with the VM untouched.
+pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
+    RestartOutcome {
+        requested: true,
+        performed: false,
+        method: req.cfg.method_name().into(),
+        vmid: old.vmid,
+        old_pid: old.pid,
+        new_pid: None,
+        escalated: false,
+        old_stopped: false,
+        vm_state: "running-old".into(),
+        qmp_status: None,
+        started_at: Utc::now(),
+        duration_ms: 0,
+        error: Some(err.to_string()),
+        error_kind: Some(err.kind().into()),
+        exit: Some(err.exit()),
+        archive: sealed.map(|s| s.path.display().to_string()),
+        actions: Vec::new(),
+    }
+}
+
 pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
     let started_at = Utc::now();
     let t0 = Instant::now();
