@@ -638,32 +638,16 @@ fn human(d: Duration) -> String {
 /// The outcome of a restart refused before anything was done (the evidence does not
 /// allow it): recorded like any other, with the VM untouched.
 pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
-    RestartOutcome {
-        requested: true,
-        performed: false,
-        method: req.cfg.method_name().into(),
-        vmid: old.vmid,
-        old_pid: old.pid,
-        new_pid: None,
-        escalated: false,
-        old_stopped: false,
-        vm_state: "running-old".into(),
-        qmp_status: None,
-        started_at: Utc::now(),
-        duration_ms: 0,
-        error: Some(err.to_string()),
-        error_kind: Some(err.kind().into()),
-        exit: Some(err.exit()),
-        archive: sealed.map(|s| s.path.display().to_string()),
-        actions: Vec::new(),
-    }
+    let mut o = untouched(req, old, sealed, Utc::now());
+    o.error = Some(err.to_string());
+    o.error_kind = Some(err.kind().into());
+    o.exit = Some(err.exit());
+    o
 }
 
-pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
-    let started_at = Utc::now();
-    let t0 = Instant::now();
-    let mut rec = Recorder::new(req.quiet, req.t0);
-    let mut o = RestartOutcome {
+/// The outcome before anything was done: the old QEMU still runs, nothing recorded yet.
+fn untouched(req: &Request, old: &Target, sealed: Option<&Sealed>, started_at: DateTime<Utc>) -> RestartOutcome {
+    RestartOutcome {
         requested: true,
         performed: false,
         method: req.cfg.method_name().into(),
@@ -681,7 +665,14 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
         exit: None,
         archive: sealed.map(|s| s.path.display().to_string()),
         actions: Vec::new(),
-    };
+    }
+}
+
+pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
+    let started_at = Utc::now();
+    let t0 = Instant::now();
+    let mut rec = Recorder::new(req.quiet, req.t0);
+    let mut o = untouched(req, old, sealed, started_at);
     let result = drive(req, old, sealed, cancel, &mut rec, &mut o);
     if let Err(e) = &result {
         o.error = Some(e.to_string());
