@@ -80,15 +80,7 @@ pub struct Settings {
     pub restart: Option<toml::Table>,
 }
 
-/// Parses `"2s"`, `"500ms"`, `"1m"`, `"0"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("invalid duration {text:?} ({e}): write e.g. \"2s\", \"500ms\", \"0\""))
-}
+pub use crate::units::parse_duration;
 
 impl Settings {
     /// Loads the config file (the default path may be absent; an explicit `--config` must
@@ -144,7 +136,7 @@ fn retention_limits(r: RetentionFile) -> Result<crate::retention::Limits, Error>
     let size = |key: &str, v: Option<String>, default: u64| -> Result<u64, Error> {
         match v {
             None => Ok(default),
-            Some(t) => crate::runbook::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
+            Some(t) => crate::units::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
         }
     };
     Ok(Limits {

@@ -7,14 +7,13 @@
 pub mod archive;
 pub mod autopsy;
 pub mod cancel;
-pub mod cli;
 pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod exec;
+pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod gen;
 pub mod lock;
 pub mod logging;
 pub mod procfs;
@@ -28,3 +27,4 @@ pub mod serve;
 pub mod stacks;
 pub mod step;
 pub mod target;
+pub mod units;

@@ -197,7 +197,7 @@ pub async fn run(
     let host = crate::config::local_node_name();
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
-    let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&settings.out, &name)?;
     let mut records = capture(req, settings, &target, &staging, progress, cancel).await;
     mark_vanished(&staging, &mut records);
     let interrupted = cancel.is_cancelled();
@@ -394,8 +394,7 @@ pub async fn diagnose_live(
     cancel: &Cancel,
 ) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
     let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
-    let staging =
-        Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid))?;
     let records = capture(req, settings, target, &staging, &Silent, cancel).await;
     let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let _ = std::fs::remove_dir_all(&tmp);

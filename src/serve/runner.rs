@@ -114,7 +114,7 @@ fn describe(job: &Job) -> String {
 /// Proves the target and runs the autopsy.
 async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
     let name = ctx.cfg.runbook.clone().or(ctx.settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
-    let rb = runbook::load(&name, &ctx.settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let rb = runbook::load(&name, &ctx.settings.runbook_dir)?;
     let mut req = Request {
         vmid: job.vmid,
         runbook: rb,
