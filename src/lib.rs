@@ -26,5 +26,6 @@ pub mod runbook;
 pub mod serve;
 pub mod stacks;
 pub mod step;
+pub mod summary;
 pub mod target;
 pub mod units;

@@ -98,7 +98,10 @@ fn every_documented_code_comes_from_a_variant_or_a_verdict() {
     produced.extend(VERDICTS.iter().map(|v| v.exit_code()));
     for (codes, autopsy, diagnose) in readme_rows() {
         for c in codes {
-            assert!(produced.contains(&c), "README documents exit {c} ({autopsy} | {diagnose}) but nothing produces it");
+            assert!(
+                produced.contains(&c),
+                "README documents exit {c} ({autopsy} | {diagnose}) but nothing produces it"
+            );
         }
     }
 }

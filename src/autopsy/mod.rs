@@ -28,9 +28,9 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::{self, Diagnosis, Rules};
 use crate::error::{Error, Exit};
-use crate::render::summary::{self, Summary};
 use crate::runbook::{Runbook, StepKind, Vars};
 use crate::step::{StepRecord, StepStatus};
+use crate::summary::{self, Summary};
 use crate::target::{self, Layout, Target, VmId};
 
 /// What the caller asks for, beyond the settings.

@@ -146,7 +146,7 @@ fn report(
             if args.json {
                 let _ = writeln!(std::io::stdout(), "{}", o.json());
             } else if !args.quiet {
-                let _ = writeln!(std::io::stdout(), "\n{}", render::summary::markdown(&o.summary()));
+                let _ = writeln!(std::io::stdout(), "\n{}", wedge_autopsy::summary::markdown(&o.summary()));
             }
             for e in o.errors() {
                 let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");

@@ -21,6 +21,7 @@ pub mod notify;
 pub mod restart;
 pub mod runner;
 pub mod watch;
+pub mod watch_state;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -109,7 +110,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         restarter,
         hard_stop: Cancel::new(),
         in_flight: AtomicUsize::new(0),
-        watch: Mutex::new(watch::WatchState::default()),
+        watch: Mutex::new(watch_state::WatchState::default()),
     });
     if let Some(w) = watch_cfg {
         tokio::spawn(watch::run(ctx.clone(), w));

@@ -12,7 +12,7 @@ use super::config::ServeConfig;
 use super::jobs::{Job, JobId, State, Store};
 use super::notify::{self, Completion};
 use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
-use super::watch::WatchState;
+use super::watch_state::WatchState;
 use crate::archive::manifest::Trigger;
 use crate::archive::Sealed;
 use crate::autopsy::{self, Report, Request, Silent};
@@ -20,8 +20,8 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::Verdict;
 use crate::error::Error;
-use crate::render::summary::{self, ArchiveFacts};
 use crate::runbook;
+use crate::summary::{self, ArchiveFacts};
 use crate::target::{Target, TargetError};
 
 /// Proving the target reads /proc/PID/cmdline, which can block on a wedged process's

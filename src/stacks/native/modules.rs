@@ -168,8 +168,6 @@ pub struct Module {
     pub elf: Elf,
     /// A separate debug file (symbols, DWARF, `.debug_frame`), build-id checked.
     pub debug: Option<Elf>,
-    /// Built on first symbol lookup (after the threads are released).
-    pub(crate) symbols: OnceLock<super::symbols::SymbolTable>,
 }
 
 impl Module {
@@ -316,15 +314,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
             }
         };
         let debug = if path == "[vdso]" { None } else { find_debug(&elf, path, search) };
-        list.push(Module {
-            name: path.trim_end_matches(" (deleted)").to_string(),
-            start,
-            end,
-            bias,
-            elf,
-            debug,
-            symbols: OnceLock::new(),
-        });
+        list.push(Module { name: path.trim_end_matches(" (deleted)").to_string(), start, end, bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
     (Modules { list }, notes)
