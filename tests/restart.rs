@@ -6,10 +6,13 @@
 //! Test-only hook: `WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL=<P>` makes the tool write
 //! `<P>.ready` (the old pid) right before its kill decision and wait for `<P>.go`. It is
 //! used by one test to swap the process behind the old pid, and is recorded as a
-//! `test-hook` action in restart.json whenever it fires.
+//! `test-hook` action in restart.json whenever it fires. The hook exists only in builds
+//! with `--features test-hooks` (scripts/test enables it); without it that test is not
+//! compiled and `hook_tests_need_the_feature` says so.
 
 mod common;
 
+#[cfg(feature = "test-hooks")]
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -224,6 +227,7 @@ fn hanging_qm_stop_is_killed_then_the_proven_qemu_is_sigkilled() {
 
 /// Makes the next process forked in this pid namespace get `pid` (needs root), by
 /// setting ns_last_pid and spawning; retries because other processes fork too.
+#[cfg(feature = "test-hooks")]
 fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     for _ in 0..200 {
         if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
@@ -242,6 +246,15 @@ fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     None
 }
 
+/// A plain `cargo test` cannot run the kill-guard test: fail saying how to, rather than
+/// pass without it.
+#[cfg(not(feature = "test-hooks"))]
+#[test]
+fn hook_tests_need_the_feature() {
+    panic!("pid_reused_between_seal_and_kill_is_not_signalled needs `cargo test --features test-hooks` (scripts/test)");
+}
+
+#[cfg(feature = "test-hooks")]
 #[test]
 fn pid_reused_between_seal_and_kill_is_not_signalled() {
     let lab = Lab::start(LabOptions { vmid: 123, name: "reuse".into(), ..LabOptions::default() });
