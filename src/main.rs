@@ -47,7 +47,7 @@ fn main() -> ExitCode {
         Some(Command::Inspect { archive, verify, json, cat }) => {
             cmd::inspect::run(&archive, verify, json, cat.as_deref())
         }
-        Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
+        Some(Command::Serve { listen }) => cmd::serve::run(listen, settings),
     });
     finish(result)
 }

@@ -10,4 +10,5 @@ pub mod generate;
 pub mod inspect;
 pub mod prune;
 pub mod runbook;
+pub mod serve;
 pub mod stacks;

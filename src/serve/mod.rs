@@ -31,7 +31,7 @@ use std::future::IntoFuture;
 
 use tokio::sync::Semaphore;
 
-pub use restart::{RestartOutcome, RestartRequest, Restarter, Unwired};
+pub use restart::{RestartOutcome, RestartRequest, Restarter};
 
 use crate::cancel::Cancel;
 use crate::config::{FileConfig, Settings};
@@ -60,12 +60,6 @@ pub fn load_config(settings: &Settings, listen: Option<&str>) -> Result<config::
         let file = settings.config_file.as_ref().map(|p| format!("config {}: ", p.display())).unwrap_or_default();
         Error::BadInput(format!("{file}{e}"))
     })
-}
-
-/// `wedge-autopsy serve` with the restarter this build has.
-pub fn main(listen: Option<String>, settings: Settings) -> Result<Exit, Error> {
-    let restarter = Arc::new(restart::Wired { settings: settings.clone() });
-    serve(listen, settings, restarter)
 }
 
 /// Runs the service until a stop signal. The restart is injected so the restart module
