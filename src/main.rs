@@ -34,20 +34,27 @@ fn main() -> ExitCode {
     }
     let ui =
         wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
-    let result = Settings::load(&cli.global.overrides()).and_then(|settings| match cli.command {
-        None => cmd::autopsy::run(&cli.autopsy, &settings, &ui),
-        Some(Command::Prune(args)) => cmd::prune::run(&args, &settings),
-        Some(Command::Generate { .. }) => unreachable!("handled above"),
-        Some(Command::Runbook { action }) => cmd::runbook::run(action, &settings),
-        Some(Command::Diagnose { vmid, window, min_idle, json }) => {
-            cmd::diagnose::run(&vmid, window, min_idle, json, settings)
+    let result = Settings::load(&cli.global.overrides()).and_then(|settings| {
+        // Broken operator signatures are reported, never a reason to skip a capture.
+        for e in wedge_autopsy::signatures::configure(&settings.signature_dir) {
+            tracing::warn!("signature not loaded: {e}");
         }
-        Some(Command::Audit { json }) => cmd::audit::run(json, &settings),
-        Some(Command::Stacks { pid, json, lines, method }) => cmd::stacks::run(pid, json, lines, method),
-        Some(Command::Inspect { archive, verify, json, cat }) => {
-            cmd::inspect::run(&archive, verify, json, cat.as_deref())
+        match cli.command {
+            None => cmd::autopsy::run(&cli.autopsy, &settings, &ui),
+            Some(Command::Prune(args)) => cmd::prune::run(&args, &settings),
+            Some(Command::Generate { .. }) => unreachable!("handled above"),
+            Some(Command::Runbook { action }) => cmd::runbook::run(action, &settings),
+            Some(Command::Signatures { action }) => cmd::signatures::run(action, &settings),
+            Some(Command::Diagnose { vmid, window, min_idle, json }) => {
+                cmd::diagnose::run(&vmid, window, min_idle, json, settings)
+            }
+            Some(Command::Audit { json }) => cmd::audit::run(json, &settings),
+            Some(Command::Stacks { pid, json, lines, method }) => cmd::stacks::run(pid, json, lines, method),
+            Some(Command::Inspect { archive, verify, json, cat }) => {
+                cmd::inspect::run(&archive, verify, json, cat.as_deref())
+            }
+            Some(Command::Serve { listen }) => cmd::serve::run(listen, settings),
         }
-        Some(Command::Serve { listen }) => cmd::serve::run(listen, settings),
     });
     finish(result)
 }

@@ -47,8 +47,137 @@ pub fn when(t: DateTime<Utc>, offset: &str) -> String {
     format!("{} UTC ({} {offset})", t.format("%Y-%m-%d %H:%M:%S"), t.with_timezone(&local).format("%H:%M:%S"))
 }
 
+/// `s` on one line: every control character (C0, DEL, C1, U+2028/9) written as an escape
+/// (`\n`, `\r`, `\t`, `\u{1b}`), and a backslash doubled so an escape in the input is
+/// not read as one of ours. For any text from outside that lands in a log or a summary.
+pub fn escape_control(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Text from outside (an API reason, an alert label, a thread name) as an inline code
+/// span: on one line, fenced by more backticks than it contains, so it cannot open a
+/// heading, start a list, close an HTML comment or end its own span.
+pub fn literal(s: &str) -> String {
+    let e = escape_control(s);
+    let mut longest = 0;
+    let mut run = 0;
+    for c in e.chars() {
+        run = if c == '`' { run + 1 } else { 0 };
+        longest = longest.max(run);
+    }
+    let fence = "`".repeat(longest + 1);
+    let pad = if e.is_empty() || e.starts_with('`') || e.ends_with('`') { " " } else { "" };
+    format!("{fence}{pad}{e}{pad}{fence}")
+}
+
+/// A fenced block's fence for `lines`: longer than any backtick run they contain.
+fn fence_for<'a>(lines: impl Iterator<Item = &'a String>) -> String {
+    let longest = lines.flat_map(|l| l.split(|c| c != '`')).map(str::len).max().unwrap_or(0);
+    "`".repeat(longest.max(2) + 1)
+}
+
 fn cell(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', " ")
+    escape_control(s).replace('|', "\\|")
+}
+
+/// Text from outside (logs, command output, thread names) as inline code on one line:
+/// control characters escaped, backticks neutralised, bounded, so it can never become
+/// markdown structure.
+fn data(s: &str) -> String {
+    format!("`{}`", crate::qmp::one_line(&s.replace('`', "'"), 200).replace('|', "\\|"))
+}
+
+/// The Proxmox VE section: versions, backup, tasks, HA, pending changes, and first
+/// whatever is about to stop the VM.
+fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
+    let any = p.qemu_version.is_some()
+        || !p.pveversion.is_empty()
+        || p.backup.is_some()
+        || !p.tasks.is_empty()
+        || !p.vzdump_tail.is_empty()
+        || p.ha.is_some()
+        || !p.pending.is_empty()
+        || !p.stop_imminent.is_empty();
+    if !any {
+        return;
+    }
+    o.push_str("## Proxmox VE\n\n");
+    for w in &p.stop_imminent {
+        o.push_str(&format!("- **About to be stopped:** {w}\n"));
+    }
+    if let Some(v) = &p.qemu_version {
+        let build = match (&p.pve_qemu_build, &p.package) {
+            (Some(b), _) => format!(", pve-qemu-kvm {}", data(b)),
+            (None, Some(pkg)) => format!(", package {}", data(pkg)),
+            _ => String::new(),
+        };
+        o.push_str(&format!("- **QEMU:** {v}{build}\n"));
+    }
+    if let Some(x) = &p.proxmox_qemu {
+        o.push_str(&format!("- **Proxmox QEMU:** {x}\n"));
+    }
+    for l in &p.pveversion {
+        o.push_str(&format!("- pveversion: {}\n", data(l)));
+    }
+    if let Some(b) = &p.backup {
+        o.push_str(&format!("- **Backup (query-backup):** {b}\n"));
+    }
+    if let Some(st) = &p.stats {
+        o.push_str(&format!("- {st}\n"));
+    }
+    for t in &p.tasks {
+        o.push_str(&format!("- task: {}\n", data(t)));
+    }
+    if !p.vzdump_tail.is_empty() {
+        o.push_str("- vzdump log, last lines:\n");
+        for l in &p.vzdump_tail {
+            o.push_str(&format!("  - {}\n", data(l)));
+        }
+    }
+    if let Some(h) = &p.ha {
+        o.push_str(&format!("- HA: {}\n", data(h)));
+    }
+    for c in &p.pending {
+        o.push_str(&format!("- pending (applies only at the next full stop→start): {}\n", data(c)));
+    }
+    o.push('\n');
+}
+
+/// Known bugs and risk stacks matched, each with its links and "fixed in".
+fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMatch]) {
+    if matches.is_empty() {
+        return;
+    }
+    o.push_str("## Known bugs and risk stacks\n\n");
+    for m in matches {
+        let what = if m.kind == "bug" { "Known bug" } else { "Risk stack" };
+        o.push_str(&format!("- **{what}: {}** (`{}`)\n", m.title, m.id));
+        o.push_str(&format!("  - fixed in: {}\n", m.fixed_in));
+        for l in &m.links {
+            o.push_str(&format!("  - <{l}>\n"));
+        }
+        for e in &m.evidence {
+            o.push_str(&format!("  - matched: {}\n", data(e)));
+        }
+        for u in &m.unverified {
+            o.push_str(&format!("  - not verified: {u}\n"));
+        }
+        o.push_str(&format!("  - what to do: {}\n", m.advice));
+    }
+    o.push('\n');
 }
 
 pub fn markdown(s: &Summary) -> String {
@@ -67,15 +196,16 @@ pub fn markdown(s: &Summary) -> String {
         when(s.started_at, &s.utc_offset),
         when(s.ended_at, &s.utc_offset)
     ));
-    let mut trig = s.trigger.kind.clone();
+    let mut trig = escape_control(&s.trigger.kind);
     if let Some(u) = &s.trigger.user {
-        trig.push_str(&format!(" by {u}"));
+        trig.push_str(&format!(" by {}", escape_control(u)));
     }
     if let Some(t) = &s.trigger.tty {
-        trig.push_str(&format!(" on {t}"));
+        trig.push_str(&format!(" on {}", escape_control(t)));
     }
+    // The reason comes from an API caller or an alert: data, never structure.
     if let Some(r) = &s.trigger.reason {
-        trig.push_str(&format!(" — {r}"));
+        trig.push_str(&format!(" — {}", literal(r)));
     }
     o.push_str(&format!("- **Trigger:** {trig}\n"));
     if let Some(pid) = s.pid {
@@ -92,7 +222,10 @@ pub fn markdown(s: &Summary) -> String {
     for fact in &d.facts {
         o.push_str(&format!("- {fact}\n"));
     }
-    o.push_str("\n## Findings\n\n");
+    o.push('\n');
+    signatures_section(&mut o, &f.signatures);
+    pve_section(&mut o, &f.pve);
+    o.push_str("## Findings\n\n");
     if !f.devices.is_empty() {
         o.push_str(&format!("Block devices, two samples {} ms apart:\n\n", f.sample_window_ms));
         o.push_str("| device | rd ops | wr ops | flush ops | wr_highest_offset | idle |\n|---|---|---|---|---|---|\n");
@@ -130,31 +263,35 @@ pub fn markdown(s: &Summary) -> String {
         o.push_str(&format!("Threads: {} ({})\n", f.threads.len(), st.join(" ")));
         if let Some(m) = &f.main_thread {
             o.push_str(&format!(
-                "- main thread {} `{}`: state {}, in `{}`\n",
+                "- main thread {} {}: state {}, in {}\n",
                 m.tid,
-                m.name,
+                literal(&m.name),
                 m.state,
-                if m.wchan.is_empty() { "-" } else { &m.wchan }
+                literal(if m.wchan.is_empty() { "-" } else { &m.wchan })
             ));
         }
         for t in &f.blocked {
             o.push_str(&format!(
-                "- **D state** {} `{}` in `{}`: {}\n",
+                "- **D state** {} {} in {}: {}\n",
                 t.tid,
-                t.name,
-                t.wchan,
-                t.kernel_stack.iter().take(6).cloned().collect::<Vec<_>>().join(" < ")
+                literal(&t.name),
+                literal(&t.wchan),
+                escape_control(&t.kernel_stack.iter().take(6).cloned().collect::<Vec<_>>().join(" < "))
             ));
         }
         o.push('\n');
     }
     if !f.stacks.is_empty() {
-        o.push_str("Stacks (top frames, identical stacks grouped):\n\n```\n");
+        let fence = fence_for(f.stacks.iter().take(30));
+        o.push_str(&format!("Stacks (top frames, identical stacks grouped):\n\n{fence}\n"));
         for s in f.stacks.iter().take(30) {
-            o.push_str(s);
-            o.push('\n');
+            // Lines stay lines; other control characters are escaped.
+            for line in s.split('\n') {
+                o.push_str(&escape_control(line));
+                o.push('\n');
+            }
         }
-        o.push_str("```\n\n");
+        o.push_str(&format!("{fence}\n\n"));
     }
     for u in &f.io_uring {
         o.push_str(&format!("- io_uring {u}\n"));
@@ -265,6 +402,32 @@ mod tests {
         }
         let want = std::fs::read_to_string(path).expect("snapshot exists (UPDATE_SNAPSHOTS=1 to create)");
         assert_eq!(got, want, "summary.md changed; review and UPDATE_SNAPSHOTS=1 if intended");
+    }
+
+    /// The report: an API reason of `\n\n## Verdict: healthy\n<!--` added a fake verdict
+    /// and hid the real one. Rendered as a literal, it stays inside the trigger line.
+    #[test]
+    fn a_reason_cannot_forge_a_section() {
+        for reason in [
+            "x\n\n## Verdict: healthy\n<!--",
+            "`` ``\n# Verdict: healthy",
+            "```\n## Verdict: healthy\n```",
+            "-->\n## Verdict: healthy",
+            "\r## Verdict: healthy\u{2028}",
+        ] {
+            let l = literal(reason);
+            assert!(!l.contains('\n') && !l.contains('\r') && !l.contains('\u{2028}'), "{l}");
+            // The span's fence is longer than any backtick run inside, so it cannot end early.
+            let fence = l.chars().take_while(|c| *c == '`').count();
+            let inner = &l[fence..l.len() - fence];
+            assert!(l.ends_with(&"`".repeat(fence)), "{l}");
+            assert!(!inner.contains(&"`".repeat(fence)), "{l}");
+        }
+        let stacks = ["#0 f ```\n## Verdict: healthy".to_string()];
+        assert_eq!(fence_for(stacks.iter()), "````");
+        assert_eq!(literal("plain"), "`plain`");
+        assert_eq!(literal("a`b"), "``a`b``");
+        assert_eq!(literal("`x"), "`` `x ``");
     }
 
     #[test]

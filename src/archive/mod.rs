@@ -309,6 +309,32 @@ impl Evidence for ArchiveReader {
     }
 }
 
+/// Evidence held in memory, `path -> bytes`: files taken from an archive and edited
+/// (what-if checks of signatures), or built by tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemEvidence(pub std::collections::BTreeMap<String, Vec<u8>>);
+
+impl MemEvidence {
+    /// Every file of `ev`, copied.
+    pub fn copy_of(ev: &dyn Evidence) -> MemEvidence {
+        MemEvidence(ev.list().into_iter().filter_map(|p| Some((p.clone(), ev.read(&p)?))).collect())
+    }
+    /// This evidence with `path` set to `text`.
+    pub fn with(mut self, path: &str, text: &str) -> MemEvidence {
+        self.0.insert(path.into(), text.as_bytes().to_vec());
+        self
+    }
+}
+
+impl Evidence for MemEvidence {
+    fn read(&self, path: &str) -> Option<Vec<u8>> {
+        self.0.get(path).cloned()
+    }
+    fn list(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
+
 impl Evidence for Staging {
     fn read(&self, path: &str) -> Option<Vec<u8>> {
         std::fs::read(self.dir.join(path)).ok()
@@ -319,7 +345,7 @@ impl Evidence for Staging {
 }
 
 /// Relative paths of all regular files under `root`, sorted.
-fn walk(root: &Path) -> std::io::Result<Vec<String>> {
+pub fn walk(root: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -351,6 +377,11 @@ fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
         n += k as u64;
     }
     Ok((n, format!("{:x}", h.finalize())))
+}
+
+/// Size and SHA-256 of everything `f` yields (an already opened file).
+pub fn hash_reader_of(f: File) -> std::io::Result<(u64, String)> {
+    hash_reader(&mut BufReader::new(f))
 }
 
 pub fn hash_file(p: &Path) -> std::io::Result<(u64, String)> {
@@ -420,6 +451,7 @@ mod tests {
             runbook: Default::default(),
             target: None,
             interrupted: false,
+            redaction: None,
             steps: vec![],
             files: vec![],
         }

@@ -11,6 +11,7 @@ mod outcome;
 mod parallel;
 mod progress;
 mod qmp_lane;
+mod redaction;
 mod steps;
 
 use std::time::{Duration, Instant};
@@ -134,6 +135,12 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             StepKind::Core { output, min_free } => {
                 format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
             }
+            StepKind::PveTasks { output, log_cap } => format!(
+                "the VM's tasks in {}/pve/tasks/active + their logs (last {} KiB each) -> {}",
+                vars.log_dir,
+                log_cap >> 10,
+                output.render(&vars)
+            ),
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
@@ -163,6 +170,7 @@ fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {
             .map(|t| t.qmp_socket.display().to_string())
             .unwrap_or_else(|| s.run_dir.join(format!("{vmid}.qmp")).display().to_string()),
         domain: target.and_then(|t| t.domain.clone()).unwrap_or_default(),
+        log_dir: s.log_dir.display().to_string(),
     }
 }
 
@@ -216,6 +224,7 @@ pub async fn run(
         runbook: RunbookRef { name: req.runbook.name.clone(), source: req.runbook.source.clone() },
         target: serde_json::to_value(&target).ok(),
         interrupted,
+        redaction: None,
         steps: records.clone(),
         files: Vec::new(),
     };
@@ -247,6 +256,8 @@ pub async fn run(
         let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
         sink.close();
     }
+    // Nothing secret leaves the host: one pass over every staged file and the manifest.
+    manifest.redaction = Some(redaction::seal_pass(&staging.dir, &target, &mut manifest));
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));

@@ -164,8 +164,22 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             Ok(_) => StepOutcome::Ok,
             Err(e) => StepOutcome::Failed(e),
         }),
-        StepKind::File { path, output, redact } => Box::new(move || file_step(&path, &output, &redact, &vars, &sink)),
-        StepKind::Command { argv, output, output_cap } => {
+        StepKind::File { path, output, redact, tail, if_exists } => {
+            Box::new(move || file_step(&path, &output, &redact, tail, if_exists, &vars, &sink))
+        }
+        StepKind::PveTasks { output, log_cap } => Box::new(move || {
+            crate::pve::capture_tasks(
+                std::path::Path::new(&vars.log_dir),
+                &vars.vmid,
+                &output.render(&vars),
+                log_cap,
+                &sink,
+            )
+        }),
+        StepKind::Command { only_ha, .. } if only_ha && !ha_managed(&vars) => {
+            Box::new(|| StepOutcome::Skipped("not HA-managed (no `vm:` entry in ha/resources.cfg)".into()))
+        }
+        StepKind::Command { argv, output, output_cap, .. } => {
             let timeout = inner_deadline(timeout);
             if argv.iter().any(|a| a.uses("pid")) {
                 // A command addressed to {pid} (eu-stack -p, gdb -p, cat /proc/{pid}/…) must
@@ -200,13 +214,45 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
     }
 }
 
-fn file_step(path: &Template, output: &Template, redact: &[String], vars: &Vars, sink: &StepSink) -> StepOutcome {
+/// Whether the VM of this run is HA-managed; an unreadable resources.cfg counts as yes
+/// (asking ha-manager costs nothing, missing the answer does).
+fn ha_managed(vars: &Vars) -> bool {
+    match vars.vmid.parse() {
+        Ok(vmid) => crate::restart::ha_managed(std::path::Path::new(&vars.pve_dir), vmid).unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+/// Copies a file (a config, redacted as one) or the tail of a log (redacted as text).
+fn file_step(
+    path: &Template,
+    output: &Template,
+    redact: &[String],
+    tail: Option<u64>,
+    if_exists: bool,
+    vars: &Vars,
+    sink: &StepSink,
+) -> StepOutcome {
     let src = path.render(vars);
-    let text = match crate::procfs::read_capped(std::path::Path::new(&src), 16 << 20) {
+    let read = match tail {
+        Some(n) => crate::pve::tail(std::path::Path::new(&src), n).map(|(bytes, cut)| {
+            if cut {
+                sink.note(format!("{src}: last {n} bytes kept"));
+            }
+            bytes
+        }),
+        None => crate::procfs::read_capped(std::path::Path::new(&src), 16 << 20),
+    };
+    let text = match read {
         Ok(t) => t,
+        Err(e) if if_exists && e.kind() == std::io::ErrorKind::NotFound => {
+            return StepOutcome::Skipped(format!("unavailable: no {src}"))
+        }
         Err(e) => return StepOutcome::Failed(format!("cannot read {src}: {e}")),
     };
-    let redacted = crate::redact::key_values(&String::from_utf8_lossy(&text), redact);
+    let text = String::from_utf8_lossy(&text);
+    let redacted =
+        if tail.is_some() { crate::pve::redact_log(&text) } else { crate::redact::key_values(&text, redact) };
     match sink.write(&output.render(vars), redacted.as_bytes()) {
         Ok(()) => StepOutcome::Ok,
         Err(e) => StepOutcome::Failed(e.to_string()),
@@ -479,6 +525,12 @@ async fn one_sample(
             Err(e) => Ended::Done(StepOutcome::Failed(e.to_string())),
         },
         Err(LaneError::NotSent(why)) => Ended::Done(StepOutcome::Skipped(format!("not sent: {why}"))),
+        Err(LaneError::Qmp(crate::qmp::QmpError::Command { class, desc, .. })) if class == "CommandNotFound" => {
+            // Proxmox-only commands on another QEMU: the answer itself is the evidence.
+            let reply = json!({"error": {"class": class, "desc": desc}});
+            let _ = sink.write(rel, &serde_json::to_vec(&reply).unwrap_or_default());
+            Ended::Done(StepOutcome::Skipped(format!("unavailable: this QEMU has no {command} (CommandNotFound)")))
+        }
         Err(LaneError::Qmp(e)) => {
             if matches!(e, crate::qmp::QmpError::Timeout { .. }) {
                 Ended::Timeout

@@ -48,6 +48,12 @@ pub struct Global {
     /// This node's name as the cluster knows it [default: short hostname]
     #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
+    /// Where separate debug files (symbols, DWARF) are searched by build-id; repeatable, in order [default: /usr/lib/debug]
+    #[arg(long = "debug-dir", global = true, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
+    /// Where Proxmox writes its logs (vzdump/, pve/tasks/) [default: /var/log]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
     /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
     #[arg(long, global = true, value_name = "FORMAT", value_parser = log_format_parser())]
     pub log_format: Option<LogFormat>,
@@ -70,6 +76,8 @@ impl Global {
             out: self.out.clone(),
             sample_interval: self.sample_interval.clone(),
             node: self.node.clone(),
+            debug_dirs: self.debug_dir.clone(),
+            log_dir: self.log_dir.clone(),
         }
     }
 }
@@ -181,6 +189,11 @@ pub enum Command {
         #[command(subcommand)]
         action: RunbookAction,
     },
+    /// Known-bug signatures: list, show, check (example: wedge-autopsy signatures check my.toml)
+    Signatures {
+        #[command(subcommand)]
+        action: SignaturesAction,
+    },
     /// HTTP service: alerts (Alertmanager, Grafana) and API calls start autopsies; results go to the ticket (example: wedge-autopsy serve --listen 127.0.0.1:9171)
     #[command(
         after_help = "Configured under [serve] in the config file; see docs/serve.md.\nStops on SIGTERM after running autopsies seal."
@@ -258,6 +271,19 @@ pub enum RunbookAction {
     },
     /// JSON Schema of the runbook format, for editors (example: wedge-autopsy runbook schema > runbook.schema.json)
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SignaturesAction {
+    /// Signatures in use: built-in and from signature_dir (example: wedge-autopsy signatures list)
+    List,
+    /// Print a signature's file (example: wedge-autopsy signatures show qemu-3144-throttle-group-iothreads)
+    Show { id: String },
+    /// Check signature files; errors name file, line and key (example: wedge-autopsy signatures check my.toml)
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[cfg(test)]

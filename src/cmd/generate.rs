@@ -270,10 +270,11 @@ mod tests {
              _wedge__autopsy wedge-autopsy --max prune; echo \"${{COMPREPLY[*]}}\"",
             d.path().display()
         );
-        let Ok(out) = std::process::Command::new("bash").arg("-c").arg(&script).output() else {
-            eprintln!("skipped: no bash");
-            return;
-        };
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run bash ({e}): this test needs bash installed"));
         let got = String::from_utf8_lossy(&out.stdout);
         assert_eq!(got.trim(), "--max-age --max-bytes", "stderr: {}", String::from_utf8_lossy(&out.stderr));
     }

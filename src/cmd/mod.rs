@@ -11,4 +11,5 @@ pub mod inspect;
 pub mod prune;
 pub mod runbook;
 pub mod serve;
+pub mod signatures;
 pub mod stacks;

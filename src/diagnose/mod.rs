@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod config;
 mod findings;
+pub mod pinnable;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -93,9 +94,11 @@ pub struct Diagnosis {
 /// Computes the verdict. `steps` are the run's step records (from the manifest when
 /// reading an archive).
 pub fn diagnose(ev: &dyn Evidence, steps: &[StepRecord], rules: &Rules) -> Diagnosis {
-    let findings = findings::collect(ev, steps);
+    let mut findings = findings::collect(ev, steps);
     let mut facts = Vec::new();
     let verdict = decide(ev, steps, &findings, rules, &mut facts);
+    // The one hook of known-bug signatures: pure over the evidence and the verdict.
+    findings.signatures = crate::signatures::matches(ev, verdict.as_str(), None, crate::signatures::active());
     Diagnosis { verdict, facts, findings }
 }
 

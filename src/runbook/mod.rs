@@ -30,7 +30,7 @@ pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
-const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core"];
+const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core", "pve-tasks"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -79,8 +79,8 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | qmp | qom-throttle | stacks | file | command | core
-    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core)$"))]
+    /// proc | host | qmp | qom-throttle | stacks | file | command | core | pve-tasks
+    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core|pve-tasks)$"))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
@@ -107,6 +107,15 @@ struct RawStep {
     path: Option<String>,
     /// file: extra keys whose values are redacted (secret-looking keys always are).
     redact: Option<Vec<String>>,
+    /// file: keep only the last this-many bytes (a log), e.g. "256K"; the text is
+    /// redacted as a log (secret-looking `key=value` tokens), not as a config.
+    tail: Option<String>,
+    /// file: a missing file is recorded as unavailable (skipped), not as a failure.
+    if_exists: Option<bool>,
+    /// command: run only when this holds; "ha-managed" (the VM is in HA's resources.cfg).
+    when: Option<String>,
+    /// pve-tasks: bytes kept of each task log's tail (default "256K").
+    log_cap: Option<String>,
     /// command: program and arguments as a list; never a shell string.
     #[schemars(with = "Option<Vec<String>>")]
     argv: Option<toml::Value>,
@@ -165,11 +174,21 @@ pub enum StepKind {
         path: Template,
         output: Template,
         redact: Vec<String>,
+        /// `Some(n)`: a log; keep its last `n` bytes.
+        tail: Option<u64>,
+        if_exists: bool,
     },
     Command {
         argv: Vec<Template>,
         output: Template,
         output_cap: usize,
+        /// Run only when the VM is HA-managed.
+        only_ha: bool,
+    },
+    /// The VM's entries of Proxmox's active task list and their logs' tails.
+    PveTasks {
+        output: Template,
+        log_cap: u64,
     },
     Core {
         output: Template,
@@ -188,6 +207,7 @@ impl StepKind {
             StepKind::File { .. } => "file",
             StepKind::Command { .. } => "command",
             StepKind::Core { .. } => "core",
+            StepKind::PveTasks { .. } => "pve-tasks",
         }
     }
 }
@@ -366,9 +386,10 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             "qmp" => &["command", "arguments", "samples", "interval", "output"],
             "qom-throttle" => &["output"],
             "stacks" => &["methods", "backtrace"],
-            "file" => &["path", "output", "redact"],
-            "command" => &["argv", "output", "output_cap"],
+            "file" => &["path", "output", "redact", "tail", "if_exists"],
+            "command" => &["argv", "output", "output_cap", "when"],
             "core" => &["output", "min_free"],
+            "pve-tasks" => &["output", "log_cap"],
             _ => unreachable!(),
         };
         for (key, set) in [
@@ -384,6 +405,10 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             ("argv", s.argv.is_some()),
             ("output_cap", s.output_cap.is_some()),
             ("min_free", s.min_free.is_some()),
+            ("tail", s.tail.is_some()),
+            ("if_exists", s.if_exists.is_some()),
+            ("when", s.when.is_some()),
+            ("log_cap", s.log_cap.is_some()),
         ] {
             if set && !allowed.contains(&key) {
                 let hint = if s.kind == "command" && key == "command" {
@@ -480,10 +505,26 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 };
                 let name = s.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("file").to_string();
                 let out = output(format!("files/{name}"), &mut err);
-                match (path, out) {
-                    (Some(path), Some(output)) => {
-                        Some(StepKind::File { path, output, redact: s.redact.clone().unwrap_or_default() })
+                let tail = match s.tail.as_deref().map(parse_size) {
+                    None => None,
+                    Some(Ok(n)) if n > 0 && n <= 16 << 20 => Some(n),
+                    Some(Ok(_)) => {
+                        err(Some(i), "tail", "must be between 1 byte and 16M".into());
+                        None
                     }
+                    Some(Err(e)) => {
+                        err(Some(i), "tail", e);
+                        None
+                    }
+                };
+                match (path, out) {
+                    (Some(path), Some(output)) => Some(StepKind::File {
+                        path,
+                        output,
+                        redact: s.redact.clone().unwrap_or_default(),
+                        tail,
+                        if_exists: s.if_exists.unwrap_or(false),
+                    }),
                     _ => None,
                 }
             }
@@ -523,11 +564,20 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                         Err(e) => err(Some(i), "argv", e),
                     }
                 }
+                let only_ha = match s.when.as_deref() {
+                    None => false,
+                    Some("ha-managed") => true,
+                    Some(other) => {
+                        err(Some(i), "when", format!("{other:?}: the only condition is \"ha-managed\""));
+                        false
+                    }
+                };
                 let name = prog.to_string();
                 output(format!("commands/{name}.txt"), &mut err).map(|output| StepKind::Command {
                     argv: tmpl,
                     output,
                     output_cap: s.output_cap.unwrap_or(8 << 20) as usize,
+                    only_ha,
                 })
             }
             "core" => {
@@ -540,6 +590,21 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     }
                 };
                 output("core/core".into(), &mut err).map(|output| StepKind::Core { output, min_free })
+            }
+            "pve-tasks" => {
+                let log_cap = match s.log_cap.as_deref().map(parse_size) {
+                    None => 256 << 10,
+                    Some(Ok(n)) if n > 0 && n <= 16 << 20 => n,
+                    Some(Ok(_)) => {
+                        err(Some(i), "log_cap", "must be between 1 byte and 16M".into());
+                        0
+                    }
+                    Some(Err(e)) => {
+                        err(Some(i), "log_cap", e);
+                        0
+                    }
+                };
+                output("pve/tasks.json".into(), &mut err).map(|output| StepKind::PveTasks { output, log_cap })
             }
             _ => unreachable!(),
         };

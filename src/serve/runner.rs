@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 
 use super::config::ServeConfig;
 use super::jobs::{Job, JobId, State, Store};
+use super::log;
 use super::notify::{self, Completion};
 use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
 use super::watch_state::WatchState;
@@ -40,6 +41,8 @@ pub struct Ctx {
     /// Job tasks not yet finished (capture, restart and notifications).
     pub in_flight: AtomicUsize,
     pub watch: Mutex<WatchState>,
+    /// Open connections and what the connection cap did (for `/metrics`).
+    pub conns: Arc<super::listen::ConnStats>,
 }
 
 impl Ctx {
@@ -61,7 +64,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     }
     let Some(job) = ctx.store.get(id) else { return };
     wait_for_watch(ctx, job.vmid).await;
-    eprintln!("wedge-autopsy serve: job {id} VM {}: started ({})", job.vmid, describe(&job));
+    log::info!("job {id} VM {}: started ({})", job.vmid, describe(&job));
     let t0 = Instant::now();
     // The lock the CLI takes too: a service autopsy and a hand-run one of the same VM
     // never overlap, and it is held from the capture to the end of any restart.
@@ -80,7 +83,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
         Ok(((report, target), _lock)) => finish_sealed(ctx, &job, report, target, took).await,
         Err(e) => {
             let msg = e.to_string();
-            eprintln!("wedge-autopsy serve: job {id} VM {}: failed: {msg}", job.vmid);
+            log::warn_line!("job {id} VM {}: failed: {msg}", job.vmid);
             ctx.store.update(id, |j| j.error = Some(msg.clone()));
             ctx.store.finish(id, State::Failed, took);
             completion(ctx, id)
@@ -184,8 +187,8 @@ async fn finish_sealed(
         j.error = report.seal_error.clone();
     });
     ctx.store.finish(job.id, state, took);
-    eprintln!(
-        "wedge-autopsy serve: job {} VM {}: {} {verdict}{}",
+    log::info!(
+        "job {} VM {}: {} {verdict}{}",
         job.id,
         job.vmid,
         state.as_str(),
@@ -294,10 +297,7 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
         notify::post_all(&ctx.cfg.notify, doc, ctx.cfg.notify_attempts, ctx.cfg.notify_timeout, &ctx.hard_stop).await,
     );
     for r in results.iter().filter(|r| !r.ok) {
-        eprintln!(
-            "wedge-autopsy serve: job {id}: could not deliver to {}: {} after {} attempt(s)",
-            r.target, r.detail, r.attempts
-        );
+        log::warn_line!("job {id}: could not deliver to {}: {} after {} attempt(s)", r.target, r.detail, r.attempts);
     }
     let copy = doc.copy.clone();
     ctx.store.update(id, |j| {
@@ -335,6 +335,7 @@ mod tests {
             vm_cooldown: Duration::ZERO,
             max_queue: 9,
             keep_jobs: 9,
+            max_firings_per_vm: 9,
         });
         let origin = Origin {
             kind: "alert".into(),
