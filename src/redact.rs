@@ -460,3 +460,25 @@ mod tests {
         assert_eq!(url("http://ticket.example/x?a=b"), "http://ticket.example/x?a=b");
     }
 }
+
+/// `scheme://user:secret@host/…` → `scheme://<redacted>@host/…`: credentials in a URL
+/// never leave the host, whatever the scheme (nbd, iscsi, http, …).
+pub fn url_userinfo(s: &str) -> String {
+    let Some(scheme_end) = s.find("://") else { return s.to_string() };
+    let rest = &s[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}://<redacted>@{}", &s[..scheme_end], &rest[at + 1..]),
+        None => s.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod url_tests {
+    #[test]
+    fn userinfo_is_redacted() {
+        assert_eq!(super::url_userinfo("iscsi://u:pw@10.0.0.1/iqn/0"), "iscsi://<redacted>@10.0.0.1/iqn/0");
+        assert_eq!(super::url_userinfo("nbd://10.0.0.5:10809/exp"), "nbd://10.0.0.5:10809/exp");
+        assert_eq!(super::url_userinfo("/plain/path@x"), "/plain/path@x");
+    }
+}

@@ -180,6 +180,30 @@ fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMat
     o.push('\n');
 }
 
+fn kebab<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+/// `block-path-frozen (proven, inside-qemu): …` — the verdict with what it rests on and
+/// what a restart would do.
+pub fn verdict_line(d: &Diagnosis) -> String {
+    use crate::diagnose::RestartAdvice;
+    let mut line = d.verdict.to_string();
+    match (d.strength, d.layer) {
+        (Some(st), Some(l)) => line.push_str(&format!(" ({}, {})", kebab(&st), l.as_str())),
+        (Some(st), None) => line.push_str(&format!(" ({})", kebab(&st))),
+        _ => {}
+    }
+    let advice = match d.restart_advice() {
+        RestartAdvice::Helps => {
+            format!("{}", d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process"))
+        }
+        RestartAdvice::Unproven(why) | RestartAdvice::WontHelp(why) => why,
+        RestartAdvice::NotWedged(_) => return line,
+    };
+    format!("{line} — {advice}")
+}
+
 pub fn markdown(s: &Summary) -> String {
     let d = &s.diagnosis;
     let f = &d.findings;
@@ -218,9 +242,30 @@ pub fn markdown(s: &Summary) -> String {
     if let Some(a) = &s.archive {
         o.push_str(&format!("- **Archive:** `{}` ({} bytes)\n- **SHA-256:** `{}`\n", a.name, a.size, a.sha256));
     }
-    o.push_str(&format!("\n## Verdict: {}\n\n", d.verdict));
+    o.push_str(&format!("\n## Verdict: {}\n\n", verdict_line(d)));
     for fact in &d.facts {
         o.push_str(&format!("- {fact}\n"));
+    }
+    if !d.disks.is_empty() {
+        o.push_str("\nIn flight, per disk (both ends of the window):\n\n| disk | controller | backend | condition | layer |\n|---|---|---|---|---|\n");
+        for x in &d.disks {
+            let backend = match &x.backend {
+                crate::inflight::Backend::Local => "local".to_string(),
+                crate::inflight::Backend::Network { protocol, .. } => protocol.clone(),
+                crate::inflight::Backend::Unknown => "?".to_string(),
+            };
+            o.push_str(&format!(
+                "| {} | {} | {} | {} | {} |\n",
+                cell(&x.device),
+                x.controller.as_str(),
+                cell(&backend),
+                kebab(&x.condition),
+                x.layer.map(|l| l.as_str()).unwrap_or("")
+            ));
+        }
+        for x in d.disks.iter().filter_map(|x| x.no_view.as_ref().map(|w| (x, w))) {
+            o.push_str(&format!("\n- {}: no in-flight view: {}\n", cell(&x.0.device), x.1));
+        }
     }
     o.push('\n');
     signatures_section(&mut o, &f.signatures);
@@ -346,6 +391,7 @@ mod tests {
             notes: vec![],
             files: vec![],
             optional: false,
+            qmp_failure: None,
         };
         let s = Summary {
             vmid: Some(102),
@@ -365,6 +411,9 @@ mod tests {
             utc_offset: "+03:00".into(),
             diagnosis: Diagnosis {
                 verdict: Verdict::BlockPathFrozen,
+                strength: Some(crate::diagnose::Strength::Proven),
+                layer: Some(crate::diagnose::Layer::InsideQemu),
+                disks: vec![],
                 facts: vec![
                     "query-status: running".into(),
                     "drive-scsi0: 0 I/O operations completed across 2000 ms".into(),

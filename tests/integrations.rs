@@ -154,6 +154,8 @@ fn a_real_alertmanager_delivers_a_firing_alert_and_serve_captures_the_vm() {
     let lab = Lab::start(LabOptions { vmid: 143, name: "am-e2e".into(), ..LabOptions::default() });
     let token = lab.root().join("token");
     std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
+    // serve refuses a token file others can read.
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let serve_cfg = format!(
         "sample_interval = \"1s\"\nmin_idle = \"1s\"\n\n[serve]\ntoken_file = {:?}\n",
         token.display().to_string()

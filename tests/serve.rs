@@ -345,7 +345,7 @@ fn alert_starts_one_autopsy_and_its_result_reaches_the_ticket() {
     let shared = lab.root().join("shared");
     let hook_out = lab.root().join("hook.env");
     let config = format!(
-        "sample_interval = \"1s\"\nmin_idle = \"1s\"\nqm = {:?}\n\n[restart]\ntimeout = \"2s\"\nstop_deadline = \"6s\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\ncopy_to = {:?}\non_complete = [\"sh\", \"-c\", \"env > {}\"]\n\n[[serve.policy]]\nvmid = 102\naction = \"capture-then-restart\"\nrestart_on = [\"block-path-frozen\"]\n",
+        "sample_interval = \"1s\"\nmin_idle = \"1s\"\nqm = {:?}\n\n[restart]\ntimeout = \"2s\"\nstop_deadline = \"6s\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\ncopy_to = {:?}\non_complete = [\"sh\", \"-c\", \"env > {}\"]\n\n[[serve.policy]]\nvmid = 102\naction = \"capture-then-restart\"\nrestart_on = [\"block-path-frozen\"]\n# the guest-less LSI wedge is only suspected: the restart path needs the opt-in\nrestart_suspected = true\n",
         common::qm_path().display().to_string(),
         token.display().to_string(),
         receiver.url,

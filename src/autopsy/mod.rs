@@ -7,6 +7,7 @@
 //! QMP step takes its later samples in the background while other steps run. SIGINT,
 //! SIGTERM and SIGHUP stop the run, mark what did not finish as interrupted, and seal.
 
+mod inflight_step;
 mod outcome;
 mod parallel;
 mod progress;
@@ -45,6 +46,20 @@ pub struct Request {
     pub no_qmp: bool,
     pub trigger: Trigger,
     pub command_line: Vec<String>,
+    /// Who asked for the restart, which decides how much evidence it needs.
+    pub restart_gate: RestartGate,
+}
+
+/// How much evidence a requested restart needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartGate {
+    /// The operator named the VM: their decision, except that a stall below QEMU or in a
+    /// network backend needs `--force` (a new QEMU on stuck storage does not help).
+    #[default]
+    Operator,
+    /// Nobody named the VM (`--all-wedged`, a serve policy): only a proven wedge inside
+    /// QEMU, or a suspected one when `allow_suspected`.
+    Automatic { allow_suspected: bool },
 }
 
 /// The result of a run that got as far as an archive attempt.
@@ -144,6 +159,10 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
+            StepKind::Inflight { samples, interval } => format!(
+                "in flight: blockstats, virtio queues, I/O threads, rings, sockets, guest agent; {samples} samples {}ms apart",
+                interval.unwrap_or(settings.sample_interval).as_millis()
+            ),
         };
         out.push_str(&format!(
             "  {:<24} {:>5}ms{}  {what}\n",
@@ -354,7 +373,8 @@ pub async fn capture(
     }
     let mut slots: Vec<Slot> = Vec::new();
     for step in &req.runbook.steps {
-        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. });
+        let is_qmp =
+            matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
         if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
             progress.started("qmp-connect");
             let rec = ctx.qmp.connect(deadline, cancel).await;
@@ -412,9 +432,10 @@ pub async fn diagnose_live(
     Ok((d, records))
 }
 
-/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged:
-/// `block-path-frozen` or `main-loop-wedged`. VMs that cannot be proven are skipped.
-pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
+/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged
+/// (`block-path-frozen`, proven or suspected, or `main-loop-wedged`), with the diagnosis
+/// that decides whether a restart may follow. VMs that cannot be proven are skipped.
+pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<(VmId, Diagnosis)> {
     let Ok(runbook) = crate::runbook::load("diagnose", &settings.runbook_dir) else { return Vec::new() };
     let mut vmids: Vec<VmId> = std::fs::read_dir(&settings.run_dir)
         .into_iter()
@@ -432,11 +453,12 @@ pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
             no_qmp: false,
             trigger: Trigger::default(),
             command_line: vec![],
+            restart_gate: Default::default(),
         };
         let Ok(target) = prepare(&req, settings) else { continue };
         if let Ok((d, _)) = diagnose_live(&req, settings, &target, cancel).await {
-            if matches!(d.verdict, diagnose::Verdict::BlockPathFrozen | diagnose::Verdict::MainLoopWedged) {
-                wedged.push(vmid);
+            if d.is_wedged() {
+                wedged.push((vmid, d));
             }
         }
     }

@@ -63,6 +63,20 @@ impl Outcome {
     }
 }
 
+/// Whether the evidence allows the restart this gate asks for; `Err` says why not.
+pub fn gate(gate: super::RestartGate, d: &crate::diagnose::Diagnosis, force: bool) -> Result<(), String> {
+    use crate::diagnose::RestartAdvice;
+    match gate {
+        super::RestartGate::Automatic { allow_suspected } => d.automatic_restart(allow_suspected),
+        super::RestartGate::Operator => match d.restart_advice() {
+            RestartAdvice::WontHelp(why) if !force => {
+                Err(format!("{why}. Nothing was stopped; re-run with --force to restart anyway"))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Takes the VM's lock, captures and seals, then (if `restart` is given) restarts after
 /// the verified seal. The lock is held from the first capture to the end of the restart.
 pub async fn run_with_restart(
@@ -79,8 +93,13 @@ pub async fn run_with_restart(
         Some(mut r) => {
             r.spec = req.runbook.target.clone();
             let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
-            let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
-            Some(run.await.map_err(anyhow::Error::from)?)
+            match gate(req.restart_gate, &report.diagnosis, r.opts.force) {
+                Err(why) => Some(restart::refuse(&r, &old, sealed.as_ref(), restart::RestartError::NotAdvised(why))),
+                Ok(()) => {
+                    let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
+                    Some(run.await.map_err(anyhow::Error::from)?)
+                }
+            }
         }
         None => None,
     };

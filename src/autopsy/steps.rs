@@ -55,6 +55,7 @@ fn record(step: &Step, status: StepStatus, start: chrono::DateTime<Utc>, took: D
         notes: vec![],
         files: vec![],
         optional: step.optional,
+        qmp_failure: None,
     }
 }
 
@@ -73,6 +74,9 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
         StepKind::Qmp { command, arguments, samples, interval, output } => {
             return qmp_step(ctx, step, command, arguments.clone(), *samples, *interval, output, timeout, sink).await;
         }
+        StepKind::Inflight { samples, interval } => {
+            return super::inflight_step::run(ctx, step, *samples, *interval, timeout, sink).await;
+        }
         StepKind::QomThrottle { output } => {
             Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await)
         }
@@ -81,17 +85,17 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
             run_blocking(job, timeout, ctx.cancel).await
         }
     };
-    Ran::Done(finish(step, start, t0.elapsed(), outcome, &sink, timeout))
+    Ran::Done(finish_record(step, start, t0.elapsed(), outcome, &sink, timeout))
 }
 
 /// How a step's execution ended, before it becomes a record.
-enum Ended {
+pub(super) enum Ended {
     Done(StepOutcome),
     Timeout,
     Interrupted,
 }
 
-fn finish(
+pub(super) fn finish_record(
     step: &Step,
     start: chrono::DateTime<Utc>,
     took: Duration,
@@ -116,6 +120,11 @@ fn finish(
     r.error = error;
     r.files = files;
     r.notes = notes;
+    // Steps on the QMP lane time out only when QEMU does not answer in time.
+    let on_lane = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
+    if on_lane && status == StepStatus::Timeout {
+        r.qmp_failure = Some(crate::step::QmpFailure::Timeout);
+    }
     r
 }
 
@@ -210,7 +219,9 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             let deadline = Instant::now() + inner_deadline(timeout);
             Box::new(move || core_step(&target, &output.render(&vars), min_free, &out_dir, deadline, &sink, &cancel))
         }
-        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } => unreachable!("QMP steps run on the lane"),
+        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => {
+            unreachable!("QMP steps run on the lane")
+        }
     }
 }
 
@@ -487,7 +498,7 @@ async fn qmp_step(
     let rel = output.render(ctx.vars);
     let first = one_sample(&ctx.qmp, command, args.clone(), timeout, &sample_path(&rel, 1, samples), &sink).await;
     if samples == 1 || !matches!(first, Ended::Done(StepOutcome::Ok)) {
-        return Ran::Done(finish(step, start, t0.elapsed(), first, &sink, timeout));
+        return Ran::Done(finish_record(step, start, t0.elapsed(), first, &sink, timeout));
     }
     let lane = ctx.qmp.clone();
     let cancel = ctx.cancel.clone();
@@ -507,7 +518,7 @@ async fn qmp_step(
                 break;
             }
         }
-        finish(&step, start, t0.elapsed(), ended, &sink, timeout)
+        finish_record(&step, start, t0.elapsed(), ended, &sink, timeout)
     }))
 }
 

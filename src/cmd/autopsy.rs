@@ -33,9 +33,19 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let cancel = Cancel::new();
     rt.block_on(async { autopsy::cancel_on_signals(&cancel) })?;
+    // VMs named by the operator restart on their word; VMs found by --all-wedged only on proof.
+    let named: Vec<VmId> = vmids.clone();
     if args.all_wedged {
-        for vmid in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
+        for (vmid, d) in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
             if !vmids.contains(&vmid) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "wedge-autopsy: --all-wedged: VM {vmid} is {}{}",
+                    d.verdict,
+                    d.strength
+                        .map(|s| format!(" ({})", serde_json::to_value(s).unwrap_or_default().as_str().unwrap_or("")))
+                        .unwrap_or_default()
+                );
                 vmids.push(vmid);
             }
         }
@@ -47,7 +57,7 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
             return Ok(Exit::Ok);
         }
     }
-    let req_for = |vmid| request(args, &runbook, vmid);
+    let req_for = |vmid| request(args, &runbook, vmid, named.contains(&vmid));
     if args.dry_run {
         dry_run(&vmids, &req_for, restart_req.as_ref(), settings);
         return Ok(Exit::Ok);
@@ -88,8 +98,9 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
     Ok(worst)
 }
 
-/// The request for one VM; the same for every VM of the run but its id.
-fn request(args: &AutopsyArgs, runbook: &Runbook, vmid: VmId) -> Request {
+/// The request for one VM; the same for every VM of the run but its id and whether the
+/// operator named it (a restart on their word) or `--all-wedged` found it (only on proof).
+fn request(args: &AutopsyArgs, runbook: &Runbook, vmid: VmId, named: bool) -> Request {
     let stacks = args.stacks.map(|s| match s {
         StacksArg::Native => vec!["native".to_string(), "gdb".to_string()],
         StacksArg::Gdb => vec!["gdb".to_string()],
@@ -102,6 +113,11 @@ fn request(args: &AutopsyArgs, runbook: &Runbook, vmid: VmId) -> Request {
         no_qmp: args.no_qmp,
         trigger: Trigger::manual(args.reason.clone()),
         command_line: std::env::args().collect(),
+        restart_gate: if named {
+            autopsy::RestartGate::Operator
+        } else {
+            autopsy::RestartGate::Automatic { allow_suspected: args.restart_suspected }
+        },
     }
 }
 

@@ -95,9 +95,12 @@ pub struct AutopsyArgs {
     /// The VMs to capture, as `qm list` shows them (100–999999999); several are captured in parallel
     #[arg(value_name = "VMID")]
     pub vmids: Vec<String>,
-    /// Also capture every running VM on this node that `diagnose` finds wedged (block-path-frozen or main-loop-wedged)
+    /// Also capture every running VM on this node that `diagnose` finds wedged (block-path-frozen, proven or suspected, or main-loop-wedged). With --then-restart only those proven stuck inside QEMU are restarted
     #[arg(long)]
     pub all_wedged: bool,
+    /// With --all-wedged --then-restart: also restart VMs whose frozen block path is only suspected (no in-flight view, e.g. LSI without a guest agent). An idle disk looks the same: use with care
+    #[arg(long, requires = "all_wedged")]
+    pub restart_suspected: bool,
     /// How many VMs to capture at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,

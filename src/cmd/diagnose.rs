@@ -32,6 +32,7 @@ pub fn run(
         no_qmp: false,
         trigger: Trigger::manual(None),
         command_line: std::env::args().collect(),
+        restart_gate: Default::default(),
     };
     let target = autopsy::prepare(&req, &settings)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -43,10 +44,10 @@ pub fn run(
     if json {
         println!(
             "{}",
-            serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "facts": d.facts, "findings": d.findings})
+            serde_json::json!({"vmid": vmid, "pid": target.pid, "verdict": d.verdict, "strength": d.strength, "layer": d.layer, "restart": d.restart_advice(), "facts": d.facts, "disks": d.disks, "findings": d.findings})
         );
     } else {
         print!("{}", render::diagnose_text(vmid, target.pid, &d));
     }
-    Ok(Exit::Verdict(d.verdict.exit_code()))
+    Ok(Exit::Verdict(d.exit_code()))
 }

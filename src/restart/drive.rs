@@ -22,6 +22,30 @@ use crate::target::{Target, VmId};
 #[cfg(feature = "test-hooks")]
 pub const TEST_HOOK_ENV: &str = "WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL";
 
+/// The outcome of a restart refused before anything was done (the evidence does not
+/// allow it): recorded like any other, with the VM untouched.
+pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
+    RestartOutcome {
+        requested: true,
+        performed: false,
+        method: req.cfg.method_name().into(),
+        vmid: old.vmid,
+        old_pid: old.pid,
+        new_pid: None,
+        escalated: false,
+        old_stopped: false,
+        vm_state: "running-old".into(),
+        qmp_status: None,
+        started_at: Utc::now(),
+        duration_ms: 0,
+        error: Some(err.to_string()),
+        error_kind: Some(err.kind().into()),
+        exit: Some(err.exit()),
+        archive: sealed.map(|s| s.path.display().to_string()),
+        actions: Vec::new(),
+    }
+}
+
 /// Performs the restart after an autopsy: gate, refusals, stop, proven kill, start,
 /// verification, records. Blocking; call it from a plain thread or `spawn_blocking`
 /// (the QMP check uses the current tokio runtime if there is one). Never panics on a

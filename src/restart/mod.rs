@@ -29,9 +29,9 @@ pub mod qm;
 pub mod record;
 
 pub use config::{MethodKind, Options, RestartConfig};
-pub use drive::run;
 #[cfg(feature = "test-hooks")]
 pub use drive::TEST_HOOK_ENV;
+pub use drive::{refuse, run};
 pub use guards::{gate, ha_managed, ha_resources_path};
 pub use record::{cooldown_active, cooldown_path, outcome_path, Action, CooldownState, Ran, Recorder, RestartOutcome};
 
@@ -125,6 +125,8 @@ pub enum RestartError {
     StartFailed(String),
     #[error("the start command succeeded but the new QEMU could not be verified: {0}; check `qm status` and the VM's console")]
     VerifyNew(String),
+    #[error("not restarted: {0}")]
+    NotAdvised(String),
 }
 
 impl RestartError {
@@ -144,6 +146,7 @@ impl RestartError {
             RestartError::NotProven { .. } => "not-proven",
             RestartError::StartFailed(_) => "start-failed",
             RestartError::VerifyNew(_) => "verify-new",
+            RestartError::NotAdvised(_) => "not-advised",
         }
     }
 

@@ -30,7 +30,8 @@ pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
-const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core", "pve-tasks"];
+const KINDS: &[&str] =
+    &["proc", "host", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "pve-tasks"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -79,8 +80,8 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | qmp | qom-throttle | stacks | file | command | core | pve-tasks
-    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core|pve-tasks)$"))]
+    /// proc | host | qmp | qom-throttle | inflight | stacks | file | command | core | pve-tasks
+    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
@@ -95,9 +96,9 @@ struct RawStep {
     /// qmp: the command's arguments.
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     arguments: Option<toml::Table>,
-    /// qmp: how many samples (1-10), `interval` apart.
+    /// qmp, inflight: how many samples (1-10; inflight 2-10), `interval` apart.
     samples: Option<u32>,
-    /// qmp: time between samples (default: the run's sample_interval).
+    /// qmp, inflight: time between samples (default: the run's sample_interval).
     interval: Option<String>,
     /// stacks: methods in order of preference, first that works: "native", "gdb".
     methods: Option<Vec<String>>,
@@ -123,6 +124,22 @@ struct RawStep {
     output_cap: Option<u64>,
     /// core: free space to leave on the output filesystem, e.g. "2G".
     min_free: Option<String>,
+}
+
+/// A step's `interval`: at most 60 s; `None` means the run's sample_interval.
+fn sample_interval(text: Option<&str>, err: &mut dyn FnMut(&str, String)) -> Option<Duration> {
+    match text.map(parse_duration) {
+        None => None,
+        Some(Ok(d)) if d <= Duration::from_secs(60) => Some(d),
+        Some(Ok(_)) => {
+            err("interval", "at most 60s".into());
+            None
+        }
+        Some(Err(e)) => {
+            err("interval", e);
+            None
+        }
+    }
 }
 
 /// JSON Schema of the runbook format, for editors (`runbook schema`).
@@ -166,6 +183,13 @@ pub enum StepKind {
     QomThrottle {
         output: Template,
     },
+    /// In-flight evidence (virtio queues, I/O threads, rings, sockets, guest agent) and
+    /// `query-blockstats`, sampled at both ends of the window.
+    Inflight {
+        samples: u32,
+        /// `None`: the run's `sample_interval`.
+        interval: Option<Duration>,
+    },
     Stacks {
         methods: Vec<String>,
         backtrace: String,
@@ -203,6 +227,7 @@ impl StepKind {
             StepKind::Host => "host",
             StepKind::Qmp { .. } => "qmp",
             StepKind::QomThrottle { .. } => "qom-throttle",
+            StepKind::Inflight { .. } => "inflight",
             StepKind::Stacks { .. } => "stacks",
             StepKind::File { .. } => "file",
             StepKind::Command { .. } => "command",
@@ -385,6 +410,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             "proc" | "host" => &[],
             "qmp" => &["command", "arguments", "samples", "interval", "output"],
             "qom-throttle" => &["output"],
+            "inflight" => &["samples", "interval"],
             "stacks" => &["methods", "backtrace"],
             "file" => &["path", "output", "redact", "tail", "if_exists"],
             "command" => &["argv", "output", "output_cap", "when"],
@@ -455,18 +481,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 if !(1..=10).contains(&samples) {
                     err(Some(i), "samples", "must be 1 to 10".into());
                 }
-                let interval = match s.interval.as_deref().map(parse_duration) {
-                    None => None,
-                    Some(Ok(d)) if d <= Duration::from_secs(60) => Some(d),
-                    Some(Ok(_)) => {
-                        err(Some(i), "interval", "at most 60s".into());
-                        None
-                    }
-                    Some(Err(e)) => {
-                        err(Some(i), "interval", e);
-                        None
-                    }
-                };
+                let interval = sample_interval(s.interval.as_deref(), &mut |k, m| err(Some(i), k, m));
                 output(format!("qmp/{command}.json"), &mut err).map(|output| StepKind::Qmp {
                     command,
                     arguments,
@@ -474,6 +489,14 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     interval,
                     output,
                 })
+            }
+            "inflight" => {
+                let samples = s.samples.unwrap_or(2);
+                if !(2..=10).contains(&samples) {
+                    err(Some(i), "samples", "must be 2 to 10 (the window needs two ends)".into());
+                }
+                let interval = sample_interval(s.interval.as_deref(), &mut |k, m| err(Some(i), k, m));
+                Some(StepKind::Inflight { samples, interval })
             }
             "qom-throttle" => {
                 output("qmp/throttle-groups.json".into(), &mut err).map(|output| StepKind::QomThrottle { output })

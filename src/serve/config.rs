@@ -68,6 +68,8 @@ struct RawPolicy {
     restart_on: Option<Vec<String>>,
     #[serde(default)]
     watch_autopsy: bool,
+    #[serde(default)]
+    restart_suspected: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -96,6 +98,9 @@ pub struct Policy {
     pub restart_on: Vec<Verdict>,
     /// A VM the watch finds frozen for `consecutive` checks gets an autopsy.
     pub watch_autopsy: bool,
+    /// Also restart on a *suspected* frozen block path (no in-flight view, counters
+    /// alone). Off by default: an idle disk on an LSI controller looks the same.
+    pub restart_suspected: bool,
 }
 
 impl Default for Policy {
@@ -106,6 +111,7 @@ impl Default for Policy {
             action: Action::Capture,
             restart_on: vec![Verdict::BlockPathFrozen, Verdict::MainLoopWedged],
             watch_autopsy: false,
+            restart_suspected: false,
         }
     }
 }
@@ -262,7 +268,14 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
                 restart_on.push(verdict);
             }
         }
-        policies.push(Policy { vmid, matchers: p.matchers, action, restart_on, watch_autopsy: p.watch_autopsy });
+        policies.push(Policy {
+            vmid,
+            matchers: p.matchers,
+            action,
+            restart_on,
+            watch_autopsy: p.watch_autopsy,
+            restart_suspected: p.restart_suspected,
+        });
     }
     let watch = match raw.watch {
         None => None,

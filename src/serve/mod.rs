@@ -212,8 +212,10 @@ async fn drain(ctx: &runner::Ctx, grace: Duration) {
 /// `/healthz` over loopback was answered, so a wedged accept loop or runtime gets the
 /// service restarted. Does nothing when the unit sets no watchdog.
 async fn watchdog(local: std::net::SocketAddr, mut stop: tokio::sync::watch::Receiver<bool>) {
-    let mut usec = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+    // As sd_watchdog_enabled(3): WATCHDOG_USEC set, and WATCHDOG_PID (if set) is ours.
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pid_ok = std::env::var("WATCHDOG_PID").map(|p| p == std::process::id().to_string()).unwrap_or(true);
+    if usec == 0 || !pid_ok {
         return;
     }
     let period = Duration::from_micros(usec) / 3;

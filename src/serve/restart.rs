@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use super::config::{Action, Policy};
-use crate::diagnose::Verdict;
+use crate::diagnose::{Diagnosis, Verdict};
 use crate::target::{Target, VmId};
 
 /// Everything a restart needs to act and to justify itself.
@@ -97,9 +97,12 @@ pub enum Decision {
 }
 
 /// The gate: a restart only when asked for (policy `capture-then-restart` or an API
-/// request), only after a sealed archive, never on `healthy`, and only on a verdict the
-/// policy names.
-pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) -> Decision {
+/// request), only after a sealed archive, never on `healthy`, only on a verdict the
+/// policy names, and only on evidence: a wedge proven inside QEMU (a suspected one only
+/// with the policy's `restart_suspected`; a stall below QEMU or in a network backend
+/// never, since a new QEMU on stuck storage wedges again or does not start).
+pub fn decide(policy: &Policy, requested: bool, sealed: bool, d: &Diagnosis) -> Decision {
+    let verdict = d.verdict;
     if policy.action != Action::CaptureThenRestart && !requested {
         return Decision::NotWanted;
     }
@@ -116,6 +119,9 @@ pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) 
             names.join(", ")
         ));
     }
+    if let Err(why) = d.automatic_restart(policy.restart_suspected) {
+        return Decision::Refused(why);
+    }
     Decision::Go
 }
 
@@ -129,17 +135,30 @@ mod tests {
 
     #[test]
     fn gate() {
+        use crate::diagnose::{Layer, Strength};
         use Verdict::*;
-        assert_eq!(decide(&Policy::default(), false, true, BlockPathFrozen), Decision::NotWanted);
-        assert_eq!(decide(&restarting(), false, true, BlockPathFrozen), Decision::Go);
-        assert_eq!(decide(&restarting(), false, true, MainLoopWedged), Decision::Go);
-        assert_eq!(decide(&Policy::default(), true, true, MainLoopWedged), Decision::Go);
-        assert!(matches!(decide(&restarting(), false, true, Healthy), Decision::Refused(r) if r.contains("healthy")));
+        let d = |v, st, l| Diagnosis::bare(v, st, l);
+        let proven = d(BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu));
+        assert_eq!(decide(&Policy::default(), false, true, &proven), Decision::NotWanted);
+        assert_eq!(decide(&restarting(), false, true, &proven), Decision::Go);
+        assert_eq!(decide(&restarting(), false, true, &d(MainLoopWedged, Some(Strength::Proven), None)), Decision::Go);
         assert!(
-            matches!(decide(&restarting(), true, true, Inconclusive), Decision::Refused(r) if r.contains("inconclusive"))
+            matches!(decide(&restarting(), false, true, &d(Healthy, None, None)), Decision::Refused(r) if r.contains("healthy"))
         );
         assert!(
-            matches!(decide(&restarting(), false, false, BlockPathFrozen), Decision::Refused(r) if r.contains("sealed"))
+            matches!(decide(&restarting(), true, true, &d(Inconclusive, None, None)), Decision::Refused(r) if r.contains("inconclusive"))
         );
+        assert!(matches!(decide(&restarting(), false, false, &proven), Decision::Refused(r) if r.contains("sealed")));
+        // Suspected: only with the policy's opt-in. Below QEMU or network: never.
+        let suspected = d(BlockPathFrozen, Some(Strength::Suspected), None);
+        assert!(
+            matches!(decide(&restarting(), false, true, &suspected), Decision::Refused(r) if r.contains("suspected"))
+        );
+        let opt_in = Policy { restart_suspected: true, ..restarting() };
+        assert_eq!(decide(&opt_in, false, true, &suspected), Decision::Go);
+        for l in [Layer::BelowQemu, Layer::NetworkBackend] {
+            let below = d(BlockPathFrozen, Some(Strength::Proven), Some(l));
+            assert!(matches!(decide(&opt_in, true, true, &below), Decision::Refused(r) if r.contains("recover first")));
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::archive::Sealed;
 use crate::autopsy::{self, Report, Request, Silent};
 use crate::cancel::Cancel;
 use crate::config::Settings;
-use crate::diagnose::Verdict;
+use crate::diagnose::Diagnosis;
 use crate::error::Error;
 use crate::runbook;
 use crate::summary::{self, ArchiveFacts};
@@ -125,6 +125,8 @@ async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
         no_qmp: false,
         trigger: Trigger { kind: job.origin.kind.clone(), user: None, tty: None, reason: job.origin.reason.clone() },
         command_line: vec!["wedge-autopsy".into(), "serve".into(), format!("job {}", job.id)],
+        // The serve gate (`restart::decide`) applies the policy's evidence rules itself.
+        restart_gate: Default::default(),
     };
     let target = match prepare(ctx, &req).await {
         // No QMP socket although the process is proven: capture the rest.
@@ -162,7 +164,7 @@ async fn finish_sealed(
     took: Duration,
 ) -> Option<Completion> {
     let verdict = report.diagnosis.verdict;
-    let restart = restart_step(ctx.restarter.clone(), job, verdict, report.sealed.as_ref(), target).await;
+    let restart = restart_step(ctx.restarter.clone(), job, &report.diagnosis, report.sealed.as_ref(), target).await;
     match &restart {
         None => {}
         Some(r) if r.ok => ctx.store.count_restart("ok"),
@@ -205,11 +207,12 @@ async fn finish_sealed(
 pub async fn restart_step(
     restarter: Arc<dyn Restarter>,
     job: &Job,
-    verdict: Verdict,
+    diagnosis: &Diagnosis,
     sealed: Option<&Sealed>,
     target: Target,
 ) -> Option<RestartOutcome> {
-    match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), verdict) {
+    let verdict = diagnosis.verdict;
+    match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), diagnosis) {
         Decision::NotWanted => None,
         Decision::Refused(why) => Some(RestartOutcome { attempted: false, ok: false, detail: why }),
         Decision::Go => {
@@ -312,6 +315,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::diagnose::Verdict;
     use crate::serve::config::{Action, Policy};
     use crate::serve::jobs::{Limits, Origin, Submit};
     use crate::target::Proof;
@@ -377,6 +381,12 @@ mod tests {
         }
     }
 
+    fn proven(v: Verdict) -> Diagnosis {
+        let wedged = matches!(v, Verdict::BlockPathFrozen | Verdict::MainLoopWedged);
+        let strength = wedged.then_some(crate::diagnose::Strength::Proven);
+        Diagnosis::bare(v, strength, wedged.then_some(crate::diagnose::Layer::InsideQemu))
+    }
+
     #[tokio::test]
     async fn restarter_is_called_only_when_the_gate_opens() {
         let fake = Arc::new(FakeRestarter::default());
@@ -386,25 +396,46 @@ mod tests {
 
         // capture-only policy: nothing, not even a refusal.
         assert_eq!(
-            restart_step(r.clone(), &job(Policy::default(), false), Verdict::BlockPathFrozen, Some(&s), target()).await,
+            restart_step(
+                r.clone(),
+                &job(Policy::default(), false),
+                &proven(Verdict::BlockPathFrozen),
+                Some(&s),
+                target()
+            )
+            .await,
             None
         );
         // Healthy, unsealed, or a verdict the policy does not name: refused, never called.
         for (verdict, sealed) in
             [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))]
         {
-            let out = restart_step(r.clone(), &job(restart.clone(), false), verdict, sealed, target()).await.unwrap();
+            let out = restart_step(r.clone(), &job(restart.clone(), false), &proven(verdict), sealed, target())
+                .await
+                .unwrap();
             assert!(!out.attempted, "{verdict}: {out:?}");
         }
         assert!(fake.calls.lock().unwrap().is_empty());
         // The policy's verdicts, sealed: called once each with the archive's facts.
-        let out = restart_step(r.clone(), &job(restart.clone(), false), Verdict::BlockPathFrozen, Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(restart.clone(), false),
+            &proven(Verdict::BlockPathFrozen),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok && out.attempted, "{out:?}");
-        let out = restart_step(r.clone(), &job(Policy::default(), true), Verdict::MainLoopWedged, Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(Policy::default(), true),
+            &proven(Verdict::MainLoopWedged),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok, "an API request with restart=true uses the default verdict list: {out:?}");
         let calls = fake.calls.lock().unwrap();
         assert_eq!(calls.len(), 2);

@@ -122,6 +122,7 @@ async fn check(settings: &crate::config::Settings, vmid: VmId) -> Result<Verdict
         no_qmp: false,
         trigger: Trigger { kind: "watch".into(), ..Default::default() },
         command_line: vec!["wedge-autopsy".into(), "serve".into(), "watch".into()],
+        restart_gate: Default::default(),
     };
     let (r, s) = (req.clone(), settings.clone());
     let target =
