@@ -22,9 +22,8 @@ use crate::target::{Target, VmId};
 #[cfg(feature = "test-hooks")]
 pub const TEST_HOOK_ENV: &str = "WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL";
 
-/// The outcome of a restart refused before anything was done (the evidence does not
-/// allow it): recorded like any other, with the VM untouched.
-pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
+/// A restart requested and not (yet) done: the VM untouched, the old QEMU running.
+fn untouched(req: &Request, old: &Target, sealed: Option<&Sealed>) -> RestartOutcome {
     RestartOutcome {
         requested: true,
         performed: false,
@@ -38,11 +37,22 @@ pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: Restart
         qmp_status: None,
         started_at: Utc::now(),
         duration_ms: 0,
+        error: None,
+        error_kind: None,
+        exit: None,
+        archive: sealed.map(|s| s.path.display().to_string()),
+        actions: Vec::new(),
+    }
+}
+
+/// The outcome of a restart refused before anything was done (the evidence does not
+/// allow it): recorded like any other, with the VM untouched.
+pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
+    RestartOutcome {
         error: Some(err.to_string()),
         error_kind: Some(err.kind().into()),
         exit: Some(err.exit()),
-        archive: sealed.map(|s| s.path.display().to_string()),
-        actions: Vec::new(),
+        ..untouched(req, old, sealed)
     }
 }
 
@@ -54,25 +64,7 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
     let started_at = Utc::now();
     let t0 = Instant::now();
     let mut rec = Recorder::new(req.quiet, req.t0);
-    let mut o = RestartOutcome {
-        requested: true,
-        performed: false,
-        method: req.cfg.method_name().into(),
-        vmid: old.vmid,
-        old_pid: old.pid,
-        new_pid: None,
-        escalated: false,
-        old_stopped: false,
-        vm_state: "running-old".into(),
-        qmp_status: None,
-        started_at,
-        duration_ms: 0,
-        error: None,
-        error_kind: None,
-        exit: None,
-        archive: sealed.map(|s| s.path.display().to_string()),
-        actions: Vec::new(),
-    };
+    let mut o = RestartOutcome { started_at, ..untouched(req, old, sealed) };
     let result = drive(req, old, sealed, cancel, &mut rec, &mut o);
     if let Err(e) = &result {
         o.error = Some(e.to_string());
