@@ -196,7 +196,7 @@ pub fn verdict_line(d: &Diagnosis) -> String {
     }
     let advice = match d.restart_advice() {
         RestartAdvice::Helps => {
-            format!("{}", d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process"))
+            d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process").to_string()
         }
         RestartAdvice::Unproven(why) | RestartAdvice::WontHelp(why) => why,
         RestartAdvice::NotWedged(_) => return line,

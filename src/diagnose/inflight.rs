@@ -174,7 +174,7 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
             .iter()
             .filter(|(_, t)| {
                 inflight::is_storage_path(&t.file)
-                    && (disk.files.iter().any(|f| *f == t.file) || (local_disks == 1 && disk.backend == Backend::Local))
+                    && (disk.files.contains(&t.file) || (local_disks == 1 && disk.backend == Backend::Local))
             })
             .collect();
         let queue = queue_view(disk, &inf.topology, a, b, deltas);
