@@ -255,7 +255,7 @@ fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
 #[cfg(not(feature = "test-hooks"))]
 #[test]
 fn hook_tests_need_the_feature() {
-    panic!("pid_reused_between_seal_and_kill_is_not_signalled needs `cargo test --features test-hooks` (scripts/test)");
+    panic!("the kill-decision tests (pid reuse, failure paths) need `cargo test --features test-hooks` (scripts/test)");
 }
 
 #[cfg(feature = "test-hooks")]
@@ -513,6 +513,7 @@ fn command_and_libvirt_backends_restart_the_same_way() {
 
 /// Runs the tool in the background with the before-kill hook at `<root>/hook`; returns
 /// (tool pid, stdout path, hook base).
+#[cfg(feature = "test-hooks")]
 fn spawn_hooked(lab: &Lab, cfg: &Path, vmid: &str, env: &[(&str, &str)]) -> (u32, PathBuf, PathBuf) {
     let hook = lab.root().join("hook");
     let stdout_path = lab.root().join("tool.out");
@@ -524,6 +525,7 @@ fn spawn_hooked(lab: &Lab, cfg: &Path, vmid: &str, env: &[(&str, &str)]) -> (u32
 }
 
 /// Waits for the hook's `.ready` (the tool paused right before its kill decision).
+#[cfg(feature = "test-hooks")]
 fn wait_hook(hook: &Path) {
     let ready = PathBuf::from(format!("{}.ready", hook.display()));
     assert!(
@@ -533,11 +535,13 @@ fn wait_hook(hook: &Path) {
     );
 }
 
+#[cfg(feature = "test-hooks")]
 fn release_hook(hook: &Path) {
     std::fs::write(format!("{}.go", hook.display()), "").unwrap();
 }
 
 /// The tool's exit status and `--json` output once it finished.
+#[cfg(feature = "test-hooks")]
 fn finished(lab: &Lab, tool_pid: u32, stdout_path: &Path) -> (Option<i32>, Value) {
     let st = lab.wait_spawned(tool_pid, RUN_TIMEOUT).expect("the tool finished within its deadline");
     let text = std::fs::read(stdout_path).unwrap();
@@ -549,11 +553,13 @@ fn finished(lab: &Lab, tool_pid: u32, stdout_path: &Path) -> (Option<i32>, Value
 /// A process frozen in a cgroup-v1 freezer cgroup: in D state (`__refrigerator`), it
 /// does not die of SIGKILL until thawed. Thawed (so a pending SIGKILL takes effect) and
 /// removed on drop.
+#[cfg(feature = "test-hooks")]
 struct Frozen {
     dir: PathBuf,
     pid: i32,
 }
 
+#[cfg(feature = "test-hooks")]
 impl Frozen {
     fn freeze(pid: i32) -> Frozen {
         let root = Path::new("/sys/fs/cgroup/freezer");
@@ -576,6 +582,7 @@ impl Frozen {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
@@ -584,6 +591,7 @@ impl Drop for Frozen {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn qemu_surviving_sigkill_is_reported_and_nothing_is_started() {
     let lab = Lab::start(LabOptions { vmid: 130, name: "survivor".into(), ..LabOptions::default() });
@@ -609,6 +617,7 @@ fn qemu_surviving_sigkill_is_reported_and_nothing_is_started() {
 
 /// Overwrites `needle` in `pid`'s argv (through /proc/PID/mem, as root) with `X`s, so its
 /// cmdline no longer names what proved it, while it stays the same process.
+#[cfg(feature = "test-hooks")]
 fn rewrite_argv(pid: i32, needle: &str) {
     use std::io::{Seek, SeekFrom, Write};
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -627,6 +636,7 @@ fn rewrite_argv(pid: i32, needle: &str) {
     assert!(!now.contains(needle), "cmdline still names {needle}: {now}");
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn old_qemu_that_can_no_longer_be_proven_is_not_killed() {
     let lab = Lab::start(LabOptions { vmid: 131, name: "unproven".into(), ..LabOptions::default() });
@@ -732,6 +742,7 @@ fn unreadable_ha_config_refuses_the_restart() {
     restart_json_matches(&json);
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn ctrl_c_after_the_stop_began_does_not_abort_the_restart() {
     let lab = Lab::start(LabOptions { vmid: 135, name: "sigint".into(), ..LabOptions::default() });
