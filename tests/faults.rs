@@ -666,7 +666,12 @@ fn target_pid_reused_by_foreign_process() {
     let mut foreign = foreign.expect("could not make an unrelated process take over the pid within 200 tries");
     claim!(
         "the pid taken over by an unrelated process while the run went on",
-        child.try_wait().unwrap().is_none() && common::proc_cmdline(pid).is_some_and(|a| a == ["sleep", "300"])
+        // The fork may not have exec'd `sleep` yet (its cmdline is empty until it does).
+        wait_until(Duration::from_secs(5), || common::proc_cmdline(pid).is_some_and(|a| a == ["sleep", "300"]))
+            && child.try_wait().unwrap().is_none(),
+        "tool exit: {:?}; pid {pid} argv: {:?}",
+        child.try_wait(),
+        common::proc_cmdline(pid)
     );
     let out = wait_output(child);
     let json = json_of(&out);
@@ -837,7 +842,7 @@ fn tool_gdb_hangs() {
 
 /// Fault: `journalctl` floods output without end (fake first on PATH), default runbook.
 /// Stand-in: a fake `journalctl` (`yes`) in front of a real lab QEMU.
-/// Outcome: exit 0 (the journal step is optional); sealed; the archive verifies (every hash, the sidecar); the journal step timed out at its deadline with a cap note; its output kept, capped at 8 MiB; every other step ok; after exit every VM thread as found (none newly stopped, TracerPid 0).
+/// Outcome: exit 0 (the journal step is optional); sealed; the archive verifies (every hash, the sidecar); the journal step timed out at its deadline with a cap note; its output kept, capped at 8 MiB; every other step ok, or skipped as not applicable off Proxmox; after exit every VM thread as found (none newly stopped, TracerPid 0).
 #[test]
 fn tool_journalctl_floods() {
     let lab = lab(222);
@@ -855,9 +860,13 @@ fn tool_journalctl_floods() {
     );
     let j = ar.read("host/journal.txt").unwrap();
     claim!("its output kept, capped at 8 MiB", j.len() <= 8 << 20 && j.len() > 1 << 20, "{} bytes", j.len());
+    // Off Proxmox (no pveversion, no HA, no task log, upstream QEMU) those steps do not
+    // apply; each says so as skipped. Everything else must be ok.
+    const NOT_HERE: [&str; 6] = ["qmp-proxmox-support", "qmp-backup", "pveversion", "ha-status", "vzdump-log", "pve-tasks"];
     claim!(
-        "every other step ok",
-        json["steps"].as_array().unwrap().iter().filter(|s| s["id"] != "journal").all(|s| s["status"] == "ok"),
+        "every other step ok, or skipped as not applicable off Proxmox",
+        json["steps"].as_array().unwrap().iter().filter(|s| s["id"] != "journal").all(|s| s["status"] == "ok"
+            || (s["status"] == "skipped" && NOT_HERE.contains(&s["id"].as_str().unwrap_or("")))),
         "{json}"
     );
     as_found(lab.pid(), &before);

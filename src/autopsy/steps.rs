@@ -514,6 +514,11 @@ async fn qmp_step(
                 _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }
             }
             ended = one_sample(&lane, &command, args.clone(), timeout, &sample_path(&rel, n, samples), &sink).await;
+            if let Ended::Done(StepOutcome::Skipped(why)) = ended {
+                // The first sample was taken: a later one that never went out leaves the
+                // step half done, which is a failure, not a step that did not apply.
+                ended = Ended::Done(StepOutcome::Failed(format!("sample {n} of {samples} {why}")));
+            }
             if !matches!(ended, Ended::Done(StepOutcome::Ok)) {
                 break;
             }
