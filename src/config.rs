@@ -14,7 +14,7 @@ pub const DEFAULT_RUN_DIR: &str = "/var/run/qemu-server";
 pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
 /// Where separate debug files are searched by build-id (`<dir>/.build-id/xx/yyyy.debug`).
-pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
+pub use crate::stacks::native::DEFAULT_DEBUG_DIR;
 pub const DEFAULT_LOG_DIR: &str = "/var/log";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
@@ -95,15 +95,7 @@ pub struct Settings {
     pub restart: Option<toml::Table>,
 }
 
-/// Parses `"2s"`, `"500ms"`, `"1m"`, `"0"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("invalid duration {text:?} ({e}): write e.g. \"2s\", \"500ms\", \"0\""))
-}
+pub use crate::units::parse_duration;
 
 impl Settings {
     /// Loads the config file (the default path may be absent; an explicit `--config` must
@@ -166,7 +158,7 @@ fn retention_limits(r: RetentionFile) -> Result<crate::retention::Limits, Error>
     let size = |key: &str, v: Option<String>, default: u64| -> Result<u64, Error> {
         match v {
             None => Ok(default),
-            Some(t) => crate::runbook::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
+            Some(t) => crate::units::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
         }
     };
     Ok(Limits {

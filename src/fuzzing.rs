@@ -189,7 +189,6 @@ pub fn unwind(data: &[u8]) {
             bias: 0x40_0000,
             elf,
             debug: None,
-            symbols: Default::default(),
         });
     }
     let base = 0x7000_0000u64;

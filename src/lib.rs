@@ -7,14 +7,13 @@
 pub mod archive;
 pub mod autopsy;
 pub mod cancel;
-pub mod cli;
 pub mod config;
 pub mod diagnose;
 pub mod error;
 pub mod exec;
+pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod gen;
 pub mod inflight;
 pub mod lock;
 pub mod logging;
@@ -31,4 +30,6 @@ pub mod serve;
 pub mod signatures;
 pub mod stacks;
 pub mod step;
+pub mod summary;
 pub mod target;
+pub mod units;

@@ -12,9 +12,8 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::cli::LogFormat;
 use crate::render::live::SuspendingStderr;
-use crate::render::ui::{choose, Env, LogSink, Ui};
+use crate::render::ui::{choose, Env, LogFormat, LogSink, Ui};
 use crate::render::STEP_TARGET;
 
 fn level(n: u8) -> LevelFilter {

@@ -6,10 +6,13 @@
 //! Test-only hook: `WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL=<P>` makes the tool write
 //! `<P>.ready` (the old pid) right before its kill decision and wait for `<P>.go`. It is
 //! used by one test to swap the process behind the old pid, and is recorded as a
-//! `test-hook` action in restart.json whenever it fires.
+//! `test-hook` action in restart.json whenever it fires. The hook exists only in builds
+//! with `--features test-hooks` (scripts/test enables it); without it that test is not
+//! compiled and `hook_tests_need_the_feature` says so.
 
 mod common;
 
+#[cfg(feature = "test-hooks")]
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -226,6 +229,7 @@ fn hanging_qm_stop_is_killed_then_the_proven_qemu_is_sigkilled() {
 /// Makes the next process forked in this pid namespace get `pid` (needs root), by
 /// setting ns_last_pid and spawning; retries because other processes fork too.
 /// Fails the test naming the missing capability when ns_last_pid is not writable.
+#[cfg(feature = "test-hooks")]
 fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     for _ in 0..200 {
         if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)) {
@@ -246,6 +250,15 @@ fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     None
 }
 
+/// A plain `cargo test` cannot run the kill-guard test: fail saying how to, rather than
+/// pass without it.
+#[cfg(not(feature = "test-hooks"))]
+#[test]
+fn hook_tests_need_the_feature() {
+    panic!("the kill-decision tests (pid reuse, failure paths) need `cargo test --features test-hooks` (scripts/test)");
+}
+
+#[cfg(feature = "test-hooks")]
 #[test]
 fn pid_reused_between_seal_and_kill_is_not_signalled() {
     let lab = Lab::start(LabOptions { vmid: 123, name: "reuse".into(), ..LabOptions::default() });
@@ -500,6 +513,7 @@ fn command_and_libvirt_backends_restart_the_same_way() {
 
 /// Runs the tool in the background with the before-kill hook at `<root>/hook`; returns
 /// (tool pid, stdout path, hook base).
+#[cfg(feature = "test-hooks")]
 fn spawn_hooked(lab: &Lab, cfg: &Path, vmid: &str, env: &[(&str, &str)]) -> (u32, PathBuf, PathBuf) {
     let hook = lab.root().join("hook");
     let stdout_path = lab.root().join("tool.out");
@@ -511,6 +525,7 @@ fn spawn_hooked(lab: &Lab, cfg: &Path, vmid: &str, env: &[(&str, &str)]) -> (u32
 }
 
 /// Waits for the hook's `.ready` (the tool paused right before its kill decision).
+#[cfg(feature = "test-hooks")]
 fn wait_hook(hook: &Path) {
     let ready = PathBuf::from(format!("{}.ready", hook.display()));
     assert!(
@@ -520,11 +535,13 @@ fn wait_hook(hook: &Path) {
     );
 }
 
+#[cfg(feature = "test-hooks")]
 fn release_hook(hook: &Path) {
     std::fs::write(format!("{}.go", hook.display()), "").unwrap();
 }
 
 /// The tool's exit status and `--json` output once it finished.
+#[cfg(feature = "test-hooks")]
 fn finished(lab: &Lab, tool_pid: u32, stdout_path: &Path) -> (Option<i32>, Value) {
     let st = lab.wait_spawned(tool_pid, RUN_TIMEOUT).expect("the tool finished within its deadline");
     let text = std::fs::read(stdout_path).unwrap();
@@ -536,11 +553,13 @@ fn finished(lab: &Lab, tool_pid: u32, stdout_path: &Path) -> (Option<i32>, Value
 /// A process frozen in a cgroup-v1 freezer cgroup: in D state (`__refrigerator`), it
 /// does not die of SIGKILL until thawed. Thawed (so a pending SIGKILL takes effect) and
 /// removed on drop.
+#[cfg(feature = "test-hooks")]
 struct Frozen {
     dir: PathBuf,
     pid: i32,
 }
 
+#[cfg(feature = "test-hooks")]
 impl Frozen {
     fn freeze(pid: i32) -> Frozen {
         let root = Path::new("/sys/fs/cgroup/freezer");
@@ -563,6 +582,7 @@ impl Frozen {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 impl Drop for Frozen {
     fn drop(&mut self) {
         let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
@@ -571,6 +591,7 @@ impl Drop for Frozen {
     }
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn qemu_surviving_sigkill_is_reported_and_nothing_is_started() {
     let lab = Lab::start(LabOptions { vmid: 130, name: "survivor".into(), ..LabOptions::default() });
@@ -596,6 +617,7 @@ fn qemu_surviving_sigkill_is_reported_and_nothing_is_started() {
 
 /// Overwrites `needle` in `pid`'s argv (through /proc/PID/mem, as root) with `X`s, so its
 /// cmdline no longer names what proved it, while it stays the same process.
+#[cfg(feature = "test-hooks")]
 fn rewrite_argv(pid: i32, needle: &str) {
     use std::io::{Seek, SeekFrom, Write};
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -614,6 +636,7 @@ fn rewrite_argv(pid: i32, needle: &str) {
     assert!(!now.contains(needle), "cmdline still names {needle}: {now}");
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn old_qemu_that_can_no_longer_be_proven_is_not_killed() {
     let lab = Lab::start(LabOptions { vmid: 131, name: "unproven".into(), ..LabOptions::default() });
@@ -719,6 +742,7 @@ fn unreadable_ha_config_refuses_the_restart() {
     restart_json_matches(&json);
 }
 
+#[cfg(feature = "test-hooks")]
 #[test]
 fn ctrl_c_after_the_stop_began_does_not_abort_the_restart() {
     let lab = Lab::start(LabOptions { vmid: 135, name: "sigint".into(), ..LabOptions::default() });

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use manifest::{FileEntry, Manifest};
 
+use crate::exit::Exit;
 use crate::step::StepSink;
 
 const STAGING_SUFFIX: &str = ".staging";
@@ -49,6 +50,17 @@ pub enum ArchiveError {
     Verify { path: String, detail: String },
     #[error("cannot read archive {path}: {detail}")]
     Read { path: String, detail: String },
+}
+
+impl ArchiveError {
+    /// Exit class: an unusable `--out` or an unreadable archive is bad input; an archive
+    /// that could not be written or did not verify is a seal failure.
+    pub fn exit(&self) -> Exit {
+        match self {
+            ArchiveError::OutDir { .. } | ArchiveError::Read { .. } => Exit::BadInput,
+            ArchiveError::Write { .. } | ArchiveError::Verify { .. } => Exit::SealFailed,
+        }
+    }
 }
 
 /// Archive base name: `autopsy-<VMID>-<UTC %Y%m%dT%H%M%SZ>-<host>`.

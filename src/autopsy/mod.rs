@@ -12,6 +12,7 @@ mod outcome;
 mod parallel;
 mod progress;
 mod qmp_lane;
+mod redaction;
 mod steps;
 
 use std::time::{Duration, Instant};
@@ -29,9 +30,9 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::{self, Diagnosis, Rules};
 use crate::error::{Error, Exit};
-use crate::render::summary::{self, Summary};
 use crate::runbook::{Runbook, StepKind, Vars};
 use crate::step::{StepRecord, StepStatus};
+use crate::summary::{self, Summary};
 use crate::target::{self, Layout, Target, VmId};
 
 /// What the caller asks for, beyond the settings.
@@ -223,7 +224,7 @@ pub async fn run(
     let host = crate::config::local_node_name();
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
-    let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&settings.out, &name)?;
     let mut records = capture(req, settings, &target, &staging, progress, cancel).await;
     mark_vanished(&staging, &mut records);
     let interrupted = cancel.is_cancelled();
@@ -275,7 +276,7 @@ pub async fn run(
         sink.close();
     }
     // Nothing secret leaves the host: one pass over every staged file and the manifest.
-    manifest.redaction = Some(crate::redact::seal_pass(&staging.dir, &target, &mut manifest));
+    manifest.redaction = Some(redaction::seal_pass(&staging.dir, &target, &mut manifest));
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
@@ -424,8 +425,7 @@ pub async fn diagnose_live(
     cancel: &Cancel,
 ) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
     let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
-    let staging =
-        Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid))?;
     let records = capture(req, settings, target, &staging, &Silent, cancel).await;
     let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let _ = std::fs::remove_dir_all(&tmp);

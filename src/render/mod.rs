@@ -2,16 +2,16 @@
 //! for people (stderr progress) and JSON for machines.
 
 pub mod live;
-pub mod summary;
 pub mod ui;
+
+/// The summary document moved to [`crate::summary`] (the autopsy seals it); kept here by path.
+pub use crate::summary;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::archive::Sealed;
-use crate::autopsy::{Progress, Report};
+use crate::autopsy::Progress;
 use crate::step::StepRecord;
 
 /// One plain line per step on stderr: elapsed, id, status, duration, error.
@@ -118,26 +118,6 @@ impl Progress for Tee<'_> {
         self.0.sealed(s, e, took);
         self.1.sealed(s, e, took);
     }
-}
-
-/// The `--json` object of an autopsy run.
-pub fn autopsy_json(r: &Report) -> serde_json::Value {
-    json!({
-        "archive": r.sealed.as_ref().map(|s| s.path.display().to_string()),
-        "sha256": r.sealed.as_ref().map(|s| s.sha256.clone()),
-        "size": r.sealed.as_ref().map(|s| s.size),
-        "sealed": r.sealed.is_some(),
-        "seal_error": r.seal_error,
-        "vmid": r.vmid,
-        "pid": r.pid,
-        "interrupted": r.interrupted,
-        "duration_ms": r.duration_ms,
-        "verdict": r.diagnosis.verdict,
-        "facts": r.diagnosis.facts,
-        "steps": r.steps.iter().map(|s| json!({
-            "id": s.id, "status": s.status, "duration_ms": s.duration_ms, "error": s.error,
-        })).collect::<Vec<_>>(),
-    })
 }
 
 /// `diagnose` as text: the verdict, then its facts.

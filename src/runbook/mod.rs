@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 pub use template::{Template, Vars};
 
-use crate::config::parse_duration;
+use crate::exit::Exit;
+use crate::units::parse_duration;
+pub use crate::units::parse_size;
 
 /// Runbooks compiled into the binary: `(name, text)`.
 pub const BUILT_IN: &[(&str, &str)] = &[
@@ -249,6 +251,13 @@ pub struct RunbookError {
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct RunbookErrors(pub Vec<RunbookError>);
+
+impl RunbookErrors {
+    /// Exit class: a runbook that does not load is bad input; nothing was touched.
+    pub fn exit(&self) -> Exit {
+        Exit::BadInput
+    }
+}
 
 /// Finds a runbook by name (operator dir first, then built-in) or by path.
 pub fn load(name_or_path: &str, operator_dir: &Path) -> Result<Runbook, RunbookErrors> {
@@ -630,29 +639,6 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
         return Err(RunbookErrors(errs));
     }
     Ok(Runbook { name: raw.name, description: raw.description, source: file.into(), deadline, target, steps })
-}
-
-/// Parses `512M`, `2G`, `10G`, `1T` or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let m = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("invalid size {text:?}: write e.g. \"512M\", \"10G\"")),
-            };
-            (&t[..i], m)
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid size {text:?}: write e.g. \"512M\", \"10G\""))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

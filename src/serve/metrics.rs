@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::jobs::{Counters, DURATION_BUCKETS};
-use super::watch::WatchState;
+use super::watch_state::WatchState;
 use crate::diagnose::Verdict;
 
 /// Point-in-time numbers to render.
@@ -145,7 +145,7 @@ pub fn render(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::watch::VmWatch;
+    use crate::serve::watch_state::VmWatch;
 
     #[test]
     fn renders_runs_queue_and_watch_verdicts() {

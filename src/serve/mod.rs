@@ -24,6 +24,7 @@ pub mod perms;
 pub mod restart;
 pub mod runner;
 pub mod watch;
+pub mod watch_state;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-pub use restart::{RestartOutcome, RestartRequest, Restarter, Unwired};
+pub use restart::{RestartOutcome, RestartRequest, Restarter};
 
 use crate::cancel::Cancel;
 use crate::config::{FileConfig, Settings};
@@ -94,12 +95,6 @@ fn check_trust(cfg: &config::ServeConfig, settings: &Settings) -> Result<(), Str
     Ok(())
 }
 
-/// `wedge-autopsy serve` with the restarter this build has.
-pub fn main(listen: Option<String>, settings: Settings) -> Result<Exit, Error> {
-    let restarter = Arc::new(restart::Wired { settings: settings.clone() });
-    serve(listen, settings, restarter)
-}
-
 /// Runs the service until a stop signal. The restart is injected so the restart module
 /// (or a test double) can be wired without this module knowing it.
 pub fn serve(listen: Option<String>, settings: Settings, restarter: Arc<dyn Restarter>) -> Result<Exit, Error> {
@@ -110,7 +105,7 @@ pub fn serve(listen: Option<String>, settings: Settings, restarter: Arc<dyn Rest
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
     // 0700 from the start, not only after the first capture: archives hold environment
     // and memory maps.
-    crate::archive::prepare_out(&settings.out).map_err(|e| Error::BadInput(e.to_string()))?;
+    crate::archive::prepare_out(&settings.out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
@@ -143,7 +138,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         restarter,
         hard_stop: Cancel::new(),
         in_flight: AtomicUsize::new(0),
-        watch: Mutex::new(watch::WatchState::default()),
+        watch: Mutex::new(watch_state::WatchState::default()),
         conns: Arc::new(listen::ConnStats::default()),
     });
     if let Some(w) = watch_cfg {

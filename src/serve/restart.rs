@@ -1,9 +1,9 @@
 //! The seam to the restart: a trait the job runner calls after a sealed capture whose
 //! verdict the policy names, and the gate that decides whether it may be called.
 //!
-//! The real restart (lock, cooldown shared with the CLI, `qm stop`/`qm start`) lives on
-//! the restart branch; it is injected through [`Restarter`]. Until then [`Unwired`]
-//! records that a restart was due and was not done.
+//! The real restart is [`Wired`]: `crate::restart` with the same backends, lock,
+//! cooldown and proofs as `wedge-autopsy <VMID> --then-restart`. It is injected through
+//! [`Restarter`] so the runner can be tested with a double.
 
 use std::path::PathBuf;
 
@@ -30,7 +30,7 @@ pub struct RestartRequest {
 /// What the restart did, as reported in the job, the completion POST and the summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestartOutcome {
-    /// A restart was started (`false`: refused, cooling down, not wired, gated off).
+    /// A restart was started (`false`: refused, cooling down, gated off).
     pub attempted: bool,
     /// The VM is running again under a new process.
     pub ok: bool,
@@ -43,23 +43,6 @@ pub struct RestartOutcome {
 /// per-VM lock shared with the CLI, and report refusals as `attempted: false`.
 pub trait Restarter: Send + Sync {
     fn restart(&self, req: &RestartRequest) -> RestartOutcome;
-}
-
-/// The restarter of a build without the restart module: never touches the VM.
-#[derive(Debug, Default)]
-pub struct Unwired;
-
-impl Restarter for Unwired {
-    fn restart(&self, req: &RestartRequest) -> RestartOutcome {
-        RestartOutcome {
-            attempted: false,
-            ok: false,
-            detail: format!(
-                "restart of VM {} was due (verdict {}) but this build has no restart: read the archive, then `qm stop {} && qm start {}` by hand",
-                req.vmid, req.verdict, req.vmid, req.vmid
-            ),
-        }
-    }
 }
 
 /// The real restart (`crate::restart`): the same backends, cooldown and proofs as

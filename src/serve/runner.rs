@@ -13,7 +13,7 @@ use super::jobs::{Job, JobId, State, Store};
 use super::log;
 use super::notify::{self, Completion};
 use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
-use super::watch::WatchState;
+use super::watch_state::WatchState;
 use crate::archive::manifest::Trigger;
 use crate::archive::Sealed;
 use crate::autopsy::{self, Report, Request, Silent};
@@ -21,8 +21,8 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::Diagnosis;
 use crate::error::Error;
-use crate::render::summary::{self, ArchiveFacts};
 use crate::runbook;
+use crate::summary::{self, ArchiveFacts};
 use crate::target::{Target, TargetError};
 
 /// Proving the target reads /proc/PID/cmdline, which can block on a wedged process's
@@ -117,7 +117,7 @@ fn describe(job: &Job) -> String {
 /// Proves the target and runs the autopsy.
 async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
     let name = ctx.cfg.runbook.clone().or(ctx.settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
-    let rb = runbook::load(&name, &ctx.settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let rb = runbook::load(&name, &ctx.settings.runbook_dir)?;
     let mut req = Request {
         vmid: job.vmid,
         runbook: rb,

@@ -168,8 +168,6 @@ pub struct Module {
     pub elf: Elf,
     /// A separate debug file (symbols, DWARF, `.debug_frame`), build-id checked.
     pub debug: Option<Elf>,
-    /// Built on first symbol lookup (after the threads are released).
-    pub(crate) symbols: OnceLock<super::symbols::SymbolTable>,
 }
 
 impl Module {
@@ -185,6 +183,9 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Where Debian installs separate debug files (`/usr/lib/debug/.build-id/…`).
+pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
+
 /// Where separate debug files are searched.
 #[derive(Debug, Clone)]
 pub struct DebugSearch {
@@ -193,7 +194,7 @@ pub struct DebugSearch {
 
 impl Default for DebugSearch {
     fn default() -> Self {
-        DebugSearch { dirs: vec![PathBuf::from(crate::config::DEFAULT_DEBUG_DIR)] }
+        DebugSearch { dirs: vec![PathBuf::from(DEFAULT_DEBUG_DIR)] }
     }
 }
 
@@ -316,15 +317,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
             }
         };
         let debug = if path == "[vdso]" { None } else { find_debug(&elf, path, search) };
-        list.push(Module {
-            name: path.trim_end_matches(" (deleted)").to_string(),
-            start,
-            end,
-            bias,
-            elf,
-            debug,
-            symbols: OnceLock::new(),
-        });
+        list.push(Module { name: path.trim_end_matches(" (deleted)").to_string(), start, end, bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
     (Modules { list }, notes)

@@ -1,11 +1,14 @@
-//! Command-line definitions. Kept in the library so man pages and completions can be
-//! generated from the same source; `main.rs` parses and dispatches.
+//! Command-line definitions: the only place clap types live. `main.rs` parses and
+//! dispatches; `generate` builds the man pages and completions from the same source.
+//! Library functions take plain option structs ([`Overrides`], [`LogFormat`]).
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::Overrides;
+use wedge_autopsy::config::Overrides;
+use wedge_autopsy::render::ui::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,18 +55,16 @@ pub struct Global {
     #[arg(long, global = true, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
     /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = log_format_parser())]
     pub log_format: Option<LogFormat>,
     /// More detail on stderr: -v adds info logs and step notes, -vv debug
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// `--log-format`: `text` or `json`, into the library's plain [`LogFormat`].
+fn log_format_parser() -> impl TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new(["text", "json"]).map(|s| if s == "json" { LogFormat::Json } else { LogFormat::Text })
 }
 
 impl Global {
