@@ -94,13 +94,13 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     deliver(ctx, id, &mut doc).await;
 }
 
-/// Waits while the watch is checking `vmid` (QMP serves one client at a time, and a
+/// Waits while the watch's sweep includes `vmid` (QMP serves one client at a time, and a
 /// capture that found the socket held would record the VM as unreachable). The job is
 /// already active, so the watch starts no new check of it; a check ends within its
 /// runbook's deadline.
 async fn wait_for_watch(ctx: &Ctx, vmid: crate::target::VmId) {
     let end = Instant::now() + Duration::from_secs(60);
-    while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking == Some(vmid) && Instant::now() < end {
+    while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking.contains(&vmid) && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
