@@ -52,13 +52,14 @@ pub async fn run(
     };
     // Which devices have queues, and how many: once, before the first sample.
     let devices = std::sync::Arc::new(sources.virtio_devices(&sink).await);
-    let first = sources.sample(1, t0, &devices, &sink).await;
+    let first_at = Instant::now();
+    let first = sources.sample(1, first_at, &devices, &sink).await;
     let interval = interval.unwrap_or(ctx.settings.sample_interval);
-    let s = Sampled { step, start, t0, samples, interval, timeout, sink: sink.clone() };
+    let s = Sampled { step, start, t0, first: first_at, samples, interval, timeout, sink: sink.clone() };
     let sources = std::sync::Arc::new(sources);
     later_samples(ctx, s, first, move |n| {
         let (sources, devices, sink) = (sources.clone(), devices.clone(), sink.clone());
-        async move { sources.sample(n, t0, &devices, &sink).await }
+        async move { sources.sample(n, first_at, &devices, &sink).await }
     })
 }
 

@@ -109,8 +109,10 @@ pub fn finish_record(
 pub struct Sampled<'s> {
     pub step: &'s Step,
     pub start: chrono::DateTime<Utc>,
-    /// When the first sample started: later samples are due `interval` apart from here.
+    /// When the step started (its duration runs from here).
     pub t0: Instant,
+    /// When the first sample started: later samples are due `interval` apart from here.
+    pub first: Instant,
     pub samples: u32,
     pub interval: Duration,
     pub timeout: Duration,
@@ -135,7 +137,7 @@ where
     Ran::Sampling(tokio::spawn(async move {
         let mut ended = Ended::Done(StepOutcome::Ok);
         for n in 2..=s.samples {
-            let due = s.t0 + s.interval * (n - 1);
+            let due = s.first + s.interval * (n - 1);
             let slot = tokio::select! {
                 slot = async { window.wait(due).await; slots.take().await } => slot,
                 _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }

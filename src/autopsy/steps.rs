@@ -428,7 +428,7 @@ async fn qmp_step(
     let first = one_sample(&ctx.qmp, command, args.clone(), timeout, &sample_path(&rel, 1, samples), &sink).await;
     let (lane, command) = (ctx.qmp.clone(), command.to_string());
     let interval = interval.unwrap_or(ctx.settings.sample_interval);
-    let s = Sampled { step, start, t0, samples, interval, timeout, sink: sink.clone() };
+    let s = Sampled { step, start, t0, first: t0, samples, interval, timeout, sink: sink.clone() };
     later_samples(ctx, s, first, move |n| {
         let (lane, command, args, sink) = (lane.clone(), command.clone(), args.clone(), sink.clone());
         let rel = sample_path(&rel, n, samples);

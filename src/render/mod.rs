@@ -135,7 +135,9 @@ pub fn sweep_line(vmid: crate::target::VmId, pid: i32, d: &crate::diagnose::Diag
     let layer = d.layer.and_then(|l| serde_json::to_value(l).ok()).and_then(|v| v.as_str().map(String::from));
     let qual: Vec<String> = strength.into_iter().chain(layer).collect();
     let qual = if qual.is_empty() { String::new() } else { format!(" ({})", qual.join(", ")) };
-    let fact = d.facts.first().map(|f| format!(": {f}")).unwrap_or_default();
+    // The status line says little next to the evidence; the first other fact says more.
+    let fact = d.facts.iter().find(|f| !f.starts_with("query-status:")).or(d.facts.first());
+    let fact = fact.map(|f| format!(": {f}")).unwrap_or_default();
     format!("VM {vmid} (pid {pid}): {}{qual}{fact}\n", d.verdict)
 }
 
