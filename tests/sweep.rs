@@ -107,10 +107,8 @@ fn a_sweep_names_and_captures_exactly_the_wedged_vms_in_one_window() {
     // --all-wedged: the same sweep finds them, then exactly those are captured.
     let cfg = lab.root().join("fast.toml");
     std::fs::write(&cfg, "min_idle = \"3s\"\nsample_interval = \"1s\"\n").unwrap();
-    let out = run_bounded(
-        &mut lab.tool_args(&["--all-wedged", "--json", "--quiet", "--config", cfg.to_str().unwrap()]),
-        T,
-    );
+    let out =
+        run_bounded(&mut lab.tool_args(&["--all-wedged", "--json", "--quiet", "--config", cfg.to_str().unwrap()]), T);
     let err = String::from_utf8_lossy(&out.stderr);
     let caps = lines(&out.stdout);
     let captured: BTreeSet<u64> = caps.iter().filter_map(|c| c["vmid"].as_u64()).collect();

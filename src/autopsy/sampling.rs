@@ -127,8 +127,11 @@ where
     F: FnMut(u32) -> Fut + Send + 'static,
     Fut: Future<Output = Ended> + Send + 'static,
 {
-    // The first sample is in (or never will be): the sweep need not wait for this VM.
-    drop(ctx.arrival.take());
+    // A sampled step's first sample is in (or never will be): the sweep need not wait
+    // for this VM any more. A one-sample step (`qmp-status`) is not the window's start.
+    if s.samples > 1 {
+        drop(ctx.arrival.take());
+    }
     if s.samples <= 1 || !first.is_ok() {
         return Ran::Done(finish_record(s.step, s.start, s.t0.elapsed(), first, &s.sink, s.timeout));
     }
@@ -244,5 +247,29 @@ impl Slots {
             Some(s) => s.clone().acquire_owned().await.ok(),
             None => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_gate_opens_on_the_last_arrival_or_at_its_latest() {
+        let far = Instant::now() + Duration::from_secs(600);
+        let (gate, mut arrivals) = Gate::new(3, far);
+        drop(arrivals.pop());
+        drop(arrivals.pop());
+        assert!(!gate.is_open(), "two of three arrived");
+        drop(arrivals.pop());
+        assert!(gate.is_open(), "all arrived");
+        Window::gated(gate).wait(Instant::now()).await;
+
+        // Nobody arrives: a waiter is released at `latest`, not held forever.
+        let (gate, _held) = Gate::new(1, Instant::now() + Duration::from_millis(50));
+        tokio::time::timeout(Duration::from_secs(30), Window::gated(gate.clone()).wait(Instant::now()))
+            .await
+            .expect("released at the gate's latest opening");
+        assert!(!gate.is_open());
     }
 }
