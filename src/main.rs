@@ -45,9 +45,10 @@ fn main() -> ExitCode {
             Some(Command::Generate { .. }) => unreachable!("handled above"),
             Some(Command::Runbook { action }) => cmd::runbook::run(action, &settings),
             Some(Command::Signatures { action }) => cmd::signatures::run(action, &settings),
-            Some(Command::Diagnose { vmid, window, min_idle, json }) => {
-                cmd::diagnose::run(&vmid, window, min_idle, json, settings)
-            }
+            Some(Command::Diagnose { vmid, all, parallel, window, min_idle, json }) => match vmid {
+                Some(vmid) if !all => cmd::diagnose::run(&vmid, window, min_idle, json, settings),
+                _ => cmd::diagnose::run_all(parallel as usize, window, min_idle, json, settings),
+            },
             Some(Command::Audit { json }) => cmd::audit::run(json, &settings),
             Some(Command::Stacks { pid, json, lines, method }) => cmd::stacks::run(pid, json, lines, method),
             Some(Command::Inspect { archive, verify, json, cat }) => {

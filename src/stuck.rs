@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Keys whose call outlived its deadline and has not returned yet.
 #[derive(Debug)]
@@ -97,6 +97,44 @@ impl Waiting {
         if !st.done {
             st.stuck = true;
             lock(&self.reg.keys).insert(self.key.clone(), Instant::now());
+        }
+    }
+}
+
+/// Keys that may be stuck at once in a long-running process (each holds one thread).
+pub const MAX_STUCK: usize = 32;
+
+/// Why [`bounded`] returned no value.
+#[derive(Debug, thiserror::Error)]
+pub enum Bounded {
+    #[error("took longer than {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("{0}")]
+    Refused(#[from] Refused),
+    #[error("the task failed: {0}")]
+    Failed(String),
+}
+
+/// Runs `f` on a blocking thread, at most `limit`, unless `key` is still stuck: a read that
+/// outlives `limit` keeps its thread (it cannot be cancelled), but no second thread is
+/// started for `key` while it is stuck.
+pub async fn bounded<T: Send + 'static>(
+    stuck: &Arc<Stuck>,
+    key: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Bounded> {
+    let (running, waiting) = stuck.admit(key)?;
+    let task = tokio::task::spawn_blocking(move || {
+        let _running = running;
+        f()
+    });
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(Bounded::Failed(e.to_string())),
+        Err(_) => {
+            waiting.timed_out();
+            Err(Bounded::Timeout(limit))
         }
     }
 }

@@ -4,7 +4,7 @@
 //! `qmp/query-blockstats.N.json`), every request queue of every virtio block device,
 //! QEMU's threads, rings and sockets from /proc, and the guest agent when it has a
 //! socket. The first sample is taken inline; later ones in the background while the
-//! other steps run, like a sampled QMP step. Each source has its own deadline and a
+//! other steps run, through the same loop as a sampled QMP step (`sampling`). Each source has its own deadline and a
 //! source that fails is recorded in the sample as unavailable: the sample is still
 //! written, because the other sources may be exactly what proves the wedge.
 
@@ -15,8 +15,7 @@ use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::qmp_lane::{Lane, LaneError};
-use super::steps::{finish_record, Ctx, Ended, Ran};
-use crate::cancel::Cancel;
+use super::sampling::{later_samples, Ctx, Ended, Ran, Sampled};
 use crate::inflight::{self, procs, AgentView, Sample, VirtioDevice, Vq};
 use crate::qga::{self, Qga};
 use crate::runbook::Step;
@@ -52,29 +51,16 @@ pub async fn run(
         },
     };
     // Which devices have queues, and how many: once, before the first sample.
-    let devices = sources.virtio_devices(&sink).await;
-    let first = sources.sample(1, t0, &devices, &sink).await;
-    if samples == 1 || !matches!(first, Ended::Done(StepOutcome::Ok)) {
-        return Ran::Done(finish_record(step, start, t0.elapsed(), first, &sink, timeout));
-    }
-    let cancel: Cancel = ctx.cancel.clone();
+    let devices = std::sync::Arc::new(sources.virtio_devices(&sink).await);
+    let first_at = Instant::now();
+    let first = sources.sample(1, first_at, &devices, &sink).await;
     let interval = interval.unwrap_or(ctx.settings.sample_interval);
-    let step = step.clone();
-    Ran::Sampling(tokio::spawn(async move {
-        let mut ended = Ended::Done(StepOutcome::Ok);
-        for n in 2..=samples {
-            let due = t0 + interval * (n - 1);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
-                _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }
-            }
-            ended = sources.sample(n, t0, &devices, &sink).await;
-            if !matches!(ended, Ended::Done(StepOutcome::Ok)) {
-                break;
-            }
-        }
-        finish_record(&step, start, t0.elapsed(), ended, &sink, timeout)
-    }))
+    let s = Sampled { step, start, t0, first: first_at, samples, interval, timeout, sink: sink.clone() };
+    let sources = std::sync::Arc::new(sources);
+    later_samples(ctx, s, first, move |n| {
+        let (sources, devices, sink) = (sources.clone(), devices.clone(), sink.clone());
+        async move { sources.sample(n, first_at, &devices, &sink).await }
+    })
 }
 
 struct Sources {

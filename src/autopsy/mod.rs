@@ -13,7 +13,9 @@ mod parallel;
 mod progress;
 mod qmp_lane;
 mod redaction;
+mod sampling;
 mod steps;
+pub mod sweep;
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,7 @@ pub use outcome::{run_with_restart, Outcome};
 pub use parallel::run_bounded;
 pub use progress::{Prefixed, Progress, Silent};
 pub use redaction::learn_target;
+pub use sampling::Pacing;
 
 use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
 use crate::archive::{self, Sealed, Staging};
@@ -354,20 +357,37 @@ pub async fn capture(
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Vec<StepRecord> {
+    capture_paced(req, settings, target, staging, progress, cancel, Pacing::default()).await
+}
+
+/// [`capture`] as one VM of a sweep: later samples wait for the sweep's window, every
+/// step and sample takes one of the sweep's slots, QMP in short sessions if asked.
+pub async fn capture_paced(
+    req: &Request,
+    settings: &Settings,
+    target: &Target,
+    staging: &Staging,
+    progress: &dyn Progress,
+    cancel: &Cancel,
+    pacing: Pacing,
+) -> Vec<StepRecord> {
     let t0 = Instant::now();
     let vars = vars(req.vmid, Some(target), settings);
     let deadline = t0 + req.runbook.deadline;
 
-    let mut ctx = steps::Ctx {
+    let mut ctx = sampling::Ctx {
         target,
         settings,
         vars: &vars,
         staging,
         cancel,
         stacks_override: req.stacks.clone(),
-        qmp: qmp_lane::Lane::new(target, req.no_qmp),
+        qmp: qmp_lane::Lane::new(target, req.no_qmp, pacing.short_sessions),
+        window: pacing.window,
+        slots: pacing.slots,
+        arrival: pacing.arrival,
     };
-    // A sampled QMP step's record is only final when its last sample is in.
+    // A sampled step's record is only final when its last sample is in.
     enum Slot {
         Done(StepRecord),
         Sampling(tokio::task::JoinHandle<StepRecord>, StepRecord),
@@ -378,7 +398,9 @@ pub async fn capture(
             matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
         if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
             progress.started("qmp-connect");
+            let turn = ctx.slots.take().await;
             let rec = ctx.qmp.connect(deadline, cancel).await;
+            drop(turn);
             progress.finished(&rec);
             slots.push(Slot::Done(rec));
         }
@@ -389,9 +411,13 @@ pub async fn capture(
             Slot::Done(steps::not_run(step, StepStatus::Timeout, "not started: the runbook's deadline was reached"))
         } else {
             progress.started(&step.id);
-            match steps::run(&mut ctx, step, step.timeout.min(left)).await {
-                steps::Ran::Done(rec) => Slot::Done(rec),
-                steps::Ran::Sampling(handle) => {
+            let turn = ctx.slots.take().await;
+            let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+            let ran = steps::run(&mut ctx, step, step.timeout.min(left)).await;
+            drop(turn);
+            match ran {
+                sampling::Ran::Done(rec) => Slot::Done(rec),
+                sampling::Ran::Sampling(handle) => {
                     let fallback = steps::not_run(step, StepStatus::Failed, "sampling task failed");
                     Slot::Sampling(handle, fallback)
                 }
@@ -402,6 +428,8 @@ pub async fn capture(
         }
         slots.push(slot);
     }
+    // No sampled step (or none got to its first sample): nobody waits for this VM.
+    drop(ctx.arrival.take());
     let mut records = Vec::with_capacity(slots.len());
     for slot in slots {
         records.push(match slot {
@@ -425,45 +453,8 @@ pub async fn diagnose_live(
     target: &Target,
     cancel: &Cancel,
 ) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
-    let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
-    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid))?;
-    let records = capture(req, settings, target, &staging, &Silent, cancel).await;
-    let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
-    let _ = std::fs::remove_dir_all(&tmp);
-    Ok((d, records))
-}
-
-/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged
-/// (`block-path-frozen`, proven or suspected, or `main-loop-wedged`), with the diagnosis
-/// that decides whether a restart may follow. VMs that cannot be proven are skipped.
-pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<(VmId, Diagnosis)> {
-    let Ok(runbook) = crate::runbook::load("diagnose", &settings.runbook_dir) else { return Vec::new() };
-    let mut vmids: Vec<VmId> = std::fs::read_dir(&settings.run_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".pid")?.parse().ok())
-        .collect();
-    vmids.sort();
-    let mut wedged = Vec::new();
-    for vmid in vmids {
-        let req = Request {
-            vmid,
-            runbook: runbook.clone(),
-            stacks: None,
-            no_qmp: false,
-            trigger: Trigger::default(),
-            command_line: vec![],
-            restart_gate: Default::default(),
-        };
-        let Ok(target) = prepare(&req, settings) else { continue };
-        if let Ok((d, _)) = diagnose_live(&req, settings, &target, cancel).await {
-            if d.is_wedged() {
-                wedged.push((vmid, d));
-            }
-        }
-    }
-    wedged
+    let c = sweep::diagnose_one(req, settings, target, cancel, Pacing::default()).await?;
+    Ok((c.diagnosis, c.steps))
 }
 
 /// Waits until `cancel` is set (polling; the flag is set from a signal task).

@@ -4,6 +4,10 @@
 //! manifest tells "no greeting" (socket held or QEMU frozen) from "greeting but
 //! `qmp_capabilities` unanswered" (main loop wedged). Once QMP failed or timed out, later
 //! QMP steps are skipped without sending anything.
+//!
+//! In a sweep the lane uses short sessions instead: a connection per command, closed as
+//! soon as the reply is in (as pvestatd's own client does), so a VM's socket is never
+//! held across the window. `qmp-connect` then records the first handshake.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +26,9 @@ use crate::target::{Monitor, Target};
 
 /// How long to listen for a reply that missed its deadline, before closing.
 const LATE_REPLY_WAIT: Duration = Duration::from_millis(500);
+/// A short session's first handshake: pvestatd's own commands time out after 3 s, so a
+/// socket held longer than this is held by something else (or QEMU is frozen).
+const SHORT_CONNECT_BUDGET: Duration = Duration::from_secs(4);
 
 #[derive(Clone)]
 pub struct Lane {
@@ -29,11 +36,15 @@ pub struct Lane {
     /// `Some((program, domain))`: QMP through `virsh qemu-monitor-command`.
     virsh: Option<(String, String)>,
     no_qmp: bool,
+    /// A connection per command (see the module doc).
+    short: bool,
     attempted: bool,
     /// Why QMP is not usable; set by a failed connect or the first timeout.
     unavailable: Arc<std::sync::Mutex<Option<String>>>,
     client: Arc<Mutex<Option<QmpClient>>>,
     connect_notes: Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Events of closed short sessions.
+    events: Arc<std::sync::Mutex<Vec<Value>>>,
 }
 
 /// Why a QMP step produced no reply.
@@ -44,7 +55,7 @@ pub enum LaneError {
 }
 
 impl Lane {
-    pub fn new(target: &Target, no_qmp: bool) -> Lane {
+    pub fn new(target: &Target, no_qmp: bool, short: bool) -> Lane {
         let virsh = match (&target.monitor, &target.domain) {
             (Monitor::Virsh { program }, Some(domain)) => Some((program.clone(), domain.clone())),
             _ => None,
@@ -53,10 +64,12 @@ impl Lane {
             socket: target.qmp_socket.clone(),
             virsh,
             no_qmp,
+            short,
             attempted: false,
             unavailable: Default::default(),
             client: Default::default(),
             connect_notes: Default::default(),
+            events: Default::default(),
         }
     }
 
@@ -95,6 +108,9 @@ impl Lane {
             return rec;
         }
         let mut cfg = QmpConfig::default();
+        if self.short {
+            cfg.connect_budget = SHORT_CONNECT_BUDGET;
+        }
         cfg.connect_budget = cfg.connect_budget.min(deadline.saturating_duration_since(Instant::now()));
         let budget = cfg.connect_budget + cfg.capabilities_timeout + Duration::from_secs(1);
         let outcome = tokio::select! {
@@ -112,7 +128,12 @@ impl Lane {
                 if let Some(g) = client.greeting() {
                     rec.notes.push(format!("greeting: {}", compact(g, 200)));
                 }
-                *self.client.lock().await = Some(client);
+                if self.short {
+                    rec.notes.push("short sessions: a connection per command, closed at once".into());
+                    self.retire(client);
+                } else {
+                    *self.client.lock().await = Some(client);
+                }
             }
             Ok(Err(failure)) => {
                 let e = &failure.error;
@@ -142,6 +163,9 @@ impl Lane {
         if let Some((program, domain)) = self.virsh.clone() {
             return self.execute_virsh(program, domain, command, args, timeout).await;
         }
+        if self.short {
+            return self.execute_short(command, args, timeout).await;
+        }
         let mut guard = self.client.lock().await;
         let Some(client) = guard.as_mut() else {
             return Err(LaneError::NotSent("no QMP session".into()));
@@ -161,6 +185,48 @@ impl Lane {
                 Err(LaneError::Qmp(e))
             }
         }
+    }
+
+    /// One command on a connection of its own: connect (the socket may be held by
+    /// pvestatd for a moment: retried within `timeout`), send, close.
+    async fn execute_short(&self, command: &str, args: Option<Value>, timeout: Duration) -> Result<Reply, LaneError> {
+        let cfg = QmpConfig {
+            connect_budget: timeout,
+            greeting_timeout: QmpConfig::default().greeting_timeout.min(timeout),
+            capabilities_timeout: QmpConfig::default().capabilities_timeout.min(timeout),
+            ..Default::default()
+        };
+        let budget = cfg.connect_budget + cfg.capabilities_timeout + Duration::from_secs(1);
+        let mut client = match tokio::time::timeout(budget, QmpClient::connect_traced(&self.socket, &cfg)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(failure)) => {
+                self.connect_notes.lock().unwrap().extend_from_slice(&failure.transcript_jsonl());
+                *self.unavailable.lock().unwrap() =
+                    Some(format!("QMP connect for {command} failed: {}", failure.error.classify()));
+                return Err(LaneError::Qmp(failure.error));
+            }
+            Err(_) => {
+                *self.unavailable.lock().unwrap() = Some(format!("QMP connect for {command} timed out"));
+                return Err(LaneError::Qmp(QmpError::Timeout { command: command.into(), after: budget }));
+            }
+        };
+        let result = client.execute(command, args, timeout).await;
+        if let Err(e) = &result {
+            if matches!(
+                e,
+                QmpError::Timeout { .. } | QmpError::Closed | QmpError::ReplyTooLarge { .. } | QmpError::Protocol(_)
+            ) {
+                *self.unavailable.lock().unwrap() = Some(format!("QMP gave up after {command}: {}", e.classify()));
+            }
+        }
+        self.retire(client);
+        result.map_err(LaneError::Qmp)
+    }
+
+    /// Keeps a short session's transcript and events, and closes it.
+    fn retire(&self, client: QmpClient) {
+        self.connect_notes.lock().unwrap().extend_from_slice(&client.transcript_jsonl());
+        self.events.lock().unwrap().extend(client.events().iter().cloned());
     }
 
     /// One command through `virsh qemu-monitor-command`, under the same allowlist and
@@ -232,10 +298,13 @@ impl Lane {
             }
         }
         let mut transcript = self.connect_notes.lock().unwrap().clone();
+        let mut events = self.events.lock().unwrap().clone();
         if let Some(c) = &client {
             transcript.extend_from_slice(&c.transcript_jsonl());
-            let events = serde_json::to_vec_pretty(c.events()).unwrap_or_default();
-            let _ = sink.write("qmp/events.json", &events);
+            events.extend(c.events().iter().cloned());
+        }
+        if client.is_some() || !events.is_empty() {
+            let _ = sink.write("qmp/events.json", &serde_json::to_vec_pretty(&events).unwrap_or_default());
         }
         if !transcript.is_empty() {
             let _ = sink.write("qmp/transcript.jsonl", &transcript);

@@ -10,9 +10,9 @@ use chrono::Utc;
 use serde_json::{json, Value};
 
 use super::qmp_lane::{Lane, LaneError};
-use crate::archive::{Evidence, Staging};
+use super::sampling::{finish_record, later_samples, record, Ctx, Ended, Ran, Sampled};
+use crate::archive::Evidence;
 use crate::cancel::Cancel;
-use crate::config::Settings;
 use crate::exec::{self, ExecError, Spec};
 use crate::runbook::{Step, StepKind, Template, Vars};
 use crate::stacks::{self, StackError, StackRequest};
@@ -26,37 +26,6 @@ const CLEANUP_GRACE: Duration = Duration::from_secs(3);
 /// on it, so a killed command or gdb still gets its partial output written.
 fn inner_deadline(timeout: Duration) -> Duration {
     timeout.saturating_sub((timeout / 5).min(Duration::from_millis(500)))
-}
-
-pub struct Ctx<'a> {
-    pub target: &'a Target,
-    pub settings: &'a Settings,
-    pub vars: &'a Vars,
-    pub staging: &'a Staging,
-    pub cancel: &'a Cancel,
-    pub stacks_override: Option<Vec<String>>,
-    pub qmp: Lane,
-}
-
-pub enum Ran {
-    Done(StepRecord),
-    /// A sampled QMP step whose later samples are still being taken.
-    Sampling(tokio::task::JoinHandle<StepRecord>),
-}
-
-fn record(step: &Step, status: StepStatus, start: chrono::DateTime<Utc>, took: Duration) -> StepRecord {
-    StepRecord {
-        id: step.id.clone(),
-        kind: step.kind.name().into(),
-        status,
-        start,
-        duration_ms: took.as_millis() as u64,
-        error: None,
-        notes: vec![],
-        files: vec![],
-        optional: step.optional,
-        qmp_failure: None,
-    }
 }
 
 /// A record for a step that never started.
@@ -86,46 +55,6 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
         }
     };
     Ran::Done(finish_record(step, start, t0.elapsed(), outcome, &sink, timeout))
-}
-
-/// How a step's execution ended, before it becomes a record.
-pub(super) enum Ended {
-    Done(StepOutcome),
-    Timeout,
-    Interrupted,
-}
-
-pub(super) fn finish_record(
-    step: &Step,
-    start: chrono::DateTime<Utc>,
-    took: Duration,
-    ended: Ended,
-    sink: &StepSink,
-    timeout: Duration,
-) -> StepRecord {
-    let (files, notes) = sink.close();
-    let (status, error) = match ended {
-        Ended::Done(StepOutcome::Ok) => (StepStatus::Ok, None),
-        Ended::Done(StepOutcome::Skipped(why)) => (StepStatus::Skipped, Some(why)),
-        Ended::Done(StepOutcome::Failed(why)) => (StepStatus::Failed, Some(why)),
-        Ended::Done(StepOutcome::Timeout(why)) => (StepStatus::Timeout, Some(why)),
-        Ended::Done(StepOutcome::Interrupted(why)) => (StepStatus::Interrupted, Some(why)),
-        Ended::Timeout => (
-            StepStatus::Timeout,
-            Some(format!("did not finish within {} ms; abandoned, output so far kept", timeout.as_millis())),
-        ),
-        Ended::Interrupted => (StepStatus::Interrupted, Some("interrupted by signal; output so far kept".into())),
-    };
-    let mut r = record(step, status, start, took);
-    r.error = error;
-    r.files = files;
-    r.notes = notes;
-    // Steps on the QMP lane time out only when QEMU does not answer in time.
-    let on_lane = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
-    if on_lane && status == StepStatus::Timeout {
-        r.qmp_failure = Some(crate::step::QmpFailure::Timeout);
-    }
-    r
 }
 
 type Job = Box<dyn FnOnce() -> StepOutcome + Send + 'static>;
@@ -497,34 +426,14 @@ async fn qmp_step(
     let t0 = Instant::now();
     let rel = output.render(ctx.vars);
     let first = one_sample(&ctx.qmp, command, args.clone(), timeout, &sample_path(&rel, 1, samples), &sink).await;
-    if samples == 1 || !matches!(first, Ended::Done(StepOutcome::Ok)) {
-        return Ran::Done(finish_record(step, start, t0.elapsed(), first, &sink, timeout));
-    }
-    let lane = ctx.qmp.clone();
-    let cancel = ctx.cancel.clone();
+    let (lane, command) = (ctx.qmp.clone(), command.to_string());
     let interval = interval.unwrap_or(ctx.settings.sample_interval);
-    let step = step.clone();
-    let command = command.to_string();
-    Ran::Sampling(tokio::spawn(async move {
-        let mut ended = Ended::Done(StepOutcome::Ok);
-        for n in 2..=samples {
-            let due = t0 + interval * (n - 1);
-            tokio::select! {
-                _ = tokio::time::sleep_until(due.into()) => {}
-                _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }
-            }
-            ended = one_sample(&lane, &command, args.clone(), timeout, &sample_path(&rel, n, samples), &sink).await;
-            if let Ended::Done(StepOutcome::Skipped(why)) = ended {
-                // The first sample was taken: a later one that never went out leaves the
-                // step half done, which is a failure, not a step that did not apply.
-                ended = Ended::Done(StepOutcome::Failed(format!("sample {n} of {samples} {why}")));
-            }
-            if !matches!(ended, Ended::Done(StepOutcome::Ok)) {
-                break;
-            }
-        }
-        finish_record(&step, start, t0.elapsed(), ended, &sink, timeout)
-    }))
+    let s = Sampled { step, start, t0, first: t0, samples, interval, timeout, sink: sink.clone() };
+    later_samples(ctx, s, first, move |n| {
+        let (lane, command, args, sink) = (lane.clone(), command.clone(), args.clone(), sink.clone());
+        let rel = sample_path(&rel, n, samples);
+        async move { one_sample(&lane, &command, args, timeout, &rel, &sink).await }
+    })
 }
 
 async fn one_sample(

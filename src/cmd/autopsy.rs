@@ -36,7 +36,8 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
     // VMs named by the operator restart on their word; VMs found by --all-wedged only on proof.
     let named: Vec<VmId> = vmids.clone();
     if args.all_wedged {
-        for (vmid, d) in rt.block_on(autopsy::wedged_vms(settings, &cancel)) {
+        let found = rt.block_on(autopsy::sweep::wedged(settings, args.sweep_parallel as usize, &cancel))?;
+        for (vmid, d) in found {
             if !vmids.contains(&vmid) {
                 let _ = writeln!(
                     std::io::stderr(),

@@ -10,6 +10,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use wedge_autopsy::config::Overrides;
 use wedge_autopsy::render::ui::LogFormat;
 
+/// The sweep's default bound on VMs touched at once (`autopsy::sweep`).
+const SWEEP_PARALLEL: u16 = wedge_autopsy::autopsy::sweep::DEFAULT_PARALLEL as u16;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "wedge-autopsy",
@@ -104,6 +107,9 @@ pub struct AutopsyArgs {
     /// How many VMs to capture at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
+    /// With --all-wedged: how many VMs the finding sweep touches at once (QMP commands, /proc reads)
+    #[arg(long, value_name = "N", default_value_t = SWEEP_PARALLEL, requires = "all_wedged", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub sweep_parallel: u16,
     /// Print one JSON object on stdout (archive, sha256, vmid, pid, steps, sealed)
     #[arg(long)]
     pub json: bool,
@@ -151,14 +157,21 @@ pub enum Command {
     )]
     Diagnose {
         /// The VM, as `qm list` shows it
-        vmid: String,
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        vmid: Option<String>,
+        /// Every running VM on this node in one sweep (one window for all); exit code is the worst verdict's
+        #[arg(long)]
+        all: bool,
+        /// With --all: how many VMs are touched at once (QMP commands, /proc reads)
+        #[arg(long, value_name = "N", default_value_t = SWEEP_PARALLEL, requires = "all", value_parser = clap::value_parser!(u16).range(1..=256))]
+        parallel: u16,
         /// Time between the two blockstats samples [default: sample_interval]
         #[arg(long, value_name = "DURATION")]
         window: Option<String>,
         /// Idle time beyond which frozen counters alone mean a frozen block path [default: 30s]
         #[arg(long, value_name = "DURATION")]
         min_idle: Option<String>,
-        /// One JSON object: verdict, facts, findings
+        /// One JSON object (per VM with --all): verdict, facts, findings
         #[arg(long)]
         json: bool,
     },

@@ -166,6 +166,23 @@ impl Diagnosis {
         matches!(self.verdict, Verdict::BlockPathFrozen | Verdict::MainLoopWedged)
     }
 
+    /// How bad this verdict is, for picking the worst of a sweep (`diagnose --all`): a
+    /// proven wedge above an I/O error above a stopped or unreachable QEMU above a
+    /// suspected wedge above no verdict above a pause above healthy.
+    pub fn severity(&self) -> u8 {
+        match (self.verdict, self.strength) {
+            (Verdict::Healthy, _) => 0,
+            (Verdict::Paused, _) => 1,
+            (Verdict::Inconclusive, _) => 2,
+            (Verdict::BlockPathFrozen, Some(Strength::Suspected)) => 3,
+            (Verdict::QmpUnreachable, _) => 4,
+            (Verdict::ProcessStopped, _) => 5,
+            (Verdict::IoError, _) => 6,
+            (Verdict::BlockPathFrozen, _) => 7,
+            (Verdict::MainLoopWedged, _) => 8,
+        }
+    }
+
     /// `diagnose`'s exit code: the verdict's, except that a merely suspected frozen block
     /// path has its own (17), so an alert rule keyed on 11 acts only on proof.
     pub fn exit_code(&self) -> u8 {

@@ -129,6 +129,18 @@ pub fn diagnose_text(vmid: crate::target::VmId, pid: i32, d: &crate::diagnose::D
     o
 }
 
+/// One VM of `diagnose --all` as one line: verdict, strength, layer, the first fact.
+pub fn sweep_line(vmid: crate::target::VmId, pid: i32, d: &crate::diagnose::Diagnosis) -> String {
+    let strength = d.strength.and_then(|s| serde_json::to_value(s).ok()).and_then(|v| v.as_str().map(String::from));
+    let layer = d.layer.and_then(|l| serde_json::to_value(l).ok()).and_then(|v| v.as_str().map(String::from));
+    let qual: Vec<String> = strength.into_iter().chain(layer).collect();
+    let qual = if qual.is_empty() { String::new() } else { format!(" ({})", qual.join(", ")) };
+    // The status line says little next to the evidence; the first other fact says more.
+    let fact = d.facts.iter().find(|f| !f.starts_with("query-status:")).or(d.facts.first());
+    let fact = fact.map(|f| format!(": {f}")).unwrap_or_default();
+    format!("VM {vmid} (pid {pid}): {}{qual}{fact}\n", d.verdict)
+}
+
 /// `audit` as text: one block per VM, what flags it and what to do about pending changes.
 pub fn audit_text(vms: &[crate::diagnose::audit::VmAudit]) -> String {
     let mut o = String::new();

@@ -78,6 +78,7 @@ struct RawWatch {
     interval: Option<String>,
     consecutive: Option<u32>,
     window: Option<String>,
+    parallel: Option<u16>,
 }
 
 /// What a policy does once an autopsy is sealed.
@@ -137,6 +138,8 @@ pub struct Watch {
     pub consecutive: u32,
     /// Blockstats window of each check (`diagnose --window`).
     pub window: Option<Duration>,
+    /// VMs a round's sweep touches at once (`diagnose --all --parallel`).
+    pub parallel: usize,
 }
 
 /// Resolved `[serve]`.
@@ -288,7 +291,12 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
                 Some(t) => Some(parse_duration(t).map_err(|e| format!("[serve.watch] window: {e}"))?),
                 None => None,
             };
-            Some(Watch { interval, consecutive: w.consecutive.unwrap_or(3).max(1), window })
+            let parallel = match w.parallel {
+                Some(0) => return Err("[serve.watch] parallel must be at least 1".into()),
+                Some(n) => n as usize,
+                None => crate::autopsy::sweep::DEFAULT_PARALLEL,
+            };
+            Some(Watch { interval, consecutive: w.consecutive.unwrap_or(3).max(1), window, parallel })
         }
     };
     let max_concurrent = raw.max_concurrent.unwrap_or(2);

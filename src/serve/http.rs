@@ -333,9 +333,9 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
 /// Runs a mapping closure (file reads, possibly on pmxcfs) on a blocking thread, bounded
 /// by [`LOCATE_TIMEOUT`].
 async fn blocking_locate<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
-    match super::proof::run(&ctx.stuck, "cluster list", LOCATE_TIMEOUT, f).await {
+    match crate::stuck::bounded(&ctx.stuck, "cluster list", LOCATE_TIMEOUT, f).await {
         Ok(v) => Ok(v),
-        Err(super::proof::Bounded::Failed(e)) => Err(error(500, format!("mapping task failed: {e}"))),
+        Err(crate::stuck::Bounded::Failed(e)) => Err(error(500, format!("mapping task failed: {e}"))),
         Err(e) => {
             let mut r = error(503, format!("reading the cluster VM list: {e} (is pmxcfs hanging?): retry later"));
             r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));

@@ -21,7 +21,6 @@ pub(crate) mod log;
 pub mod metrics;
 pub mod notify;
 pub mod perms;
-pub mod proof;
 pub mod restart;
 pub mod runner;
 pub mod watch;
@@ -168,7 +167,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         in_flight: AtomicUsize::new(0),
         watch: Mutex::new(watch_state::WatchState::default()),
         conns: Arc::new(listen::ConnStats::default()),
-        stuck: crate::stuck::Stuck::new(proof::MAX_STUCK),
+        stuck: crate::stuck::Stuck::new(crate::stuck::MAX_STUCK),
     });
     if let Some(w) = watch_cfg {
         tokio::spawn(watch::run(ctx.clone(), w));

@@ -109,7 +109,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
 async fn vm_secrets(ctx: &Ctx, target: &Target) -> Redactor {
     let t = target.clone();
     let key = format!("vm {} environ", target.vmid);
-    match super::proof::run(&ctx.stuck, &key, Duration::from_secs(5), move || autopsy::learn_target(&t)).await {
+    match crate::stuck::bounded(&ctx.stuck, &key, Duration::from_secs(5), move || autopsy::learn_target(&t)).await {
         Ok(r) => r,
         Err(_) => {
             let mut r = Redactor::default();
@@ -127,13 +127,13 @@ fn service_secrets(cfg: &ServeConfig, r: &mut Redactor) {
     r.learn(crate::redact::argv(&cfg.notify).1);
 }
 
-/// Waits while the watch is checking `vmid` (QMP serves one client at a time, and a
+/// Waits while the watch's sweep includes `vmid` (QMP serves one client at a time, and a
 /// capture that found the socket held would record the VM as unreachable). The job is
 /// already active, so the watch starts no new check of it; a check ends within its
 /// runbook's deadline.
 async fn wait_for_watch(ctx: &Ctx, vmid: crate::target::VmId) {
     let end = Instant::now() + Duration::from_secs(60);
-    while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking == Some(vmid) && Instant::now() < end {
+    while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking.contains(&vmid) && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -177,9 +177,9 @@ async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
 async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
     let (r, s) = (req.clone(), ctx.settings.clone());
     let key = format!("vm {}", req.vmid);
-    match super::proof::run(&ctx.stuck, &key, PREPARE_TIMEOUT, move || autopsy::prepare(&r, &s)).await {
+    match crate::stuck::bounded(&ctx.stuck, &key, PREPARE_TIMEOUT, move || autopsy::prepare(&r, &s)).await {
         Ok(result) => result,
-        Err(super::proof::Bounded::Failed(e)) => Err(Error::Other(anyhow::anyhow!("prepare task failed: {e}"))),
+        Err(crate::stuck::Bounded::Failed(e)) => Err(Error::Other(anyhow::anyhow!("prepare task failed: {e}"))),
         Err(e) => Err(Error::Other(anyhow::anyhow!(
             "proving VM {}'s process: {e}: its pidfile or /proc files are stuck; capture by hand with `wedge-autopsy {}` once they answer",
             req.vmid,

@@ -1,14 +1,16 @@
-//! The watch: every `interval`, `diagnose` each VM running on this node (a pidfile in
-//! run_dir, proven by `autopsy::prepare`), one VM at a time. A VM whose verdict stays
-//! `block-path-frozen` for `consecutive` checks is exported in `/metrics` as wedged and,
-//! if its policy has `watch_autopsy = true`, gets an autopsy without waiting for an alert.
+//! The watch: every `interval`, one sweep (`autopsy::sweep`) over the VMs running on
+//! this node (a pidfile in run_dir, each proven by `autopsy::prepare`): every VM's first
+//! sample, one window, every VM's second sample, so a round costs about one window
+//! however many VMs run. A VM whose verdict stays `block-path-frozen` for `consecutive`
+//! checks is exported in `/metrics` as wedged and, if its policy has
+//! `watch_autopsy = true`, gets an autopsy without waiting for an alert.
 //!
-//! A VM with a queued or running autopsy is skipped: QMP serves one client at a time, and
-//! the capture must not lose its session to a check.
+//! A VM with a queued or running autopsy is left out of the round: QMP serves one client
+//! at a time, and the capture must not lose its session to a check. The sweep itself
+//! holds a VM's socket for one short command at a time (pvestatd polls it every 10 s).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::Utc;
 
@@ -17,24 +19,11 @@ use super::jobs::{Origin, Submit};
 use super::runner::Ctx;
 use super::watch_state::VmWatch;
 use crate::archive::manifest::Trigger;
-use crate::autopsy::{self, Request};
+use crate::autopsy::sweep;
 use crate::diagnose::Verdict;
-use crate::runbook;
 use crate::target::VmId;
 
-/// VMIDs with a `<VMID>.pid` file in `run_dir`.
-pub fn running_vms(run_dir: &std::path::Path) -> Vec<VmId> {
-    let mut out = BTreeSet::new();
-    if let Ok(rd) = std::fs::read_dir(run_dir) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".pid").and_then(|s| s.parse::<VmId>().ok()) {
-                out.insert(id);
-            }
-        }
-    }
-    out.into_iter().collect()
-}
+pub use crate::autopsy::sweep::running_vms;
 
 /// Runs until the store shuts down.
 pub async fn run(ctx: Arc<Ctx>, w: Watch) {
@@ -52,19 +41,19 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
         }
         let vms = running_vms(&settings.run_dir);
         ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).vms.retain(|id, _| vms.contains(id));
-        for vmid in vms {
+        // The round's VMs: those without an active job, claimed under the lock.
+        let round: Vec<VmId> = {
+            let mut g = ctx.watch.lock().unwrap_or_else(|e| e.into_inner());
+            let round: Vec<VmId> = vms.iter().copied().filter(|&v| !ctx.store.vm_active(v)).collect();
+            g.checking = round.iter().copied().collect();
+            round
+        };
+        let results = check(&settings, &ctx.stuck, &round, w.parallel).await;
+        ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking.clear();
+        for (vmid, result) in results {
             if ctx.store.is_shutting_down() {
                 return;
             }
-            {
-                let mut g = ctx.watch.lock().unwrap_or_else(|e| e.into_inner());
-                if ctx.store.vm_active(vmid) {
-                    continue;
-                }
-                g.checking = Some(vmid);
-            }
-            let result = check(&settings, &ctx.stuck, vmid).await;
-            ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking = None;
             let (verdict, error) = match result {
                 Ok(v) => (Some(v), None),
                 Err(e) => (None, Some(e)),
@@ -112,29 +101,25 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
     }
 }
 
-/// One `diagnose` of `vmid`: proof, the diagnose runbook, the verdict. Nothing kept.
+/// One sweep over `vmids`: proof, the diagnose runbook, the verdicts. Nothing kept.
 async fn check(
     settings: &crate::config::Settings,
-    stuck: &std::sync::Arc<crate::stuck::Stuck>,
-    vmid: VmId,
-) -> Result<Verdict, String> {
-    let rb = runbook::load("diagnose", &settings.runbook_dir).map_err(|e| e.to_string())?;
-    let req = Request {
-        vmid,
-        runbook: rb,
-        stacks: None,
-        no_qmp: false,
+    stuck: &Arc<crate::stuck::Stuck>,
+    vmids: &[VmId],
+    parallel: usize,
+) -> Vec<(VmId, Result<Verdict, String>)> {
+    let opts = sweep::Options {
+        parallel,
+        stuck: stuck.clone(),
         trigger: Trigger { kind: "watch".into(), ..Default::default() },
         command_line: vec!["wedge-autopsy".into(), "serve".into(), "watch".into()],
-        restart_gate: Default::default(),
     };
-    let (r, s) = (req.clone(), settings.clone());
-    let key = format!("vm {vmid}");
-    let target = super::proof::run(stuck, &key, Duration::from_secs(15), move || autopsy::prepare(&r, &s))
-        .await
-        .map_err(|e| format!("proving the process: {e}"))?
-        .map_err(|e| e.to_string())?;
     let cancel = crate::cancel::Cancel::new();
-    let (d, _) = autopsy::diagnose_live(&req, settings, &target, &cancel).await.map_err(|e| e.to_string())?;
-    Ok(d.verdict)
+    match sweep::sweep(vmids, settings, &opts, &cancel).await {
+        Ok(rows) => rows
+            .into_iter()
+            .map(|(vmid, r)| (vmid, r.map(|c| c.diagnosis.verdict).map_err(|e| e.to_string())))
+            .collect(),
+        Err(e) => vmids.iter().map(|&v| (v, Err(e.to_string()))).collect(),
+    }
 }

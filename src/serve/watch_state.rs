@@ -29,8 +29,8 @@ pub struct WatchState {
     pub checks: u64,
     /// How many consecutive frozen checks count as wedged.
     pub consecutive: u32,
-    /// The VM being checked right now: its QMP socket is in use, so an autopsy of it
-    /// waits (see `runner`), and the watch never starts a check on a VM with an active
-    /// job. Both sides decide under this state's lock.
-    pub checking: Option<VmId>,
+    /// The VMs of the sweep running right now: their QMP sockets are in use (one short
+    /// command at a time), so an autopsy of one waits (see `runner`), and the watch never
+    /// sweeps a VM with an active job. Both sides decide under this state's lock.
+    pub checking: std::collections::BTreeSet<VmId>,
 }
