@@ -144,12 +144,13 @@ pub fn is_archive_name(name: &str) -> bool {
     name.starts_with("autopsy-") && name.ends_with(".tar.zst") && name.len() > "autopsy-.tar.zst".len()
 }
 
-/// The capture time written into an archive name `autopsy-<vmid>-<%Y%m%dT%H%M%SZ>-<host>.tar.zst`.
+/// The capture time written into an archive name `autopsy-<vmid>-<%Y%m%dT%H%M%S[.ffffff]Z>-<host>.tar.zst`
+/// (microseconds since the names had to be unique; whole seconds before).
 pub fn time_from_name(name: &str) -> Option<DateTime<Utc>> {
     let rest = name.strip_prefix("autopsy-")?;
     let (_vmid, rest) = rest.split_once('-')?;
-    let stamp = rest.get(..16)?;
-    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok().map(|t| t.and_utc())
+    let stamp = &rest[..rest.find('Z')? + 1];
+    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ").ok().map(|t| t.and_utc())
 }
 
 /// The sealed archives directly in `dir` with their sidecars, in no particular order.
@@ -395,6 +396,10 @@ mod tests {
             "2026-06-11T16:47:00+00:00"
         );
         assert_eq!(time_from_name("autopsy-x.tar.zst"), None);
+        assert_eq!(
+            time_from_name("autopsy-102-20260611T164700.123456Z-pve1.tar.zst").unwrap().to_rfc3339(),
+            "2026-06-11T16:47:00.123456+00:00"
+        );
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");
     }

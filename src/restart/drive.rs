@@ -103,7 +103,7 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
     if let Some(s) = sealed {
         let p = outcome_path(&s.path);
         let bytes = serde_json::to_vec_pretty(&o).expect("outcome serializes");
-        if let Err(e) = archive::write_durable(&p, &bytes) {
+        if let Err(e) = archive::write_durable_new(&p, &bytes) {
             if !req.quiet {
                 eprintln!("wedge-autopsy: warning: cannot write {}: {e}", p.display());
             }
