@@ -254,7 +254,8 @@ pub fn example_config() -> String {
          # leading '#') to change it. Command-line flags win over this file; `--config FILE`\n\
          # reads another one. The file is strict: an unknown key is an error naming its line,\n\
          # so a typo cannot silently fall back to a default on the night it matters.\n\
-         # Durations: \"500ms\", \"2s\", \"1m\", \"90d\". Sizes: \"512M\", \"10G\", \"1T\".\n",
+         # Durations: \"500ms\", \"2s\", \"5min\", \"90d\", \"6mo\"; a bare \"m\" is refused (write min or mo).\n\
+         # Sizes: \"512M\", \"10G\", \"1T\".\n",
     );
     let mut section = None;
     for k in KEYS {
