@@ -93,6 +93,8 @@ pub struct Settings {
     pub config_file: Option<PathBuf>,
     /// The raw `[restart]` table; validated by `restart::RestartConfig`.
     pub restart: Option<toml::Table>,
+    /// The raw `[serve]` table; validated by `serve::config`.
+    pub serve: Option<toml::Table>,
 }
 
 pub use crate::units::parse_duration;
@@ -139,6 +141,7 @@ impl Settings {
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
+            serve: file.serve,
         })
     }
 }

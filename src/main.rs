@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cmd::cli::{Cli, Command};
-use wedge_autopsy::config::Settings;
 use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::render::ui;
 
@@ -34,7 +33,7 @@ fn main() -> ExitCode {
     }
     let ui =
         wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
-    let result = Settings::load(&cli.global.overrides()).and_then(|settings| {
+    let result = cmd::load_settings(&cli.global.overrides()).and_then(|settings| {
         // Broken operator signatures are reported, never a reason to skip a capture.
         for e in wedge_autopsy::signatures::configure(&settings.signature_dir) {
             tracing::warn!("signature not loaded: {e}");
