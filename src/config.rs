@@ -87,8 +87,11 @@ pub struct Settings {
     pub log_dir: PathBuf,
     /// Operator signatures, found by id before the built-in ones.
     pub signature_dir: PathBuf,
-    /// Retention limits for `<out>` and the free-space floor a capture must leave.
+    /// Retention limits for `<out>` and the free-space floor prune keeps.
     pub retention: crate::retention::Limits,
+    /// `[retention] min_free` when the file sets it: then also the floor a capture needs
+    /// (unset: the runbook's own estimate).
+    pub min_free_set: Option<u64>,
     /// The file the settings came from, if any.
     pub config_file: Option<PathBuf>,
     /// The raw `[restart]` table; validated by `restart::RestartConfig`.
@@ -138,6 +141,12 @@ impl Settings {
             },
             log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
             signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
+            min_free_set: match file.retention.as_ref().and_then(|r| r.min_free.as_deref()) {
+                Some(t) => {
+                    Some(crate::units::parse_size(t).map_err(|e| Error::BadInput(format!("retention.min_free: {e}")))?)
+                }
+                None => None,
+            },
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
@@ -243,7 +252,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { section: Some("retention"), key: "max_bytes", value: "\"10G\"", default: "10G",
         meaning: "Prune the oldest archives once all of them (with sidecars) take more than this; \"0\" = no limit." },
     KeyDoc { section: Some("retention"), key: "min_free", value: "\"1G\"", default: "1G",
-        meaning: "Free-space floor of <out>'s filesystem: a capture is refused below it, and prune removes the oldest archives to get back above it; \"0\" = no floor." },
+        meaning: "Free-space floor of <out>'s filesystem: prune removes the oldest archives to get back above it. When set, a capture is also refused below it (unset: a capture needs what its runbook may write, megabytes by default, gigabytes with a core dump); \"0\" = no floor. Flag: --min-free." },
 ];
 
 /// The shipped `/etc/wedge-autopsy/config.toml`: every key of [`KEYS`] commented out

@@ -21,9 +21,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    if cli.command.is_some() {
-        // Read-only subcommands end quietly when their reader goes away (`| head`). The
-        // autopsy keeps Rust's default (SIGPIPE ignored): a closed pipe must not stop a seal.
+    let read_only = match &cli.command {
+        None => cli.autopsy.dry_run,
+        // The service writes to sockets and hooks whose readers may go away mid-answer.
+        Some(Command::Serve { .. }) => false,
+        Some(_) => true,
+    };
+    if read_only {
+        // Read-only commands end quietly when their reader goes away (`| head`), as
+        // coreutils do. The autopsy keeps Rust's default (SIGPIPE ignored, EPIPE ignored
+        // by every write): a closed pipe must not stop a seal.
         // SAFETY: called before any other thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }

@@ -486,7 +486,10 @@ mod tests {
         let layout = Layout { run_dir: dir.path().join("nope"), pve_dir: dir.path().into(), node: "n".into() };
         let e = resolve("102".parse().unwrap(), &layout).unwrap_err();
         let msg = e.to_string();
-        assert!(msg.starts_with(&format!("no {}: is this a Proxmox node?", dir.path().join("nope").display())), "{msg}");
+        assert!(
+            msg.starts_with(&format!("no {}: is this a Proxmox node?", dir.path().join("nope").display())),
+            "{msg}"
+        );
         assert!(msg.contains("--run-dir") && !msg.contains("not running"), "{msg}");
         assert_eq!(e.exit(), Exit::BadInput);
         std::fs::create_dir(dir.path().join("nope")).unwrap();

@@ -128,7 +128,7 @@ fn every_documented_code_comes_from_a_variant_or_a_verdict() {
 fn module_errors_exit_in_the_row_that_describes_them() {
     let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
     let cases: Vec<(Error, &str)> = vec![
-        (FloorError::BelowFloor { dir: "/o".into(), free: 1, floor: 2 }.into(), "min_free"),
+        (FloorError::BelowFloor { dir: "/o".into(), free: 1, floor: 2, from: "--min-free".into() }.into(), "min_free"),
         (PruneError::Scan { dir: "/o".into(), source: io() }.into(), "bad input"),
         (ArchiveError::OutDir { dir: "/o".into(), source: io() }.into(), "unwritable `--out`"),
         (ArchiveError::Verify { path: "/a".into(), detail: "x".into() }.into(), "could not seal or verify"),

@@ -107,9 +107,12 @@ pub struct AutopsyArgs {
     /// Print one JSON object on stdout (archive, sha256, vmid, pid, steps, sealed)
     #[arg(long)]
     pub json: bool,
-    /// Print the resolved plan and touch nothing
+    /// Print the plan and touch nothing; runs the real run's checks (VMID, proof, node, free space, lock, cooldown) and exits with the code the real run would have
     #[arg(long)]
     pub dry_run: bool,
+    /// Free space --out must have before a capture starts, e.g. 200M; 0 switches the check off [default: [retention] min_free if set, else what the runbook may write: megabytes, gigabytes with a core dump]
+    #[arg(long, value_name = "SIZE")]
+    pub min_free: Option<String>,
     /// Stack method: native (ptrace snapshot, gdb fallback), gdb, or none
     #[arg(long, value_enum, value_name = "METHOD")]
     pub stacks: Option<StacksArg>,
@@ -122,7 +125,7 @@ pub struct AutopsyArgs {
     /// Why this autopsy was started (recorded in the manifest), e.g. an incident id
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
-    /// No progress lines on stderr
+    /// Only what a cron job needs: errors and failed steps on stderr, the archive path on stdout
     #[arg(long, short)]
     pub quiet: bool,
     /// After the archive is sealed and verified: stop the old QEMU for good and start a new one.
