@@ -16,7 +16,7 @@ use wedge_autopsy::render::ui::LogFormat;
     version,
     about = "Autopsy before shooting: seal a wedged QEMU/KVM VM's evidence into a verified archive",
     subcommand_precedence_over_arg = true,
-    after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal;\n70 internal error."
+    after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal, or --out below\nthe free-space floor; 5 sealed, but the restart failed or was refused; 6 VM locked by\nanother autopsy, or in its restart cooldown; 10-17 diagnose verdicts (see diagnose --help);\n70 internal error. --dry-run exits with the code the real run would have."
 )]
 pub struct Cli {
     #[command(flatten)]
