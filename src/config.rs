@@ -279,12 +279,71 @@ pub fn example_config() -> String {
         }
         out.push_str(&format!("\n# {}\n# Default: {}\n#{} = {}\n", k.meaning, k.default, k.key, k.value));
     }
-    out.push_str(
-        "\n# The [serve] and [restart] sections configure `wedge-autopsy serve` and restarts;\n\
-         # they are checked by those features and described in their documentation.\n",
-    );
+    out.push_str(SERVE_AND_RESTART);
     out
 }
+
+/// The `[restart]` and `[serve]` part of the shipped config: every key with its default,
+/// indented (`#   key = value`) so that uncommenting the file's own keys leaves them alone.
+/// Every command checks both sections when the file is loaded.
+const SERVE_AND_RESTART: &str = r#"
+# [restart]: how --then-restart (and a serve policy) stops and starts a VM; see
+# docs/restart.md. Checked by every command when this file is loaded.
+#  [restart]
+#   method = "qm"                 # "qm", "libvirt" or "command"
+#   timeout = "30s"               # graceful stop time (qm stop --timeout); flag --restart-timeout
+#   stop_deadline = "75s"         # the tool's own deadline on the stop (default timeout + 45s)
+#   kill_wait = "10s"             # how long a SIGKILLed QEMU gets to disappear
+#   start_timeout = "60s"
+#   verify_timeout = "60s"        # the new QEMU proven and answering QMP within this
+#   verify_qmp = true             # false for libvirt (libvirtd holds the monitor)
+#   cooldown = "30min"            # no second restart of one VM within this; --force overrides
+#   ha_manager = "ha-manager"
+#   # method = "libvirt" only: virsh = "virsh"
+#   # method = "command" only: argv templates with {vmid} and {pid}
+#   # stop = ["/usr/local/bin/vm-stop", "{vmid}"]
+#   # start = ["/usr/local/bin/vm-start", "{vmid}"]
+
+# [serve]: the alert webhook service (`wedge-autopsy serve`); see docs/serve.md for every
+# key. Checked by every command when this file is loaded; secrets are read by serve only.
+#  [serve]
+#   listen = "127.0.0.1:9171"     # beyond loopback needs token_file
+#   token_file = "/etc/wedge-autopsy/token"          # bearer token (file mode 0600)
+#   hmac_secret_file = "/etc/wedge-autopsy/hmac"     # Grafana webhook signatures
+#   signature_header = "X-Grafana-Alerting-Signature"
+#   signature_timestamp_header = "X-Grafana-Alerting-Signature-Timestamp"
+#   signature_max_skew = "5min"
+#   allow_loopback_without_token = false
+#   header_timeout = "10s"
+#   max_connections = 256
+#   max_alerts = 200
+#   max_firings_per_vm = 256
+#   notify = ["http://127.0.0.1:8080/ticket"]      # results POSTed here
+#   notify_attempts = 5
+#   notify_timeout = "10s"
+#   on_complete = ["/usr/local/bin/ticket", "--update"]  # argv hook, result JSON on stdin
+#   on_complete_timeout = "60s"
+#   copy_to = "/mnt/pve/cephfs/autopsies"          # copy each archive here, hash-checked
+#   vmid_label = "vmid"
+#   repeat_window = "4h"          # a firing repeated within this is the same job
+#   vm_cooldown = "10min"
+#   max_concurrent = 2
+#   max_queue = 64
+#   max_body = 1048576
+#   keep_jobs = 200
+#   shutdown_grace = "120s"
+#   runbook = "qemu-wedge"
+#  [serve.vm_map.instance]        # label value -> VMID
+#   devvm = 102
+#  [[serve.policy]]               # first match wins; default: capture
+#   vmid = 102
+#   action = "capture-then-restart"   # or "capture"
+#   restart_on = ["block-path-frozen", "main-loop-wedged"]
+#  [serve.watch]                  # poll running VMs with diagnose
+#   interval = "60s"
+#   consecutive = 3
+#   window = "2s"
+"#;
 
 #[cfg(test)]
 mod tests {

@@ -350,3 +350,23 @@ fn prune_refuses_an_ambiguous_age_and_removes_nothing() {
     let o = run_bounded(tool().args(["prune", "--max-age", "6mo", "--dry-run", "--out"]).arg(d.path()), RUN_TIMEOUT);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
+
+/// The `[restart]` and `[serve]` keys the shipped config documents are what the loader
+/// accepts: uncommented, the file passes the load-time check of every command.
+#[test]
+fn shipped_config_documents_restart_and_serve_as_the_loader_reads_them() {
+    let text = wedge_autopsy::config::example_config();
+    let body: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("#   ").or_else(|| l.strip_prefix("#  [").map(|_| &l[3..])))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    for key in ["[restart]", "cooldown = ", "[serve]", "repeat_window = ", "[[serve.policy]]", "[serve.watch]"] {
+        assert!(body.contains(key), "shipped config does not document {key}: {body}");
+    }
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("config.toml");
+    std::fs::write(&cfg, &body).unwrap();
+    let o = run_bounded(tool().args(["runbook", "list", "--config"]).arg(&cfg), RUN_TIMEOUT);
+    assert_eq!(o.status.code(), Some(0), "{}\n{body}", stderr(&o));
+}
