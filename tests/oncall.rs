@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{run_bounded, tool, tracer_pid, Lab, LabOptions};
+use common::{run_bounded, tmpfs, tool, tracer_pid, Lab, LabOptions};
 use serde_json::Value;
 use wedge_autopsy::archive;
 
@@ -284,29 +284,6 @@ fn free_space_floor_is_the_runbooks_estimate_and_says_how_to_change_it() {
     assert!(stderr(&o).contains(&format!("[retention] min_free in {}", cfg.display())), "{}", stderr(&o));
 }
 
-/// Mounts a tmpfs of `size` at `dir`. CI runs as root with CAP_SYS_ADMIN, so a refusal
-/// fails the test naming what is missing (it must never pass untested).
-fn tmpfs(dir: &Path, size: &str) -> Mounted {
-    std::fs::create_dir_all(dir).unwrap();
-    let o = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run mount(8): {e}; this test needs util-linux mount"));
-    assert!(
-        o.status.success(),
-        "mount -t tmpfs refused ({}): this test needs root with CAP_SYS_ADMIN",
-        String::from_utf8_lossy(&o.stderr).trim()
-    );
-    Mounted(dir.to_path_buf())
-}
-
-struct Mounted(PathBuf);
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// A typo in any section fails every command at load, one line naming key and file.
 #[test]
