@@ -1155,7 +1155,6 @@ fn self_sigkill_while_tracing_never_leaves_the_vm_stopped() {
 // ---------------------------------------------------------------------------
 // storage
 
-
 fn run_out(lab: &Lab, out: &Path, extra: &[&str]) -> Output {
     let mut cmd = common::tool();
     cmd.arg(lab.vmid().to_string()).arg("--json").args(extra);
