@@ -87,12 +87,17 @@ pub struct Settings {
     pub log_dir: PathBuf,
     /// Operator signatures, found by id before the built-in ones.
     pub signature_dir: PathBuf,
-    /// Retention limits for `<out>` and the free-space floor a capture must leave.
+    /// Retention limits for `<out>` and the free-space floor prune keeps.
     pub retention: crate::retention::Limits,
+    /// `[retention] min_free` when the file sets it: then also the floor a capture needs
+    /// (unset: the runbook's own estimate).
+    pub min_free_set: Option<u64>,
     /// The file the settings came from, if any.
     pub config_file: Option<PathBuf>,
     /// The raw `[restart]` table; validated by `restart::RestartConfig`.
     pub restart: Option<toml::Table>,
+    /// The raw `[serve]` table; validated by `serve::config`.
+    pub serve: Option<toml::Table>,
 }
 
 pub use crate::units::parse_duration;
@@ -136,9 +141,16 @@ impl Settings {
             },
             log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
             signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
+            min_free_set: match file.retention.as_ref().and_then(|r| r.min_free.as_deref()) {
+                Some(t) => {
+                    Some(crate::units::parse_size(t).map_err(|e| Error::BadInput(format!("retention.min_free: {e}")))?)
+                }
+                None => None,
+            },
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
+            serve: file.serve,
         })
     }
 }
@@ -240,7 +252,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { section: Some("retention"), key: "max_bytes", value: "\"10G\"", default: "10G",
         meaning: "Prune the oldest archives once all of them (with sidecars) take more than this; \"0\" = no limit." },
     KeyDoc { section: Some("retention"), key: "min_free", value: "\"1G\"", default: "1G",
-        meaning: "Free-space floor of <out>'s filesystem: a capture is refused below it, and prune removes the oldest archives to get back above it; \"0\" = no floor." },
+        meaning: "Free-space floor of <out>'s filesystem: prune removes the oldest archives to get back above it. When set, a capture is also refused below it (unset: a capture needs what its runbook may write, megabytes by default, gigabytes with a core dump); \"0\" = no floor. Flag: --min-free." },
 ];
 
 /// The shipped `/etc/wedge-autopsy/config.toml`: every key of [`KEYS`] commented out
@@ -254,7 +266,8 @@ pub fn example_config() -> String {
          # leading '#') to change it. Command-line flags win over this file; `--config FILE`\n\
          # reads another one. The file is strict: an unknown key is an error naming its line,\n\
          # so a typo cannot silently fall back to a default on the night it matters.\n\
-         # Durations: \"500ms\", \"2s\", \"1m\", \"90d\". Sizes: \"512M\", \"10G\", \"1T\".\n",
+         # Durations: \"500ms\", \"2s\", \"5min\", \"90d\", \"6mo\"; a bare \"m\" is refused (write min or mo).\n\
+         # Sizes: \"512M\", \"10G\", \"1T\".\n",
     );
     let mut section = None;
     for k in KEYS {
@@ -266,12 +279,71 @@ pub fn example_config() -> String {
         }
         out.push_str(&format!("\n# {}\n# Default: {}\n#{} = {}\n", k.meaning, k.default, k.key, k.value));
     }
-    out.push_str(
-        "\n# The [serve] and [restart] sections configure `wedge-autopsy serve` and restarts;\n\
-         # they are checked by those features and described in their documentation.\n",
-    );
+    out.push_str(SERVE_AND_RESTART);
     out
 }
+
+/// The `[restart]` and `[serve]` part of the shipped config: every key with its default,
+/// indented (`#   key = value`) so that uncommenting the file's own keys leaves them alone.
+/// Every command checks both sections when the file is loaded.
+const SERVE_AND_RESTART: &str = r#"
+# [restart]: how --then-restart (and a serve policy) stops and starts a VM; see
+# docs/restart.md. Checked by every command when this file is loaded.
+#  [restart]
+#   method = "qm"                 # "qm", "libvirt" or "command"
+#   timeout = "30s"               # graceful stop time (qm stop --timeout); flag --restart-timeout
+#   stop_deadline = "75s"         # the tool's own deadline on the stop (default timeout + 45s)
+#   kill_wait = "10s"             # how long a SIGKILLed QEMU gets to disappear
+#   start_timeout = "60s"
+#   verify_timeout = "60s"        # the new QEMU proven and answering QMP within this
+#   verify_qmp = true             # false for libvirt (libvirtd holds the monitor)
+#   cooldown = "30min"            # no second restart of one VM within this; --force overrides
+#   ha_manager = "ha-manager"
+#   # method = "libvirt" only: virsh = "virsh"
+#   # method = "command" only: argv templates with {vmid} and {pid}
+#   # stop = ["/usr/local/bin/vm-stop", "{vmid}"]
+#   # start = ["/usr/local/bin/vm-start", "{vmid}"]
+
+# [serve]: the alert webhook service (`wedge-autopsy serve`); see docs/serve.md for every
+# key. Checked by every command when this file is loaded; secrets are read by serve only.
+#  [serve]
+#   listen = "127.0.0.1:9171"     # beyond loopback needs token_file
+#   token_file = "/etc/wedge-autopsy/token"          # bearer token (file mode 0600)
+#   hmac_secret_file = "/etc/wedge-autopsy/hmac"     # Grafana webhook signatures
+#   signature_header = "X-Grafana-Alerting-Signature"
+#   signature_timestamp_header = "X-Grafana-Alerting-Signature-Timestamp"
+#   signature_max_skew = "5min"
+#   allow_loopback_without_token = false
+#   header_timeout = "10s"
+#   max_connections = 256
+#   max_alerts = 200
+#   max_firings_per_vm = 256
+#   notify = ["http://127.0.0.1:8080/ticket"]      # results POSTed here
+#   notify_attempts = 5
+#   notify_timeout = "10s"
+#   on_complete = ["/usr/local/bin/ticket", "--update"]  # argv hook, result JSON on stdin
+#   on_complete_timeout = "60s"
+#   copy_to = "/mnt/pve/cephfs/autopsies"          # copy each archive here, hash-checked
+#   vmid_label = "vmid"
+#   repeat_window = "4h"          # a firing repeated within this is the same job
+#   vm_cooldown = "10min"
+#   max_concurrent = 2
+#   max_queue = 64
+#   max_body = 1048576
+#   keep_jobs = 200
+#   shutdown_grace = "120s"
+#   runbook = "qemu-wedge"
+#  [serve.vm_map.instance]        # label value -> VMID
+#   devvm = 102
+#  [[serve.policy]]               # first match wins; default: capture
+#   vmid = 102
+#   action = "capture-then-restart"   # or "capture"
+#   restart_on = ["block-path-frozen", "main-loop-wedged"]
+#  [serve.watch]                  # poll running VMs with diagnose
+#   interval = "60s"
+#   consecutive = 3
+#   window = "2s"
+"#;
 
 #[cfg(test)]
 mod tests {

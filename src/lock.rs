@@ -124,6 +124,23 @@ impl VmLock {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether [`Self::acquire`] would find the VM busy, creating nothing (`--dry-run`):
+    /// no lock file means nobody holds it; else it is opened read-only and tried.
+    pub fn probe(out: &Path, vmid: VmId) -> Result<(), LockError> {
+        let path = lock_path(out, vmid);
+        let Ok(mut file) = File::open(&path) else { return Ok(()) };
+        // SAFETY: flock on a descriptor we own; released when `file` closes.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+        {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            let holder = serde_json::from_str::<Holder>(text.trim()).ok();
+            return Err(LockError::Busy { vmid, holder, path: path.display().to_string() });
+        }
+        Ok(())
+    }
 }
 
 impl Drop for VmLock {
@@ -163,6 +180,9 @@ mod tests {
         }
         assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
         assert!(matches!(crate::error::Error::from(e).exit(), crate::error::Exit::Busy));
+        assert!(matches!(VmLock::probe(out.path(), vmid), Err(LockError::Busy { holder: Some(_), .. })));
+        assert!(VmLock::probe(out.path(), "104".parse().unwrap()).is_ok());
+        assert!(!lock_path(out.path(), "104".parse().unwrap()).exists(), "a probe creates nothing");
         // Another VM is independent.
         let _other = VmLock::acquire(out.path(), "103".parse().unwrap()).unwrap();
         drop(first);

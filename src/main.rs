@@ -9,7 +9,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use cmd::cli::{Cli, Command};
-use wedge_autopsy::config::Settings;
 use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::render::ui;
 
@@ -22,9 +21,16 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
-    if cli.command.is_some() {
-        // Read-only subcommands end quietly when their reader goes away (`| head`). The
-        // autopsy keeps Rust's default (SIGPIPE ignored): a closed pipe must not stop a seal.
+    let read_only = match &cli.command {
+        None => cli.autopsy.dry_run,
+        // The service writes to sockets and hooks whose readers may go away mid-answer.
+        Some(Command::Serve { .. }) => false,
+        Some(_) => true,
+    };
+    if read_only {
+        // Read-only commands end quietly when their reader goes away (`| head`), as
+        // coreutils do. The autopsy keeps Rust's default (SIGPIPE ignored, EPIPE ignored
+        // by every write): a closed pipe must not stop a seal.
         // SAFETY: called before any other thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
@@ -34,7 +40,7 @@ fn main() -> ExitCode {
     }
     let ui =
         wedge_autopsy::logging::init(&ui::Env::detect(), cli.autopsy.quiet, cli.global.verbose, cli.global.log_format);
-    let result = Settings::load(&cli.global.overrides()).and_then(|settings| {
+    let result = cmd::load_settings(&cli.global.overrides()).and_then(|settings| {
         // Broken operator signatures are reported, never a reason to skip a capture.
         for e in wedge_autopsy::signatures::configure(&settings.signature_dir) {
             tracing::warn!("signature not loaded: {e}");

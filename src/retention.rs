@@ -11,6 +11,7 @@
 //! [`plan`] is pure (entries, limits, clock and free space in; decisions out) so the
 //! policy is tested without a disk; [`prune`] applies it to a directory.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -144,12 +145,13 @@ pub fn is_archive_name(name: &str) -> bool {
     name.starts_with("autopsy-") && name.ends_with(".tar.zst") && name.len() > "autopsy-.tar.zst".len()
 }
 
-/// The capture time written into an archive name `autopsy-<vmid>-<%Y%m%dT%H%M%SZ>-<host>.tar.zst`.
+/// The capture time written into an archive name `autopsy-<vmid>-<%Y%m%dT%H%M%S[.ffffff]Z>-<host>.tar.zst`
+/// (microseconds since the names had to be unique; whole seconds before).
 pub fn time_from_name(name: &str) -> Option<DateTime<Utc>> {
     let rest = name.strip_prefix("autopsy-")?;
     let (_vmid, rest) = rest.split_once('-')?;
-    let stamp = rest.get(..16)?;
-    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok().map(|t| t.and_utc())
+    let stamp = &rest[..rest.find('Z')? + 1];
+    NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.fZ").ok().map(|t| t.and_utc())
 }
 
 /// The sealed archives directly in `dir` with their sidecars, in no particular order.
@@ -215,8 +217,8 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
 /// free-space floor. Before an autopsy this is a seal failure: no archive can be written.
 #[derive(Debug, thiserror::Error)]
 pub enum FloorError {
-    #[error("{dir} has {} free, below the min_free floor of {}; run `wedge-autopsy prune --dry-run` to see what retention would remove, or capture elsewhere with --out DIR", human_bytes(*.free), human_bytes(*.floor))]
-    BelowFloor { dir: String, free: u64, floor: u64 },
+    #[error("{dir} has {} free, below the min_free floor of {} ({from}); lower it with --min-free SIZE or [retention] min_free in the config (\"0\" switches it off), free space (`wedge-autopsy prune --dry-run` shows what retention would remove), or capture elsewhere with --out DIR", human_bytes(*.free), human_bytes(*.floor))]
+    BelowFloor { dir: String, free: u64, floor: u64, from: String },
     #[error("cannot check free space under {dir}: {source}; pass an existing --out DIR")]
     Stat {
         dir: String,
@@ -256,13 +258,33 @@ impl PruneError {
     }
 }
 
-/// Refuses (before anything is captured) when `out`'s filesystem is already below the
-/// floor: the capture can only lower it further.
-pub fn check_floor(out: &Path, min_free: u64) -> Result<u64, FloorError> {
+/// The free space a capture needs before it starts, and where that figure came from
+/// (`--min-free`, the config, or the runbook's estimate), for the refusal to name.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Floor {
+    pub bytes: u64,
+    pub from: String,
+}
+
+impl Floor {
+    /// The operator's figure if given (flag first, then config), else the runbook's
+    /// estimate: megabytes for a default capture, gigabytes for one with a core dump.
+    pub fn choose(flag: Option<u64>, config: Option<(u64, &Path)>, estimate: (u64, &str)) -> Floor {
+        match (flag, config) {
+            (Some(b), _) => Floor { bytes: b, from: "--min-free".into() },
+            (None, Some((b, file))) => Floor { bytes: b, from: format!("[retention] min_free in {}", file.display()) },
+            (None, None) => Floor { bytes: estimate.0, from: format!("what runbook {} needs", estimate.1) },
+        }
+    }
+}
+
+/// Refuses (before anything is captured) when `out`'s filesystem has less free than
+/// `floor`: the capture would fill it (or leave less than the operator asked for).
+pub fn check_floor(out: &Path, floor: &Floor) -> Result<u64, FloorError> {
     let dir = out.display().to_string();
     let free = free_bytes(out).map_err(|source| FloorError::Stat { dir: dir.clone(), source })?;
-    if min_free > 0 && free < min_free {
-        return Err(FloorError::BelowFloor { dir, free, floor: min_free });
+    if floor.bytes > 0 && free < floor.bytes {
+        return Err(FloorError::BelowFloor { dir, free, floor: floor.bytes, from: floor.from.clone() });
     }
     Ok(free)
 }
@@ -310,7 +332,8 @@ pub fn after_run(out: &Path, limits: &Limits, sealed: &Path, show: bool) {
     match prune(out, limits, Some(sealed), false) {
         Ok(p) if !p.plan.remove.is_empty() && show => {
             let names: Vec<String> = p.plan.remove.iter().map(|(e, _)| e.name()).collect();
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "retention: removed {} old archive(s), {} freed ({}): {}",
                 names.len(),
                 human_bytes(p.plan.freed()),
@@ -341,6 +364,9 @@ mod tests {
         p.remove.iter().map(|(e, _)| e.name()).collect()
     }
 
+    fn fl(bytes: u64) -> Floor {
+        Floor { bytes, from: "test".into() }
+    }
     fn none() -> Limits {
         Limits { keep: None, max_age: None, max_bytes: None, min_free: 0 }
     }
@@ -395,6 +421,10 @@ mod tests {
             "2026-06-11T16:47:00+00:00"
         );
         assert_eq!(time_from_name("autopsy-x.tar.zst"), None);
+        assert_eq!(
+            time_from_name("autopsy-102-20260611T164700.123456Z-pve1.tar.zst").unwrap().to_rfc3339(),
+            "2026-06-11T16:47:00.123456+00:00"
+        );
         assert_eq!(human_bytes(1536), "1.5 KiB");
         assert_eq!(human_bytes(10 << 30), "10.0 GiB");
     }
@@ -457,8 +487,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let out = d.path().join("not/yet");
         assert!(prune(&out, &Limits::default(), None, false).unwrap().plan.remove.is_empty());
-        assert!(check_floor(&out, 1).is_ok());
-        let err = check_floor(&out, u64::MAX).unwrap_err();
+        assert!(check_floor(&out, &fl(1)).is_ok());
+        let err = check_floor(&out, &fl(u64::MAX)).unwrap_err();
         assert!(matches!(err, FloorError::BelowFloor { .. }));
         assert!(err.to_string().contains("wedge-autopsy prune --dry-run"), "{err}");
     }
@@ -487,15 +517,15 @@ mod tests {
         }
         let _guard = Unmount(mnt);
         let floor = 8 << 20;
-        assert!(check_floor(mnt, floor).is_ok());
+        assert!(check_floor(mnt, &fl(floor)).is_ok());
         for i in 0..3 {
             write(mnt, &format!("autopsy-102-2026061{i}T120000Z-pve1.tar.zst"), 3 << 20);
         }
-        let err = check_floor(mnt, floor).unwrap_err();
+        let err = check_floor(mnt, &fl(floor)).unwrap_err();
         assert!(matches!(err, FloorError::BelowFloor { .. }), "{err}");
         let limits = Limits { min_free: floor, ..none() };
         let pruned = prune(mnt, &limits, None, false).unwrap();
         assert_eq!(pruned.plan.remove.len(), 1, "{:?}", removed(&pruned.plan));
-        assert!(check_floor(mnt, floor).is_ok());
+        assert!(check_floor(mnt, &fl(floor)).is_ok());
     }
 }

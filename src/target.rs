@@ -80,6 +80,8 @@ pub enum TargetError {
     OtherNode { vmid: VmId, node: String, local: String },
     #[error("VM {vmid} is not in the cluster's VM list ({path}): check the VMID with `qm list` or `pvesh get /cluster/resources`")]
     UnknownVm { vmid: VmId, path: String },
+    #[error("no {dir}: is this a Proxmox node? QEMU's pidfiles are not where {what} puts them; use --run-dir DIR (or run_dir in the config)")]
+    LayoutMissing { dir: String, what: &'static str },
     #[error("VM {vmid} is not running on this node (no pidfile at {pidfile}): nothing to capture; confirm with `qm status {vmid}` or point --run-dir at the right place")]
     NotRunning { vmid: VmId, pidfile: String },
     #[error("VM {vmid} is not running: pidfile {pidfile} names pid {pid}, which does not exist (stale pidfile); confirm with `qm status {vmid}`")]
@@ -97,7 +99,7 @@ pub enum TargetError {
 impl TargetError {
     pub fn exit(&self) -> Exit {
         match self {
-            TargetError::BadVmid(_) => Exit::BadInput,
+            TargetError::BadVmid(_) | TargetError::LayoutMissing { .. } => Exit::BadInput,
             _ => Exit::Refused,
         }
     }
@@ -221,7 +223,12 @@ pub fn resolve_with(vmid: VmId, layout: &Layout, spec: &TargetSpec) -> Result<Ta
     let text = match std::fs::read_to_string(&pidfile) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(TargetError::NotRunning { vmid, pidfile: shown })
+            // No directory at all is a wrong layout (or host), not a stopped VM.
+            if let Some(dir) = pidfile.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                let what = if spec.pidfile.is_some() { "the runbook's [target]" } else { "Proxmox VE" };
+                return Err(TargetError::LayoutMissing { dir: dir.display().to_string(), what });
+            }
+            return Err(TargetError::NotRunning { vmid, pidfile: shown });
         }
         Err(e) => return Err(TargetError::Pidfile { pidfile: shown, detail: e.to_string() }),
     };
@@ -483,6 +490,23 @@ mod tests {
         assert!(e.to_string().contains("run wedge-autopsy on pve2"));
         let e = resolve("103".parse().unwrap(), &layout).unwrap_err();
         assert!(matches!(e, TargetError::UnknownVm { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_missing_run_dir_is_named_not_reported_as_a_stopped_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout { run_dir: dir.path().join("nope"), pve_dir: dir.path().into(), node: "n".into() };
+        let e = resolve("102".parse().unwrap(), &layout).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(&format!("no {}: is this a Proxmox node?", dir.path().join("nope").display())),
+            "{msg}"
+        );
+        assert!(msg.contains("--run-dir") && !msg.contains("not running"), "{msg}");
+        assert_eq!(e.exit(), Exit::BadInput);
+        std::fs::create_dir(dir.path().join("nope")).unwrap();
+        let e = resolve("102".parse().unwrap(), &layout).unwrap_err();
+        assert!(matches!(e, TargetError::NotRunning { .. }), "{e}");
     }
 
     #[test]

@@ -128,7 +128,7 @@ fn every_documented_code_comes_from_a_variant_or_a_verdict() {
 fn module_errors_exit_in_the_row_that_describes_them() {
     let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
     let cases: Vec<(Error, &str)> = vec![
-        (FloorError::BelowFloor { dir: "/o".into(), free: 1, floor: 2 }.into(), "min_free"),
+        (FloorError::BelowFloor { dir: "/o".into(), free: 1, floor: 2, from: "--min-free".into() }.into(), "min_free"),
         (PruneError::Scan { dir: "/o".into(), source: io() }.into(), "bad input"),
         (ArchiveError::OutDir { dir: "/o".into(), source: io() }.into(), "unwritable `--out`"),
         (ArchiveError::Verify { path: "/a".into(), detail: "x".into() }.into(), "could not seal or verify"),
@@ -139,5 +139,49 @@ fn module_errors_exit_in_the_row_that_describes_them() {
     for (e, words) in cases {
         let (_, autopsy, _) = row_of(&rows, e.exit().code());
         assert!(autopsy.contains(words), "{e} exits {} but that row does not say {words:?}", e.exit().code());
+    }
+}
+
+/// The codes an `Exit codes:` paragraph of `--help` lists (`N text;`, `N-M text;`).
+fn help_codes(args: &[&str]) -> Vec<u8> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wedge-autopsy")).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let help = String::from_utf8_lossy(&out.stdout).into_owned();
+    let para = help.split("Exit codes:").nth(1).unwrap_or_else(|| panic!("{args:?} has no 'Exit codes:': {help}"));
+    let para = para.split("\n\n").next().unwrap().replace('\n', " ");
+    let mut codes = Vec::new();
+    for item in para.split(';').flat_map(|i| i.split(", ")) {
+        let first = item.split_whitespace().next().unwrap_or("");
+        let range: Vec<u8> = match first.split_once(['-', '\u{2013}']) {
+            Some((a, b)) => match (a.parse::<u8>(), b.parse::<u8>()) {
+                (Ok(a), Ok(b)) => (a..=b).collect(),
+                _ => continue,
+            },
+            None => match first.parse() {
+                Ok(c) => vec![c],
+                Err(_) => continue,
+            },
+        };
+        codes.extend(range);
+    }
+    codes.sort();
+    codes.dedup();
+    codes
+}
+
+/// `--help` and `diagnose --help` list exactly the README's codes: every documented code
+/// is in a help text, and no help text lists a code the README does not.
+#[test]
+fn help_lists_every_exit_code_of_the_readme() {
+    let mut readme: Vec<u8> = readme_rows().into_iter().flat_map(|(c, _, _)| c).collect();
+    readme.sort();
+    let main = help_codes(&["--help"]);
+    let diagnose = help_codes(&["diagnose", "--help"]);
+    let mut both: Vec<u8> = main.iter().chain(&diagnose).copied().collect();
+    both.sort();
+    both.dedup();
+    assert_eq!(both, readme, "--help lists {main:?}, diagnose --help {diagnose:?}; README {readme:?}");
+    for c in [0, 1, 2, 3, 4, 5, 6, 17, 70] {
+        assert!(main.contains(&c), "--help does not list exit {c}: {main:?}");
     }
 }

@@ -21,7 +21,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use common::fake_qmp::{Act, FakeQmp, Script};
-use common::{run_bounded, tracer_pid, wait_until, Lab, LabOptions};
+use common::{run_bounded, tmpfs, tracer_pid, wait_until, Lab, LabOptions};
 use serde_json::Value;
 use wedge_autopsy::archive::{self, ArchiveReader, Evidence};
 
@@ -1154,30 +1154,6 @@ fn self_sigkill_while_tracing_never_leaves_the_vm_stopped() {
 
 // ---------------------------------------------------------------------------
 // storage
-
-/// Mounts a tmpfs of `size` at `dir`. CI runs as root with CAP_SYS_ADMIN, so a refusal
-/// fails the test naming what is missing (it must never pass untested).
-fn tmpfs(dir: &Path, size: &str) -> Mounted {
-    std::fs::create_dir_all(dir).unwrap();
-    let o = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
-        .arg(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run mount(8): {e}; this test needs util-linux mount"));
-    assert!(
-        o.status.success(),
-        "mount -t tmpfs refused ({}): this test needs root with CAP_SYS_ADMIN",
-        String::from_utf8_lossy(&o.stderr).trim()
-    );
-    Mounted(dir.to_path_buf())
-}
-
-struct Mounted(PathBuf);
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 fn run_out(lab: &Lab, out: &Path, extra: &[&str]) -> Output {
     let mut cmd = common::tool();

@@ -1,9 +1,11 @@
 //! The evidence archive: a staging directory that steps write into, sealed into
-//! `autopsy-<VMID>-<UTC>-<host>.tar.zst` with `manifest.json` at its root.
+//! `autopsy-<VMID>-<UTC to the microsecond>-<host>.tar.zst` with `manifest.json` at its root.
 //!
-//! Sealing writes a temp file, fsyncs it, renames it into place, fsyncs the directory,
-//! then reads the archive back and checks every file's SHA-256 against the manifest.
-//! Only then is it reported sealed and its `sha256sum` sidecar written. The same reader
+//! Sealing writes a temp file, fsyncs it, moves it into place with
+//! `renameat2(RENAME_NOREPLACE)` (a name that exists is never replaced: the next free
+//! `-2`, `-3`… is taken instead), fsyncs the directory, then reads the archive back and
+//! checks every file's SHA-256 against the manifest. Only then is it reported sealed and
+//! its `sha256sum` sidecar written, also without replacing anything. The same reader
 //! serves `inspect`, and [`Evidence`] lets the diagnosis run on a staging dir or an archive.
 
 pub mod manifest;
@@ -63,11 +65,15 @@ impl ArchiveError {
     }
 }
 
-/// Archive base name: `autopsy-<VMID>-<UTC %Y%m%dT%H%M%SZ>-<host>`.
+/// Archive base name: `autopsy-<VMID>-<UTC %Y%m%dT%H%M%S.ffffffZ>-<host>`. Microseconds,
+/// so back-to-back runs get their own names; [`Staging::seal`] still never replaces one.
 pub fn archive_name(vmid: u32, at: DateTime<Utc>, host: &str) -> String {
     let host: String = host.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' }).collect();
-    format!("autopsy-{vmid}-{}-{host}", at.format("%Y%m%dT%H%M%SZ"))
+    format!("autopsy-{vmid}-{}-{host}", at.format("%Y%m%dT%H%M%S%.6fZ"))
 }
+
+/// How many `-N` suffixes [`Staging::seal`] tries before giving up on a free name.
+const NAME_TRIES: u32 = 100;
 
 /// Makes `<out>` exist as a private (0700) directory. Called before anything else that
 /// looks at `<out>` (free space, locks), so an unusable `--out` is one clear error.
@@ -104,15 +110,23 @@ impl Staging {
         StepSink::new(&self.dir)
     }
 
+    /// The archive's path if its name is free (the first candidate [`Self::seal`] tries).
     pub fn archive_path(&self) -> PathBuf {
         self.out.join(format!("{}.tar.zst", self.name))
+    }
+
+    /// `<name>.tar.zst`, then `<name>-2.tar.zst`, `-3`…: the names [`Self::seal`] tries.
+    fn candidate(&self, n: u32) -> PathBuf {
+        match n {
+            1 => self.archive_path(),
+            n => self.out.join(format!("{}-{n}.tar.zst", self.name)),
+        }
     }
 
     /// Hashes every staged file into `manifest.files`, writes and verifies the archive.
     /// The staging dir is removed only after verification succeeded.
     pub fn seal(&self, mut manifest: Manifest) -> Result<Sealed, ArchiveError> {
-        let final_path = self.archive_path();
-        let shown = final_path.display().to_string();
+        let shown = self.archive_path().display().to_string();
         let werr = |source| ArchiveError::Write { path: shown.clone(), source };
         let staged = walk(&self.dir).map_err(werr)?;
         manifest.files.clear();
@@ -123,7 +137,7 @@ impl Staging {
         let manifest_json = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
         let tmp = self.out.join(format!(".{}.tar.zst.{}{TMP_SUFFIX}", self.name, std::process::id()));
         let mtime = manifest.started_at.timestamp().max(0) as u64;
-        let result = (|| -> std::io::Result<()> {
+        let result = (|| -> std::io::Result<PathBuf> {
             let file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
             let enc = zstd::stream::write::Encoder::new(file, 3)?;
             let mut tar = tar::Builder::new(enc);
@@ -134,20 +148,53 @@ impl Staging {
             }
             let file = tar.into_inner()?.finish()?;
             file.sync_all()?;
-            std::fs::rename(&tmp, &final_path)?;
-            File::open(&self.out)?.sync_all()
+            let path = self.place(&tmp)?;
+            File::open(&self.out)?.sync_all()?;
+            Ok(path)
         })();
-        if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(werr(e));
-        }
+        let final_path = match result {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(werr(e));
+            }
+        };
+        let shown = final_path.display().to_string();
+        let werr = |source| ArchiveError::Write { path: shown.clone(), source };
         let report = verify(&final_path)?;
         let sidecar = sidecar_path(&final_path);
         let line = format!("{}  {}\n", report.sha256, file_name(&final_path));
-        write_durable(&sidecar, line.as_bytes()).map_err(werr)?;
+        write_durable_new(&sidecar, line.as_bytes()).map_err(werr)?;
         let _ = std::fs::remove_dir_all(&self.dir);
         Ok(Sealed { path: final_path, sidecar, sha256: report.sha256, size: report.size, files: report.files })
     }
+
+    /// Moves the finished temp file to the first free candidate name. Neither the archive
+    /// nor its sidecar may exist under that name (a stray sidecar would describe another
+    /// archive); the move itself refuses to replace, so a racing writer cannot be lost.
+    fn place(&self, tmp: &Path) -> std::io::Result<PathBuf> {
+        for n in 1..=NAME_TRIES {
+            let path = self.candidate(n);
+            if std::fs::symlink_metadata(sidecar_path(&path)).is_ok() {
+                continue;
+            }
+            match rename_noreplace(tmp, &path) {
+                Ok(()) => return Ok(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "{NAME_TRIES} archive names starting {} are all taken; move old archives away or pass another --out",
+            file_name(&self.archive_path())
+        )))
+    }
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    renameat2(None, from, None, to, RenameFlags::RENAME_NOREPLACE).map_err(std::io::Error::from)
 }
 
 fn append<R: Read>(
@@ -388,8 +435,23 @@ pub fn hash_file(p: &Path) -> std::io::Result<(u64, String)> {
     hash_reader(&mut BufReader::new(File::open(p)?))
 }
 
-/// Writes a small file durably: temp, fsync, rename, fsync the directory.
+/// Writes a small file durably: temp, fsync, rename, fsync the directory. Replaces
+/// `path` if it exists (state files); evidence goes through [`write_durable_new`].
 pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durable_with(path, bytes, |tmp, path| std::fs::rename(tmp, path))
+}
+
+/// [`write_durable`] that never replaces: `AlreadyExists` if `path` exists (sidecars of
+/// sealed archives: what describes one archive must not be overwritten by another run).
+pub fn write_durable_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_durable_with(path, bytes, rename_noreplace)
+}
+
+fn write_durable_with(
+    path: &Path,
+    bytes: &[u8],
+    place: impl FnOnce(&Path, &Path) -> std::io::Result<()>,
+) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.{}{TMP_SUFFIX}", file_name(path), std::process::id()));
     {
@@ -397,7 +459,10 @@ pub fn write_durable(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         f.write_all(bytes)?;
         f.sync_all()?;
     }
-    std::fs::rename(&tmp, path)?;
+    if let Err(e) = place(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     File::open(dir)?.sync_all()
 }
 
@@ -492,6 +557,39 @@ mod tests {
         tar.into_inner().unwrap().finish().unwrap();
         let err = verify(&bad).unwrap_err().to_string();
         assert!(err.contains(&files[0].0), "{err}");
+    }
+
+    /// Two seals under one name (same microsecond, same VM): both archives and both
+    /// sidecars survive, each with its own hash; a stray sidecar's name is skipped too.
+    #[test]
+    fn a_taken_name_is_never_replaced() {
+        let out = tempfile::tempdir().unwrap();
+        let seal = |body: &[u8]| {
+            let st = Staging::create(out.path(), "autopsy-102-x-h").unwrap();
+            st.sink().write("a.txt", body).unwrap();
+            st.seal(manifest()).unwrap()
+        };
+        std::fs::write(out.path().join("autopsy-102-x-h-3.tar.zst.sha256"), "stray\n").unwrap();
+        let (a, b, c) = (seal(b"one"), seal(b"two"), seal(b"three"));
+        assert_eq!(file_name(&a.path), "autopsy-102-x-h.tar.zst");
+        assert_eq!(file_name(&b.path), "autopsy-102-x-h-2.tar.zst");
+        assert_eq!(file_name(&c.path), "autopsy-102-x-h-4.tar.zst");
+        for s in [&a, &b, &c] {
+            assert_eq!(verify(&s.path).unwrap().sha256, s.sha256);
+            let side = std::fs::read_to_string(&s.sidecar).unwrap();
+            assert_eq!(side, format!("{}  {}\n", s.sha256, file_name(&s.path)));
+        }
+        assert_ne!(a.sha256, b.sha256);
+        assert_eq!(std::fs::read_to_string(out.path().join("autopsy-102-x-h-3.tar.zst.sha256")).unwrap(), "stray\n");
+        let e = write_durable_new(&a.sidecar, b"x").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert!(std::fs::read_to_string(&a.sidecar).unwrap().starts_with(&a.sha256));
+    }
+
+    #[test]
+    fn names_carry_microseconds() {
+        let at = DateTime::from_timestamp(1_781_196_420, 123_456_789).unwrap();
+        assert_eq!(archive_name(102, at, "pve.1"), "autopsy-102-20260611T164700.123456Z-pve_1");
     }
 
     #[test]

@@ -113,17 +113,19 @@ pub fn prepare(req: &Request, settings: &Settings) -> Result<Target, Error> {
     Ok(target)
 }
 
-/// The resolved plan, for `--dry-run`: one line per step, nothing touched.
-pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> String {
+/// One step of the plan `--dry-run` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanStep {
+    pub id: String,
+    pub timeout_ms: u64,
+    pub optional: bool,
+    pub what: String,
+}
+
+/// The resolved steps, for `--dry-run`: what each would do, nothing touched.
+pub fn plan_steps(req: &Request, settings: &Settings, target: Option<&Target>) -> Vec<PlanStep> {
     let vars = vars(req.vmid, target, settings);
-    let mut out = format!(
-        "runbook {} ({}), deadline {}s, VM {}{}\n",
-        req.runbook.name,
-        req.runbook.source,
-        req.runbook.deadline.as_secs(),
-        req.vmid,
-        target.map(|t| format!(", pid {} (proven by {:?})", t.pid, t.proof)).unwrap_or_default()
-    );
+    let mut out = Vec::new();
     for s in &req.runbook.steps {
         let what = match &s.kind {
             StepKind::Qmp { command, arguments, samples, interval, .. } => {
@@ -168,19 +170,14 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
                 interval.unwrap_or(settings.sample_interval).as_millis()
             ),
         };
-        out.push_str(&format!(
-            "  {:<24} {:>5}ms{}  {what}\n",
-            s.id,
-            s.timeout.as_millis(),
-            if s.optional { " opt" } else { "    " }
-        ));
+        out.push(PlanStep { id: s.id.clone(), timeout_ms: s.timeout.as_millis() as u64, optional: s.optional, what });
     }
-    out.push_str(&format!(
-        "archive: {}/autopsy-{}-<UTC>-<host>.tar.zst (0600), then read back and hash-checked\n",
-        settings.out.display(),
-        req.vmid
-    ));
     out
+}
+
+/// Where the archive of `vmid` will be written, with its time and host still open.
+pub fn archive_pattern(vmid: VmId, settings: &Settings) -> String {
+    format!("{}/autopsy-{vmid}-<UTC>-<host>.tar.zst", settings.out.display())
 }
 
 fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {

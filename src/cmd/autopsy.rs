@@ -7,24 +7,34 @@ use wedge_autopsy::autopsy::{self, Progress, Request, Silent};
 use wedge_autopsy::cancel::Cancel;
 use wedge_autopsy::config::Settings;
 use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::lock::VmLock;
 use wedge_autopsy::render::ui::{Display, Ui};
 use wedge_autopsy::render::{self, StderrLines};
 use wedge_autopsy::restart;
 use wedge_autopsy::retention;
+use wedge_autopsy::retention::Floor;
 use wedge_autopsy::runbook::{self, Runbook};
 use wedge_autopsy::target::{Target, VmId};
-use wedge_autopsy::units::human_bytes;
+use wedge_autopsy::units::{human_bytes, parse_size};
 
 use crate::cmd::cli::{AutopsyArgs, StacksArg};
 
 pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Error> {
     // Every VMID is checked before anything is touched.
-    let mut vmids: Vec<VmId> = args.vmids.iter().map(|v| v.parse()).collect::<Result<_, _>>()?;
+    let mut vmids: Vec<VmId> = Vec::new();
+    for v in &args.vmids {
+        // `102 102` is one VM: a second capture would only find its own lock taken.
+        let v: VmId = v.parse()?;
+        if !vmids.contains(&v) {
+            vmids.push(v);
+        }
+    }
     if vmids.is_empty() && !args.all_wedged {
         return Err(Error::BadInput("a VMID is required: wedge-autopsy <VMID>… or --all-wedged (see --help)".into()));
     }
     let rb_name = args.runbook.clone().or(settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
     let runbook = runbook::load(&rb_name, &settings.runbook_dir)?;
+    let floor = floor(args, settings, &runbook)?;
     // Validated before anything is touched: a bad [restart] table is bad input.
     let restart_req = match args.then_restart {
         true => Some(restart::Request::new(settings, restart_options(args), args.quiet)?),
@@ -60,15 +70,14 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
     }
     let req_for = |vmid| request(args, &runbook, vmid, named.contains(&vmid));
     if args.dry_run {
-        dry_run(&vmids, &req_for, restart_req.as_ref(), settings);
-        return Ok(Exit::Ok);
+        return dry_run(args, &vmids, &req_for, restart_req.as_ref(), settings, &floor);
     }
     // Prove every target first: a refused VMID touches nothing, not even --out.
     let proven: Vec<(VmId, Result<Target, Error>)> =
         vmids.iter().map(|&v| (v, autopsy::prepare(&req_for(v), settings))).collect();
     if proven.iter().any(|(_, t)| t.is_ok()) {
         archive::prepare_out(&settings.out)?;
-        retention::check_floor(&settings.out, settings.retention.min_free)?;
+        retention::check_floor(&settings.out, &floor)?;
     }
     let several = vmids.len() > 1;
     // A live step list for one VM on a terminal; plain prefixed lines for several.
@@ -122,24 +131,174 @@ fn request(args: &AutopsyArgs, runbook: &Runbook, vmid: VmId, named: bool) -> Re
     }
 }
 
-/// `--dry-run`: the plan for every VM and the free-space check; touches nothing.
-fn dry_run(vmids: &[VmId], req_for: &dyn Fn(VmId) -> Request, restart_req: Option<&restart::Request>, s: &Settings) {
-    for vmid in vmids {
-        let req = req_for(*vmid);
-        let target = autopsy::prepare(&req, s).ok();
-        print!("{}", autopsy::plan(&req, s, target.as_ref()));
-        if let Some(r) = restart_req {
-            print!("{}", restart::plan(r, *vmid, target.as_ref()));
+/// The free space this run needs before it starts: `--min-free`, else `[retention]
+/// min_free` when the config sets it, else what the runbook may write.
+fn floor(args: &AutopsyArgs, settings: &Settings, runbook: &Runbook) -> Result<Floor, Error> {
+    let flag = match &args.min_free {
+        Some(t) => Some(parse_size(t).map_err(|e| Error::BadInput(format!("--min-free: {e}")))?),
+        None => None,
+    };
+    let config = settings.min_free_set.zip(settings.config_file.as_deref());
+    Ok(Floor::choose(flag, config, (runbook.space_estimate(), &runbook.name)))
+}
+
+/// One VM in the `--dry-run` plan: the steps, and the first check the real run would fail.
+#[derive(serde::Serialize)]
+struct PlannedVm {
+    vmid: VmId,
+    pid: Option<i32>,
+    proof: Option<wedge_autopsy::target::Proof>,
+    runbook: String,
+    deadline_s: u64,
+    steps: Vec<autopsy::PlanStep>,
+    archive: String,
+    /// The restart plan, line by line, with `--then-restart`.
+    restart: Option<Vec<String>>,
+    /// The exit code the real run would end with for this VM (before any step's outcome).
+    exit: u8,
+    /// Why the real run would stop, if it would.
+    error: Option<String>,
+}
+
+/// `--dry-run`: the real run's checks in its order, up to its first side effect
+/// (VMID, proof and node, `--out`, free space, lock, restart HA and cooldown), the plan,
+/// and the exit code the real run would have. Creates nothing, signals nothing.
+fn dry_run(
+    args: &AutopsyArgs,
+    vmids: &[VmId],
+    req_for: &dyn Fn(VmId) -> Request,
+    restart_req: Option<&restart::Request>,
+    s: &Settings,
+    floor: &Floor,
+) -> Result<Exit, Error> {
+    let mut vms = Vec::new();
+    let mut exits = vec![Exit::Ok; vmids.len()];
+    let mut fails: Vec<Option<Error>> = Vec::new();
+    for &vmid in vmids {
+        let req = req_for(vmid);
+        let target = autopsy::prepare(&req, s);
+        let t = target.as_ref().ok();
+        vms.push(PlannedVm {
+            vmid,
+            pid: t.map(|t| t.pid),
+            proof: t.map(|t| t.proof),
+            runbook: format!("{} ({})", req.runbook.name, req.runbook.source),
+            deadline_s: req.runbook.deadline.as_secs(),
+            steps: autopsy::plan_steps(&req, s, t),
+            archive: autopsy::archive_pattern(vmid, s),
+            restart: restart_req.map(|r| restart::plan(r, vmid, t).lines().map(str::to_string).collect()),
+            exit: 0,
+            error: None,
+        });
+        fails.push(target.err());
+    }
+    // As the real run: `--out` and the floor only once some VM is proven; they end the run.
+    let mut free = None;
+    let mut run_error: Option<Error> = None;
+    if fails.iter().any(Option::is_none) {
+        match out_usable(&s.out).map_err(Error::from).and_then(|()| Ok(retention::check_floor(&s.out, floor)?)) {
+            Ok(f) => free = Some(f),
+            Err(e) => run_error = Some(e),
         }
     }
-    match retention::check_floor(&s.out, s.retention.min_free) {
-        Ok(free) => println!(
-            "free space: {} under {} (min_free {})",
-            human_bytes(free),
-            s.out.display(),
-            human_bytes(s.retention.min_free)
-        ),
-        Err(e) => println!("would refuse: {e}"),
+    if run_error.is_none() {
+        for ((vm, fail), exit) in vms.iter_mut().zip(fails.iter_mut()).zip(exits.iter_mut()) {
+            if fail.is_none() {
+                *fail = VmLock::probe(&s.out, vm.vmid).err().map(Error::from).or_else(|| {
+                    let r = restart_req?;
+                    restart::predict(r, vm.vmid).err().map(|e| match e.exit() {
+                        Exit::Busy => Error::Busy(e.to_string()),
+                        _ => Error::Refused(e.to_string()),
+                    })
+                });
+            }
+            if let Some(e) = fail {
+                // A refused restart comes after a seal: 5, not 3.
+                *exit = match (&e, restart_req) {
+                    (Error::Refused(_), Some(_)) => Exit::RestartFailed,
+                    _ => e.exit(),
+                };
+                vm.exit = exit.code();
+                vm.error = Some(e.to_string());
+            }
+        }
+    }
+    let exit = match &run_error {
+        Some(e) => e.exit(),
+        None => exits.iter().fold(Exit::Ok, |w, e| w.worse(*e)),
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        let json = serde_json::json!({
+            "dry_run": true,
+            "exit": exit.code(),
+            "error": run_error.as_ref().map(|e| e.to_string()),
+            "out": s.out,
+            "free": free,
+            "min_free": floor,
+            "vms": vms,
+        });
+        writeln!(out, "{json}")?;
+    } else {
+        for vm in &vms {
+            write!(out, "runbook {}, deadline {}s, VM {}", vm.runbook, vm.deadline_s, vm.vmid)?;
+            match vm.pid {
+                Some(pid) => {
+                    writeln!(out, ", pid {pid} (proven by {:?})", vm.proof.expect("a proven pid has a proof"))?
+                }
+                None => writeln!(out)?,
+            }
+            for st in &vm.steps {
+                let opt = if st.optional { " opt" } else { "    " };
+                writeln!(out, "  {:<24} {:>5}ms{opt}  {}", st.id, st.timeout_ms, st.what)?;
+            }
+            writeln!(out, "archive: {} (0600), then read back and hash-checked", vm.archive)?;
+            for line in vm.restart.iter().flatten() {
+                writeln!(out, "{line}")?;
+            }
+        }
+        match free {
+            Some(f) => writeln!(
+                out,
+                "free space: {} under {}, needs {} ({})",
+                human_bytes(f),
+                s.out.display(),
+                human_bytes(floor.bytes),
+                floor.from
+            )?,
+            None => writeln!(out, "free space: not checked (no VM proven)")?,
+        }
+        writeln!(out, "dry run: the real run would exit {}", exit.code())?;
+    }
+    drop(out);
+    // The errors the real run would print, on stderr as it would.
+    let several = vms.len() > 1;
+    if let Some(e) = &run_error {
+        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");
+    }
+    for vm in vms.iter().filter(|v| run_error.is_none() && v.error.is_some()) {
+        let prefix = if several { format!("VM {}: ", vm.vmid) } else { String::new() };
+        let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {prefix}{}", vm.error.as_deref().unwrap_or(""));
+    }
+    Ok(exit)
+}
+
+/// Whether [`archive::prepare_out`] would succeed, creating nothing: `out` is a writable
+/// directory, or its nearest existing ancestor is one (where it would be created).
+fn out_usable(out: &std::path::Path) -> Result<(), archive::ArchiveError> {
+    use nix::unistd::{access, AccessFlags};
+    let err = |source| archive::ArchiveError::OutDir { dir: out.display().to_string(), source };
+    let mut p = out;
+    loop {
+        match std::fs::metadata(p) {
+            Ok(m) if m.is_dir() => return access(p, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|e| err(e.into())),
+            Ok(_) => return Err(err(std::io::Error::from_raw_os_error(libc::ENOTDIR))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => p = parent,
+                _ => return Err(err(e)),
+            },
+            Err(e) => return Err(err(e)),
+        }
     }
 }
 
@@ -164,6 +323,22 @@ fn report(
                 let _ = writeln!(std::io::stdout(), "{}", o.json());
             } else if !args.quiet {
                 let _ = writeln!(std::io::stdout(), "\n{}", wedge_autopsy::summary::markdown(&o.summary()));
+            } else if let Some(s) = &o.report.sealed {
+                // What a cron job keeps: the archive's path, one line.
+                let _ = writeln!(std::io::stdout(), "{}", s.path.display());
+            }
+            if args.quiet {
+                // The progress lines are off: failed steps are said here, one line each.
+                for st in o.report.steps.iter().filter(|s| s.status.is_problem()) {
+                    let opt = if st.optional { " (optional)" } else { "" };
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "wedge-autopsy: VM {vmid}: step {}{opt} {}: {}",
+                        st.id,
+                        st.status,
+                        st.error.as_deref().unwrap_or("no detail")
+                    );
+                }
             }
             for e in o.errors() {
                 let _ = writeln!(std::io::stderr(), "wedge-autopsy: error: {e}");

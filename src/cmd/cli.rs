@@ -19,7 +19,7 @@ const SWEEP_PARALLEL: u16 = wedge_autopsy::autopsy::sweep::DEFAULT_PARALLEL as u
     version,
     about = "Autopsy before shooting: seal a wedged QEMU/KVM VM's evidence into a verified archive",
     subcommand_precedence_over_arg = true,
-    after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal;\n70 internal error."
+    after_help = "Examples:\n  wedge-autopsy 102                   capture VM 102 into /var/lib/wedge-autopsy\n  wedge-autopsy 102 --json            the same, one JSON object on stdout\n  wedge-autopsy 102 --dry-run         print the plan, touch nothing\n  wedge-autopsy stacks 4242           thread stacks of any process\n  wedge-autopsy runbook check my.toml check a runbook before deploying it\n\nExit codes: 0 sealed, all steps ok; 1 sealed, some steps failed; 2 bad input;\n3 target refused (not running, not proven, other node); 4 could not seal, or --out below\nthe free-space floor; 5 sealed, but the restart failed or was refused; 6 VM locked by\nanother autopsy, or in its restart cooldown; 10-17 diagnose verdicts (see diagnose --help);\n70 internal error. --dry-run exits with the code the real run would have."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -113,9 +113,12 @@ pub struct AutopsyArgs {
     /// Print one JSON object on stdout (archive, sha256, vmid, pid, steps, sealed)
     #[arg(long)]
     pub json: bool,
-    /// Print the resolved plan and touch nothing
+    /// Print the plan and touch nothing; runs the real run's checks (VMID, proof, node, free space, lock, cooldown) and exits with the code the real run would have
     #[arg(long)]
     pub dry_run: bool,
+    /// Free space --out must have before a capture starts, e.g. 200M; 0 switches the check off [default: [retention] min_free if set, else what the runbook may write: megabytes, gigabytes with a core dump]
+    #[arg(long, value_name = "SIZE")]
+    pub min_free: Option<String>,
     /// Stack method: native (ptrace snapshot, gdb fallback), gdb, or none
     #[arg(long, value_enum, value_name = "METHOD")]
     pub stacks: Option<StacksArg>,
@@ -128,7 +131,7 @@ pub struct AutopsyArgs {
     /// Why this autopsy was started (recorded in the manifest), e.g. an incident id
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
-    /// No progress lines on stderr
+    /// Only what a cron job needs: errors and failed steps on stderr, the archive path on stdout
     #[arg(long, short)]
     pub quiet: bool,
     /// After the archive is sealed and verified: stop the old QEMU for good and start a new one.

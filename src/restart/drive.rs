@@ -1,6 +1,7 @@
 //! The restart itself, step by step as the module docs number them: gate, HA,
 //! cooldown, stop, proven kill, wait for exit, start, verify; then the records.
 
+use std::io::Write;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -103,9 +104,9 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
     if let Some(s) = sealed {
         let p = outcome_path(&s.path);
         let bytes = serde_json::to_vec_pretty(&o).expect("outcome serializes");
-        if let Err(e) = archive::write_durable(&p, &bytes) {
+        if let Err(e) = archive::write_durable_new(&p, &bytes) {
             if !req.quiet {
-                eprintln!("wedge-autopsy: warning: cannot write {}: {e}", p.display());
+                let _ = writeln!(std::io::stderr(), "wedge-autopsy: warning: cannot write {}: {e}", p.display());
             }
         }
     }
@@ -183,6 +184,14 @@ fn check_ha(req: &Request, vmid: VmId, rec: &mut Recorder) -> Result<bool, Resta
         if ha { format!("listed in {ha_path}; through ha-manager (--allow-ha)") } else { "not HA-managed".into() },
     );
     Ok(ha)
+}
+
+/// For `--dry-run`: the refusal the restart of `vmid` would meet before stopping anything
+/// (HA without `--allow-ha`, the cooldown), from the same checks [`run`] makes. Reads only.
+pub fn predict(req: &Request, vmid: VmId) -> Result<(), RestartError> {
+    let mut rec = Recorder::new(true, Instant::now());
+    check_ha(req, vmid, &mut rec)?;
+    check_cooldown(req, vmid, &mut rec)
 }
 
 /// Step 3, cooldown: no second restart of one VM within `cooldown`, unless `--force`.

@@ -31,7 +31,7 @@ pub mod record;
 pub use config::{MethodKind, Options, RestartConfig};
 #[cfg(feature = "test-hooks")]
 pub use drive::TEST_HOOK_ENV;
-pub use drive::{refuse, run};
+pub use drive::{predict, refuse, run};
 pub use guards::{gate, ha_managed, ha_resources_path};
 pub use record::{cooldown_active, cooldown_path, outcome_path, Action, CooldownState, Ran, Recorder, RestartOutcome};
 

@@ -2,6 +2,7 @@
 //! [`RestartOutcome`] (`<archive>.restart.json`, the `restart` object of `--json`), and
 //! the per-VM cooldown state that carries across runs.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -66,7 +67,8 @@ impl Recorder {
             detail: detail.into(),
         };
         if !self.quiet {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "[{:>6.2}s] restart {:<14} {:<6} {:>6} ms  {}",
                 self.t0.elapsed().as_secs_f64(),
                 a.action,

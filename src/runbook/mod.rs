@@ -160,6 +160,26 @@ pub struct Runbook {
     pub steps: Vec<Step>,
 }
 
+impl Runbook {
+    /// Free space a run of this runbook may need under `<out>`, generously: each step's
+    /// output bound (a core dump: its own `min_free`, gigabytes), twice (the staging files
+    /// and the archive exist together until the archive verifies).
+    pub fn space_estimate(&self) -> u64 {
+        const MIB: u64 = 1 << 20;
+        let step = |k: &StepKind| match k {
+            StepKind::Core { min_free, .. } => *min_free,
+            StepKind::Command { output_cap, .. } => *output_cap as u64,
+            StepKind::File { tail, .. } => tail.unwrap_or(MIB),
+            StepKind::PveTasks { log_cap, .. } => 8 * log_cap,
+            StepKind::Stacks { .. } | StepKind::Proc | StepKind::Host => 8 * MIB,
+            StepKind::Qmp { samples, .. } => *samples as u64 * MIB,
+            StepKind::Inflight { samples, .. } => *samples as u64 * 2 * MIB,
+            StepKind::QomThrottle { .. } => MIB,
+        };
+        2 * self.steps.iter().map(|s| step(&s.kind)).sum::<u64>()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Step {
     pub id: String,

@@ -136,3 +136,13 @@ fn target_table_is_checked() {
     assert_eq!(rb.target.pidfile.as_deref(), Some("/run/qemu/{vmid}.pid"));
     assert!(!rb.target.cluster);
 }
+
+/// A default capture needs megabytes, one with a core dump gigabytes.
+#[test]
+fn space_estimate_scales_with_the_runbook() {
+    let none = Path::new("/nonexistent");
+    let default = load(DEFAULT, none).unwrap().space_estimate();
+    let full = load("qemu-wedge-full", none).unwrap().space_estimate();
+    assert!(default > 1 << 20 && default < 512 << 20, "default capture: {default}");
+    assert!(full >= 2 << 30, "with a core dump: {full}");
+}

@@ -193,6 +193,22 @@ impl ServeConfig {
 
 /// Parses `[serve]` (absent = all defaults) and applies `--listen`.
 pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<ServeConfig, String> {
+    parse_with(table, listen_flag, true)
+}
+
+/// Checks `[serve]` as written (keys, types, durations, URLs, policies) without reading
+/// the secret files it names: what every command checks when the config is loaded, so a
+/// typo fails at once and not on the night the service restarts.
+pub fn check(table: &toml::Table) -> Result<(), String> {
+    parse_with(Some(table), None, false).map(|_| ())
+}
+
+/// [`parse`]; with `read_secrets` false a named secret file counts as present.
+fn parse_with(
+    table: Option<&toml::Table>,
+    listen_flag: Option<&str>,
+    read_secrets: bool,
+) -> Result<ServeConfig, String> {
     let raw: Raw = match table {
         Some(t) => toml::Value::Table(t.clone())
             .try_into()
@@ -209,8 +225,12 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
     let listen: SocketAddr = listen_text
         .parse()
         .map_err(|_| format!("[serve] listen {listen_text:?} is not an address:port; write e.g. \"127.0.0.1:9171\""))?;
-    let token = read_secret("token_file", raw.token_file.as_ref())?;
-    let hmac_secret = read_secret("hmac_secret_file", raw.hmac_secret_file.as_ref())?;
+    let secret = |key: &str, path: Option<&PathBuf>| match read_secrets {
+        true => read_secret(key, path),
+        false => Ok(path.map(|_| Vec::new())),
+    };
+    let token = secret("token_file", raw.token_file.as_ref())?;
+    let hmac_secret = secret("hmac_secret_file", raw.hmac_secret_file.as_ref())?;
     if !listen.ip().is_loopback() && token.is_none() {
         return Err(format!(
             "[serve] listen {listen} is beyond loopback but no token_file is set: set token_file, or listen on 127.0.0.1"

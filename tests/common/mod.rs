@@ -1095,3 +1095,27 @@ pub fn proc_cmdline_exists(argv: &[&str]) -> bool {
         pid_alive(pid) && proc_cmdline(pid).is_some_and(|a| a == argv)
     })
 }
+
+/// Mounts a tmpfs of `size` at `dir`. CI runs as root with CAP_SYS_ADMIN, so a refusal
+/// fails the test naming what is missing (it must never pass untested).
+pub fn tmpfs(dir: &Path, size: &str) -> Mounted {
+    std::fs::create_dir_all(dir).unwrap();
+    let o = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run mount(8): {e}; this test needs util-linux mount"));
+    assert!(
+        o.status.success(),
+        "mount -t tmpfs refused ({}): this test needs root with CAP_SYS_ADMIN",
+        String::from_utf8_lossy(&o.stderr).trim()
+    );
+    Mounted(dir.to_path_buf())
+}
+
+pub struct Mounted(PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
