@@ -2,10 +2,12 @@
 //! TCG): a quiet disk is never a frozen one, and stuck I/O is proven with the requests
 //! in flight and the layer they are stuck in — live, and again from the sealed archive.
 //!
-//! One lab with six guests booting in parallel (TCG boots dominate the wall time):
-//! idle virtio-scsi, write-once virtio-blk, idle LSI, and three steady writers wedged
-//! inside QEMU (blkdebug breakpoint), below QEMU (a FUSE file whose writes never return,
-//! aio=threads) and in a network backend (paused NBD server).
+//! The first test boots six guests in parallel (TCG boots dominate the wall time): idle
+//! virtio-scsi, write-once virtio-blk, idle LSI, and three steady writers wedged inside
+//! QEMU (blkdebug breakpoint), below QEMU (a FUSE file whose writes never return,
+//! aio=threads) and in a network backend (paused NBD server). The second boots two LSI
+//! guests running qemu-guest-agent, whose own in-progress counts stand in for the
+//! in-flight view LSI lacks.
 
 mod common;
 
@@ -227,6 +229,7 @@ fn guest_agent_in_a_real_guest_proves_what_lsi_alone_cannot() {
     assert_eq!(j["verdict"], "block-path-frozen", "{j}");
     for n in [1, 2] {
         let a = agent_in_sample(&ar, n);
+        eprintln!("stuck LSI guest, sample {n}: agent {a}");
         assert!(a["error"].is_null(), "sample {n}: {a}");
         let sda = a["disks"].as_array().unwrap().iter().find(|d| d["name"] == "sda").cloned();
         assert!(sda.as_ref().is_some_and(|d| d["in_progress"].as_u64() >= Some(1)), "sample {n}: {a}");
@@ -242,6 +245,7 @@ fn guest_agent_in_a_real_guest_proves_what_lsi_alone_cannot() {
     // The agent that never answers: its sample says why, the step is still ok.
     let (ar, _) = autopsy("313");
     let a = agent_in_sample(&ar, 1);
+    eprintln!("agent socket with nothing behind it, sample 1: agent {a}");
     assert!(a["error"].as_str().unwrap_or("").contains("did not answer"), "{a}");
     let step = ar.manifest.steps.iter().find(|s| s.id == "inflight").expect("inflight step");
     assert_eq!(step.status.as_str(), "ok", "{step:?}");

@@ -1129,6 +1129,10 @@ fn watch_on_real_guests_restarts_only_a_vm_stuck_inside_qemu() {
         spec(403, GuestMode::Steady, Backend::Fuse, "threads"),
     ]);
     eprintln!("3 guests up in {:.1} s", t0.elapsed().as_secs_f64());
+    for vm in lab.vms() {
+        let up = vm.up_info();
+        eprintln!("guest {}: ready after {} s (guest uptime {})", vm.vmid(), up["boot_to_ready_s"], up["guest_ready"]);
+    }
     for (id, kind) in [(402, WedgeKind::Inside), (403, WedgeKind::Below)] {
         let w = lab.vm(id).wedge_guest(kind);
         assert!(w["wedged"].as_bool().unwrap_or(false), "VM {id} wedge {kind:?}: {w}");
