@@ -663,7 +663,8 @@ fn target_pid_reused_by_foreign_process() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let mut foreign = foreign.expect("could not make an unrelated process take over the pid within 200 tries");
+    // Killed and reaped however the test ends, so no stray `sleep 300` outlives it.
+    let _foreign = Reaped(foreign.expect("could not make an unrelated process take over the pid within 200 tries"));
     claim!(
         "the pid taken over by an unrelated process while the run went on",
         // The fork may not have exec'd `sleep` yet (its cmdline is empty until it does).
@@ -690,8 +691,16 @@ fn target_pid_reused_by_foreign_process() {
         "{:?}",
         common::proc_state(pid)
     );
-    let _ = foreign.kill();
-    let _ = foreign.wait();
+}
+
+/// A child killed and reaped when dropped, on every path out of a test.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn cc_parked(dir: &Path) -> PathBuf {

@@ -569,7 +569,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     let rb = lab.root().join("long.toml");
     std::fs::write(
         &rb,
-        "schema = 1\nname = \"long\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"300\"]\ntimeout = \"400s\"\n",
+        "schema = 1\nname = \"long\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"300.112\"]\ntimeout = \"400s\"\n",
     )
     .unwrap();
     let config = format!(
@@ -586,7 +586,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let (st, body) = server.request("POST", "/v1/autopsy", &[], json!({"vmid": 112}).to_string().as_bytes());
     assert_eq!(st, 202, "loopback without a token, as the config allows: {body}");
-    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300"])));
+    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300.112"])));
     assert_eq!(server.stop(libc::SIGTERM, Duration::from_secs(60)), Some(0), "{}", server.log());
     let n = notify.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
@@ -595,7 +595,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     let ar = ArchiveReader::open(&found[0]).unwrap();
     assert!(ar.manifest.interrupted, "cut at the grace");
     assert_eq!(ar.manifest.steps.iter().find(|s| s.id == "proc").unwrap().status.to_string(), "ok");
-    assert!(!sleeping_command_running(&["sleep", "300"]), "the interrupted step's process was killed");
+    assert!(!sleeping_command_running(&["sleep", "300.112"]), "the interrupted step's process was killed");
 }
 
 /// Fault: 1000 distinct firings for one VM from 8 senders at once; 152 of them carry a
