@@ -39,6 +39,18 @@ fn facts(j: &Value) -> String {
     j["facts"].to_string()
 }
 
+/// `inspect`'s path: the sealed archive alone (3 s threshold) gives a frozen block path,
+/// proven, stuck inside QEMU.
+fn assert_archive_proves_inside_qemu(ar: &ArchiveReader) {
+    let again = diagnose::diagnose(ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
+    assert_eq!(
+        (again.verdict.as_str(), again.strength, again.layer),
+        ("block-path-frozen", Some(diagnose::Strength::Proven), Some(diagnose::Layer::InsideQemu)),
+        "recomputed from the archive: {:?}",
+        again.facts
+    );
+}
+
 #[test]
 fn quiet_guests_are_never_frozen_and_stuck_guests_are_proven_with_their_layer() {
     let spec = |vmid, controller, mode, backend, aio: &str| GuestSpec {
@@ -117,13 +129,7 @@ fn quiet_guests_are_never_frozen_and_stuck_guests_are_proven_with_their_layer() 
         let s = ar.read_json(&format!("inflight/sample.{n}.json")).expect("in-flight sample sealed");
         assert_eq!(s["virtio"][0]["path"], "/machine/peripheral/virtioscsi0/virtio-backend", "{s}");
     }
-    let again = diagnose::diagnose(&ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
-    assert_eq!(
-        (again.verdict.as_str(), again.strength, again.layer),
-        ("block-path-frozen", Some(diagnose::Strength::Proven), Some(diagnose::Layer::InsideQemu)),
-        "recomputed from the archive: {:?}",
-        again.facts
-    );
+    assert_archive_proves_inside_qemu(&ar);
     let md = ar.read_string("summary.md").unwrap();
     assert!(md.contains("## Verdict: block-path-frozen (proven, inside-qemu)"), "{md}");
 
@@ -234,13 +240,7 @@ fn guest_agent_in_a_real_guest_proves_what_lsi_alone_cannot() {
         let sda = a["disks"].as_array().unwrap().iter().find(|d| d["name"] == "sda").cloned();
         assert!(sda.as_ref().is_some_and(|d| d["in_progress"].as_u64() >= Some(1)), "sample {n}: {a}");
     }
-    let again = diagnose::diagnose(&ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
-    assert_eq!(
-        (again.verdict.as_str(), again.strength, again.layer),
-        ("block-path-frozen", Some(diagnose::Strength::Proven), Some(diagnose::Layer::InsideQemu)),
-        "recomputed from the archive: {:?}",
-        again.facts
-    );
+    assert_archive_proves_inside_qemu(&ar);
 
     // The agent that never answers: its sample says why, the step is still ok.
     let (ar, _) = autopsy("313");
