@@ -1172,6 +1172,9 @@ fn watch_on_real_guests_restarts_only_a_vm_stuck_inside_qemu() {
         "{}",
         inside["restart"]
     );
+    for doc in docs.values() {
+        eprintln!("VM {}: capture {} ms, restart: {}", doc["vmid"], doc["duration_ms"], doc["restart"]);
+    }
     assert!(!common::pid_alive(inside_pid), "the QEMU stuck inside is gone");
     assert!(lab.vm(402).is_alive() && lab.vm(402).pid() != inside_pid, "402 runs again as a new QEMU");
     // Stuck below QEMU: captured, not restarted (a new QEMU on that storage would wedge too).
