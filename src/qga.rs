@@ -47,6 +47,8 @@ pub enum QgaError {
 pub struct Qga {
     reader: BufReader<UnixStream>,
     deadline: Instant,
+    /// When `connect` began: a timeout reports how long was waited in all.
+    since: Instant,
 }
 
 impl Qga {
@@ -55,8 +57,9 @@ impl Qga {
         if !socket.exists() {
             return Err(QgaError::NoSocket(socket.display().to_string()));
         }
+        let since = Instant::now();
         let stream = UnixStream::connect(socket)?;
-        let mut q = Qga { reader: BufReader::new(stream), deadline };
+        let mut q = Qga { reader: BufReader::new(stream), deadline, since };
         // The id only has to differ from what an earlier client may have left behind.
         let id = (std::process::id() as u64) << 20 | (Instant::now().elapsed().subsec_nanos() as u64 & 0xfffff);
         q.send("guest-sync-delimited", Some(json!({ "id": id })))?;
@@ -109,7 +112,7 @@ impl Qga {
     fn arm(&mut self) -> Result<(), QgaError> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(QgaError::Timeout(0));
+            return Err(QgaError::Timeout(self.since.elapsed().as_millis()));
         }
         self.reader.get_ref().set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
         self.reader.get_ref().set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
@@ -125,7 +128,7 @@ impl Qga {
             Ok(_) if !buf.ends_with(b"\n") => Err(QgaError::Protocol("reply line too long".into())),
             Ok(_) => Ok(buf),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                Err(QgaError::Timeout(self.deadline.elapsed().as_millis()))
+                Err(QgaError::Timeout(self.since.elapsed().as_millis()))
             }
             Err(e) => Err(e.into()),
         }
@@ -190,7 +193,8 @@ mod tests {
         let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         // The refusal comes before a single byte is written, even with a listener there.
         let stream = UnixStream::connect(&path).unwrap();
-        let mut q = Qga { reader: BufReader::new(stream), deadline: Instant::now() + Duration::from_secs(5) };
+        let now = Instant::now();
+        let mut q = Qga { reader: BufReader::new(stream), deadline: now + Duration::from_secs(5), since: now };
         for cmd in ["guest-exec", "guest-file-open", "guest-fsfreeze-freeze", "guest-shutdown", "guest-set-time"] {
             assert!(matches!(q.execute(cmd, None), Err(QgaError::Refused(_))), "{cmd}");
         }
@@ -202,7 +206,8 @@ mod tests {
         let path = dir.path().join("x.qga");
         let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         let r = Qga::connect(&path, Instant::now() + Duration::from_millis(200));
-        assert!(matches!(r, Err(QgaError::Timeout(_))), "{:?}", r.err());
+        // The time waited in all, not the overshoot past the deadline.
+        assert!(matches!(r, Err(QgaError::Timeout(ms)) if ms >= 200), "{:?}", r.err());
     }
 
     #[test]

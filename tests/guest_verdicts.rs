@@ -2,17 +2,19 @@
 //! TCG): a quiet disk is never a frozen one, and stuck I/O is proven with the requests
 //! in flight and the layer they are stuck in — live, and again from the sealed archive.
 //!
-//! One lab with six guests booting in parallel (TCG boots dominate the wall time):
-//! idle virtio-scsi, write-once virtio-blk, idle LSI, and three steady writers wedged
-//! inside QEMU (blkdebug breakpoint), below QEMU (a FUSE file whose writes never return,
-//! aio=threads) and in a network backend (paused NBD server).
+//! The first test boots six guests in parallel (TCG boots dominate the wall time): idle
+//! virtio-scsi, write-once virtio-blk, idle LSI, and three steady writers wedged inside
+//! QEMU (blkdebug breakpoint), below QEMU (a FUSE file whose writes never return,
+//! aio=threads) and in a network backend (paused NBD server). The second boots two LSI
+//! guests running qemu-guest-agent, whose own in-progress counts stand in for the
+//! in-flight view LSI lacks.
 
 mod common;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{run_bounded, Backend, Controller, GuestMode, GuestSpec, Lab, Vm, WedgeKind};
+use common::{run_bounded, Backend, Controller, GuestMode, GuestSpec, Lab, LabOptions, Vm, WedgeKind};
 use serde_json::Value;
 use wedge_autopsy::archive::{ArchiveReader, Evidence};
 use wedge_autopsy::diagnose::{self, Rules};
@@ -35,6 +37,18 @@ const FAST: &[&str] = &["--window", "1s", "--min-idle", "3s"];
 
 fn facts(j: &Value) -> String {
     j["facts"].to_string()
+}
+
+/// `inspect`'s path: the sealed archive alone (3 s threshold) gives a frozen block path,
+/// proven, stuck inside QEMU.
+fn assert_archive_proves_inside_qemu(ar: &ArchiveReader) {
+    let again = diagnose::diagnose(ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
+    assert_eq!(
+        (again.verdict.as_str(), again.strength, again.layer),
+        ("block-path-frozen", Some(diagnose::Strength::Proven), Some(diagnose::Layer::InsideQemu)),
+        "recomputed from the archive: {:?}",
+        again.facts
+    );
 }
 
 #[test]
@@ -115,13 +129,7 @@ fn quiet_guests_are_never_frozen_and_stuck_guests_are_proven_with_their_layer() 
         let s = ar.read_json(&format!("inflight/sample.{n}.json")).expect("in-flight sample sealed");
         assert_eq!(s["virtio"][0]["path"], "/machine/peripheral/virtioscsi0/virtio-backend", "{s}");
     }
-    let again = diagnose::diagnose(&ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
-    assert_eq!(
-        (again.verdict.as_str(), again.strength, again.layer),
-        ("block-path-frozen", Some(diagnose::Strength::Proven), Some(diagnose::Layer::InsideQemu)),
-        "recomputed from the archive: {:?}",
-        again.facts
-    );
+    assert_archive_proves_inside_qemu(&ar);
     let md = ar.read_string("summary.md").unwrap();
     assert!(md.contains("## Verdict: block-path-frozen (proven, inside-qemu)"), "{md}");
 
@@ -154,4 +162,94 @@ fn quiet_guests_are_never_frozen_and_stuck_guests_are_proven_with_their_layer() 
     for id in [301, 302] {
         assert!(!vmids.contains(&id), "--all-wedged took idle VM {id}: {vmids:?}");
     }
+}
+
+/// The sampled agent view of sample `n` of an archive (`inflight/sample.N.json`).
+fn agent_in_sample(ar: &ArchiveReader, n: u32) -> Value {
+    ar.read_json(&format!("inflight/sample.{n}.json")).expect("in-flight sample sealed")["agent"].clone()
+}
+
+/// qemu-guest-agent running inside real guests, wired as Proxmox does for `agent: 1`.
+/// LSI has no in-flight counter of its own; the guest's `guest-get-diskstats` is one:
+/// with the agent an idle LSI guest is proven idle and a stuck one proven stuck (without
+/// it, the first test shows both are at most suspected). An agent socket nobody answers
+/// on (a guest-less VM with `agent: 1`) is a note in the sample, never a failed step.
+#[test]
+fn guest_agent_in_a_real_guest_proves_what_lsi_alone_cannot() {
+    let spec = |vmid, mode| GuestSpec { vmid, controller: Controller::Lsi, mode, agent: true, ..GuestSpec::default() };
+    let mut lab = Lab::up_guests(vec![spec(311, GuestMode::WriteOnce), spec(312, GuestMode::Steady)]);
+    for id in [311, 312] {
+        let up = lab.vm(id).up_info();
+        eprintln!(
+            "guest {id}: ready after {} s, agent answered {} s later: {}",
+            up["boot_to_ready_s"], up["agent_answered_s"], up["guest_ready"]
+        );
+        assert!(up["guest_ready"].as_str().unwrap_or("").contains("agent=/dev/vport"), "{up}");
+    }
+    // A guest-less VM with `agent: 1`: the socket accepts, nothing behind it answers.
+    lab.add_vm(LabOptions { vmid: 313, name: "noagent".into(), agent: true, ..LabOptions::default() });
+
+    // audit pings every running VM's agent: the real ones answer, the empty socket does not.
+    let out = run_bounded(&mut lab.tool_args(&["audit", "--json"]), T);
+    let audit = String::from_utf8_lossy(&out.stdout).to_string();
+    let vms: Value = serde_json::from_str(&audit).unwrap_or_else(|e| panic!("audit --json: {e}: {audit}"));
+    let agent_of = |id: &str| {
+        let vm = vms.as_array().unwrap().iter().find(|v| v["vmid"] == id).unwrap_or_else(|| panic!("{id}: {vms}"));
+        vm["running"]["agent"]["state"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(agent_of("311"), "answers", "{audit}");
+    assert_eq!(agent_of("313"), "no-answer", "{audit}");
+
+    // Quiet LSI guest, past the threshold: the guest itself says nothing is in flight.
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, j) = diagnose(&lab, lab.vm(311), FAST);
+    assert_eq!((code, j["verdict"].as_str()), (0, Some("healthy")), "{j}");
+    assert_eq!(
+        (j["disks"][0]["condition"].as_str(), j["disks"][0]["strength"].as_str()),
+        (Some("idle"), Some("proven"))
+    );
+    assert!(facts(&j).contains("guest agent: no I/O in progress on any guest disk"), "{j}");
+
+    // Stuck inside QEMU on LSI: the guest counts the write in progress, and it never
+    // completes. Diagnosed well before the guest's SCSI abort (+30 s).
+    let w = lab.vm(312).wedge_guest(WedgeKind::Inside);
+    assert!(w["wedged"].as_bool().unwrap_or(false), "{w}");
+    std::thread::sleep(Duration::from_secs(4));
+    let (code, j) = diagnose(&lab, lab.vm(312), FAST);
+    assert_eq!(code, 11, "{j}");
+    assert_eq!((j["verdict"].as_str(), j["strength"].as_str()), (Some("block-path-frozen"), Some("proven")), "{j}");
+    assert_eq!(j["layer"], "inside-qemu", "{j}");
+    assert!(facts(&j).contains("guest agent: I/O in progress without completing across the window on sda"), "{j}");
+
+    // The autopsy seals the agent's view at both ends, and the archive alone proves it.
+    let cfg = lab.root().join("fast.toml");
+    std::fs::write(&cfg, "min_idle = \"3s\"\nsample_interval = \"1s\"\n").unwrap();
+    let autopsy = |id: &str| {
+        let out =
+            run_bounded(&mut lab.tool_args(&[id, "--json", "--stacks", "none", "--config", cfg.to_str().unwrap()]), T);
+        let j: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("autopsy {id}: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+        (ArchiveReader::open(&PathBuf::from(j["archive"].as_str().unwrap())).unwrap(), j)
+    };
+    let (ar, j) = autopsy("312");
+    assert_eq!(j["verdict"], "block-path-frozen", "{j}");
+    for n in [1, 2] {
+        let a = agent_in_sample(&ar, n);
+        eprintln!("stuck LSI guest, sample {n}: agent {a}");
+        assert!(a["error"].is_null(), "sample {n}: {a}");
+        let sda = a["disks"].as_array().unwrap().iter().find(|d| d["name"] == "sda").cloned();
+        assert!(sda.as_ref().is_some_and(|d| d["in_progress"].as_u64() >= Some(1)), "sample {n}: {a}");
+    }
+    assert_archive_proves_inside_qemu(&ar);
+
+    // The agent that never answers: its sample says why, the step is still ok.
+    let (ar, _) = autopsy("313");
+    let a = agent_in_sample(&ar, 1);
+    eprintln!("agent socket with nothing behind it, sample 1: agent {a}");
+    let err = a["error"].as_str().unwrap_or("");
+    // It waited its whole budget (1.5 s), and says so.
+    let waited: u64 = err.split("within ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
+    assert!(err.contains("did not answer") && waited >= 1500, "{a}");
+    let step = ar.manifest.steps.iter().find(|s| s.id == "inflight").expect("inflight step");
+    assert_eq!(step.status.as_str(), "ok", "{step:?}");
 }

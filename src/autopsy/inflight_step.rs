@@ -25,6 +25,8 @@ use crate::step::{StepOutcome, StepSink};
 const QMP_QUERY: Duration = Duration::from_secs(2);
 /// The guest agent answers from inside the guest; a wedged guest never does.
 const AGENT_BUDGET: Duration = Duration::from_millis(1500);
+/// Past the agent's own deadline, before its thread is given up on.
+const AGENT_SLACK: Duration = Duration::from_millis(500);
 /// /proc of a process with a D-state thread can block; past this the sample goes on.
 const PROC_BUDGET: Duration = Duration::from_secs(3);
 
@@ -109,7 +111,10 @@ impl Sources {
         let same = self.same.clone();
         let procs_job = blocking(PROC_BUDGET, move || same().then(|| procs::sample(pid)));
         let agent_path = self.agent.clone();
-        let agent_job = agent_path.exists().then(|| blocking(AGENT_BUDGET, move || agent_sample(&agent_path)));
+        // The agent's own deadline reports first, with why; this one only catches a
+        // thread that is not scheduled at all.
+        let agent_job =
+            agent_path.exists().then(|| blocking(AGENT_BUDGET + AGENT_SLACK, move || agent_sample(&agent_path)));
 
         let path = inflight::sample_path(n).replace("inflight/sample.", "qmp/query-blockstats.");
         match self.lane.execute("query-blockstats", None, QMP_QUERY).await {
@@ -154,7 +159,10 @@ impl Sources {
         if let Some(job) = agent_job {
             s.agent = Some(job.await.unwrap_or_else(|| AgentView {
                 disks: vec![],
-                error: Some(format!("no answer within {} ms", AGENT_BUDGET.as_millis())),
+                error: Some(format!(
+                    "the guest agent did not answer within {} ms (its client thread did not finish)",
+                    (AGENT_BUDGET + AGENT_SLACK).as_millis()
+                )),
             }));
         }
         self.write(&s, sink)

@@ -278,6 +278,9 @@ pub struct GuestSpec {
     pub aio: String,
     /// 0 = no throttle
     pub mbps: u32,
+    /// `agent: 1`: qemu-guest-agent runs in the guest on Proxmox's virtio-serial port,
+    /// and `up` returns once it answers (`lab up --agent`)
+    pub agent: bool,
 }
 
 impl Default for GuestSpec {
@@ -290,6 +293,7 @@ impl Default for GuestSpec {
             qemu: Qemu::Debian72,
             aio: "io_uring".into(),
             mbps: 60,
+            agent: false,
         }
     }
 }
@@ -323,6 +327,9 @@ impl GuestSpec {
             }
             .into(),
         ];
+        if self.agent {
+            a.push("--agent".into());
+        }
         a.push("--guest-timeout".into());
         a.push((GUEST_UP_TIMEOUT.as_secs() - 30).to_string());
         a
