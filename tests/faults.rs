@@ -862,11 +862,17 @@ fn tool_journalctl_floods() {
     claim!("its output kept, capped at 8 MiB", j.len() <= 8 << 20 && j.len() > 1 << 20, "{} bytes", j.len());
     // Off Proxmox (no pveversion, no HA, no task log, upstream QEMU) those steps do not
     // apply; each says so as skipped. Everything else must be ok.
-    const NOT_HERE: [&str; 6] = ["qmp-proxmox-support", "qmp-backup", "pveversion", "ha-status", "vzdump-log", "pve-tasks"];
+    const NOT_HERE: [&str; 6] =
+        ["qmp-proxmox-support", "qmp-backup", "pveversion", "ha-status", "vzdump-log", "pve-tasks"];
     claim!(
         "every other step ok, or skipped as not applicable off Proxmox",
-        json["steps"].as_array().unwrap().iter().filter(|s| s["id"] != "journal").all(|s| s["status"] == "ok"
-            || (s["status"] == "skipped" && NOT_HERE.contains(&s["id"].as_str().unwrap_or("")))),
+        json["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["id"] != "journal")
+            .all(|s| s["status"] == "ok"
+                || (s["status"] == "skipped" && NOT_HERE.contains(&s["id"].as_str().unwrap_or("")))),
         "{json}"
     );
     as_found(lab.pid(), &before);

@@ -220,7 +220,7 @@ async fn one(
 }
 
 /// The running image's build-id and symbols, the file on disk, and the debug file.
-fn read_binary(pid: i32, search: &DebugSearch) -> Result<(Binary, DebugFile), String> {
+pub(crate) fn read_binary(pid: i32, search: &DebugSearch) -> Result<(Binary, DebugFile), String> {
     let exe = format!("/proc/{pid}/exe");
     let link = std::fs::read_link(&exe).map_err(|e| format!("{exe}: {e}; run as root"))?;
     let link = link.to_string_lossy();
@@ -295,7 +295,7 @@ async fn query_version(socket: &Path, budget: Duration) -> Option<(String, Strin
 
 /// What `query-version`'s `package` says about the build: Proxmox writes
 /// `pve-qemu-kvm_<version>`, Debian `Debian <version>`.
-fn package_from_qmp(package: &str, qemu: Option<String>) -> Package {
+pub(crate) fn package_from_qmp(package: &str, qemu: Option<String>) -> Package {
     let package = crate::qmp::one_line(package, 120);
     if let Some(v) = package.strip_prefix("pve-qemu-kvm").and_then(|r| r.strip_prefix(['_', '-', ' ', '='])) {
         return pve(v.trim(), "qmp", qemu);
@@ -357,7 +357,7 @@ fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Package 
 }
 
 /// `(package, version)` of the installed QEMU: pve-qemu-kvm first, then Debian's.
-fn installed_qemu() -> Option<(String, String)> {
+pub(crate) fn installed_qemu() -> Option<(String, String)> {
     let cancel = crate::cancel::Cancel::new();
     ["pve-qemu-kvm", "qemu-system-x86"].iter().find_map(|name| {
         let argv = ["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", name].map(String::from).to_vec();
