@@ -274,25 +274,32 @@ fn local(path: &str, input: &Input, mounts: &str, ds: &mut DiskStorage) {
     ds.backing = Some(bd);
 }
 
-/// LVM-thin and the like are only visible in `storage.cfg` (sysfs shows a dm device).
+/// LVM-thin and the like are only visible in `storage.cfg` (sysfs shows a dm device);
+/// a declaration that contradicts what QEMU opens is kept as a note (QEMU wins).
 fn refine_by_storage(ds: &mut DiskStorage) {
+    use StorageKind::*;
     let Some(s) = &ds.storage else { return };
     let declared = match s.kind.as_str() {
-        "lvmthin" => StorageKind::LvmThin,
-        "lvm" => StorageKind::Lvm,
-        "zfspool" => StorageKind::ZfsZvol,
-        "rbd" => StorageKind::CephRbd,
-        "iscsi" | "iscsidirect" => StorageKind::Iscsi,
-        "nfs" => StorageKind::Nfs,
-        "cifs" => StorageKind::Cifs,
+        "dir" | "btrfs" => File,
+        "lvmthin" => LvmThin,
+        "lvm" => Lvm,
+        "zfspool" => ZfsZvol,
+        "rbd" => CephRbd,
+        "iscsi" | "iscsidirect" => Iscsi,
+        "nfs" => Nfs,
+        "cifs" => Cifs,
         _ => return,
     };
-    // Trust what QEMU opens over the declaration; refine only what sysfs cannot tell.
-    if matches!((ds.kind, declared), (StorageKind::Lvm, StorageKind::LvmThin))
-        || (ds.kind == StorageKind::BlockDevice && declared != StorageKind::Nfs && declared != StorageKind::Cifs)
-    {
+    let refine = matches!((ds.kind, declared), (Lvm, LvmThin))
+        || (ds.kind == BlockDevice && matches!(declared, Lvm | LvmThin | ZfsZvol | CephRbd | Iscsi));
+    // A directory storage may sit on any filesystem, NFS and FUSE included; an LVM
+    // storage on iSCSI shows as LVM.
+    let consistent = ds.kind == declared
+        || (declared == File && matches!(ds.kind, Nfs | Cifs | Fuse))
+        || (declared == Iscsi && ds.kind == Lvm);
+    if refine {
         ds.kind = declared;
-    } else if ds.kind != declared && !matches!((ds.kind, declared), (StorageKind::CephRbd, StorageKind::CephRbd)) {
+    } else if !consistent && ds.kind != Unknown {
         let note = format!("storage.cfg declares {} ({}), QEMU opens {}", s.id, s.kind, ds.kind.as_str());
         ds.note = Some(match ds.note.take() {
             Some(n) => format!("{n}; {note}"),
