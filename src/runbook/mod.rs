@@ -81,7 +81,9 @@ struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
     /// proc | host | host-info | qmp | qom-throttle | inflight | stacks | file | command | core | pve-tasks
-    #[schemars(regex(pattern = r"^(proc|host|host-info|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"))]
+    #[schemars(regex(
+        pattern = r"^(proc|host|host-info|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"
+    ))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
