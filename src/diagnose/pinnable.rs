@@ -140,7 +140,7 @@ pub async fn running(layout: &Layout, search: &DebugSearch, limits: Limits) -> V
     if vmids.is_empty() {
         return Vec::new();
     }
-    let installed = tokio::task::spawn_blocking(installed_qemu).await.ok().flatten();
+    let installed = tokio::task::spawn_blocking(|| installed_qemu(Duration::from_secs(5))).await.ok().flatten();
     let mut set = tokio::task::JoinSet::new();
     for (i, vmid) in vmids.into_iter().enumerate() {
         let (layout, search, installed) = (layout.clone(), search.clone(), installed.clone());
@@ -356,12 +356,13 @@ fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Package 
     }
 }
 
-/// `(package, version)` of the installed QEMU: pve-qemu-kvm first, then Debian's.
-pub(crate) fn installed_qemu() -> Option<(String, String)> {
+/// `(package, version)` of the installed QEMU: pve-qemu-kvm first, then Debian's; each
+/// dpkg-query killed after `limit`.
+pub(crate) fn installed_qemu(limit: Duration) -> Option<(String, String)> {
     let cancel = crate::cancel::Cancel::new();
     ["pve-qemu-kvm", "qemu-system-x86"].iter().find_map(|name| {
         let argv = ["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", name].map(String::from).to_vec();
-        let out = crate::exec::run(&crate::exec::Spec::new(argv, Duration::from_secs(5)), &cancel).ok()?;
+        let out = crate::exec::run(&crate::exec::Spec::new(argv, limit), &cancel).ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let version = text.strip_prefix("installed ")?.trim();
         (out.success() && !version.is_empty()).then(|| (name.to_string(), crate::qmp::one_line(version, 80)))

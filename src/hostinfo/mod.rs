@@ -71,7 +71,7 @@ pub struct Input {
     pub pve_dir: PathBuf,
     /// Where separate debug files are searched (the `debug_dirs` setting).
     pub debug_dirs: Vec<PathBuf>,
-    /// Budget of one `stat` of an image (a hung NFS mount blocks it).
+    /// Budget of all `stat`s of images together (a hung NFS mount blocks them).
     pub stat_budget: Duration,
 }
 
@@ -124,7 +124,8 @@ fn versions(input: &Input, same: &dyn Fn() -> bool, info: &mut HostInfo) {
     } else {
         info.unavailable.push(format!("QEMU image: pid {} is no longer the proven QEMU; not read", input.pid));
     }
-    v.qemu_installed = crate::diagnose::pinnable::installed_qemu().map(|(n, ver)| format!("{n} {ver}"));
+    v.qemu_installed =
+        crate::diagnose::pinnable::installed_qemu(Duration::from_secs(1)).map(|(n, ver)| format!("{n} {ver}"));
 }
 
 /// `PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"` → `Debian GNU/Linux 12 (bookworm)`.
@@ -135,14 +136,27 @@ fn os_release_name(text: &str) -> Option<String> {
     })
 }
 
-/// Runs `f` on its own thread; `None` when it has not returned within `budget` (the
-/// thread is abandoned: a `stat` on a hung mount must not hold the step).
-pub(crate) fn bounded<T: Send + 'static>(budget: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+/// Runs `f` on its own thread; `Err` when it has not returned within `budget` (the
+/// thread is abandoned: a `stat` on a hung mount must not hold the step) or when an
+/// earlier call for `key` is still stuck ([`crate::stuck`]: repeated captures, as
+/// `serve` makes them, must not pile up one stuck thread each).
+pub(crate) fn bounded<T: Send + 'static>(
+    key: &str,
+    budget: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    static STUCK: std::sync::OnceLock<std::sync::Arc<crate::stuck::Stuck>> = std::sync::OnceLock::new();
+    let (running, waiting) =
+        STUCK.get_or_init(|| crate::stuck::Stuck::new(16)).admit(key).map_err(|e| e.to_string())?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let _running = running;
         let _ = tx.send(f());
     });
-    rx.recv_timeout(budget).ok()
+    rx.recv_timeout(budget).map_err(|_| {
+        waiting.timed_out();
+        format!("did not return within {} ms: the storage under it is not answering", budget.as_millis())
+    })
 }
 
 /// `major:minor` of a `dev_t`, as glibc's `gnu_dev_major`/`gnu_dev_minor` split it.
@@ -160,6 +174,33 @@ pub(crate) fn read_trim(p: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stat stuck on a hung mount: the step goes on, and the next capture does not start
+    /// a second stuck thread for the same path until the first returns.
+    #[test]
+    fn a_stuck_call_times_out_once_and_is_not_repeated() {
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let r = bounded("test stuck", Duration::from_millis(50), move || {
+            let _ = wait.recv();
+            let _ = done_tx.send(());
+        });
+        assert!(r.unwrap_err().contains("did not return within 50 ms"));
+        let again = bounded("test stuck", Duration::from_secs(5), || 1);
+        assert!(again.unwrap_err().contains("has not returned"), "refused while the first is stuck");
+        go.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(10)).expect("the stuck call returned once released");
+        // The key is free once the thread has ended (its guard drops right after `f`).
+        let mut ok = Err(String::new());
+        for _ in 0..100 {
+            ok = bounded("test stuck", Duration::from_secs(5), || 2);
+            if ok.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(ok, Ok(2), "the key stayed stuck after its call returned");
+    }
 
     #[test]
     fn os_release_and_dev_numbers() {

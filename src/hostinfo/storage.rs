@@ -181,6 +181,8 @@ pub(super) fn collect(input: &Input, ev: &dyn Evidence, info: &mut HostInfo) {
         }
     };
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    // One budget for every stat: disks on one hung mount must not add up past the step's deadline.
+    let stat_deadline = std::time::Instant::now() + input.stat_budget;
     for d in &topo.disks {
         let key = d.device.strip_prefix("drive-").map(str::to_string).or(d.qdev.clone());
         let volume = key.as_ref().and_then(|k| conf.as_ref()?.options(k)?.get("file").cloned());
@@ -199,7 +201,10 @@ pub(super) fn collect(input: &Input, ev: &dyn Evidence, info: &mut HostInfo) {
                 // The last path of the chain is the protocol layer (blkdebug::/x → /x).
                 if let Some(path) = d.files.first() {
                     ds.target = Some(path.clone());
-                    local(path, input, &mounts, &mut ds);
+                    let budget = stat_deadline
+                        .saturating_duration_since(std::time::Instant::now())
+                        .max(std::time::Duration::from_millis(50));
+                    local(path, budget, &mounts, &mut ds);
                 }
             }
             Backend::Unknown => ds.note = Some("query-block names no file".into()),
@@ -221,24 +226,21 @@ fn network_kind(protocol: &str) -> StorageKind {
 }
 
 /// A local path: `stat` it (bounded), then name the device or the filesystem.
-fn local(path: &str, input: &Input, mounts: &str, ds: &mut DiskStorage) {
+fn local(path: &str, budget: std::time::Duration, mounts: &str, ds: &mut DiskStorage) {
     let p = PathBuf::from(path);
-    let stat = bounded(input.stat_budget, move || {
+    let stat = bounded(&format!("stat {path}"), budget, move || {
         std::fs::metadata(&p).map(|m| (m.file_type().is_block_device(), m.rdev(), m.dev()))
     });
     let (is_block, rdev, dev) = match stat {
-        None => {
-            ds.note = Some(format!(
-                "stat {path} did not return within {} ms: the storage under it is not answering",
-                input.stat_budget.as_millis()
-            ));
+        Err(why) => {
+            ds.note = Some(format!("stat {path}: {why}"));
             return;
         }
-        Some(Err(e)) => {
+        Ok(Err(e)) => {
             ds.note = Some(format!("stat {path}: {e}"));
             return;
         }
-        Some(Ok(x)) => x,
+        Ok(Ok(x)) => x,
     };
     let (major, minor) = dev_split(if is_block { rdev } else { dev });
     let bd = sysfs_block(major, minor);
