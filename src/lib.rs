@@ -14,6 +14,7 @@ pub mod exec;
 pub mod exit;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hostinfo;
 pub mod inflight;
 pub mod lock;
 pub mod logging;

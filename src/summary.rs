@@ -25,11 +25,24 @@ pub struct Summary {
     /// The idle threshold the verdict used, so `inspect` recomputes it with the same rule.
     pub min_idle_secs: f64,
     pub steps: Vec<StepRecord>,
-    /// Known only after sealing; absent from the copy inside the archive.
+    /// Versions, per-disk storage and host I/O (`host/info.json`), when captured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_info: Option<crate::hostinfo::HostInfo>,
+    /// Known only after sealing (sealing reads the archive back and checks every file's
+    /// SHA-256 before it counts as sealed); absent from the copy inside the archive.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveFacts>,
+    /// Why sealing failed, after the run; absent from the copy inside the archive.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seal_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restart: Option<serde_json::Value>,
+}
+
+impl From<&crate::archive::Sealed> for ArchiveFacts {
+    fn from(s: &crate::archive::Sealed) -> Self {
+        ArchiveFacts { name: s.path.display().to_string(), size: s.size, sha256: s.sha256.clone(), files: s.files }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -37,6 +50,30 @@ pub struct ArchiveFacts {
     pub name: String,
     pub size: u64,
     pub sha256: String,
+    /// Files whose SHA-256 the read-back check compared with the manifest.
+    pub files: usize,
+}
+
+/// Where the evidence stands when a summary is rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seal<'a> {
+    /// Written before sealing (the copy inside the archive): it cannot know the result.
+    Pending,
+    /// Sealed, read back, every file's SHA-256 checked against the manifest.
+    Verified { files: usize, sha256: &'a str },
+    /// Sealing failed: the evidence is not safe.
+    Failed(&'a str),
+}
+
+impl Summary {
+    /// The seal state this summary can truthfully state.
+    pub fn seal(&self) -> Seal<'_> {
+        match (&self.archive, &self.seal_error) {
+            (Some(a), _) => Seal::Verified { files: a.files, sha256: &a.sha256 },
+            (None, Some(e)) => Seal::Failed(e),
+            (None, None) => Seal::Pending,
+        }
+    }
 }
 
 /// `2026-06-11 15:21:07 UTC (18:21:07 +03:00)`.
@@ -103,8 +140,7 @@ fn data(s: &str) -> String {
 /// The Proxmox VE section: versions, backup, tasks, HA, pending changes, and first
 /// whatever is about to stop the VM.
 fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
-    let any = p.qemu_version.is_some()
-        || !p.pveversion.is_empty()
+    let any = !p.pveversion.is_empty()
         || p.backup.is_some()
         || !p.tasks.is_empty()
         || !p.vzdump_tail.is_empty()
@@ -117,14 +153,6 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
     o.push_str("## Proxmox VE\n\n");
     for w in &p.stop_imminent {
         o.push_str(&format!("- **About to be stopped:** {w}\n"));
-    }
-    if let Some(v) = &p.qemu_version {
-        let build = match (&p.pve_qemu_build, &p.package) {
-            (Some(b), _) => format!(", pve-qemu-kvm {}", data(b)),
-            (None, Some(pkg)) => format!(", package {}", data(pkg)),
-            _ => String::new(),
-        };
-        o.push_str(&format!("- **QEMU:** {v}{build}\n"));
     }
     if let Some(x) = &p.proxmox_qemu {
         o.push_str(&format!("- **Proxmox QEMU:** {x}\n"));
@@ -188,12 +216,7 @@ fn kebab<T: Serialize>(v: &T) -> String {
 /// what a restart would do.
 pub fn verdict_line(d: &Diagnosis) -> String {
     use crate::diagnose::RestartAdvice;
-    let mut line = d.verdict.to_string();
-    match (d.strength, d.layer) {
-        (Some(st), Some(l)) => line.push_str(&format!(" ({}, {})", kebab(&st), l.as_str())),
-        (Some(st), None) => line.push_str(&format!(" ({})", kebab(&st))),
-        _ => {}
-    }
+    let line = verdict_head(d);
     let advice = match d.restart_advice() {
         RestartAdvice::Helps => {
             d.layer.map(|l| l.sentence()).unwrap_or("a full stop→start replaces the wedged process").to_string()
@@ -202,6 +225,43 @@ pub fn verdict_line(d: &Diagnosis) -> String {
         RestartAdvice::NotWedged(_) => return line,
     };
     format!("{line} — {advice}")
+}
+
+/// `block-path-frozen (proven, inside-qemu)`.
+pub fn verdict_head(d: &Diagnosis) -> String {
+    match (d.strength, d.layer) {
+        (Some(st), Some(l)) => format!("{} ({}, {})", d.verdict, kebab(&st), l.as_str()),
+        (Some(st), None) => format!("{} ({})", d.verdict, kebab(&st)),
+        _ => d.verdict.to_string(),
+    }
+}
+
+/// The line an incident commander acts on: where the evidence stands and what a
+/// restart would do. It states only what is true when it is rendered: the copy written
+/// into the archive (before sealing) says what the seal will check, not that it passed.
+pub fn decision(d: &Diagnosis, seal: Seal<'_>) -> String {
+    use crate::diagnose::RestartAdvice;
+    let evidence = match seal {
+        Seal::Verified { files, sha256 } => format!(
+            "evidence sealed and verified (read back, {files} files' SHA-256 match the manifest; archive sha256 {}…)",
+            &sha256[..12.min(sha256.len())]
+        ),
+        Seal::Pending => "evidence: this summary was written before sealing; the seal then reads the archive back and checks every file's SHA-256 (`wedge-autopsy inspect --verify ARCHIVE` repeats the check)".into(),
+        Seal::Failed(e) => format!("evidence NOT sealed: {}", escape_control(e)),
+    };
+    let restart = match (d.restart_advice(), seal) {
+        (RestartAdvice::Helps, Seal::Verified { .. }) => "safe to restart (a full stop→start; a guest reboot keeps the wedged QEMU)".to_string(),
+        (RestartAdvice::Helps, Seal::Pending) => {
+            "a full stop→start helps, once the seal is reported verified".to_string()
+        }
+        (RestartAdvice::Helps, Seal::Failed(_)) => {
+            "a full stop→start would help, but it destroys the live state that was not sealed: seal first (free space, --out) or accept the loss".to_string()
+        }
+        (RestartAdvice::WontHelp(why), _) => format!("restart would not help: {why}"),
+        (RestartAdvice::Unproven(why), _) => format!("restart not proven to help: {why}"),
+        (RestartAdvice::NotWedged(why), _) => format!("no restart needed ({why})"),
+    };
+    format!("**{}** — {evidence}; {restart}.", verdict_head(d))
 }
 
 pub fn markdown(s: &Summary) -> String {
@@ -213,7 +273,8 @@ pub fn markdown(s: &Summary) -> String {
         (Some(v), None) => format!("VM {v}"),
         _ => "process".into(),
     };
-    o.push_str(&format!("# wedge-autopsy: {vm} on {} — **{}**\n\n", s.node, d.verdict));
+    o.push_str(&format!("# wedge-autopsy: {vm} on {} — {}\n\n", s.node, verdict_head(d)));
+    o.push_str(&format!("**Decision:** {}\n\n", decision(d, s.seal())));
     let took = (s.ended_at - s.started_at).num_milliseconds();
     o.push_str(&format!(
         "- **Captured:** {} → {} ({took} ms)\n",
@@ -234,7 +295,7 @@ pub fn markdown(s: &Summary) -> String {
     o.push_str(&format!("- **Trigger:** {trig}\n"));
     if let Some(pid) = s.pid {
         o.push_str(&format!(
-            "- **QEMU:** pid {pid} on host {}{}\n",
+            "- **Process:** QEMU pid {pid} on host {}{}\n",
             s.host,
             s.proof.as_ref().map(|p| format!(", proven by {p}")).unwrap_or_default()
         ));
@@ -268,6 +329,11 @@ pub fn markdown(s: &Summary) -> String {
         }
     }
     o.push('\n');
+    versions_section(&mut o, &f.pve, s.host_info.as_ref(), &s.host);
+    if let Some(h) = &s.host_info {
+        storage_section(&mut o, h);
+        host_io_section(&mut o, h, &s.steps);
+    }
     signatures_section(&mut o, &f.signatures);
     pve_section(&mut o, &f.pve);
     o.push_str("## Findings\n\n");
@@ -338,6 +404,7 @@ pub fn markdown(s: &Summary) -> String {
         }
         o.push_str(&format!("{fence}\n\n"));
     }
+    unnamed_section(&mut o, &f.unnamed);
     for u in &f.io_uring {
         o.push_str(&format!("- io_uring {u}\n"));
     }
@@ -362,9 +429,232 @@ pub fn markdown(s: &Summary) -> String {
         ));
     }
     if let Some(r) = &s.restart {
-        o.push_str(&format!("\n## Restart\n\n```json\n{}\n```\n", serde_json::to_string_pretty(r).unwrap_or_default()));
+        restart_section(&mut o, r);
     }
     o
+}
+
+/// QEMU build (query-version, the running image and its build-id), pve-qemu-kvm, and
+/// the host (name, OS, kernel).
+fn versions_section(o: &mut String, p: &crate::pve::PveFindings, h: Option<&crate::hostinfo::HostInfo>, host: &str) {
+    let v = h.map(|h| &h.versions);
+    if p.qemu_version.is_none() && v.is_none() {
+        return;
+    }
+    o.push_str("## Versions\n\n");
+    let mut qemu = p.qemu_version.clone().unwrap_or_else(|| "version unknown (no query-version reply)".into());
+    if let Some(pkg) = &p.package {
+        qemu.push_str(&format!(" ({})", data(pkg)));
+    }
+    if let Some(v) = v {
+        if let Some(b) = &v.qemu_binary {
+            qemu.push_str(&format!(", running {}", data(b)));
+        }
+        if let Some(id) = &v.qemu_build_id {
+            qemu.push_str(&format!(", build-id `{id}`"));
+        }
+        match v.qemu_on_disk.as_deref() {
+            Some("same") | None => {}
+            Some(other) => qemu.push_str(&format!(" (**file on disk: {}**)", escape_control(other))),
+        }
+    }
+    o.push_str(&format!("- **QEMU:** {qemu}\n"));
+    let from_pveversion = p.pveversion.iter().find_map(|l| l.strip_prefix("pve-qemu-kvm:")).map(str::trim);
+    let pve = match (&p.pve_qemu_build, from_pveversion, v.and_then(|v| v.qemu_installed.as_deref())) {
+        (Some(b), _, _) => format!("{} (query-version)", data(b)),
+        (None, Some(b), _) => format!("{} (pveversion; installed, not necessarily running)", data(b)),
+        (None, None, Some(i)) if i.starts_with("pve-qemu-kvm ") => {
+            format!("{} (dpkg; installed, not necessarily running)", data(&i["pve-qemu-kvm ".len()..]))
+        }
+        (None, None, Some(i)) => format!("not installed (dpkg: {})", data(i)),
+        (None, None, None) => "not installed (neither query-version, pveversion nor dpkg names it)".into(),
+    };
+    o.push_str(&format!("- **pve-qemu-kvm:** {pve}\n"));
+    if let Some(v) = v {
+        let mut hostline = data(v.hostname.as_deref().unwrap_or(host));
+        if let Some(os) = &v.os {
+            hostline.push_str(&format!(", {}", data(os)));
+        }
+        if let Some(k) = &v.kernel {
+            hostline.push_str(&format!(", kernel {}", data(k)));
+        }
+        if let Some(b) = &v.kernel_build {
+            hostline.push_str(&format!(" ({})", data(b)));
+        }
+        o.push_str(&format!("- **Host:** {hostline}\n"));
+    }
+    o.push('\n');
+}
+
+/// Per disk: the Proxmox volume and storage, the backend QEMU opens, the backing device.
+fn storage_section(o: &mut String, h: &crate::hostinfo::HostInfo) {
+    if h.disks.is_empty() {
+        return;
+    }
+    o.push_str("## Storage\n\n| disk | volume (config) | storage (storage.cfg) | backend | opens | backing device |\n|---|---|---|---|---|---|\n");
+    for d in &h.disks {
+        let vol = match (&d.config_key, &d.volume) {
+            (Some(k), Some(v)) => format!("{k}: {v}"),
+            (Some(k), None) => format!("{k}: not in the config"),
+            _ => String::new(),
+        };
+        let st = d.storage.as_ref().map(|s| format!("{} ({})", s.id, s.kind)).unwrap_or_default();
+        let mut backing = d.backing.as_ref().map(|b| b.describe()).unwrap_or_default();
+        if let (Some(t), Some(m)) = (&d.fstype, &d.mount) {
+            backing.push_str(&format!(", {t} at {m}"));
+        }
+        o.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            cell(&d.device),
+            cell(&vol),
+            cell(&st),
+            d.kind.as_str(),
+            cell(d.target.as_deref().unwrap_or("")),
+            cell(&backing)
+        ));
+    }
+    let mut notes = h.disks.iter().filter_map(|d| Some((d, d.note.as_deref()?))).peekable();
+    if notes.peek().is_some() {
+        o.push('\n');
+    }
+    for (d, note) in notes {
+        o.push_str(&format!("- {}: {}\n", cell(&d.device), escape_control(note)));
+    }
+    o.push('\n');
+}
+
+/// One paragraph: in-flight I/O of the backing devices at both ends of the window, I/O
+/// pressure, hung-task messages; every source that was unavailable says so.
+fn host_io_section(o: &mut String, h: &crate::hostinfo::HostInfo, steps: &[StepRecord]) {
+    let io = &h.io;
+    let window = match (steps.iter().find(|s| s.kind == "host").map(|s| s.start), h.collected_at) {
+        (Some(a), Some(b)) => format!(", {:.1} s", (b - a).num_milliseconds() as f64 / 1000.0),
+        _ => String::new(),
+    };
+    let mut parts: Vec<String> = Vec::new();
+    if io.devices.is_empty() {
+        parts.push(if h.disks.iter().any(|d| d.backing.as_ref().is_some_and(|b| b.name.is_some())) {
+            "no diskstats line for the backing devices".into()
+        } else {
+            "no local block device backs the disks (network backends, or not resolved): no host in-flight count".into()
+        });
+    }
+    for d in &io.devices {
+        let inflight = match (d.start, d.end) {
+            (Some(a), Some(b)) => format!(
+                "{} → {} in flight, +{} reads +{} writes completed, busy {} ms",
+                a.in_flight,
+                b.in_flight,
+                b.reads.saturating_sub(a.reads),
+                b.writes.saturating_sub(a.writes),
+                b.io_ms.saturating_sub(a.io_ms)
+            ),
+            (None, Some(b)) => format!("{} in flight at the end (no start sample)", b.in_flight),
+            (Some(a), None) => format!("{} in flight at the start (no end sample)", a.in_flight),
+            (None, None) => "not in /proc/diskstats".into(),
+        };
+        let sys = d.sys_inflight.map(|(r, w)| format!(" (inflight now: {r} reads, {w} writes)")).unwrap_or_default();
+        parts.push(format!("{}: {inflight}{sys}", data(&d.name)));
+    }
+    let pressure = match (io.pressure_start, io.pressure_end) {
+        (Some(a), Some(b)) => {
+            let full = match (a.full_total_us, b.full_total_us) {
+                (Some(x), Some(y)) => format!(", all tasks stalled {} ms", y.saturating_sub(x) / 1000),
+                _ => String::new(),
+            };
+            format!(
+                "I/O pressure (avg10) {:.2}% → {:.2}%, some task stalled on I/O {} ms of the window{full}",
+                a.some_avg10,
+                b.some_avg10,
+                b.some_total_us.saturating_sub(a.some_total_us) / 1000
+            )
+        }
+        (None, Some(b)) => format!("I/O pressure (avg10) {:.2}% at the end (no start sample)", b.some_avg10),
+        _ => "I/O pressure unavailable".into(),
+    };
+    parts.push(pressure);
+    let timeout = io.hung_task_timeout_secs.map(|t| format!(", hung_task_timeout_secs {t}")).unwrap_or_default();
+    parts.push(if io.hung_task_sources.is_empty() {
+        "hung tasks: unknown (no kernel log captured)".into()
+    } else if io.hung_tasks.is_empty() {
+        format!("no hung-task message in {}{timeout}", io.hung_task_sources.join(", "))
+    } else {
+        format!(
+            "**{} hung-task message(s)** in {}{timeout}: {}",
+            io.hung_tasks.len(),
+            io.hung_task_sources.join(", "),
+            io.hung_tasks.iter().map(|l| data(l)).collect::<Vec<_>>().join("; ")
+        )
+    });
+    o.push_str(&format!(
+        "## Host I/O\n\nOver the window (host step → host-info step{window}): {}.\n",
+        parts.join("; ")
+    ));
+    for u in &h.unavailable {
+        o.push_str(&format!("- unavailable: {}\n", escape_control(u)));
+    }
+    o.push('\n');
+}
+
+/// Each module with unnamed frames, once: its build-id and what would name the frames.
+fn unnamed_section(o: &mut String, unnamed: &[crate::diagnose::UnnamedFrames]) {
+    for u in unnamed {
+        let more = if u.frames > 1 { format!(" and {} more", u.frames - 1) } else { String::new() };
+        let dbg = u.debug_file.as_ref().map(|d| format!("; debug file {} was used", data(d))).unwrap_or_default();
+        o.push_str(&format!(
+            "- Unnamed frames such as {}{more} are static functions of {} (build-id `{}`){dbg}. To name them: {}\n",
+            data(&u.example),
+            data(&u.path),
+            u.build_id.as_deref().unwrap_or("unknown"),
+            u.hint
+        ));
+    }
+    if !unnamed.is_empty() {
+        o.push('\n');
+    }
+}
+
+/// The restart outcome as a short table (the full record is `<archive>.restart.json`).
+/// The service's restarter reports only `attempted`, `ok` and `detail`: one row.
+fn restart_section(o: &mut String, r: &serde_json::Value) {
+    if r.get("actions").is_none() {
+        let result = match (r["attempted"].as_bool(), r["ok"].as_bool()) {
+            (Some(false), _) => "not attempted",
+            (_, Some(true)) => "ok",
+            _ => "FAILED",
+        };
+        o.push_str(&format!(
+            "\n## Restart\n\n| action | result | ms | detail |\n|---|---|---|---|\n| restart | {result} | - | {} |\n",
+            cell(&crate::qmp::one_line(r["detail"].as_str().unwrap_or(""), 300))
+        ));
+        return;
+    }
+    let s = |k: &str| r[k].as_str().map(escape_control).unwrap_or_default();
+    let pid = |k: &str| r[k].as_i64().map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+    o.push_str(&format!(
+        "\n## Restart\n\n{} via {}: VM {}, old pid {} → new pid {}, {} ms{}\n\n",
+        if r["performed"].as_bool() == Some(true) { "**Performed**" } else { "**Not performed**" },
+        s("method"),
+        s("vm_state"),
+        pid("old_pid"),
+        pid("new_pid"),
+        r["duration_ms"].as_u64().unwrap_or(0),
+        r["error"].as_str().map(|e| format!(" — {}", escape_control(e))).unwrap_or_default()
+    ));
+    o.push_str("| action | result | ms | detail |\n|---|---|---|---|\n");
+    for a in r["actions"].as_array().into_iter().flatten() {
+        let result = match (a["ok"].as_bool(), a["timed_out"].as_bool()) {
+            (_, Some(true)) => "timed out",
+            (Some(true), _) => "ok",
+            _ => "FAILED",
+        };
+        o.push_str(&format!(
+            "| {} | {result} | {} | {} |\n",
+            cell(a["action"].as_str().unwrap_or("?")),
+            a["duration_ms"].as_u64().unwrap_or(0),
+            cell(&crate::qmp::one_line(a["detail"].as_str().unwrap_or(""), 160))
+        ));
+    }
 }
 
 #[cfg(test)]
@@ -429,10 +719,28 @@ mod tests {
                         ..Default::default()
                     }],
                     sample_window_ms: 2000,
+                    stacks: vec!["1 thread(s) [worker]: qemu-system-x86_64+0x837c39 < start_thread".into()],
+                    unnamed: vec![crate::diagnose::UnnamedFrames {
+                        module: "qemu-system-x86_64".into(),
+                        path: "/usr/bin/qemu-system-x86_64".into(),
+                        build_id: Some("5f0d1c".into()),
+                        frames: 3,
+                        example: "qemu-system-x86_64+0x837c39".into(),
+                        debug_file: None,
+                        hint: "`apt install pve-qemu-kvm-dbgsym=9.2.0-5` (matches this build-id)".into(),
+                    }],
+                    pve: crate::pve::PveFindings {
+                        qemu_version: Some("9.2.0".into()),
+                        package: Some("pve-qemu-kvm_9.2.0-5".into()),
+                        pve_qemu_build: Some("9.2.0-5".into()),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
             },
             min_idle_secs: 30.0,
+            host_info: Some(host_info()),
+            seal_error: None,
             steps: vec![
                 step("qmp-status", StepStatus::Ok, 1, None),
                 step("qmp-block", StepStatus::Timeout, 4000, Some("did not finish | abandoned")),
@@ -441,8 +749,18 @@ mod tests {
                 name: "autopsy-102-20260611T164000Z-pve1.tar.zst".into(),
                 size: 123456,
                 sha256: "ab".repeat(32),
+                files: 42,
             }),
-            restart: None,
+            restart: Some(serde_json::json!({
+                "performed": true, "method": "qm", "vm_state": "restarted", "old_pid": 4242, "new_pid": 5151,
+                "duration_ms": 12400, "error": null,
+                "actions": [
+                    {"action": "verify-archive", "ok": true, "duration_ms": 40, "detail": "42 files match"},
+                    {"action": "stop", "ok": false, "timed_out": true, "duration_ms": 10000, "detail": "`qm stop 102 --timeout 10` did not finish | killed"},
+                    {"action": "kill", "ok": true, "duration_ms": 3, "detail": "SIGKILL to proven pid 4242"},
+                    {"action": "start", "ok": true, "duration_ms": 2300, "detail": "exit 0"}
+                ]
+            })),
         };
         let got = markdown(&s);
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/snapshots/summary-frozen.md");
@@ -451,6 +769,149 @@ mod tests {
         }
         let want = std::fs::read_to_string(path).expect("snapshot exists (UPDATE_SNAPSHOTS=1 to create)");
         assert_eq!(got, want, "summary.md changed; review and UPDATE_SNAPSHOTS=1 if intended");
+    }
+
+    fn host_info() -> crate::hostinfo::HostInfo {
+        use crate::hostinfo::*;
+        let c = |in_flight, writes| DiskCounters { reads: 812, writes, in_flight, io_ms: 9000 };
+        HostInfo {
+            collected_at: Some(at("2026-06-11T16:40:02.400Z")),
+            versions: Versions {
+                hostname: Some("pve1".into()),
+                os: Some("Debian GNU/Linux 12 (bookworm)".into()),
+                kernel: Some("6.8.12-9-pve".into()),
+                kernel_build: Some("#1 SMP PREEMPT_DYNAMIC PMX 6.8.12-9".into()),
+                qemu_binary: Some("/usr/bin/qemu-system-x86_64".into()),
+                qemu_build_id: Some("5f0d1c".into()),
+                qemu_on_disk: Some("same".into()),
+                qemu_debug_file: None,
+                qemu_installed: Some("pve-qemu-kvm 9.2.0-5".into()),
+            },
+            disks: vec![
+                DiskStorage {
+                    device: "drive-scsi0".into(),
+                    config_key: Some("scsi0".into()),
+                    volume: Some("local-lvm:vm-102-disk-0".into()),
+                    storage: Some(StorageEntry {
+                        id: "local-lvm".into(),
+                        kind: "lvmthin".into(),
+                        ..Default::default()
+                    }),
+                    kind: StorageKind::LvmThin,
+                    target: Some("/dev/pve/vm-102-disk-0".into()),
+                    backing: Some(BlockDev {
+                        major: 253,
+                        minor: 7,
+                        name: Some("dm-7".into()),
+                        dm_name: Some("pve-vm--102--disk--0".into()),
+                        dm_uuid_prefix: Some("LVM".into()),
+                        slaves: vec!["dm-4".into()],
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                DiskStorage {
+                    device: "drive-scsi1".into(),
+                    config_key: Some("scsi1".into()),
+                    kind: StorageKind::Nbd,
+                    target: Some("nbd://10.0.0.5:10809/exp".into()),
+                    ..Default::default()
+                },
+            ],
+            io: HostIo {
+                devices: vec![
+                    DeviceIo {
+                        name: "dm-7".into(),
+                        start: Some(c(0, 90211)),
+                        end: Some(c(0, 90211)),
+                        sys_inflight: Some((0, 0)),
+                    },
+                    DeviceIo { name: "dm-4".into(), start: Some(c(1, 100)), end: Some(c(1, 100)), sys_inflight: None },
+                ],
+                pressure_start: Some(Pressure {
+                    some_avg10: 0.5,
+                    some_total_us: 1_000_000,
+                    full_avg10: Some(0.1),
+                    full_total_us: Some(500_000),
+                }),
+                pressure_end: Some(Pressure {
+                    some_avg10: 0.6,
+                    some_total_us: 1_040_000,
+                    full_avg10: Some(0.1),
+                    full_total_us: Some(510_000),
+                }),
+                hung_tasks: vec![],
+                hung_task_sources: vec!["host/kmsg.txt".into()],
+                hung_task_timeout_secs: Some(120),
+            },
+            unavailable: vec![],
+        }
+    }
+
+    /// The first line never claims more than is true when it is rendered.
+    #[test]
+    fn the_decision_states_only_what_is_true_at_rendering() {
+        use crate::diagnose::{Layer, Strength};
+        let inside = Diagnosis::bare(Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu));
+        let below = Diagnosis::bare(Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::BelowQemu));
+        let healthy = Diagnosis::bare(Verdict::Healthy, None, None);
+        let sha = "cd".repeat(32);
+        let ok = Seal::Verified { files: 9, sha256: &sha };
+        let d = decision(&inside, ok);
+        assert!(d.starts_with("**block-path-frozen (proven, inside-qemu)** — evidence sealed and verified"), "{d}");
+        assert!(d.contains("safe to restart"), "{d}");
+        let d = decision(&inside, Seal::Pending);
+        assert!(
+            d.contains("written before sealing")
+                && !d.contains("sealed and verified")
+                && !d.contains("safe to restart"),
+            "{d}"
+        );
+        let d = decision(&inside, Seal::Failed("no space left\n## x"));
+        assert!(d.contains("evidence NOT sealed: no space left\\n## x") && !d.contains("safe to restart"), "{d}");
+        let d = decision(&below, ok);
+        assert!(d.contains("restart would not help: stuck below QEMU") && !d.contains("safe to restart"), "{d}");
+        let d = decision(&healthy, ok);
+        assert!(d.starts_with("**healthy** — evidence sealed and verified") && d.contains("no restart needed"), "{d}");
+    }
+
+    #[test]
+    fn restart_renders_as_a_table_not_json() {
+        let mut o = String::new();
+        restart_section(
+            &mut o,
+            &serde_json::json!({"attempted": false, "ok": false, "detail": "policy says no | never"}),
+        );
+        assert!(o.contains("| restart | not attempted | - | policy says no \\| never |"), "{o}");
+        let mut o = String::new();
+        restart_section(
+            &mut o,
+            &serde_json::json!({"performed": false, "method": "qm", "vm_state": "running-old", "old_pid": 7, "new_pid": null, "duration_ms": 5, "error": "cooldown", "actions": [{"action": "cooldown", "ok": false, "duration_ms": 0, "detail": "last attempt 3 min ago"}]}),
+        );
+        assert!(o.contains("**Not performed** via qm: VM running-old, old pid 7 → new pid -, 5 ms — cooldown"), "{o}");
+        assert!(o.contains("| cooldown | FAILED | 0 | last attempt 3 min ago |") && !o.contains('{'), "{o}");
+    }
+
+    #[test]
+    fn host_io_says_what_is_missing() {
+        let mut h = host_info();
+        h.io.pressure_start = None;
+        h.io.pressure_end = None;
+        h.io.hung_task_sources.clear();
+        h.io.hung_tasks.clear();
+        h.unavailable.push("/proc/pressure/io: No such file or directory (kernel without PSI, or psi=0)".into());
+        let mut o = String::new();
+        host_io_section(&mut o, &h, &[]);
+        assert!(
+            o.contains("I/O pressure unavailable") && o.contains("hung tasks: unknown (no kernel log captured)"),
+            "{o}"
+        );
+        assert!(o.contains("- unavailable: /proc/pressure/io"), "{o}");
+        let mut h = host_info();
+        h.io.hung_tasks = vec!["INFO: task qemu:4242 blocked for more than 120 seconds.".into()];
+        let mut o = String::new();
+        host_io_section(&mut o, &h, &[]);
+        assert!(o.contains("**1 hung-task message(s)** in host/kmsg.txt, hung_task_timeout_secs 120: `INFO: task qemu:4242 blocked"), "{o}");
     }
 
     /// The report: an API reason of `\n\n## Verdict: healthy\n<!--` added a fake verdict

@@ -153,9 +153,38 @@ fn healthy_vm_restarts_then_cooldown_refuses_and_force_passes() {
     let (out, _) = run(&lab, &cfg, &["120", "--then-restart", "--force", "--sample-interval", "0"], &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let md = String::from_utf8_lossy(&out.stdout);
-    assert!(md.contains("## Restart") && md.contains("\"performed\": true"), "{md}");
     let newer = lab.pid();
     assert_ne!(newer, new);
+    // The restart is a short table, one row per recorded action, not the raw JSON.
+    let head = format!("**Performed** via qm: VM restarted, old pid {new} → new pid {newer}, ");
+    assert!(md.contains("## Restart") && md.contains(&head), "{head}\n{md}");
+    assert!(!md.contains("\"performed\"") && !md.contains("```json"), "{md}");
+    let archive = md
+        .lines()
+        .find_map(|l| l.strip_prefix("- **Archive:** `")?.split('`').next().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("no archive line:\n{md}"));
+    let side: Value =
+        serde_json::from_slice(&std::fs::read(wedge_autopsy::restart::outcome_path(&archive)).unwrap()).unwrap();
+    let table: Vec<&str> = md
+        .lines()
+        .skip_while(|l| *l != "| action | result | ms | detail |")
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    let actions = side["actions"].as_array().unwrap();
+    assert_eq!(table.len(), actions.len(), "{md}");
+    for (row, a) in table.iter().zip(actions) {
+        let want = format!(
+            "| {} | {} | {} | ",
+            a["action"].as_str().unwrap(),
+            if a["ok"] == true { "ok" } else { "FAILED" },
+            a["duration_ms"]
+        );
+        assert!(row.starts_with(&want), "{row} vs {want}");
+    }
+    for name in ["stop", "start", "verify-new"] {
+        assert!(table.iter().any(|r| r.starts_with(&format!("| {name} | ok |"))), "{name}: {md}");
+    }
     assert!(!pid_alive(new));
     assert_eq!(log_lines(&qm_log_path(&lab)).len(), 4);
 }

@@ -164,6 +164,9 @@ pub fn plan_steps(req: &Request, settings: &Settings, target: Option<&Target>) -
             ),
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
+            StepKind::HostInfo => {
+                "versions, each disk's storage backend and backing device, host I/O over the window".into()
+            }
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
             StepKind::Inflight { samples, interval } => format!(
                 "in flight: blockstats, virtio queues, I/O threads, rings, sockets, guest agent; {samples} samples {}ms apart",
@@ -267,7 +270,9 @@ pub async fn run(
         diagnosis: diagnosis.clone(),
         min_idle_secs: settings.min_idle.as_secs_f64(),
         steps: manifest.steps.clone(),
+        host_info: crate::hostinfo::load(&staging),
         archive: None,
+        seal_error: None,
         restart: None,
     };
     {

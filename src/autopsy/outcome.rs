@@ -41,11 +41,8 @@ impl Outcome {
     /// and the restart outcome, which the copy inside the archive cannot contain.
     pub fn summary(&self) -> Summary {
         let mut s = self.report.summary.clone();
-        s.archive = self.report.sealed.as_ref().map(|a| ArchiveFacts {
-            name: a.path.display().to_string(),
-            size: a.size,
-            sha256: a.sha256.clone(),
-        });
+        s.archive = self.report.sealed.as_ref().map(ArchiveFacts::from);
+        s.seal_error = self.report.seal_error.clone();
         s.restart = self.restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
         s
     }

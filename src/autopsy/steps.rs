@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::qmp_lane::{Lane, LaneError};
 use super::sampling::{finish_record, later_samples, record, Ctx, Ended, Ran, Sampled};
-use crate::archive::Evidence;
+use crate::archive::{Evidence, Staging};
 use crate::cancel::Cancel;
 use crate::exec::{self, ExecError, Spec};
 use crate::runbook::{Step, StepKind, Template, Vars};
@@ -102,6 +102,19 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             Ok(_) => StepOutcome::Ok,
             Err(e) => StepOutcome::Failed(e),
         }),
+        StepKind::HostInfo => {
+            let target = ctx.target.clone();
+            let staging =
+                Staging { out: ctx.staging.out.clone(), name: ctx.staging.name.clone(), dir: ctx.staging.dir.clone() };
+            let input = crate::hostinfo::Input {
+                pid,
+                vmid: vars.vmid.clone(),
+                pve_dir: ctx.settings.pve_dir.clone(),
+                debug_dirs: ctx.settings.debug_dirs.clone(),
+                stat_budget: (timeout / 4).min(Duration::from_secs(2)),
+            };
+            Box::new(move || host_info_step(&input, &staging, &target, &sink))
+        }
         StepKind::File { path, output, redact, tail, if_exists } => {
             Box::new(move || file_step(&path, &output, &redact, tail, if_exists, &vars, &sink))
         }
@@ -151,6 +164,19 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
         StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => {
             unreachable!("QMP steps run on the lane")
         }
+    }
+}
+
+/// Writes [`crate::hostinfo::HostInfo`]; what could not be read is listed in it and
+/// noted, so the step fails only when the record cannot be written.
+fn host_info_step(input: &crate::hostinfo::Input, ev: &Staging, target: &Target, sink: &StepSink) -> StepOutcome {
+    let info = crate::hostinfo::collect(input, ev, &|| target.still_same());
+    for u in &info.unavailable {
+        sink.note(format!("unavailable: {u}"));
+    }
+    match sink.write(crate::hostinfo::PATH, &serde_json::to_vec_pretty(&info).unwrap_or_default()) {
+        Ok(()) => StepOutcome::Ok,
+        Err(e) => StepOutcome::Failed(e.to_string()),
     }
 }
 

@@ -9,12 +9,15 @@ use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::render;
 
 pub fn run(path: &Path, verify: bool, json: bool, cat: Option<&str>) -> Result<Exit, Error> {
-    if verify {
+    let verified = if verify {
         let r = archive::verify(path)?;
         if !json {
             println!("verified: {} files, sha256 {}", r.files, r.sha256);
         }
-    }
+        Some(r)
+    } else {
+        None
+    };
     let reader = ArchiveReader::open(path)?;
     if let Some(p) = cat {
         let bytes = reader
@@ -33,6 +36,6 @@ pub fn run(path: &Path, verify: bool, json: bool, cat: Option<&str>) -> Result<E
         .and_then(|v| v["min_idle_secs"].as_f64())
         .unwrap_or(diagnose::DEFAULT_MIN_IDLE_SECS);
     let d = diagnose::diagnose(&reader, &reader.manifest.steps, &diagnose::Rules { min_idle_secs });
-    print!("{}", render::inspect_text(&reader, &d));
+    print!("{}", render::inspect_text(&reader, &d, verified.as_ref()));
     Ok(Exit::Ok)
 }

@@ -32,8 +32,29 @@ pub struct Findings {
     pub stacks: Vec<String>,
     /// Proxmox VE context: versions, backup, tasks, HA, pending changes, imminent stops.
     pub pve: crate::pve::PveFindings,
+    /// Modules with frames the stacks could not name (`qemu-system-x86_64+0x837c39`):
+    /// their build-id and what would name them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unnamed: Vec<UnnamedFrames>,
     /// Known bugs and risk stacks (`signatures/*.toml`) the evidence matches.
     pub signatures: Vec<crate::signatures::SignatureMatch>,
+}
+
+/// One module whose frames have no name in the captured stacks.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UnnamedFrames {
+    /// The module's file name (`qemu-system-x86_64`) and path as mapped.
+    pub module: String,
+    pub path: String,
+    pub build_id: Option<String>,
+    /// Unnamed frames of this module over all threads, and one as printed.
+    pub frames: usize,
+    pub example: String,
+    /// The debug file that was used, when one was found (then only static functions
+    /// it lacks stay unnamed).
+    pub debug_file: Option<String>,
+    /// What would name them: an installable package, or why there is none.
+    pub hint: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -246,6 +267,54 @@ fn io_uring(ev: &dyn Evidence, f: &mut Findings) {
     }
 }
 
+/// Modules with unnamed frames in `stacks/threads.json`, each once, with its build-id
+/// and the package that would name its frames (the audit's rule, [`super::pinnable`]).
+fn unnamed(ev: &dyn Evidence, v: &Value) -> Vec<UnnamedFrames> {
+    let mut by_module: BTreeMap<String, UnnamedFrames> = BTreeMap::new();
+    for fr in v["threads"].as_array().into_iter().flatten().flat_map(|t| t["frames"].as_array().into_iter().flatten()) {
+        let (None, Some(path), Some(_)) = (fr["symbol"].as_str(), fr["module"].as_str(), fr["module_offset"].as_u64())
+        else {
+            continue;
+        };
+        let e = by_module.entry(path.to_string()).or_insert_with(|| UnnamedFrames {
+            module: path.rsplit('/').next().unwrap_or(path).to_string(),
+            path: path.to_string(),
+            example: frame_name(fr),
+            ..Default::default()
+        });
+        e.frames += 1;
+    }
+    let version = ev.read_json("qmp/query-version.json").map(|v| v["return"].clone());
+    for (path, u) in by_module.iter_mut() {
+        let m = v["modules"].as_array().into_iter().flatten().find(|m| m["name"].as_str() == Some(path.as_str()));
+        u.build_id = m.and_then(|m| m["build_id"].as_str()).map(str::to_string);
+        u.debug_file = m.and_then(|m| m["debug_file"].as_str()).map(str::to_string);
+        u.hint = unnamed_hint(&u.module, version.as_ref());
+    }
+    by_module.into_values().collect()
+}
+
+/// Which package would name a module's frames.
+fn unnamed_hint(module: &str, version: Option<&Value>) -> String {
+    if module.starts_with("qemu-system") || module == "kvm" {
+        let Some(v) = version else {
+            return "the QEMU build is unknown (no query-version reply): see `wedge-autopsy audit`".into();
+        };
+        let q = &v["qemu"];
+        let qemu = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
+        let p = super::pinnable::package_from_qmp(v["package"].as_str().unwrap_or(""), Some(qemu));
+        return match p.dbgsym {
+            Some(d) => format!("`apt install {d}` (matches this build-id): {}", p.note),
+            None => p.note,
+        };
+    }
+    if module.starts_with("libc.so") || module.starts_with("ld-linux") || module.starts_with("libpthread") {
+        return "`apt install libc6-dbg` (Debian main: glibc's detached debug info under /usr/lib/debug/.build-id)"
+            .into();
+    }
+    format!("the -dbgsym package of the package that owns it (`dpkg -S {module}`), for this build-id")
+}
+
 /// A frame as people read it: its symbol, else `module+0xoffset`, else its address.
 fn frame_name(fr: &Value) -> String {
     if let Some(sym) = fr["symbol"].as_str() {
@@ -273,6 +342,7 @@ fn stacks(ev: &dyn Evidence, f: &mut Findings) {
         for (stack, names) in groups {
             f.stacks.push(format!("{} thread(s) [{}]: {stack}", names.len(), names.join(", ")));
         }
+        f.unnamed = unnamed(ev, &v);
     } else if let Some(text) = ev.read_string("stacks/gdb.txt") {
         // gdb: the first frame line after each "Thread N (…)" header.
         let mut lines = text.lines().peekable();

@@ -14,7 +14,7 @@ pub mod pinnable;
 use serde::Serialize;
 use serde_json::Value;
 
-pub use findings::{DeviceDelta, Findings, ThreadFinding};
+pub use findings::{DeviceDelta, Findings, ThreadFinding, UnnamedFrames};
 pub use inflight::{DiskCondition, DiskState};
 
 use crate::archive::Evidence;

@@ -140,7 +140,7 @@ pub async fn running(layout: &Layout, search: &DebugSearch, limits: Limits) -> V
     if vmids.is_empty() {
         return Vec::new();
     }
-    let installed = tokio::task::spawn_blocking(installed_qemu).await.ok().flatten();
+    let installed = tokio::task::spawn_blocking(|| installed_qemu(Duration::from_secs(5))).await.ok().flatten();
     let mut set = tokio::task::JoinSet::new();
     for (i, vmid) in vmids.into_iter().enumerate() {
         let (layout, search, installed) = (layout.clone(), search.clone(), installed.clone());
@@ -220,7 +220,7 @@ async fn one(
 }
 
 /// The running image's build-id and symbols, the file on disk, and the debug file.
-fn read_binary(pid: i32, search: &DebugSearch) -> Result<(Binary, DebugFile), String> {
+pub(crate) fn read_binary(pid: i32, search: &DebugSearch) -> Result<(Binary, DebugFile), String> {
     let exe = format!("/proc/{pid}/exe");
     let link = std::fs::read_link(&exe).map_err(|e| format!("{exe}: {e}; run as root"))?;
     let link = link.to_string_lossy();
@@ -295,7 +295,7 @@ async fn query_version(socket: &Path, budget: Duration) -> Option<(String, Strin
 
 /// What `query-version`'s `package` says about the build: Proxmox writes
 /// `pve-qemu-kvm_<version>`, Debian `Debian <version>`.
-fn package_from_qmp(package: &str, qemu: Option<String>) -> Package {
+pub(crate) fn package_from_qmp(package: &str, qemu: Option<String>) -> Package {
     let package = crate::qmp::one_line(package, 120);
     if let Some(v) = package.strip_prefix("pve-qemu-kvm").and_then(|r| r.strip_prefix(['_', '-', ' ', '='])) {
         return pve(v.trim(), "qmp", qemu);
@@ -356,12 +356,13 @@ fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Package 
     }
 }
 
-/// `(package, version)` of the installed QEMU: pve-qemu-kvm first, then Debian's.
-fn installed_qemu() -> Option<(String, String)> {
+/// `(package, version)` of the installed QEMU: pve-qemu-kvm first, then Debian's; each
+/// dpkg-query killed after `limit`.
+pub(crate) fn installed_qemu(limit: Duration) -> Option<(String, String)> {
     let cancel = crate::cancel::Cancel::new();
     ["pve-qemu-kvm", "qemu-system-x86"].iter().find_map(|name| {
         let argv = ["dpkg-query", "-W", "-f", "${db:Status-Status} ${Version}", name].map(String::from).to_vec();
-        let out = crate::exec::run(&crate::exec::Spec::new(argv, Duration::from_secs(5)), &cancel).ok()?;
+        let out = crate::exec::run(&crate::exec::Spec::new(argv, limit), &cancel).ok()?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let version = text.strip_prefix("installed ")?.trim();
         (out.success() && !version.is_empty()).then(|| (name.to_string(), crate::qmp::one_line(version, 80)))

@@ -226,12 +226,25 @@ fn running_lines(o: &mut String, r: &crate::diagnose::pinnable::RunningQemu) {
     }
 }
 
-/// `inspect` as text: the sealed summary, the verdict recomputed from the evidence, and
-/// every file with the start of its hash.
-pub fn inspect_text(reader: &crate::archive::ArchiveReader, recomputed: &crate::diagnose::Diagnosis) -> String {
+/// `inspect` as text: first the decision as it stands now (the recomputed verdict, and
+/// the seal as this command checked it, or that it did not), then the sealed summary,
+/// the verdict recomputed from the evidence, and every file with the start of its hash.
+pub fn inspect_text(
+    reader: &crate::archive::ArchiveReader,
+    recomputed: &crate::diagnose::Diagnosis,
+    verified: Option<&crate::archive::VerifyReport>,
+) -> String {
     use crate::archive::Evidence;
+    use crate::summary::{decision, Seal};
     let m = &reader.manifest;
-    let mut o = match reader.read_string("summary.md") {
+    let mut o = match verified {
+        Some(v) => format!("Now: {}\n\n", decision(recomputed, Seal::Verified { files: v.files, sha256: &v.sha256 })),
+        None => format!(
+            "Now: {} — the seal was not re-checked by this command (add --verify).\n\n",
+            crate::summary::verdict_head(recomputed)
+        ),
+    };
+    o += &match reader.read_string("summary.md") {
         Some(md) => md,
         None => format!(
             "VM {} pid {} on {} (no summary.md in this archive)\n",

@@ -31,7 +31,7 @@ pub const DEFAULT: &str = "qemu-wedge";
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
 const KINDS: &[&str] =
-    &["proc", "host", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "pve-tasks"];
+    &["proc", "host", "host-info", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "pve-tasks"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -80,8 +80,10 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | qmp | qom-throttle | inflight | stacks | file | command | core | pve-tasks
-    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"))]
+    /// proc | host | host-info | qmp | qom-throttle | inflight | stacks | file | command | core | pve-tasks
+    #[schemars(regex(
+        pattern = r"^(proc|host|host-info|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"
+    ))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
@@ -174,7 +176,7 @@ impl Runbook {
             StepKind::Stacks { .. } | StepKind::Proc | StepKind::Host => 8 * MIB,
             StepKind::Qmp { samples, .. } => *samples as u64 * MIB,
             StepKind::Inflight { samples, .. } => *samples as u64 * 2 * MIB,
-            StepKind::QomThrottle { .. } => MIB,
+            StepKind::QomThrottle { .. } | StepKind::HostInfo => MIB,
         };
         2 * self.steps.iter().map(|s| step(&s.kind)).sum::<u64>()
     }
@@ -192,6 +194,9 @@ pub struct Step {
 pub enum StepKind {
     Proc,
     Host,
+    /// Versions, each disk's storage backend and backing device, and host I/O over the
+    /// window (`host/info.json`). Reads what earlier steps captured: runs late.
+    HostInfo,
     Qmp {
         command: String,
         arguments: Option<serde_json::Value>,
@@ -245,6 +250,7 @@ impl StepKind {
         match self {
             StepKind::Proc => "proc",
             StepKind::Host => "host",
+            StepKind::HostInfo => "host-info",
             StepKind::Qmp { .. } => "qmp",
             StepKind::QomThrottle { .. } => "qom-throttle",
             StepKind::Inflight { .. } => "inflight",
@@ -427,7 +433,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             }
         };
         let allowed: &[&str] = match s.kind.as_str() {
-            "proc" | "host" => &[],
+            "proc" | "host" | "host-info" => &[],
             "qmp" => &["command", "arguments", "samples", "interval", "output"],
             "qom-throttle" => &["output"],
             "inflight" => &["samples", "interval"],
@@ -485,6 +491,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
         let kind = match s.kind.as_str() {
             "proc" => Some(StepKind::Proc),
             "host" => Some(StepKind::Host),
+            "host-info" => Some(StepKind::HostInfo),
             "qmp" => {
                 let command = match &s.command {
                     Some(toml::Value::String(c)) => c.clone(),

@@ -205,11 +205,8 @@ async fn finish_sealed(
         Some(_) => ctx.store.count_restart("not-attempted"),
     }
     let mut summary = report.summary.clone();
-    summary.archive = report.sealed.as_ref().map(|s| ArchiveFacts {
-        name: s.path.display().to_string(),
-        size: s.size,
-        sha256: s.sha256.clone(),
-    });
+    summary.archive = report.sealed.as_ref().map(ArchiveFacts::from);
+    summary.seal_error = report.seal_error.clone();
     summary.restart = restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
     let markdown = summary::markdown(&summary);
     let state = if report.sealed.is_some() { State::Sealed } else { State::Failed };
