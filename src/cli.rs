@@ -48,6 +48,9 @@ pub struct Global {
     /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
     #[arg(long, global = true, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Where separate debug files are looked up (build-id and .gnu_debuglink), repeatable [default: /usr/lib/debug]
+    #[arg(long = "debug-dir", global = true, value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
     /// More detail on stderr: -v adds info logs and step notes, -vv debug
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -69,6 +72,7 @@ impl Global {
             out: self.out.clone(),
             sample_interval: self.sample_interval.clone(),
             node: self.node.clone(),
+            debug_dirs: self.debug_dir.clone(),
         }
     }
 }
@@ -202,6 +206,15 @@ pub enum Command {
         /// Print one file from the archive
         #[arg(long, value_name = "PATH")]
         cat: Option<String>,
+        /// Unwind and name every thread again from the archived raw snapshot, with the debug info installed now (--debug-dir; debuginfod only when DEBUGINFOD_URLS is set)
+        #[arg(long, conflicts_with_all = ["cat", "qemu_state"])]
+        resymbolize: bool,
+        /// QEMU's coroutines and timers from the archived core (core/qemu.core), read by gdb with QEMU's gdb scripts
+        #[arg(long, conflicts_with = "cat")]
+        qemu_state: bool,
+        /// QEMU's scripts/qemu-gdb.py (from the QEMU source: `apt-get source qemu`) [default: /usr/share/wedge-autopsy/qemu-gdb/qemu-gdb.py]
+        #[arg(long, value_name = "FILE", requires = "qemu_state")]
+        qemu_gdb_script: Option<PathBuf>,
     },
     /// Packaging assets: man pages, completions, config, runbook docs (example: wedge-autopsy generate man DIR)
     #[command(hide = true)]

@@ -13,6 +13,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/wedge-autopsy/config.toml";
 pub const DEFAULT_RUN_DIR: &str = "/var/run/qemu-server";
 pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
+pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
 /// are kept as raw tables and validated by their owners. The JSON Schema derived from
@@ -29,6 +30,7 @@ pub struct FileConfig {
     pub runbook: Option<String>,
     pub runbook_dir: Option<PathBuf>,
     pub min_idle: Option<String>,
+    pub debug_dirs: Option<Vec<PathBuf>>,
     pub retention: Option<RetentionFile>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub serve: Option<toml::Table>,
@@ -56,6 +58,8 @@ pub struct Overrides {
     pub out: Option<PathBuf>,
     pub sample_interval: Option<String>,
     pub node: Option<String>,
+    /// `--debug-dir`, repeatable; empty means "not given".
+    pub debug_dirs: Vec<PathBuf>,
 }
 
 /// Resolved settings every subcommand uses.
@@ -72,6 +76,8 @@ pub struct Settings {
     pub runbook_dir: PathBuf,
     /// Idle time beyond which frozen I/O counters alone mean a frozen block path.
     pub min_idle: Duration,
+    /// Where separate debug files are looked up (build-id, `.gnu_debuglink`).
+    pub debug_dirs: Vec<PathBuf>,
     /// Retention limits for `<out>` and the free-space floor a capture must leave.
     pub retention: crate::retention::Limits,
     /// The file the settings came from, if any.
@@ -121,6 +127,11 @@ impl Settings {
             min_idle: match file.min_idle.as_deref() {
                 Some(t) => parse_duration(t).map_err(|e| Error::BadInput(format!("min_idle: {e}")))?,
                 None => Duration::from_secs(30),
+            },
+            debug_dirs: match (&o.debug_dirs, file.debug_dirs) {
+                (flags, _) if !flags.is_empty() => flags.clone(),
+                (_, Some(dirs)) => dirs,
+                _ => vec![DEFAULT_DEBUG_DIR.into()],
             },
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
@@ -213,6 +224,8 @@ pub const KEYS: &[KeyDoc] = &[
         meaning: "Operator runbooks, found by name before the built-in ones. Templates: /usr/share/wedge-autopsy/runbooks." },
     KeyDoc { section: None, key: "min_idle", value: "\"30s\"", default: "30s",
         meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
+    KeyDoc { section: None, key: "debug_dirs", value: "[\"/usr/lib/debug\"]", default: "[\"/usr/lib/debug\"]",
+        meaning: "Where separate debug files are looked up by build-id and .gnu_debuglink (stacks at capture, inspect --resymbolize). Flag: --debug-dir, repeatable." },
     KeyDoc { section: Some("retention"), key: "keep", value: "0", default: "0 (no count limit)",
         meaning: "Keep at most this many archives in <out>, newest first; older ones are pruned after each autopsy." },
     KeyDoc { section: Some("retention"), key: "max_age", value: "\"0\"", default: "\"0\" (no age limit)",

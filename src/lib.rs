@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod gen;
 pub mod lock;
 pub mod logging;
+pub mod minicore;
 pub mod procfs;
 pub mod qmp;
 pub mod redact;

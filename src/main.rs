@@ -51,7 +51,16 @@ fn main() -> ExitCode {
         }
         Some(Command::Audit { json }) => audit_cmd(json, &settings),
         Some(Command::Stacks { pid, json, lines, method }) => stacks_cmd(pid, json, lines, method),
-        Some(Command::Inspect { archive, verify, json, cat }) => inspect_cmd(&archive, verify, json, cat.as_deref()),
+        Some(Command::Inspect { archive, verify, json, cat, resymbolize, qemu_state, qemu_gdb_script }) => {
+            let view = if resymbolize {
+                InspectView::Resymbolize
+            } else if qemu_state {
+                InspectView::QemuState(qemu_gdb_script)
+            } else {
+                InspectView::Summary(cat)
+            };
+            inspect_cmd(&archive, verify, json, view, &settings)
+        }
         Some(Command::Serve { listen }) => wedge_autopsy::serve::main(listen, settings),
     });
     finish(result)
@@ -284,6 +293,7 @@ fn stacks_cmd(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Ex
                 deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
                 cancel: &cancel,
                 labels: Default::default(),
+                debug_dirs: Vec::new(),
             };
             let (result, restore) =
                 stacks::leaving_as_found(pid, &|| true, || stacks::gdb::Gdb::default().capture(&req));
@@ -358,7 +368,22 @@ fn runbook_cmd(action: RunbookAction, settings: &Settings) -> Result<Exit, Error
     }
 }
 
-fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&str>) -> Result<Exit, Error> {
+/// What `inspect` shows.
+enum InspectView {
+    /// The summary, or one file (`--cat`).
+    Summary(Option<String>),
+    Resymbolize,
+    /// `--qemu-state`, with the gdb script path if given.
+    QemuState(Option<std::path::PathBuf>),
+}
+
+fn inspect_cmd(
+    path: &std::path::Path,
+    verify: bool,
+    json: bool,
+    view: InspectView,
+    settings: &Settings,
+) -> Result<Exit, Error> {
     if verify {
         let r = archive::verify(path).map_err(|e| Error::Seal(e.to_string()))?;
         if !json {
@@ -366,7 +391,32 @@ fn inspect_cmd(path: &std::path::Path, verify: bool, json: bool, cat: Option<&st
         }
     }
     let reader = ArchiveReader::open(path).map_err(|e| Error::BadInput(e.to_string()))?;
-    if let Some(p) = cat {
+    let cat = match view {
+        InspectView::Summary(cat) => cat,
+        InspectView::Resymbolize => {
+            use wedge_autopsy::stacks::resymbolize;
+            let opts = resymbolize::ResymbolizeOptions::from_env(settings.debug_dirs.clone());
+            let r = resymbolize::resymbolize(&reader, &opts).map_err(|e| Error::BadInput(e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)?);
+            } else {
+                print!("{}", resymbolize::render(&r));
+            }
+            return Ok(Exit::Ok);
+        }
+        InspectView::QemuState(script) => {
+            use wedge_autopsy::minicore::qemu_state;
+            let opts = qemu_state::Options::new(settings.debug_dirs.clone(), script);
+            let r = qemu_state::run(path, &reader, &opts).map_err(|e| Error::BadInput(e.to_string()))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r).map_err(anyhow::Error::from)?);
+            } else {
+                print!("{}", qemu_state::render(&r));
+            }
+            return Ok(Exit::Ok);
+        }
+    };
+    if let Some(p) = cat.as_deref() {
         let bytes = reader
             .read(p)
             .ok_or_else(|| Error::BadInput(format!("{p} is not in the archive; --json lists the files")))?;

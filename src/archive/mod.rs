@@ -237,6 +237,45 @@ fn for_each_entry(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> std::io
     Ok(())
 }
 
+/// Streams one archived file (any size: a core) to `dest` (created 0600, must not
+/// exist), checking its SHA-256 against `expected` from the manifest. Returns its size.
+pub fn extract_entry(archive: &Path, rel: &str, expected: &FileEntry, dest: &Path) -> Result<u64, ArchiveError> {
+    let shown = archive.display().to_string();
+    let mut found = None;
+    for_each_entry(archive, |name, reader| {
+        if name != rel || found.is_some() {
+            return Ok(());
+        }
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        loop {
+            let k = reader.read(&mut buf)?;
+            if k == 0 {
+                break;
+            }
+            h.update(&buf[..k]);
+            out.write_all(&buf[..k])?;
+            n += k as u64;
+        }
+        found = Some((n, format!("{:x}", h.finalize())));
+        Ok(())
+    })
+    .map_err(|e| ArchiveError::Read { path: shown.clone(), detail: e.to_string() })?;
+    match found {
+        None => Err(ArchiveError::Read { path: shown, detail: format!("{rel} is not in the archive") }),
+        Some((n, h)) if n != expected.size || h != expected.sha256 => {
+            let _ = std::fs::remove_file(dest);
+            Err(ArchiveError::Verify {
+                path: shown,
+                detail: format!("{rel}: sha256 {h} but the manifest says {}", expected.sha256),
+            })
+        }
+        Some((n, _)) => Ok(n),
+    }
+}
+
 /// An archive opened for reading: manifest and (bounded) file contents.
 pub struct ArchiveReader {
     pub path: PathBuf,

@@ -134,6 +134,11 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
             StepKind::Core { output, min_free } => {
                 format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
             }
+            StepKind::Minicore { output, min_free } => format!(
+                "QEMU core without guest RAM -> {} (threads frozen ~ms; refused below {} MiB free)",
+                output.render(&vars),
+                min_free >> 20
+            ),
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),

@@ -21,6 +21,7 @@ use crate::config::parse_duration;
 pub const BUILT_IN: &[(&str, &str)] = &[
     ("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml")),
     ("qemu-wedge-full", include_str!("../../runbooks/qemu-wedge-full.toml")),
+    ("qemu-wedge-core", include_str!("../../runbooks/qemu-wedge-core.toml")),
     ("diagnose", include_str!("../../runbooks/diagnose.toml")),
     ("libvirt-qemu", include_str!("../../runbooks/libvirt-qemu.toml")),
 ];
@@ -28,7 +29,7 @@ pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
-const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core"];
+const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core", "minicore"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -77,8 +78,8 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | qmp | qom-throttle | stacks | file | command | core
-    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core)$"))]
+    /// proc | host | qmp | qom-throttle | stacks | file | command | core | minicore
+    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core|minicore)$"))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
@@ -110,7 +111,7 @@ struct RawStep {
     argv: Option<toml::Value>,
     /// command: bytes of output kept (default 8 MiB).
     output_cap: Option<u64>,
-    /// core: free space to leave on the output filesystem, e.g. "2G".
+    /// core, minicore: free space to leave on the output filesystem, e.g. "2G".
     min_free: Option<String>,
 }
 
@@ -173,6 +174,11 @@ pub enum StepKind {
         output: Template,
         min_free: u64,
     },
+    /// A core of QEMU without guest RAM, written by the tool itself ([`crate::minicore`]).
+    Minicore {
+        output: Template,
+        min_free: u64,
+    },
 }
 
 impl StepKind {
@@ -186,6 +192,7 @@ impl StepKind {
             StepKind::File { .. } => "file",
             StepKind::Command { .. } => "command",
             StepKind::Core { .. } => "core",
+            StepKind::Minicore { .. } => "minicore",
         }
     }
 }
@@ -359,7 +366,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             "stacks" => &["methods", "backtrace"],
             "file" => &["path", "output", "redact"],
             "command" => &["argv", "output", "output_cap"],
-            "core" => &["output", "min_free"],
+            "core" | "minicore" => &["output", "min_free"],
             _ => unreachable!(),
         };
         for (key, set) in [
@@ -531,6 +538,17 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     }
                 };
                 output("core/core".into(), &mut err).map(|output| StepKind::Core { output, min_free })
+            }
+            "minicore" => {
+                let min_free = match s.min_free.as_deref().map(parse_size) {
+                    None => 1 << 30,
+                    Some(Ok(n)) => n,
+                    Some(Err(e)) => {
+                        err(Some(i), "min_free", e);
+                        0
+                    }
+                };
+                output("core/qemu.core".into(), &mut err).map(|output| StepKind::Minicore { output, min_free })
             }
             _ => unreachable!(),
         };

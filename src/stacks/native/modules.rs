@@ -150,8 +150,8 @@ impl Elf {
         Elf::parse(path.to_path_buf(), Bytes::Mapped(map))
     }
 
-    /// `(debuglink name, crc)` from `.gnu_debuglink`.
-    fn debuglink(&self) -> Option<String> {
+    /// The file name in `.gnu_debuglink`.
+    pub fn debuglink(&self) -> Option<String> {
         let obj = object::File::parse(&*self.bytes).ok()?;
         let (name, _crc) = obj.gnu_debuglink().ok().flatten()?;
         Some(String::from_utf8_lossy(name).into_owned())
@@ -315,7 +315,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
                 continue;
             }
         };
-        let debug = if path == "[vdso]" { None } else { find_debug(&elf, path, search) };
+        let debug = if path == "[vdso]" { None } else { find_debug(&elf, elf.debuglink(), path, search) };
         list.push(Module {
             name: path.trim_end_matches(" (deleted)").to_string(),
             start,
@@ -373,7 +373,9 @@ fn compute_bias(elf: &Elf, maps: &[&Mapping]) -> Option<u64> {
     None
 }
 
-fn find_debug(elf: &Elf, path: &str, search: &DebugSearch) -> Option<Elf> {
+/// The separate debug file of `elf` (mapped at `path`): by build-id under each search
+/// dir, then by its `.gnu_debuglink` name beside the binary and under each search dir.
+pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &DebugSearch) -> Option<Elf> {
     if elf.has_dwarf && elf.has_symtab {
         return None;
     }
@@ -389,7 +391,7 @@ fn find_debug(elf: &Elf, path: &str, search: &DebugSearch) -> Option<Elf> {
             }
         }
     }
-    let link = elf.debuglink()?;
+    let link = debuglink?;
     let dir = Path::new(clean).parent().unwrap_or(Path::new("/"));
     let mut cands = vec![dir.join(&link), dir.join(".debug").join(&link)];
     for d in &search.dirs {
