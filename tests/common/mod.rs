@@ -64,6 +64,9 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
+    /// guest RAM in MiB (`-m`), and whether all of it is faulted in at start
+    pub mem_mib: u32,
+    pub mem_prealloc: bool,
 }
 
 impl Default for LabOptions {
@@ -80,6 +83,8 @@ impl Default for LabOptions {
             node: None,
             extra_conf: Vec::new(),
             libvirt: false,
+            mem_mib: 128,
+            mem_prealloc: false,
         }
     }
 }
@@ -107,6 +112,13 @@ impl LabOptions {
         }
         if self.libvirt {
             a.push("--libvirt".into());
+        }
+        if self.mem_mib != 128 {
+            a.push("--mem".into());
+            a.push(self.mem_mib.to_string());
+        }
+        if self.mem_prealloc {
+            a.push("--mem-prealloc".into());
         }
         if let Some(n) = &self.node {
             a.push("--node".into());
