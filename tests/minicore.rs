@@ -127,7 +127,7 @@ fn minicore_loads_in_gdb_matches_the_snapshot_and_leaves_guest_ram_out() {
 
     // --qemu-state without QEMU's debug symbols says what is missing, and still shows threads.
     let qs = run_bounded(
-        &mut common::tool().args(["inspect", &archive_path, "--qemu-state", "--json"]),
+        common::tool().args(["inspect", &archive_path, "--qemu-state", "--json"]),
         Duration::from_secs(150),
     );
     assert!(qs.status.success(), "{}", String::from_utf8_lossy(&qs.stderr));

@@ -38,7 +38,7 @@ fn in_read(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| s.split_whitespace().next() == Some("0"))
 }
 
-fn main_thread<'a>(threads: &'a [ThreadReport], pid: i32) -> &'a ThreadReport {
+fn main_thread(threads: &[ThreadReport], pid: i32) -> &ThreadReport {
     threads.iter().find(|t| t.tid == pid).expect("main thread in the report")
 }
 
@@ -136,7 +136,7 @@ fn lab_qemu_captured_without_debug_info_gains_glibc_lines_later() {
     assert!(ar.read(raw::JSON_PATH).is_some() && ar.read(raw::DATA_PATH).is_some(), "{:?}", ar.list());
 
     let out = run_bounded(
-        &mut common::tool().args(["inspect", &archive, "--resymbolize", "--debug-dir", "/usr/lib/debug", "--json"]),
+        common::tool().args(["inspect", &archive, "--resymbolize", "--debug-dir", "/usr/lib/debug", "--json"]),
         Duration::from_secs(90),
     );
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -154,7 +154,7 @@ fn lab_qemu_captured_without_debug_info_gains_glibc_lines_later() {
     assert!(!missing.iter().any(|m| m["module"].as_str().unwrap().ends_with("/libc.so.6")), "{missing:?}");
 
     let text = run_bounded(
-        &mut common::tool().args(["inspect", &archive, "--resymbolize", "--debug-dir", "/usr/lib/debug"]),
+        common::tool().args(["inspect", &archive, "--resymbolize", "--debug-dir", "/usr/lib/debug"]),
         Duration::from_secs(90),
     );
     let text = String::from_utf8_lossy(&text.stdout);
