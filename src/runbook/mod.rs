@@ -528,27 +528,22 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     output_cap: s.output_cap.unwrap_or(8 << 20) as usize,
                 })
             }
-            "core" => {
+            "core" | "minicore" => {
+                // gcore writes all of RAM; a minicore is QEMU's own memory only.
+                let (default_free, default_out) =
+                    if s.kind == "core" { (2u64 << 30, "core/core") } else { (1 << 30, "core/qemu.core") };
                 let min_free = match s.min_free.as_deref().map(parse_size) {
-                    None => 2 << 30,
+                    None => default_free,
                     Some(Ok(n)) => n,
                     Some(Err(e)) => {
                         err(Some(i), "min_free", e);
                         0
                     }
                 };
-                output("core/core".into(), &mut err).map(|output| StepKind::Core { output, min_free })
-            }
-            "minicore" => {
-                let min_free = match s.min_free.as_deref().map(parse_size) {
-                    None => 1 << 30,
-                    Some(Ok(n)) => n,
-                    Some(Err(e)) => {
-                        err(Some(i), "min_free", e);
-                        0
-                    }
-                };
-                output("core/qemu.core".into(), &mut err).map(|output| StepKind::Minicore { output, min_free })
+                output(default_out.into(), &mut err).map(|output| match s.kind.as_str() {
+                    "core" => StepKind::Core { output, min_free },
+                    _ => StepKind::Minicore { output, min_free },
+                })
             }
             _ => unreachable!(),
         };
