@@ -13,7 +13,9 @@ pub const DEFAULT_CONFIG: &str = "/etc/wedge-autopsy/config.toml";
 pub const DEFAULT_RUN_DIR: &str = "/var/run/qemu-server";
 pub const DEFAULT_PVE_DIR: &str = "/etc/pve";
 pub const DEFAULT_OUT: &str = "/var/lib/wedge-autopsy";
-pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
+/// Where separate debug files are searched by build-id (`<dir>/.build-id/xx/yyyy.debug`).
+pub use crate::stacks::native::DEFAULT_DEBUG_DIR;
+pub const DEFAULT_LOG_DIR: &str = "/var/log";
 
 /// The config file, as written. Sections other subcommands own (`serve`, `restart`)
 /// are kept as raw tables and validated by their owners. The JSON Schema derived from
@@ -31,6 +33,8 @@ pub struct FileConfig {
     pub runbook_dir: Option<PathBuf>,
     pub min_idle: Option<String>,
     pub debug_dirs: Option<Vec<PathBuf>>,
+    pub log_dir: Option<PathBuf>,
+    pub signature_dir: Option<PathBuf>,
     pub retention: Option<RetentionFile>,
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub serve: Option<toml::Table>,
@@ -60,6 +64,7 @@ pub struct Overrides {
     pub node: Option<String>,
     /// `--debug-dir`, repeatable; empty means "not given".
     pub debug_dirs: Vec<PathBuf>,
+    pub log_dir: Option<PathBuf>,
 }
 
 /// Resolved settings every subcommand uses.
@@ -76,8 +81,12 @@ pub struct Settings {
     pub runbook_dir: PathBuf,
     /// Idle time beyond which frozen I/O counters alone mean a frozen block path.
     pub min_idle: Duration,
-    /// Where separate debug files are looked up (build-id, `.gnu_debuglink`).
+    /// Directories searched for separate debug files, in order (`--debug-dir`, `debug_dirs`).
     pub debug_dirs: Vec<PathBuf>,
+    /// Where Proxmox writes its logs (vzdump/, pve/tasks/).
+    pub log_dir: PathBuf,
+    /// Operator signatures, found by id before the built-in ones.
+    pub signature_dir: PathBuf,
     /// Retention limits for `<out>` and the free-space floor a capture must leave.
     pub retention: crate::retention::Limits,
     /// The file the settings came from, if any.
@@ -86,15 +95,7 @@ pub struct Settings {
     pub restart: Option<toml::Table>,
 }
 
-/// Parses `"2s"`, `"500ms"`, `"1m"`, `"0"`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let t = text.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    humantime::parse_duration(t)
-        .map_err(|e| format!("invalid duration {text:?} ({e}): write e.g. \"2s\", \"500ms\", \"0\""))
-}
+pub use crate::units::parse_duration;
 
 impl Settings {
     /// Loads the config file (the default path may be absent; an explicit `--config` must
@@ -128,11 +129,13 @@ impl Settings {
                 Some(t) => parse_duration(t).map_err(|e| Error::BadInput(format!("min_idle: {e}")))?,
                 None => Duration::from_secs(30),
             },
-            debug_dirs: match (&o.debug_dirs, file.debug_dirs) {
-                (flags, _) if !flags.is_empty() => flags.clone(),
-                (_, Some(dirs)) => dirs,
-                _ => vec![DEFAULT_DEBUG_DIR.into()],
+            debug_dirs: match (o.debug_dirs.is_empty(), file.debug_dirs) {
+                (false, _) => o.debug_dirs.clone(),
+                (true, Some(d)) => d,
+                (true, None) => vec![DEFAULT_DEBUG_DIR.into()],
             },
+            log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
+            signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
             retention: retention_limits(file.retention.unwrap_or_default())?,
             config_file,
             restart: file.restart,
@@ -155,7 +158,7 @@ fn retention_limits(r: RetentionFile) -> Result<crate::retention::Limits, Error>
     let size = |key: &str, v: Option<String>, default: u64| -> Result<u64, Error> {
         match v {
             None => Ok(default),
-            Some(t) => crate::runbook::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
+            Some(t) => crate::units::parse_size(&t).map_err(|e| Error::BadInput(format!("retention.{key}: {e}"))),
         }
     };
     Ok(Limits {
@@ -225,7 +228,11 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { section: None, key: "min_idle", value: "\"30s\"", default: "30s",
         meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
     KeyDoc { section: None, key: "debug_dirs", value: "[\"/usr/lib/debug\"]", default: "[\"/usr/lib/debug\"]",
-        meaning: "Where separate debug files are looked up by build-id and .gnu_debuglink (stacks at capture, inspect --resymbolize). Flag: --debug-dir, repeatable." },
+        meaning: "Where separate debug files are searched, by build-id (<dir>/.build-id/xx/yyyy.debug) and debuglink, by audit, the stacks of a capture and inspect --resymbolize/--qemu-state. Flag: --debug-dir DIR (repeatable; replaces this list)." },
+    KeyDoc { section: None, key: "log_dir", value: "\"/var/log\"", default: "/var/log",
+        meaning: "Where Proxmox VE writes its logs: the VM's vzdump/qemu-<vmid>.log and pve/tasks/ are captured from here. Flag: --log-dir." },
+    KeyDoc { section: None, key: "signature_dir", value: "\"/etc/wedge-autopsy/signatures\"", default: "/etc/wedge-autopsy/signatures",
+        meaning: "Operator known-bug signatures (*.toml), found by id before the built-in ones. Check them with `wedge-autopsy signatures check FILE`." },
     KeyDoc { section: Some("retention"), key: "keep", value: "0", default: "0 (no count limit)",
         meaning: "Keep at most this many archives in <out>, newest first; older ones are pruned after each autopsy." },
     KeyDoc { section: Some("retention"), key: "max_age", value: "\"0\"", default: "\"0\" (no age limit)",
@@ -285,6 +292,24 @@ mod tests {
         assert_eq!(s.out, PathBuf::from("/flag/out"));
         assert_eq!(s.pve_dir, PathBuf::from(DEFAULT_PVE_DIR));
         assert_eq!(s.sample_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn debug_dirs_flags_replace_the_file_list_which_replaces_the_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        let none = Settings::load(&Overrides { config: Some(cfg.clone()), ..Default::default() });
+        assert!(none.is_err(), "an explicit --config must exist");
+        std::fs::write(&cfg, "").unwrap();
+        let s = Settings::load(&Overrides { config: Some(cfg.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.debug_dirs, vec![PathBuf::from(DEFAULT_DEBUG_DIR)]);
+        std::fs::write(&cfg, "debug_dirs = [\"/a\", \"/b\"]\n").unwrap();
+        let s = Settings::load(&Overrides { config: Some(cfg.clone()), ..Default::default() }).unwrap();
+        assert_eq!(s.debug_dirs, vec![PathBuf::from("/a"), PathBuf::from("/b")]);
+        let flags = vec![PathBuf::from("/c")];
+        let s =
+            Settings::load(&Overrides { config: Some(cfg), debug_dirs: flags.clone(), ..Default::default() }).unwrap();
+        assert_eq!(s.debug_dirs, flags);
     }
 
     #[test]

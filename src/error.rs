@@ -1,66 +1,19 @@
-//! Exit codes and the top-level error kinds `main` maps onto them.
+//! The top-level error a command ends with, and the exit code it maps to.
 //!
-//! Callers branch on kinds (bad input vs. refused target vs. seal failure); the message of
-//! each is one line that names the next step.
+//! Every module error converts into [`Error`] with `?`; its exit class is chosen once,
+//! next to the module's type (`fn exit(&self) -> Exit`), so the README's exit-code
+//! table holds by construction. The message of each is one line that names the next step.
 
-/// Documented process exit codes (README "Exit codes").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Exit {
-    /// Archive sealed and verified, every step ok (or skipped by design).
-    Ok,
-    /// Archive sealed and verified, but some steps failed, timed out or were interrupted.
-    Partial,
-    /// Bad input (VMID, flags, config, runbook): nothing was touched.
-    BadInput,
-    /// The target was refused: not running, not proven to be the VM, on another node.
-    Refused,
-    /// The archive could not be written, sealed or verified. No restart happens.
-    SealFailed,
-    /// Sealed, but the requested restart failed or was refused.
-    RestartFailed,
-    /// Another autopsy of the same VM holds its lock, or the cooldown is in force.
-    Busy,
-    /// A bug or an environment failure the tool did not anticipate.
-    Internal,
-    /// `diagnose`: the verdict's own code (see `Verdict::exit_code`).
-    Verdict(u8),
-}
+pub use crate::exit::Exit;
 
-impl Exit {
-    /// Of two outcomes (several VMs in one run), the one to report: a lost archive above
-    /// a failed restart above a refusal above a partial capture.
-    pub fn worse(self, other: Exit) -> Exit {
-        let rank = |e: Exit| match e {
-            Exit::Ok | Exit::Verdict(_) => 0,
-            Exit::BadInput => 1,
-            Exit::Partial => 2,
-            Exit::Busy => 3,
-            Exit::Refused => 4,
-            Exit::Internal => 5,
-            Exit::RestartFailed => 6,
-            Exit::SealFailed => 7,
-        };
-        if rank(other) > rank(self) {
-            other
-        } else {
-            self
-        }
-    }
-
-    pub fn code(self) -> u8 {
-        match self {
-            Exit::Ok => 0,
-            Exit::Partial => 1,
-            Exit::BadInput => 2,
-            Exit::Refused => 3,
-            Exit::SealFailed => 4,
-            Exit::RestartFailed => 5,
-            Exit::Busy => 6,
-            Exit::Internal => 70,
-            Exit::Verdict(c) => c,
-        }
-    }
-}
+use crate::archive::ArchiveError;
+use crate::lock::LockError;
+use crate::minicore::qemu_state::QemuStateError;
+use crate::retention::{FloorError, PruneError};
+use crate::runbook::RunbookErrors;
+use crate::stacks::resymbolize::ResymbolizeError;
+use crate::stacks::StackError;
+use crate::target::TargetError;
 
 /// Errors that end a run before (or instead of) an archive.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +21,7 @@ pub enum Error {
     #[error("{0}")]
     BadInput(String),
     #[error(transparent)]
-    Target(#[from] crate::target::TargetError),
+    Target(#[from] TargetError),
     /// Refused for a reason other than target proof (e.g. missing privileges).
     #[error("{0}")]
     Refused(String),
@@ -77,18 +30,57 @@ pub enum Error {
     #[error("{0}")]
     Busy(String),
     #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Runbook(#[from] RunbookErrors),
+    #[error(transparent)]
+    Floor(#[from] FloorError),
+    #[error(transparent)]
+    Prune(#[from] PruneError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Stack(#[from] StackError),
+    #[error(transparent)]
+    Resymbolize(#[from] ResymbolizeError),
+    #[error(transparent)]
+    QemuState(#[from] QemuStateError),
+    #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
 impl Error {
+    /// The exit code class; typed variants ask their own type.
     pub fn exit(&self) -> Exit {
         match self {
             Error::BadInput(_) => Exit::BadInput,
-            Error::Target(t) => t.exit(),
+            Error::Target(e) => e.exit(),
             Error::Refused(_) => Exit::Refused,
             Error::Seal(_) => Exit::SealFailed,
             Error::Busy(_) => Exit::Busy,
+            Error::Archive(e) => e.exit(),
+            Error::Runbook(e) => e.exit(),
+            Error::Floor(e) => e.exit(),
+            Error::Prune(e) => e.exit(),
+            Error::Lock(e) => e.exit(),
+            Error::Stack(e) => e.exit(),
+            Error::Resymbolize(e) => e.exit(),
+            Error::QemuState(e) => e.exit(),
             Error::Other(_) => Exit::Internal,
         }
+    }
+}
+
+impl From<std::io::Error> for Error {
+    /// An I/O failure nobody anticipated (stdout, a runtime): internal.
+    fn from(e: std::io::Error) -> Self {
+        Error::Other(e.into())
+    }
+}
+
+impl From<serde_json::Error> for Error {
+    /// Serialising our own structs failed: internal.
+    fn from(e: serde_json::Error) -> Self {
+        Error::Other(e.into())
     }
 }

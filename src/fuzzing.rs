@@ -189,7 +189,6 @@ pub fn unwind(data: &[u8]) {
             bias: 0x40_0000,
             elf,
             debug: None,
-            symbols: Default::default(),
         });
     }
     let base = 0x7000_0000u64;
@@ -211,4 +210,58 @@ pub fn unwind(data: &[u8]) {
     let mut u = Unwinder::new(&modules);
     let (frames, _end) = u.unwind(regs, &mem);
     assert!(frames.len() <= 4096, "unbounded unwind: {} frames", frames.len());
+}
+
+/// Webhook payloads and what the service derives from them: `data` = payload ‖ `\0\0` ‖
+/// signature header ‖ `\0\0` ‖ timestamp header ‖ `\0\0` ‖ free text. The payload goes to
+/// both parsers (Alertmanager v4, Grafana v1), every alert through the firing key, the
+/// bounds, the VMID mapping and the describe text; the headers through the token and
+/// HMAC checks; the text through the log escape, the summary literal and redaction.
+/// Asserts the bounds the service documents.
+pub fn webhook(data: &[u8]) {
+    use crate::serve::alert::{self, Source};
+    use crate::serve::auth::Auth;
+    let p = parts(data, 4);
+    let cfg = crate::serve::config::parse(None, None).expect("defaults parse");
+    for source in [Source::Alertmanager, Source::Grafana] {
+        if let Ok(payload) = alert::parse(p[0], source) {
+            for a in payload.alerts.iter().take(64) {
+                let key = a.firing_key();
+                assert!(key.len() <= alert::MAX_KEY.max(7 + 64), "firing key of {} bytes", key.len());
+                let b = alert::bounded(&a.labels);
+                assert!(b.len() <= alert::MAX_LABELS);
+                assert!(b.iter().all(|(k, v)| k.len() <= alert::MAX_LABEL_NAME && v.len() <= alert::MAX_TEXT));
+                let _ = alert::vmid_of(a, &cfg);
+                assert!(a.describe().len() <= alert::MAX_LABEL_NAME + 64 + 8);
+                let _ = a.is_firing();
+            }
+        }
+    }
+    let mut headers = axum::http::HeaderMap::new();
+    if let Ok(v) = axum::http::HeaderValue::from_bytes(p[1]) {
+        headers.insert("x-grafana-alerting-signature", v.clone());
+        headers.insert(axum::http::header::AUTHORIZATION, v);
+    }
+    if let Ok(v) = axum::http::HeaderValue::from_bytes(p[2]) {
+        headers.insert("x-grafana-alerting-signature-timestamp", v);
+    }
+    let auth = Auth {
+        token: Some(b"token".to_vec()),
+        hmac_secret: Some(b"secret".to_vec()),
+        signature_header: "X-Grafana-Alerting-Signature".into(),
+        timestamp_header: Some("X-Grafana-Alerting-Signature-Timestamp".into()),
+        max_skew: Duration::from_secs(300),
+    };
+    let _ = auth.check_token(&headers);
+    let _ = auth.check_signature_at(&headers, p[0], 1_700_000_000);
+    let text = String::from_utf8_lossy(p[3]);
+    let line = crate::render::summary::escape_control(&text);
+    assert!(!line.contains('\n') && !line.contains('\r'));
+    let lit = crate::render::summary::literal(&text);
+    assert!(!lit.contains('\n'));
+    let args: Vec<String> = text.split('\0').map(str::to_string).collect();
+    let _ = crate::redact::argv(&args);
+    let _ = crate::redact::environ(&args);
+    let _ = crate::redact::pve_config(&text);
+    let _ = crate::redact::url(&text);
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
+use crate::exit::Exit;
 use crate::target::VmId;
 
 /// Who holds a VM's lock, as written into the lock file by the holder.
@@ -53,11 +53,12 @@ fn holder_text(h: &Option<Holder>) -> String {
     h.as_ref().map(Holder::to_string).unwrap_or_else(|| "another run that has not written its name yet".into())
 }
 
-impl From<LockError> for Error {
-    fn from(e: LockError) -> Self {
-        match e {
-            LockError::Busy { .. } => Error::Busy(e.to_string()),
-            LockError::Io { .. } => Error::BadInput(e.to_string()),
+impl LockError {
+    /// Exit class: another run holds the VM (busy), or `--out` is unusable (bad input).
+    pub fn exit(&self) -> Exit {
+        match self {
+            LockError::Busy { .. } => Exit::Busy,
+            LockError::Io { .. } => Exit::BadInput,
         }
     }
 }
@@ -161,7 +162,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(e.to_string().contains(&format!("pid {}", std::process::id())), "{e}");
-        assert!(matches!(Error::from(e).exit(), crate::error::Exit::Busy));
+        assert!(matches!(crate::error::Error::from(e).exit(), crate::error::Exit::Busy));
         // Another VM is independent.
         let _other = VmLock::acquire(out.path(), "103".parse().unwrap()).unwrap();
         drop(first);

@@ -6,13 +6,14 @@
 //! priorities from the level; plain text through the stream would lose them. JSON lines
 //! on stderr are for anything else that ingests logs (`--log-format json`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::cli::LogFormat;
 use crate::render::live::SuspendingStderr;
-use crate::render::ui::{choose, Env, LogSink, Ui};
+use crate::render::ui::{choose, Env, LogFormat, LogSink, Ui};
 use crate::render::STEP_TARGET;
 
 fn level(n: u8) -> LevelFilter {
@@ -22,6 +23,14 @@ fn level(n: u8) -> LevelFilter {
         2 => LevelFilter::INFO,
         _ => LevelFilter::DEBUG,
     }
+}
+
+static JSON_LINES: AtomicBool = AtomicBool::new(false);
+
+/// Whether stderr carries JSON lines (`--log-format json`): code that writes its own
+/// lines (the service's) must write JSON objects then too.
+pub fn json_lines() -> bool {
+    JSON_LINES.load(Ordering::Relaxed)
 }
 
 /// Chooses the output for `env` and the flags ([`crate::render::ui::choose`]) and installs
@@ -43,6 +52,7 @@ pub fn init(env: &Env, quiet: bool, verbose: u8, format: Option<LogFormat>) -> U
             Err(_) => init(&Env { journal: false, ..*env }, quiet, verbose, format),
         },
         LogSink::Json => {
+            JSON_LINES.store(true, Ordering::Relaxed);
             let fmt = tracing_subscriber::fmt::layer().with_writer(|| SuspendingStderr).json().flatten_event(true);
             let _ = tracing_subscriber::registry().with(fmt.with_filter(filter)).try_init();
             ui

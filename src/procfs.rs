@@ -172,11 +172,23 @@ pub fn capture_process(pid: i32, sink: &StepSink, cancel: &Cancel) -> Result<Str
     if !copy_into(sink, Path::new(&format!("{base}/status")), "proc/status") {
         return Err(format!("cannot read /proc/{pid}/status: process gone or not readable"));
     }
-    for name in PROCESS_FILES.iter().filter(|n| **n != "status") {
+    for name in PROCESS_FILES.iter().filter(|n| **n != "status" && **n != "cmdline") {
         if cancel.is_cancelled() {
             return Err("interrupted".into());
         }
         copy_into(sink, Path::new(&format!("{base}/{name}")), &format!("proc/{name}"));
+    }
+    // cmdline: secrets in QEMU's options (`-object secret,…,data=`, `password=`…) redacted.
+    match read_capped(Path::new(&format!("{base}/cmdline")), MAX_FILE) {
+        Ok(raw) => {
+            let (args, _) = redact::argv(&split_nul(&raw));
+            let mut text = args.join("\0");
+            text.push('\0');
+            if let Err(e) = sink.write("proc/cmdline", text.as_bytes()) {
+                sink.note(format!("proc/cmdline: {e}"));
+            }
+        }
+        Err(e) => sink.note(format!("{base}/cmdline: {e}")),
     }
     // environ: values of secret-looking keys redacted.
     match read_capped(Path::new(&format!("{base}/environ")), MAX_FILE) {

@@ -16,9 +16,8 @@ use std::time::{Duration, SystemTime};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::cli::PruneArgs;
-use crate::config::Settings;
-use crate::error::{Error, Exit};
+use crate::exit::Exit;
+pub use crate::units::human_bytes;
 
 /// Retention limits; `None` / `0` means "no limit".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -212,10 +211,30 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
 }
 
+/// Why a capture may not start: `<out>` is (or cannot be shown not to be) below the
+/// free-space floor. Before an autopsy this is a seal failure: no archive can be written.
 #[derive(Debug, thiserror::Error)]
-pub enum RetentionError {
+pub enum FloorError {
     #[error("{dir} has {} free, below the min_free floor of {}; run `wedge-autopsy prune --dry-run` to see what retention would remove, or capture elsewhere with --out DIR", human_bytes(*.free), human_bytes(*.floor))]
     BelowFloor { dir: String, free: u64, floor: u64 },
+    #[error("cannot check free space under {dir}: {source}; pass an existing --out DIR")]
+    Stat {
+        dir: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl FloorError {
+    /// Exit class: the archive could not be written.
+    pub fn exit(&self) -> Exit {
+        Exit::SealFailed
+    }
+}
+
+/// Why [`prune`] could not look at `<out>`: the directory given is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
     #[error("cannot check free space under {dir}: {source}; pass an existing --out DIR")]
     Stat {
         dir: String,
@@ -230,13 +249,20 @@ pub enum RetentionError {
     },
 }
 
+impl PruneError {
+    /// Exit class: bad input (the `--out` directory).
+    pub fn exit(&self) -> Exit {
+        Exit::BadInput
+    }
+}
+
 /// Refuses (before anything is captured) when `out`'s filesystem is already below the
 /// floor: the capture can only lower it further.
-pub fn check_floor(out: &Path, min_free: u64) -> Result<u64, RetentionError> {
+pub fn check_floor(out: &Path, min_free: u64) -> Result<u64, FloorError> {
     let dir = out.display().to_string();
-    let free = free_bytes(out).map_err(|source| RetentionError::Stat { dir: dir.clone(), source })?;
+    let free = free_bytes(out).map_err(|source| FloorError::Stat { dir: dir.clone(), source })?;
     if min_free > 0 && free < min_free {
-        return Err(RetentionError::BelowFloor { dir, free, floor: min_free });
+        return Err(FloorError::BelowFloor { dir, free, floor: min_free });
     }
     Ok(free)
 }
@@ -253,11 +279,11 @@ pub struct Pruned {
 /// Applies `limits` to the archives in `out`. `protect` (the archive just sealed) is
 /// never removed. Sidecars go before their archive, so a crash in between leaves an
 /// archive without a sidecar (still verifiable) rather than an orphaned sidecar.
-pub fn prune(out: &Path, limits: &Limits, protect: Option<&Path>, dry_run: bool) -> Result<Pruned, RetentionError> {
+pub fn prune(out: &Path, limits: &Limits, protect: Option<&Path>, dry_run: bool) -> Result<Pruned, PruneError> {
     let dir = out.display().to_string();
-    let entries = scan(out).map_err(|source| RetentionError::Scan { dir: dir.clone(), source })?;
+    let entries = scan(out).map_err(|source| PruneError::Scan { dir: dir.clone(), source })?;
     let free = if limits.min_free > 0 && !entries.is_empty() {
-        Some(free_bytes(out).map_err(|source| RetentionError::Stat { dir, source })?)
+        Some(free_bytes(out).map_err(|source| PruneError::Stat { dir, source })?)
     } else {
         None
     };
@@ -278,12 +304,10 @@ pub fn prune(out: &Path, limits: &Limits, protect: Option<&Path>, dry_run: bool)
     Ok(Pruned { plan, failed, dry_run })
 }
 
-// ---- The CLI's use of the above: `prune`, and the policy after each autopsy. ----
-
-/// Applies `[retention]` after a sealed run; the new archive is never a candidate. A
-/// failure is reported, never fatal: the evidence is already safe.
-pub fn after_run(settings: &Settings, sealed: &Path, show: bool) {
-    match prune(&settings.out, &settings.retention, Some(sealed), false) {
+/// Applies `limits` after a sealed run; the new archive (`sealed`) is never a candidate.
+/// A failure is reported, never fatal: the evidence is already safe.
+pub fn after_run(out: &Path, limits: &Limits, sealed: &Path, show: bool) {
+    match prune(out, limits, Some(sealed), false) {
         Ok(p) if !p.plan.remove.is_empty() && show => {
             let names: Vec<String> = p.plan.remove.iter().map(|(e, _)| e.name()).collect();
             eprintln!(
@@ -296,59 +320,6 @@ pub fn after_run(settings: &Settings, sealed: &Path, show: bool) {
         }
         Ok(_) => {}
         Err(e) => tracing::warn!("retention not applied: {e}"),
-    }
-}
-
-/// `prune`: flags over `[retention]`, then the same policy as after a run.
-pub fn prune_cmd(args: &PruneArgs, settings: &Settings) -> Result<Exit, Error> {
-    let mut limits = settings.retention;
-    let bad = |flag: &str, e: String| Error::BadInput(format!("{flag}: {e}"));
-    if let Some(k) = args.keep {
-        limits.keep = (k > 0).then_some(k);
-    }
-    if let Some(a) = &args.max_age {
-        limits.max_age =
-            Some(crate::config::parse_duration(a).map_err(|e| bad("--max-age", e))?).filter(|d| !d.is_zero());
-    }
-    if let Some(b) = &args.max_bytes {
-        limits.max_bytes = Some(crate::runbook::parse_size(b).map_err(|e| bad("--max-bytes", e))?).filter(|b| *b > 0);
-    }
-    if let Some(f) = &args.min_free {
-        limits.min_free = crate::runbook::parse_size(f).map_err(|e| bad("--min-free", e))?;
-    }
-    let p = prune(&settings.out, &limits, None, args.dry_run).map_err(|e| Error::BadInput(e.to_string()))?;
-    let verb = if args.dry_run { "would remove" } else { "removed" };
-    for (e, reason) in &p.plan.remove {
-        println!("{verb} {} ({}, {reason})", e.name(), human_bytes(e.bytes));
-    }
-    for (path, err) in &p.failed {
-        eprintln!("wedge-autopsy: cannot remove {}: {err}", path.display());
-    }
-    let kept: u64 = p.plan.keep.iter().map(|e| e.bytes).sum();
-    println!(
-        "{}: kept {} archive(s), {}; {verb} {}, {}",
-        settings.out.display(),
-        p.plan.keep.len(),
-        human_bytes(kept),
-        p.plan.remove.len(),
-        human_bytes(p.plan.freed())
-    );
-    Ok(if p.failed.is_empty() { Exit::Ok } else { Exit::Partial })
-}
-
-/// `1536` → `"1.5 KiB"`.
-pub fn human_bytes(b: u64) -> String {
-    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
     }
 }
 
@@ -488,26 +459,26 @@ mod tests {
         assert!(prune(&out, &Limits::default(), None, false).unwrap().plan.remove.is_empty());
         assert!(check_floor(&out, 1).is_ok());
         let err = check_floor(&out, u64::MAX).unwrap_err();
-        assert!(matches!(err, RetentionError::BelowFloor { .. }));
+        assert!(matches!(err, FloorError::BelowFloor { .. }));
         assert!(err.to_string().contains("wedge-autopsy prune --dry-run"), "{err}");
     }
 
     /// The floor on a real small filesystem: a 16 MiB tmpfs, filled past a 8 MiB floor.
-    /// Needs mount(2) (root with CAP_SYS_ADMIN); skips with a message otherwise.
+    /// Needs mount(2) (root with CAP_SYS_ADMIN, as on CI); fails naming it otherwise.
     #[test]
     fn floor_on_a_small_tmpfs() {
         let d = tempfile::tempdir().unwrap();
         let mnt = d.path();
-        let ok = std::process::Command::new("mount")
+        let o = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
             .arg(mnt)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipped: cannot mount a tmpfs here (needs root with CAP_SYS_ADMIN)");
-            return;
-        }
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run mount(8): {e}"));
+        assert!(
+            o.status.success(),
+            "mount -t tmpfs refused ({}): this test needs root with CAP_SYS_ADMIN",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
         struct Unmount<'a>(&'a Path);
         impl Drop for Unmount<'_> {
             fn drop(&mut self) {
@@ -521,7 +492,7 @@ mod tests {
             write(mnt, &format!("autopsy-102-2026061{i}T120000Z-pve1.tar.zst"), 3 << 20);
         }
         let err = check_floor(mnt, floor).unwrap_err();
-        assert!(matches!(err, RetentionError::BelowFloor { .. }), "{err}");
+        assert!(matches!(err, FloorError::BelowFloor { .. }), "{err}");
         let limits = Limits { min_free: floor, ..none() };
         let pruned = prune(mnt, &limits, None, false).unwrap();
         assert_eq!(pruned.plan.remove.len(), 1, "{:?}", removed(&pruned.plan));

@@ -9,6 +9,9 @@ use std::sync::{Arc, Mutex};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// Id of the record of the QMP connection (not a runbook step; the lane adds it).
+pub const QMP_CONNECT_ID: &str = "qmp-connect";
+
 /// How a step ended. Serialized lower-case into the manifest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -60,6 +63,38 @@ pub struct StepRecord {
     pub files: Vec<String>,
     #[serde(default)]
     pub optional: bool,
+    /// How QMP failed in this step, when it did: what the verdict branches on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp_failure: Option<QmpFailure>,
+}
+
+/// A QMP failure as the verdict needs it (the text is in `error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QmpFailure {
+    /// Connected, but no greeting: another client holds the socket, or QEMU is frozen.
+    NoGreeting,
+    /// Greeted, `qmp_capabilities` unanswered: the main loop is not running.
+    CapabilitiesUnanswered,
+    /// An in-band command missed its deadline while the session was up.
+    Timeout,
+    /// The socket is missing, refused, or the transport failed.
+    Unreachable,
+    /// QEMU answered with an error (e.g. CommandNotFound).
+    CommandError,
+}
+
+impl QmpFailure {
+    /// From `QmpError::classify()`.
+    pub fn from_class(class: &str) -> QmpFailure {
+        match class {
+            "no-greeting" => QmpFailure::NoGreeting,
+            "capabilities-unanswered" => QmpFailure::CapabilitiesUnanswered,
+            "timeout" => QmpFailure::Timeout,
+            "command" | "refused" => QmpFailure::CommandError,
+            _ => QmpFailure::Unreachable,
+        }
+    }
 }
 
 /// What a step returns when it did not simply succeed.

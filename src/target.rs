@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::error::Exit;
+use crate::exit::Exit;
 use crate::procfs;
 
 /// A Proxmox VMID: an integer from 100 to 999999999, written without sign or leading zero.

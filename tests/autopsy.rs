@@ -323,7 +323,7 @@ fn dry_run_prints_the_plan_and_touches_nothing() {
     let out = run_bounded(&mut lab.tool_args(&["111", "--dry-run"]), RUN_TIMEOUT);
     assert_eq!(out.status.code(), Some(0));
     let plan = String::from_utf8_lossy(&out.stdout);
-    assert!(plan.contains("QMP query-blockstats, 2 samples"), "{plan}");
+    assert!(plan.contains("in flight: blockstats, virtio queues") && plan.contains("2 samples"), "{plan}");
     assert!(plan.contains(&format!("pid {}", lab.pid())), "{plan}");
     assert!(!lab.out_dir().exists());
     assert_eq!(lab.thread_states(), before);

@@ -57,12 +57,17 @@ fn wedged_block_path() {
     let lab = Lab::start(LabOptions { vmid: 120, name: "wedged".into(), ..LabOptions::default() });
     assert_eq!(lab.wedge()["wedged"], true);
     std::thread::sleep(Duration::from_millis(1100)); // idle past --min-idle 1s
+                                                     // The lab's guest-less wedge sits on the incident's LSI controller, which exposes no
+                                                     // in-flight counter: frozen counters alone make it suspected, never proven (exit 17,
+                                                     // not 11), and nothing automatic restarts on it. Real-guest proofs: tests/guest_verdicts.rs.
     let (code, json) = diagnose_live(&lab, 120);
     assert_eq!(json["verdict"], "block-path-frozen", "{json}");
-    assert_eq!(code, 11);
+    assert_eq!(json["strength"], "suspected", "{json}");
+    assert_eq!(code, 17);
     let facts = json["facts"].to_string();
-    assert!(facts.contains("0 I/O operations completed"), "{facts}");
-    assert!(facts.contains("main loop is alive"), "{facts}");
+    assert!(facts.contains("0 operations completed"), "{facts}");
+    assert!(facts.contains("LSI 53C895A controller exposes no in-flight counter"), "{facts}");
+    assert_eq!(json["restart"]["advice"], "unproven", "{json}");
     let (sealed, again, ar) = autopsy_verdicts(&lab, 120);
     assert_eq!(sealed, "block-path-frozen");
     assert_eq!(again, sealed, "recomputed from the archive");

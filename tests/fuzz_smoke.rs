@@ -164,3 +164,8 @@ fn fuzz_archive() {
 fn fuzz_unwind() {
     smoke("unwind", fuzzing::unwind, 3000);
 }
+
+#[test]
+fn fuzz_webhook() {
+    smoke("webhook", fuzzing::webhook, 3000);
+}

@@ -42,7 +42,7 @@ fn minicore_loads_in_gdb_matches_the_snapshot_and_leaves_guest_ram_out() {
     let lab = Lab::start(LabOptions {
         vmid: 181,
         name: "core".into(),
-        mem_mib: MEM_MIB as u32,
+        mem_mib: Some(MEM_MIB as u32),
         mem_prealloc: true,
         ..LabOptions::default()
     });

@@ -4,6 +4,8 @@
 //! Targets are children of this test process, in their own process group, killed
 //! (whole group) in `Drop`. No wall-clock assertions: times are printed, not checked.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -250,9 +252,12 @@ fn d_state_thread_is_not_waited_on() {
 
 /// Not a test on its own: the body of the process the next test SIGKILLs.
 #[test]
-#[ignore]
+#[ignore = "helper: the body of the process tracer_killed_mid_snapshot SIGKILLs; not a test on its own"]
 fn snapshot_loop_helper() {
-    let Some(pid) = std::env::var("WEDGE_TEST_LOOP_PID").ok().and_then(|p| p.parse().ok()) else { return };
+    let pid = std::env::var("WEDGE_TEST_LOOP_PID")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .expect("a helper run by tracer_killed_mid_snapshot_leaves_target_running (WEDGE_TEST_LOOP_PID unset)");
     loop {
         let _ = snapshot_and_unwind(pid, &NativeOptions::default(), &Cancel::new());
     }
@@ -272,9 +277,10 @@ fn tracer_killed_mid_snapshot_leaves_target_running() {
                 .args(["snapshot_loop_helper", "--ignored", "--exact", "--test-threads=1"])
                 .env("WEDGE_TEST_LOOP_PID", pid.to_string()),
         );
-        // Let it get into its loop (it must have attached at least once), then kill.
-        wait_for(helper.pid(), "helper running", |th| !th.is_empty());
-        std::thread::sleep(Duration::from_millis(30 + round * 7));
+        // Kill it while one of its threads is the target's tracer (seen in TracerPid and
+        // held there by stopping the helper first), not after a guessed sleep.
+        let tracer = common::stop_while_tracing(helper.pid(), pid, Duration::from_secs(60));
+        assert!(tracer.is_some(), "round {round}: the helper was never seen tracing the target");
         // SAFETY: SIGKILL to our own child.
         unsafe { libc::kill(helper.pid(), libc::SIGKILL) };
         let st = helper.child.wait().unwrap();

@@ -6,10 +6,13 @@
 //! Test-only hook: `WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL=<P>` makes the tool write
 //! `<P>.ready` (the old pid) right before its kill decision and wait for `<P>.go`. It is
 //! used by one test to swap the process behind the old pid, and is recorded as a
-//! `test-hook` action in restart.json whenever it fires.
+//! `test-hook` action in restart.json whenever it fires. The hook exists only in builds
+//! with `--features test-hooks` (scripts/test enables it); without it that test is not
+//! compiled and `hook_tests_need_the_feature` says so.
 
 mod common;
 
+#[cfg(feature = "test-hooks")]
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,9 +31,10 @@ fn config(lab: &Lab, restart_extra: &str) -> PathBuf {
     std::fs::write(
         &p,
         format!(
-            "qm = {:?}\n\n[restart]\nha_manager = {:?}\nverify_timeout = \"30s\"\n{restart_extra}\n",
+            "qm = {:?}\n\n[restart]\nha_manager = {:?}\n{}{restart_extra}\n",
             support.join("qm").display().to_string(),
-            support.join("ha-manager").display().to_string()
+            support.join("ha-manager").display().to_string(),
+            if restart_extra.contains("verify_timeout") { "" } else { "verify_timeout = \"30s\"\n" }
         ),
     )
     .unwrap();
@@ -224,10 +228,14 @@ fn hanging_qm_stop_is_killed_then_the_proven_qemu_is_sigkilled() {
 
 /// Makes the next process forked in this pid namespace get `pid` (needs root), by
 /// setting ns_last_pid and spawning; retries because other processes fork too.
+/// Fails the test naming the missing capability when ns_last_pid is not writable.
+#[cfg(feature = "test-hooks")]
 fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     for _ in 0..200 {
-        if std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)).is_err() {
-            return None;
+        if let Err(e) = std::fs::write("/proc/sys/kernel/ns_last_pid", format!("{}", pid - 1)) {
+            panic!(
+                "cannot write /proc/sys/kernel/ns_last_pid ({e}): this test needs root in the initial pid namespace"
+            );
         }
         let mut c = Command::new("sleep");
         c.arg("600");
@@ -242,6 +250,15 @@ fn spawn_with_pid(lab: &Lab, pid: i32) -> Option<i32> {
     None
 }
 
+/// A plain `cargo test` cannot run the kill-guard test: fail saying how to, rather than
+/// pass without it.
+#[cfg(not(feature = "test-hooks"))]
+#[test]
+fn hook_tests_need_the_feature() {
+    panic!("the kill-decision tests (pid reuse, failure paths) need `cargo test --features test-hooks` (scripts/test)");
+}
+
+#[cfg(feature = "test-hooks")]
 #[test]
 fn pid_reused_between_seal_and_kill_is_not_signalled() {
     let lab = Lab::start(LabOptions { vmid: 123, name: "reuse".into(), ..LabOptions::default() });
@@ -267,30 +284,25 @@ fn pid_reused_between_seal_and_kill_is_not_signalled() {
     // The old QEMU dies on its own; another process takes its pid (when the kernel lets
     // us) and the pidfile names that process.
     lab.kill();
-    let reaped = wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{old}")).exists());
-    let impostor = reaped.then(|| spawn_with_pid(&lab, old)).flatten();
-    let reused = impostor.is_some();
-    let impostor = impostor.unwrap_or_else(|| {
-        eprintln!("could not make pid {old} reused (reaped: {reaped}); the impostor gets another pid");
-        let mut c = Command::new("sleep");
-        c.arg("600");
-        lab.spawn(&mut c) as i32
-    });
+    assert!(
+        wait_until(Duration::from_secs(10), || !Path::new(&format!("/proc/{old}")).exists()),
+        "old QEMU pid {old} was never reaped, so it cannot be reused"
+    );
+    let impostor = spawn_with_pid(&lab, old)
+        .unwrap_or_else(|| panic!("no process could be made to take over pid {old} within 200 forks"));
     std::fs::write(lab.pidfile(), format!("{impostor}\n")).unwrap();
     std::fs::write(format!("{}.go", hook.display()), "").unwrap();
 
     let status = lab.wait_spawned(tool_pid, RUN_TIMEOUT).expect("tool finished");
     let json: Value = serde_json::from_slice(&std::fs::read(&stdout_path).unwrap()).unwrap();
     let r = &json["restart"];
-    eprintln!("pid reused: {reused}; restart: {}", serde_json::to_string_pretty(r).unwrap());
+    eprintln!("restart: {}", serde_json::to_string_pretty(r).unwrap());
     assert_eq!(common::proc_state(impostor), Some('S'), "the process now behind pid {old} survived");
     assert_eq!(r["escalated"], false, "nothing was killed: {r:#}");
     assert_eq!(action(r, "test-hook")["ok"], true, "the hook is visible in the record");
-    if reused {
-        assert_eq!(impostor, old);
-        let kill = action(r, "kill");
-        assert!(kill["detail"].as_str().unwrap().contains("not signalled"), "{kill}");
-    }
+    assert_eq!(impostor, old);
+    let kill = action(r, "kill");
+    assert!(kill["detail"].as_str().unwrap().contains("not signalled"), "{kill}");
     // The old QEMU is gone, so the start went ahead and produced a proven new one.
     assert_eq!(status.code(), Some(0), "{r:#}");
     assert_eq!(r["performed"], true);
@@ -494,4 +506,262 @@ fn command_and_libvirt_backends_restart_the_same_way() {
     assert_eq!(r["vm_state"], "running-old");
     assert!(r["error"].as_str().unwrap().contains("failed to get domain"), "{r:#}");
     assert_eq!(lab.pid(), before, "the VM still runs its old QEMU");
+}
+
+// ---------------------------------------------------------------------------
+// restart failure paths
+
+/// Runs the tool in the background with the before-kill hook at `<root>/hook`; returns
+/// (tool pid, stdout path, hook base).
+#[cfg(feature = "test-hooks")]
+fn spawn_hooked(lab: &Lab, cfg: &Path, vmid: &str, env: &[(&str, &str)]) -> (u32, PathBuf, PathBuf) {
+    let hook = lab.root().join("hook");
+    let stdout_path = lab.root().join("tool.out");
+    let mut cmd = tool(lab, cfg, &[vmid, "--then-restart", "--json", "--sample-interval", "0"], env);
+    cmd.env(wedge_autopsy::restart::TEST_HOOK_ENV, &hook)
+        .stdout(File::create(&stdout_path).unwrap())
+        .stderr(Stdio::null());
+    (lab.spawn(&mut cmd), stdout_path, hook)
+}
+
+/// Waits for the hook's `.ready` (the tool paused right before its kill decision).
+#[cfg(feature = "test-hooks")]
+fn wait_hook(hook: &Path) {
+    let ready = PathBuf::from(format!("{}.ready", hook.display()));
+    assert!(
+        wait_until(RUN_TIMEOUT, || ready.exists()),
+        "the tool never reached the kill decision ({})",
+        ready.display()
+    );
+}
+
+#[cfg(feature = "test-hooks")]
+fn release_hook(hook: &Path) {
+    std::fs::write(format!("{}.go", hook.display()), "").unwrap();
+}
+
+/// The tool's exit status and `--json` output once it finished.
+#[cfg(feature = "test-hooks")]
+fn finished(lab: &Lab, tool_pid: u32, stdout_path: &Path) -> (Option<i32>, Value) {
+    let st = lab.wait_spawned(tool_pid, RUN_TIMEOUT).expect("the tool finished within its deadline");
+    let text = std::fs::read(stdout_path).unwrap();
+    let json =
+        serde_json::from_slice(&text).unwrap_or_else(|e| panic!("no JSON ({e}): {}", String::from_utf8_lossy(&text)));
+    (st.code(), json)
+}
+
+/// A process frozen in a cgroup-v1 freezer cgroup: in D state (`__refrigerator`), it
+/// does not die of SIGKILL until thawed. Thawed (so a pending SIGKILL takes effect) and
+/// removed on drop.
+#[cfg(feature = "test-hooks")]
+struct Frozen {
+    dir: PathBuf,
+    pid: i32,
+}
+
+#[cfg(feature = "test-hooks")]
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        let root = Path::new("/sys/fs/cgroup/freezer");
+        assert!(
+            root.join("cgroup.procs").exists(),
+            "no cgroup-v1 freezer at {}: this test needs it to make a QEMU survive SIGKILL",
+            root.display()
+        );
+        let dir = root.join(format!("wedge-autopsy-test-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e} (needs root)", dir.display()));
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        std::fs::write(dir.join("freezer.state"), "FROZEN").unwrap();
+        let f = Frozen { dir, pid };
+        assert!(
+            wait_until(Duration::from_secs(30), || std::fs::read_to_string(f.dir.join("freezer.state"))
+                .is_ok_and(|s| s.trim() == "FROZEN")),
+            "pid {pid} never froze"
+        );
+        f
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+        wait_until(Duration::from_secs(30), || !pid_alive(self.pid));
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn qemu_surviving_sigkill_is_reported_and_nothing_is_started() {
+    let lab = Lab::start(LabOptions { vmid: 130, name: "survivor".into(), ..LabOptions::default() });
+    let old = lab.pid();
+    let cfg = config(&lab, "timeout = \"1s\"\nstop_deadline = \"2s\"\nkill_wait = \"3s\"");
+    let (tool_pid, out, hook) = spawn_hooked(&lab, &cfg, "130", &[("QM_STOP_HANG", "1")]);
+    wait_hook(&hook);
+    let _frozen = Frozen::freeze(old);
+    release_hook(&hook);
+    let (code, json) = finished(&lab, tool_pid, &out);
+    let r = &json["restart"];
+    assert_eq!(code, Some(5), "{r:#}");
+    assert_eq!(r["error_kind"], "survived-kill", "{r:#}");
+    assert_eq!(r["escalated"], true, "the tool sent its SIGKILL: {r:#}");
+    assert_eq!(r["vm_state"], "stuck");
+    assert!(r["error"].as_str().unwrap().contains("refrigerator"), "names the wchan: {r:#}");
+    assert_eq!(action(r, "wait-exit")["ok"], false);
+    assert!(r["new_pid"].is_null());
+    assert_eq!(common::proc_state(old), Some('D'), "still there, in D");
+    assert!(!log_lines(&qm_log_path(&lab)).iter().any(|a| a[0] == "start"), "no second QEMU on top of it");
+    restart_json_matches(&json);
+}
+
+/// Overwrites `needle` in `pid`'s argv (through /proc/PID/mem, as root) with `X`s, so its
+/// cmdline no longer names what proved it, while it stays the same process.
+#[cfg(feature = "test-hooks")]
+fn rewrite_argv(pid: i32, needle: &str) {
+    use std::io::{Seek, SeekFrom, Write};
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    // arg_start is field 48 of stat; fields here start at field 3.
+    let arg_start: u64 = fields[48 - 3].parse().unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    let off = cmdline.windows(needle.len()).position(|w| w == needle.as_bytes()).expect("needle in cmdline");
+    let mut mem = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/mem"))
+        .unwrap_or_else(|e| panic!("open /proc/{pid}/mem for writing: {e} (needs root)"));
+    mem.seek(SeekFrom::Start(arg_start + off as u64)).unwrap();
+    mem.write_all(&vec![b'X'; needle.len()]).unwrap();
+    let now = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap()).into_owned();
+    assert!(!now.contains(needle), "cmdline still names {needle}: {now}");
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn old_qemu_that_can_no_longer_be_proven_is_not_killed() {
+    let lab = Lab::start(LabOptions { vmid: 131, name: "unproven".into(), ..LabOptions::default() });
+    let old = lab.pid();
+    let cfg = config(&lab, "timeout = \"1s\"\nstop_deadline = \"2s\"\nkill_wait = \"2s\"");
+    let (tool_pid, out, hook) = spawn_hooked(&lab, &cfg, "131", &[("QM_STOP_HANG", "1")]);
+    wait_hook(&hook);
+    let (pidfile, qmp) = (lab.pidfile().display().to_string(), lab.qmp_path().display().to_string());
+    rewrite_argv(old, &pidfile);
+    rewrite_argv(old, &qmp);
+    release_hook(&hook);
+    let (code, json) = finished(&lab, tool_pid, &out);
+    let r = &json["restart"];
+    let alive = pid_alive(old);
+    // The lab finds its QEMUs by cmdline, which no longer names it: kill it here.
+    // SAFETY: the QEMU this test started and altered.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    assert_eq!(code, Some(5), "{r:#}");
+    assert_eq!(r["error_kind"], "not-proven", "{r:#}");
+    assert_eq!(r["escalated"], false, "{r:#}");
+    assert!(action(r, "kill")["detail"].as_str().unwrap().contains("not signalled"), "{r:#}");
+    assert!(alive, "the unproven process was not killed");
+    assert!(!log_lines(&qm_log_path(&lab)).iter().any(|a| a[0] == "start"));
+    restart_json_matches(&json);
+}
+
+/// `method = "command"`: qm stop as the stop, `start` as given.
+fn command_cfg(lab: &Lab, start: &[&str], extra: &str) -> PathBuf {
+    let qm = common::qm_path().display().to_string();
+    config(
+        lab,
+        &format!(
+            "method = \"command\"\ncooldown = \"0\"\nstop = [{qm:?}, \"stop\", \"{{vmid}}\", \"--timeout\", \"5\"]\nstart = {}\n{extra}",
+            serde_json::to_string(start).unwrap()
+        ),
+    )
+}
+
+#[test]
+fn start_that_fails_or_hangs_leaves_the_vm_down_and_says_so() {
+    let lab = Lab::start(LabOptions { vmid: 132, name: "nostart".into(), ..LabOptions::default() });
+    let old = lab.pid();
+    let cfg = command_cfg(&lab, &["false"], "");
+    let (out, json) = run(&lab, &cfg, &["132", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    let r = &json["restart"];
+    assert_eq!(out.status.code(), Some(5), "{}\n{r:#}", stderr(&out));
+    assert_eq!(r["error_kind"], "start-failed", "{r:#}");
+    assert_eq!(r["vm_state"], "down");
+    assert!(r["error"].as_str().unwrap().contains("VM is DOWN"), "{r:#}");
+    assert!(stderr(&out).contains("VM is DOWN"), "{}", stderr(&out));
+    assert!(!pid_alive(old) && !lab.is_alive());
+    restart_json_matches(&json);
+
+    // Back up through the stand-in; then a start that never returns is killed at its deadline.
+    let st = run_bounded(lab.qm().args(["start", "132"]), RUN_TIMEOUT);
+    assert!(st.status.success(), "{}", stderr(&st));
+    let cfg = command_cfg(&lab, &["sleep", "600"], "start_timeout = \"2s\"");
+    let (out, json) = run(&lab, &cfg, &["132", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    let r = &json["restart"];
+    assert_eq!(out.status.code(), Some(5), "{}\n{r:#}", stderr(&out));
+    assert_eq!(r["error_kind"], "start-failed", "{r:#}");
+    assert_eq!(action(r, "start")["timed_out"], true, "{r:#}");
+    assert!(!common::proc_cmdline_exists(&["sleep", "600"]), "the hung start's process group was killed");
+}
+
+#[test]
+fn new_process_that_cannot_be_proven_fails_verification() {
+    let lab = Lab::start(LabOptions { vmid: 133, name: "unverified".into(), ..LabOptions::default() });
+    let old = lab.pid();
+    // The "start" writes the pidfile naming a process whose cmdline does not name it.
+    let prog = format!(
+        "import subprocess\np = subprocess.Popen(['sleep', '45'], start_new_session=True)\nopen({:?}, 'w').write('%d\\n' % p.pid)\n",
+        lab.pidfile().display().to_string()
+    );
+    let cfg = command_cfg(&lab, &["python3", "-c", &prog], "verify_timeout = \"3s\"");
+    let (out, json) = run(&lab, &cfg, &["133", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    let r = &json["restart"];
+    assert_eq!(out.status.code(), Some(5), "{}\n{r:#}", stderr(&out));
+    assert_eq!(r["error_kind"], "verify-new", "{r:#}");
+    assert_eq!(r["performed"], false);
+    assert_eq!(r["vm_state"], "unverified");
+    assert!(r["error"].as_str().unwrap().contains("no new proven QEMU"), "{r:#}");
+    assert_eq!(action(r, "verify-new")["ok"], false);
+    assert!(!pid_alive(old));
+    restart_json_matches(&json);
+}
+
+#[test]
+fn unreadable_ha_config_refuses_the_restart() {
+    let lab = Lab::start(LabOptions { vmid: 134, name: "haunknown".into(), ..LabOptions::default() });
+    // A directory where resources.cfg should be: reading it fails, so HA cannot be ruled out.
+    std::fs::create_dir_all(lab.pve_dir().join("ha/resources.cfg")).unwrap();
+    let cfg = config(&lab, "");
+    let old = lab.pid();
+    let (out, json) = run(&lab, &cfg, &["134", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    let r = &json["restart"];
+    assert_eq!(out.status.code(), Some(5), "{}\n{r:#}", stderr(&out));
+    assert_eq!(json["sealed"], true);
+    assert_eq!(r["error_kind"], "ha-unknown", "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("resources.cfg"), "{r:#}");
+    assert!(log_lines(&qm_log_path(&lab)).is_empty(), "qm never called");
+    assert_eq!(lab.pid(), old);
+    restart_json_matches(&json);
+}
+
+#[cfg(feature = "test-hooks")]
+#[test]
+fn ctrl_c_after_the_stop_began_does_not_abort_the_restart() {
+    let lab = Lab::start(LabOptions { vmid: 135, name: "sigint".into(), ..LabOptions::default() });
+    let old = lab.pid();
+    let cfg = config(&lab, "timeout = \"5s\"");
+    let (tool_pid, out, hook) = spawn_hooked(&lab, &cfg, "135", &[]);
+    wait_hook(&hook);
+    assert!(log_lines(&qm_log_path(&lab)).iter().any(|a| a[0] == "stop"), "the stop was issued");
+    // SAFETY: SIGINT to the tool this test spawned.
+    unsafe { libc::kill(tool_pid as i32, libc::SIGINT) };
+    release_hook(&hook);
+    let (code, json) = finished(&lab, tool_pid, &out);
+    let r = &json["restart"];
+    eprintln!("exit {code:?}; restart {r:#}");
+    assert_eq!(r["performed"], true, "{r:#}");
+    assert_eq!(r["vm_state"], "restarted");
+    let new = lab.pid();
+    assert!(new != old && !pid_alive(old));
+    assert_eq!(r["new_pid"], new);
+    assert_eq!(qmp_status(&lab), "running");
+    assert_eq!(code, Some(0), "{r:#}");
 }

@@ -26,6 +26,10 @@ pub struct Manifest {
     #[serde(default)]
     pub target: Option<serde_json::Value>,
     pub interrupted: bool,
+    /// The redaction pass over every file before sealing: that it ran and how many values
+    /// it replaced, never what they were. Absent in archives from before the pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redaction: Option<Redaction>,
     pub steps: Vec<StepRecord>,
     pub files: Vec<FileEntry>,
 }
@@ -84,4 +88,14 @@ pub struct FileEntry {
 /// The local UTC offset as `+HH:MM`.
 pub fn local_offset() -> String {
     chrono::Local::now().format("%:z").to_string()
+}
+
+/// What the pass did, for `manifest.json` (counts only, never values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Redaction {
+    /// The pass ran over every file before sealing.
+    pub applied: bool,
+    /// Values replaced in the archive's files: `<redacted>` markers written at capture
+    /// and by the pass, plus occurrences masked in binary files.
+    pub values_replaced: u64,
 }

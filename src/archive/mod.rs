@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 
 pub use manifest::{FileEntry, Manifest};
 
+use crate::exit::Exit;
 use crate::step::StepSink;
 
 const STAGING_SUFFIX: &str = ".staging";
@@ -49,6 +50,17 @@ pub enum ArchiveError {
     Verify { path: String, detail: String },
     #[error("cannot read archive {path}: {detail}")]
     Read { path: String, detail: String },
+}
+
+impl ArchiveError {
+    /// Exit class: an unusable `--out` or an unreadable archive is bad input; an archive
+    /// that could not be written or did not verify is a seal failure.
+    pub fn exit(&self) -> Exit {
+        match self {
+            ArchiveError::OutDir { .. } | ArchiveError::Read { .. } => Exit::BadInput,
+            ArchiveError::Write { .. } | ArchiveError::Verify { .. } => Exit::SealFailed,
+        }
+    }
 }
 
 /// Archive base name: `autopsy-<VMID>-<UTC %Y%m%dT%H%M%SZ>-<host>`.
@@ -336,6 +348,32 @@ impl Evidence for ArchiveReader {
     }
 }
 
+/// Evidence held in memory, `path -> bytes`: files taken from an archive and edited
+/// (what-if checks of signatures), or built by tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemEvidence(pub std::collections::BTreeMap<String, Vec<u8>>);
+
+impl MemEvidence {
+    /// Every file of `ev`, copied.
+    pub fn copy_of(ev: &dyn Evidence) -> MemEvidence {
+        MemEvidence(ev.list().into_iter().filter_map(|p| Some((p.clone(), ev.read(&p)?))).collect())
+    }
+    /// This evidence with `path` set to `text`.
+    pub fn with(mut self, path: &str, text: &str) -> MemEvidence {
+        self.0.insert(path.into(), text.as_bytes().to_vec());
+        self
+    }
+}
+
+impl Evidence for MemEvidence {
+    fn read(&self, path: &str) -> Option<Vec<u8>> {
+        self.0.get(path).cloned()
+    }
+    fn list(&self) -> Vec<String> {
+        self.0.keys().cloned().collect()
+    }
+}
+
 impl Evidence for Staging {
     fn read(&self, path: &str) -> Option<Vec<u8>> {
         std::fs::read(self.dir.join(path)).ok()
@@ -346,7 +384,7 @@ impl Evidence for Staging {
 }
 
 /// Relative paths of all regular files under `root`, sorted.
-fn walk(root: &Path) -> std::io::Result<Vec<String>> {
+pub fn walk(root: &Path) -> std::io::Result<Vec<String>> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
@@ -378,6 +416,11 @@ fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
         n += k as u64;
     }
     Ok((n, format!("{:x}", h.finalize())))
+}
+
+/// Size and SHA-256 of everything `f` yields (an already opened file).
+pub fn hash_reader_of(f: File) -> std::io::Result<(u64, String)> {
+    hash_reader(&mut BufReader::new(f))
 }
 
 pub fn hash_file(p: &Path) -> std::io::Result<(u64, String)> {
@@ -447,6 +490,7 @@ mod tests {
             runbook: Default::default(),
             target: None,
             interrupted: false,
+            redaction: None,
             steps: vec![],
             files: vec![],
         }

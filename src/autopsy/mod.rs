@@ -7,10 +7,12 @@
 //! QMP step takes its later samples in the background while other steps run. SIGINT,
 //! SIGTERM and SIGHUP stop the run, mark what did not finish as interrupted, and seal.
 
+mod inflight_step;
 mod outcome;
 mod parallel;
 mod progress;
 mod qmp_lane;
+mod redaction;
 mod steps;
 
 use std::time::{Duration, Instant};
@@ -28,9 +30,9 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::{self, Diagnosis, Rules};
 use crate::error::{Error, Exit};
-use crate::render::summary::{self, Summary};
 use crate::runbook::{Runbook, StepKind, Vars};
 use crate::step::{StepRecord, StepStatus};
+use crate::summary::{self, Summary};
 use crate::target::{self, Layout, Target, VmId};
 
 /// What the caller asks for, beyond the settings.
@@ -44,6 +46,20 @@ pub struct Request {
     pub no_qmp: bool,
     pub trigger: Trigger,
     pub command_line: Vec<String>,
+    /// Who asked for the restart, which decides how much evidence it needs.
+    pub restart_gate: RestartGate,
+}
+
+/// How much evidence a requested restart needs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RestartGate {
+    /// The operator named the VM: their decision, except that a stall below QEMU or in a
+    /// network backend needs `--force` (a new QEMU on stuck storage does not help).
+    #[default]
+    Operator,
+    /// Nobody named the VM (`--all-wedged`, a serve policy): only a proven wedge inside
+    /// QEMU, or a suspected one when `allow_suspected`.
+    Automatic { allow_suspected: bool },
 }
 
 /// The result of a run that got as far as an archive attempt.
@@ -139,9 +155,19 @@ pub fn plan(req: &Request, settings: &Settings, target: Option<&Target>) -> Stri
                 output.render(&vars),
                 min_free >> 20
             ),
+            StepKind::PveTasks { output, log_cap } => format!(
+                "the VM's tasks in {}/pve/tasks/active + their logs (last {} KiB each) -> {}",
+                vars.log_dir,
+                log_cap >> 10,
+                output.render(&vars)
+            ),
             StepKind::Proc => "process and per-thread /proc files".into(),
             StepKind::Host => "host /proc files and kernel log".into(),
             StepKind::QomThrottle { .. } => "QMP qom-list /objects + qom-get limits of each throttle group".into(),
+            StepKind::Inflight { samples, interval } => format!(
+                "in flight: blockstats, virtio queues, I/O threads, rings, sockets, guest agent; {samples} samples {}ms apart",
+                interval.unwrap_or(settings.sample_interval).as_millis()
+            ),
         };
         out.push_str(&format!(
             "  {:<24} {:>5}ms{}  {what}\n",
@@ -168,6 +194,7 @@ fn vars(vmid: VmId, target: Option<&Target>, s: &Settings) -> Vars {
             .map(|t| t.qmp_socket.display().to_string())
             .unwrap_or_else(|| s.run_dir.join(format!("{vmid}.qmp")).display().to_string()),
         domain: target.and_then(|t| t.domain.clone()).unwrap_or_default(),
+        log_dir: s.log_dir.display().to_string(),
     }
 }
 
@@ -202,7 +229,7 @@ pub async fn run(
     let host = crate::config::local_node_name();
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
-    let staging = Staging::create(&settings.out, &name).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&settings.out, &name)?;
     let mut records = capture(req, settings, &target, &staging, progress, cancel).await;
     mark_vanished(&staging, &mut records);
     let interrupted = cancel.is_cancelled();
@@ -221,6 +248,7 @@ pub async fn run(
         runbook: RunbookRef { name: req.runbook.name.clone(), source: req.runbook.source.clone() },
         target: serde_json::to_value(&target).ok(),
         interrupted,
+        redaction: None,
         steps: records.clone(),
         files: Vec::new(),
     };
@@ -252,6 +280,8 @@ pub async fn run(
         let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
         sink.close();
     }
+    // Nothing secret leaves the host: one pass over every staged file and the manifest.
+    manifest.redaction = Some(redaction::seal_pass(&staging.dir, &target, &mut manifest));
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
@@ -348,7 +378,8 @@ pub async fn capture(
     }
     let mut slots: Vec<Slot> = Vec::new();
     for step in &req.runbook.steps {
-        let is_qmp = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. });
+        let is_qmp =
+            matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
         if is_qmp && !ctx.qmp.attempted() && !cancel.is_cancelled() {
             progress.started("qmp-connect");
             let rec = ctx.qmp.connect(deadline, cancel).await;
@@ -399,17 +430,17 @@ pub async fn diagnose_live(
     cancel: &Cancel,
 ) -> Result<(Diagnosis, Vec<StepRecord>), Error> {
     let tmp = std::env::temp_dir().join(format!("wedge-autopsy-diagnose-{}", std::process::id()));
-    let staging =
-        Staging::create(&tmp, &format!("diagnose-{}", req.vmid)).map_err(|e| Error::BadInput(e.to_string()))?;
+    let staging = Staging::create(&tmp, &format!("diagnose-{}", req.vmid))?;
     let records = capture(req, settings, target, &staging, &Silent, cancel).await;
     let d = diagnose::diagnose(&staging, &records, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let _ = std::fs::remove_dir_all(&tmp);
     Ok((d, records))
 }
 
-/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged:
-/// `block-path-frozen` or `main-loop-wedged`. VMs that cannot be proven are skipped.
-pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
+/// VMs running on this node (a pidfile in the run dir) that `diagnose` finds wedged
+/// (`block-path-frozen`, proven or suspected, or `main-loop-wedged`), with the diagnosis
+/// that decides whether a restart may follow. VMs that cannot be proven are skipped.
+pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<(VmId, Diagnosis)> {
     let Ok(runbook) = crate::runbook::load("diagnose", &settings.runbook_dir) else { return Vec::new() };
     let mut vmids: Vec<VmId> = std::fs::read_dir(&settings.run_dir)
         .into_iter()
@@ -427,11 +458,12 @@ pub async fn wedged_vms(settings: &Settings, cancel: &Cancel) -> Vec<VmId> {
             no_qmp: false,
             trigger: Trigger::default(),
             command_line: vec![],
+            restart_gate: Default::default(),
         };
         let Ok(target) = prepare(&req, settings) else { continue };
         if let Ok((d, _)) = diagnose_live(&req, settings, &target, cancel).await {
-            if matches!(d.verdict, diagnose::Verdict::BlockPathFrozen | diagnose::Verdict::MainLoopWedged) {
-                wedged.push(vmid);
+            if d.is_wedged() {
+                wedged.push((vmid, d));
             }
         }
     }

@@ -9,8 +9,8 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::error::{Error, Exit};
 use crate::lock::VmLock;
-use crate::render::summary::{ArchiveFacts, Summary};
 use crate::restart::{self, RestartOutcome};
+use crate::summary::{ArchiveFacts, Summary};
 use crate::target::Target;
 
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ impl Outcome {
 
     /// The `--json` object: the capture's fields plus `restart` when one was requested.
     pub fn json(&self) -> Value {
-        let mut json = crate::render::autopsy_json(&self.report);
+        let mut json = report_json(&self.report);
         if let Some(r) = &self.restart {
             json["restart"] = serde_json::to_value(r).unwrap_or_default();
         }
@@ -63,6 +63,20 @@ impl Outcome {
     }
 }
 
+/// Whether the evidence allows the restart this gate asks for; `Err` says why not.
+pub fn gate(gate: super::RestartGate, d: &crate::diagnose::Diagnosis, force: bool) -> Result<(), String> {
+    use crate::diagnose::RestartAdvice;
+    match gate {
+        super::RestartGate::Automatic { allow_suspected } => d.automatic_restart(allow_suspected),
+        super::RestartGate::Operator => match d.restart_advice() {
+            RestartAdvice::WontHelp(why) if !force => {
+                Err(format!("{why}. Nothing was stopped; re-run with --force to restart anyway"))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Takes the VM's lock, captures and seals, then (if `restart` is given) restarts after
 /// the verified seal. The lock is held from the first capture to the end of the restart.
 pub async fn run_with_restart(
@@ -79,10 +93,35 @@ pub async fn run_with_restart(
         Some(mut r) => {
             r.spec = req.runbook.target.clone();
             let (old, sealed, c) = (report.target.clone(), report.sealed.clone(), cancel.clone());
-            let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
-            Some(run.await.map_err(anyhow::Error::from)?)
+            match gate(req.restart_gate, &report.diagnosis, r.opts.force) {
+                Err(why) => Some(restart::refuse(&r, &old, sealed.as_ref(), restart::RestartError::NotAdvised(why))),
+                Ok(()) => {
+                    let run = tokio::task::spawn_blocking(move || restart::run(&r, &old, sealed.as_ref(), &c));
+                    Some(run.await.map_err(anyhow::Error::from)?)
+                }
+            }
         }
         None => None,
     };
     Ok(Outcome { report, restart })
+}
+
+/// The `--json` object of an autopsy run.
+fn report_json(r: &Report) -> serde_json::Value {
+    serde_json::json!({
+        "archive": r.sealed.as_ref().map(|s| s.path.display().to_string()),
+        "sha256": r.sealed.as_ref().map(|s| s.sha256.clone()),
+        "size": r.sealed.as_ref().map(|s| s.size),
+        "sealed": r.sealed.is_some(),
+        "seal_error": r.seal_error,
+        "vmid": r.vmid,
+        "pid": r.pid,
+        "interrupted": r.interrupted,
+        "duration_ms": r.duration_ms,
+        "verdict": r.diagnosis.verdict,
+        "facts": r.diagnosis.facts,
+        "steps": r.steps.iter().map(|s| serde_json::json!({
+            "id": s.id, "status": s.status, "duration_ms": s.duration_ms, "error": s.error,
+        })).collect::<Vec<_>>(),
+    })
 }

@@ -70,7 +70,7 @@ impl Lane {
         let start = Utc::now();
         let t0 = Instant::now();
         let mut rec = StepRecord {
-            id: "qmp-connect".into(),
+            id: crate::step::QMP_CONNECT_ID.into(),
             kind: "qmp".into(),
             status: StepStatus::Ok,
             start,
@@ -79,6 +79,7 @@ impl Lane {
             notes: vec![],
             files: vec![],
             optional: false,
+            qmp_failure: None,
         };
         if self.no_qmp {
             rec.status = StepStatus::Skipped;
@@ -117,6 +118,7 @@ impl Lane {
                 let e = &failure.error;
                 rec.status = StepStatus::Failed;
                 rec.error = Some(format!("{} ({})", e, e.classify()));
+                rec.qmp_failure = Some(crate::step::QmpFailure::from_class(e.classify()));
                 rec.notes.push(format!("{} connect attempts", failure.attempts));
                 self.connect_notes.lock().unwrap().extend_from_slice(&failure.transcript_jsonl());
                 *self.unavailable.lock().unwrap() = Some(format!("QMP connect failed: {}", e.classify()));
@@ -124,6 +126,7 @@ impl Lane {
             Err(_) => {
                 rec.status = StepStatus::Timeout;
                 rec.error = Some(format!("connect did not finish within {} ms", budget.as_millis()));
+                rec.qmp_failure = Some(crate::step::QmpFailure::NoGreeting);
                 *self.unavailable.lock().unwrap() = Some("QMP connect timed out".into());
             }
         }

@@ -56,6 +56,7 @@ fn record(step: &Step, status: StepStatus, start: chrono::DateTime<Utc>, took: D
         notes: vec![],
         files: vec![],
         optional: step.optional,
+        qmp_failure: None,
     }
 }
 
@@ -74,6 +75,9 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
         StepKind::Qmp { command, arguments, samples, interval, output } => {
             return qmp_step(ctx, step, command, arguments.clone(), *samples, *interval, output, timeout, sink).await;
         }
+        StepKind::Inflight { samples, interval } => {
+            return super::inflight_step::run(ctx, step, *samples, *interval, timeout, sink).await;
+        }
         StepKind::QomThrottle { output } => {
             Ended::Done(throttle(&ctx.qmp, &output.render(ctx.vars), timeout, &sink).await)
         }
@@ -82,17 +86,17 @@ pub async fn run(ctx: &mut Ctx<'_>, step: &Step, timeout: Duration) -> Ran {
             run_blocking(job, timeout, ctx.cancel).await
         }
     };
-    Ran::Done(finish(step, start, t0.elapsed(), outcome, &sink, timeout))
+    Ran::Done(finish_record(step, start, t0.elapsed(), outcome, &sink, timeout))
 }
 
 /// How a step's execution ended, before it becomes a record.
-enum Ended {
+pub(super) enum Ended {
     Done(StepOutcome),
     Timeout,
     Interrupted,
 }
 
-fn finish(
+pub(super) fn finish_record(
     step: &Step,
     start: chrono::DateTime<Utc>,
     took: Duration,
@@ -117,6 +121,11 @@ fn finish(
     r.error = error;
     r.files = files;
     r.notes = notes;
+    // Steps on the QMP lane time out only when QEMU does not answer in time.
+    let on_lane = matches!(step.kind, StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. });
+    if on_lane && status == StepStatus::Timeout {
+        r.qmp_failure = Some(crate::step::QmpFailure::Timeout);
+    }
     r
 }
 
@@ -165,8 +174,22 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             Ok(_) => StepOutcome::Ok,
             Err(e) => StepOutcome::Failed(e),
         }),
-        StepKind::File { path, output, redact } => Box::new(move || file_step(&path, &output, &redact, &vars, &sink)),
-        StepKind::Command { argv, output, output_cap } => {
+        StepKind::File { path, output, redact, tail, if_exists } => {
+            Box::new(move || file_step(&path, &output, &redact, tail, if_exists, &vars, &sink))
+        }
+        StepKind::PveTasks { output, log_cap } => Box::new(move || {
+            crate::pve::capture_tasks(
+                std::path::Path::new(&vars.log_dir),
+                &vars.vmid,
+                &output.render(&vars),
+                log_cap,
+                &sink,
+            )
+        }),
+        StepKind::Command { only_ha, .. } if only_ha && !ha_managed(&vars) => {
+            Box::new(|| StepOutcome::Skipped("not HA-managed (no `vm:` entry in ha/resources.cfg)".into()))
+        }
+        StepKind::Command { argv, output, output_cap, .. } => {
             let timeout = inner_deadline(timeout);
             if argv.iter().any(|a| a.uses("pid")) {
                 // A command addressed to {pid} (eu-stack -p, gdb -p, cat /proc/{pid}/…) must
@@ -217,17 +240,51 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             let rel = output.render(&vars);
             Box::new(move || minicore_step(&target, &rel, &opts, &sink, &cancel))
         }
-        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } => unreachable!("QMP steps run on the lane"),
+        StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => {
+            unreachable!("QMP steps run on the lane")
+        }
     }
 }
 
-fn file_step(path: &Template, output: &Template, redact: &[String], vars: &Vars, sink: &StepSink) -> StepOutcome {
+/// Whether the VM of this run is HA-managed; an unreadable resources.cfg counts as yes
+/// (asking ha-manager costs nothing, missing the answer does).
+fn ha_managed(vars: &Vars) -> bool {
+    match vars.vmid.parse() {
+        Ok(vmid) => crate::restart::ha_managed(std::path::Path::new(&vars.pve_dir), vmid).unwrap_or(true),
+        Err(_) => false,
+    }
+}
+
+/// Copies a file (a config, redacted as one) or the tail of a log (redacted as text).
+fn file_step(
+    path: &Template,
+    output: &Template,
+    redact: &[String],
+    tail: Option<u64>,
+    if_exists: bool,
+    vars: &Vars,
+    sink: &StepSink,
+) -> StepOutcome {
     let src = path.render(vars);
-    let text = match crate::procfs::read_capped(std::path::Path::new(&src), 16 << 20) {
+    let read = match tail {
+        Some(n) => crate::pve::tail(std::path::Path::new(&src), n).map(|(bytes, cut)| {
+            if cut {
+                sink.note(format!("{src}: last {n} bytes kept"));
+            }
+            bytes
+        }),
+        None => crate::procfs::read_capped(std::path::Path::new(&src), 16 << 20),
+    };
+    let text = match read {
         Ok(t) => t,
+        Err(e) if if_exists && e.kind() == std::io::ErrorKind::NotFound => {
+            return StepOutcome::Skipped(format!("unavailable: no {src}"))
+        }
         Err(e) => return StepOutcome::Failed(format!("cannot read {src}: {e}")),
     };
-    let redacted = crate::redact::key_values(&String::from_utf8_lossy(&text), redact);
+    let text = String::from_utf8_lossy(&text);
+    let redacted =
+        if tail.is_some() { crate::pve::redact_log(&text) } else { crate::redact::key_values(&text, redact) };
     match sink.write(&output.render(vars), redacted.as_bytes()) {
         Ok(()) => StepOutcome::Ok,
         Err(e) => StepOutcome::Failed(e.to_string()),
@@ -535,7 +592,7 @@ async fn qmp_step(
     let rel = output.render(ctx.vars);
     let first = one_sample(&ctx.qmp, command, args.clone(), timeout, &sample_path(&rel, 1, samples), &sink).await;
     if samples == 1 || !matches!(first, Ended::Done(StepOutcome::Ok)) {
-        return Ran::Done(finish(step, start, t0.elapsed(), first, &sink, timeout));
+        return Ran::Done(finish_record(step, start, t0.elapsed(), first, &sink, timeout));
     }
     let lane = ctx.qmp.clone();
     let cancel = ctx.cancel.clone();
@@ -551,11 +608,16 @@ async fn qmp_step(
                 _ = super::cancelled(&cancel) => { ended = Ended::Interrupted; break; }
             }
             ended = one_sample(&lane, &command, args.clone(), timeout, &sample_path(&rel, n, samples), &sink).await;
+            if let Ended::Done(StepOutcome::Skipped(why)) = ended {
+                // The first sample was taken: a later one that never went out leaves the
+                // step half done, which is a failure, not a step that did not apply.
+                ended = Ended::Done(StepOutcome::Failed(format!("sample {n} of {samples} {why}")));
+            }
             if !matches!(ended, Ended::Done(StepOutcome::Ok)) {
                 break;
             }
         }
-        finish(&step, start, t0.elapsed(), ended, &sink, timeout)
+        finish_record(&step, start, t0.elapsed(), ended, &sink, timeout)
     }))
 }
 
@@ -573,6 +635,12 @@ async fn one_sample(
             Err(e) => Ended::Done(StepOutcome::Failed(e.to_string())),
         },
         Err(LaneError::NotSent(why)) => Ended::Done(StepOutcome::Skipped(format!("not sent: {why}"))),
+        Err(LaneError::Qmp(crate::qmp::QmpError::Command { class, desc, .. })) if class == "CommandNotFound" => {
+            // Proxmox-only commands on another QEMU: the answer itself is the evidence.
+            let reply = json!({"error": {"class": class, "desc": desc}});
+            let _ = sink.write(rel, &serde_json::to_vec(&reply).unwrap_or_default());
+            Ended::Done(StepOutcome::Skipped(format!("unavailable: this QEMU has no {command} (CommandNotFound)")))
+        }
         Err(LaneError::Qmp(e)) => {
             if matches!(e, crate::qmp::QmpError::Timeout { .. }) {
                 Ended::Timeout

@@ -1,6 +1,7 @@
 //! `audit`: every VM config on the node, read as option sets, for the incident's risk
 //! stack, for what makes a VM unlike its neighbours, and for `[PENDING]` changes that a
-//! running QEMU has not picked up (only a full stop→start applies them).
+//! running QEMU has not picked up (only a full stop→start applies them). Running VMs
+//! also say whether a wedge could be pinned to a line ([`super::pinnable`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -8,6 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::config::{self, Options, PveConfig, Risk};
+use super::pinnable::RunningQemu;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VmAudit {
@@ -18,6 +20,27 @@ pub struct VmAudit {
     pub unlike_neighbours: Vec<String>,
     /// Keys whose pending value differs from the current one, as `key: old → new`.
     pub pending: Vec<String>,
+    /// The VM's QEMU, when one runs on this node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<RunningQemu>,
+}
+
+/// Attaches each running QEMU to its VM's config entry; one with no config on this node
+/// (a plain QEMU host, a config moved away) gets an entry of its own.
+pub fn attach_running(vms: &mut Vec<VmAudit>, running: Vec<RunningQemu>) {
+    for r in running {
+        match vms.iter_mut().find(|v| v.vmid == r.vmid) {
+            Some(v) => v.running = Some(r),
+            None => vms.push(VmAudit {
+                vmid: r.vmid.clone(),
+                name: None,
+                risks: vec![],
+                unlike_neighbours: vec![],
+                pending: vec![],
+                running: Some(r),
+            }),
+        }
+    }
 }
 
 /// Audits `<dir>/*.conf`. Unreadable files are reported as an error string.
@@ -86,9 +109,16 @@ pub fn audit(configs: &[(String, String)]) -> Vec<VmAudit> {
                 risks: config::risks(cfg),
                 unlike_neighbours: unlike,
                 pending: pending.as_ref().map(|p| pending_changes(cfg, p)).unwrap_or_default(),
+                running: None,
             }
         })
         .collect()
+}
+
+/// The `[PENDING]` changes of one config's text, as `key: old → new` (option sets, so
+/// a reordering is no change). Used by `audit` and by the autopsy's Proxmox findings.
+pub fn pending(text: &str) -> Vec<String> {
+    pending_section(text).map(|p| pending_changes(&PveConfig::parse(text), &p)).unwrap_or_default()
 }
 
 /// The `[PENDING]` section, if any: changes written to the config but not yet applied.

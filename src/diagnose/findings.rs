@@ -30,6 +30,10 @@ pub struct Findings {
     pub risks: Vec<Risk>,
     /// Top frames per group of identical stacks, when stacks were captured.
     pub stacks: Vec<String>,
+    /// Proxmox VE context: versions, backup, tasks, HA, pending changes, imminent stops.
+    pub pve: crate::pve::PveFindings,
+    /// Known bugs and risk stacks (`signatures/*.toml`) the evidence matches.
+    pub signatures: Vec<crate::signatures::SignatureMatch>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -127,6 +131,7 @@ pub fn collect(ev: &dyn Evidence, steps: &[StepRecord]) -> Findings {
     }
     io_uring(ev, &mut f);
     stacks(ev, &mut f);
+    f.pve = crate::pve::findings(ev);
     f
 }
 

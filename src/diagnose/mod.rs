@@ -8,19 +8,83 @@
 pub mod audit;
 pub mod config;
 mod findings;
+pub mod inflight;
+pub mod pinnable;
 
 use serde::Serialize;
 use serde_json::Value;
 
 pub use findings::{DeviceDelta, Findings, ThreadFinding};
+pub use inflight::{DiskCondition, DiskState};
 
 use crate::archive::Evidence;
-use crate::step::{StepRecord, StepStatus};
+use crate::step::{QmpFailure, StepRecord, StepStatus};
 
-/// Default idle time beyond which frozen counters alone count as a frozen block path.
-/// Linux guests flush the journal and dirty pages within seconds to a minute, so a disk
-/// with no completion for longer than this while the guest runs is not plausibly idle.
+/// Default time without a completion before requests in flight count as stuck (and,
+/// without an in-flight view, before frozen counters make a wedge *suspected*). Guests
+/// time SCSI commands out after 30 s; a failover or a slow disk completes within it.
 pub const DEFAULT_MIN_IDLE_SECS: f64 = 30.0;
+
+/// How a verdict was established.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strength {
+    /// Requests seen in flight without progress (virtqueues, blocked I/O threads, rings,
+    /// the guest agent), or QMP itself not answering.
+    Proven,
+    /// Counters alone: nothing completed for long, but nothing shows what is in flight.
+    Suspected,
+}
+
+/// Where stuck requests are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layer {
+    /// Taken from the guest, not completed, and nothing outstanding below QEMU: the
+    /// device model, the block layer or a throttle queue. A new QEMU helps.
+    InsideQemu,
+    /// QEMU's threads wait in the host kernel (file system, device, FUSE, NFS): a new
+    /// QEMU on the same storage wedges again or never starts.
+    BelowQemu,
+    /// A network block driver inside QEMU (NBD, iSCSI, RBD) waits on its server.
+    NetworkBackend,
+    /// The guest reports I/O in progress that QEMU never received.
+    GuestNotSubmitting,
+}
+
+impl Layer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Layer::InsideQemu => "inside-qemu",
+            Layer::BelowQemu => "below-qemu",
+            Layer::NetworkBackend => "network-backend",
+            Layer::GuestNotSubmitting => "guest-not-submitting",
+        }
+    }
+    /// One sentence for the summary's first lines.
+    pub fn sentence(self) -> &'static str {
+        match self {
+            Layer::InsideQemu => "stuck inside QEMU (device model, block layer or throttle queue): a full stop→start replaces the stuck process",
+            Layer::BelowQemu => "stuck below QEMU (host kernel, filesystem or storage): a new QEMU on the same storage would wedge again or never start; the storage must recover first",
+            Layer::NetworkBackend => "stuck in a network block backend (its server or the path to it): restarting QEMU does not fix the server; it must recover first",
+            Layer::GuestNotSubmitting => "stuck in the guest: it reports I/O in progress that never reached QEMU",
+        }
+    }
+}
+
+/// What a restart can be expected to do, given the evidence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "advice", content = "why", rename_all = "kebab-case")]
+pub enum RestartAdvice {
+    /// Proven stuck inside QEMU (or a wedged main loop): a full stop→start helps.
+    Helps,
+    /// Wedged, but not proven (no in-flight view), or stuck in the guest.
+    Unproven(String),
+    /// Stuck below QEMU or in a network backend: a new QEMU will not help.
+    WontHelp(String),
+    /// Not wedged at all (healthy, idle, paused, inconclusive, …).
+    NotWedged(String),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -85,25 +149,102 @@ impl Default for Rules {
 #[derive(Debug, Clone, Serialize)]
 pub struct Diagnosis {
     pub verdict: Verdict,
+    /// Set for wedge verdicts: how the verdict was established.
+    pub strength: Option<Strength>,
+    /// Set for a proven wedge: where the requests are stuck.
+    pub layer: Option<Layer>,
     /// The facts the verdict rests on, each a sentence with its numbers.
     pub facts: Vec<String>,
+    /// Per disk: moving, idle, stuck or suspected, with the in-flight evidence.
+    pub disks: Vec<DiskState>,
     pub findings: Findings,
 }
+
+impl Diagnosis {
+    /// A wedge verdict (what `--all-wedged` and the watch capture).
+    pub fn is_wedged(&self) -> bool {
+        matches!(self.verdict, Verdict::BlockPathFrozen | Verdict::MainLoopWedged)
+    }
+
+    /// `diagnose`'s exit code: the verdict's, except that a merely suspected frozen block
+    /// path has its own (17), so an alert rule keyed on 11 acts only on proof.
+    pub fn exit_code(&self) -> u8 {
+        match (self.verdict, self.strength) {
+            (Verdict::BlockPathFrozen, Some(Strength::Suspected)) => SUSPECTED_FROZEN_EXIT,
+            (v, _) => v.exit_code(),
+        }
+    }
+
+    pub fn restart_advice(&self) -> RestartAdvice {
+        if !self.is_wedged() {
+            return RestartAdvice::NotWedged(format!("verdict {}: nothing to restart for", self.verdict));
+        }
+        match (self.strength, self.layer) {
+            (Some(Strength::Proven), Some(l @ (Layer::BelowQemu | Layer::NetworkBackend))) => {
+                RestartAdvice::WontHelp(l.sentence().to_string())
+            }
+            (Some(Strength::Proven), Some(Layer::GuestNotSubmitting)) => {
+                RestartAdvice::Unproven(Layer::GuestNotSubmitting.sentence().to_string())
+            }
+            (Some(Strength::Proven), _) => RestartAdvice::Helps,
+            _ => RestartAdvice::Unproven(
+                "suspected only: no in-flight view shows requests stuck (counters alone cannot tell an idle disk from a frozen one)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// The gate for restarts nobody asked for by VMID (serve policies, `--all-wedged
+    /// --then-restart`): only a proven wedge inside QEMU, or a suspected one when the
+    /// operator opted in. `Err` says why not.
+    pub fn automatic_restart(&self, allow_suspected: bool) -> Result<(), String> {
+        match self.restart_advice() {
+            RestartAdvice::Helps => Ok(()),
+            RestartAdvice::Unproven(_) if allow_suspected && self.strength == Some(Strength::Suspected) => Ok(()),
+            RestartAdvice::Unproven(why) => Err(format!("not restarted automatically: {why}")),
+            RestartAdvice::WontHelp(why) => Err(format!("not restarted: {why}")),
+            RestartAdvice::NotWedged(why) => Err(format!("not restarted: {why}")),
+        }
+    }
+}
+
+impl Diagnosis {
+    /// A diagnosis with a verdict and no evidence, for gates' unit tests.
+    #[cfg(test)]
+    pub fn bare(verdict: Verdict, strength: Option<Strength>, layer: Option<Layer>) -> Diagnosis {
+        Diagnosis { verdict, strength, layer, facts: vec![], disks: vec![], findings: Findings::default() }
+    }
+}
+
+/// `diagnose` exit code of a `block-path-frozen` verdict that is only suspected.
+pub const SUSPECTED_FROZEN_EXIT: u8 = 17;
 
 /// Computes the verdict. `steps` are the run's step records (from the manifest when
 /// reading an archive).
 pub fn diagnose(ev: &dyn Evidence, steps: &[StepRecord], rules: &Rules) -> Diagnosis {
     let findings = findings::collect(ev, steps);
-    let mut facts = Vec::new();
-    let verdict = decide(ev, steps, &findings, rules, &mut facts);
-    Diagnosis { verdict, facts, findings }
+    let mut d = Diagnosis {
+        verdict: Verdict::Inconclusive,
+        strength: None,
+        layer: None,
+        facts: vec![],
+        disks: vec![],
+        findings,
+    };
+    d.verdict = decide(ev, steps, rules, &mut d);
+    // The one hook of known-bug signatures: pure over the evidence, the verdict and its layer.
+    d.findings.signatures =
+        crate::signatures::matches(ev, d.verdict.as_str(), d.layer.map(Layer::as_str), crate::signatures::active());
+    d
 }
 
 fn step<'a>(steps: &'a [StepRecord], id: &str) -> Option<&'a StepRecord> {
     steps.iter().find(|s| s.id == id)
 }
 
-fn decide(ev: &dyn Evidence, steps: &[StepRecord], f: &Findings, rules: &Rules, facts: &mut Vec<String>) -> Verdict {
+fn decide(ev: &dyn Evidence, steps: &[StepRecord], rules: &Rules, d: &mut Diagnosis) -> Verdict {
+    let f = &d.findings;
+    let facts = &mut d.facts;
     // 1. A stopped process explains everything else (no greeting, frozen counters).
     if let Some(state) = &f.process_state {
         if state.starts_with('T') || state.starts_with('t') {
@@ -113,13 +254,14 @@ fn decide(ev: &dyn Evidence, steps: &[StepRecord], f: &Findings, rules: &Rules, 
             return Verdict::ProcessStopped;
         }
     }
-    // 2. QMP reachability, from the connect step.
-    if let Some(c) = step(steps, "qmp-connect") {
+    // 2. QMP reachability, from the connect step's typed failure.
+    if let Some(c) = step(steps, crate::step::QMP_CONNECT_ID) {
         if c.status != StepStatus::Ok && c.status != StepStatus::Skipped {
             let err = c.error.clone().unwrap_or_default();
-            if err.contains("capabilities-unanswered") {
+            if c.qmp_failure == Some(QmpFailure::CapabilitiesUnanswered) {
                 facts.push(format!("QMP greeted but did not answer qmp_capabilities: {err}"));
                 facts.push("in-band commands run on the main loop, so the main loop is not running".into());
+                main_loop_layer(d);
                 return Verdict::MainLoopWedged;
             }
             facts.push(format!("no QMP session: {err}"));
@@ -138,9 +280,10 @@ fn decide(ev: &dyn Evidence, steps: &[StepRecord], f: &Findings, rules: &Rules, 
             return Verdict::QmpUnreachable;
         }
     }
-    if let Some(t) = steps.iter().find(|s| s.kind == "qmp" && s.status == StepStatus::Timeout) {
-        facts.push(format!("QMP command step {} timed out after {} ms while the session was up", t.id, t.duration_ms));
+    if let Some(t) = steps.iter().find(|s| s.qmp_failure == Some(QmpFailure::Timeout)) {
+        facts.push(format!("QMP step {} timed out after {} ms while the session was up", t.id, t.duration_ms));
         facts.push("in-band commands run on the main loop, so the main loop is stuck".into());
+        main_loop_layer(d);
         return Verdict::MainLoopWedged;
     }
     // 3. Run state.
@@ -160,65 +303,139 @@ fn decide(ev: &dyn Evidence, steps: &[StepRecord], f: &Findings, rules: &Rules, 
         facts.push(format!("the guest is not running (status {status}); I/O does not move while it is"));
         return Verdict::Paused;
     }
-    // 4. Block path: counters across the two blockstats samples.
+    // 4. Block path: what is in flight, per disk, at both ends of the window.
+    match inflight::Inflight::load(ev) {
+        Some(inf) => block_path_inflight(&inf, rules, d),
+        None => block_path_counters(rules, d),
+    }
+}
+
+/// A wedged main loop is proven by QMP itself; its layer comes from the main thread:
+/// blocked in an I/O call on storage (e.g. `query-block` stat-ing an image on a hung
+/// NFS mount) it is below QEMU, otherwise inside.
+fn main_loop_layer(d: &mut Diagnosis) {
+    d.strength = Some(Strength::Proven);
+    let main = d.findings.main_thread.clone();
+    let below = main.as_ref().is_some_and(|m| {
+        m.state == 'D'
+            || ["nfs", "fuse", "request_wait_answer", "blk_mq", "io_schedule"].iter().any(|w| m.wchan.contains(w))
+    });
+    d.layer = Some(if below { Layer::BelowQemu } else { Layer::InsideQemu });
+    if let (true, Some(m)) = (below, main) {
+        d.facts.push(format!(
+            "the main thread is in state {} waiting in {}: it is blocked in the host kernel, below QEMU",
+            m.state, m.wchan
+        ));
+    }
+}
+
+fn block_path_inflight(inf: &inflight::Inflight, rules: &Rules, d: &mut Diagnosis) -> Verdict {
+    let disks = inflight::assess(inf, &d.findings.devices, rules.min_idle_secs);
+    let with = |c: DiskCondition| disks.iter().filter(move |x| x.condition == c);
+    let verdict = if with(DiskCondition::Stuck).next().is_some() {
+        let stuck: Vec<&DiskState> = with(DiskCondition::Stuck).collect();
+        for s in &stuck {
+            d.facts.extend(s.evidence.iter().cloned());
+        }
+        d.strength = Some(Strength::Proven);
+        // The most consequential layer wins: one disk stuck below QEMU makes a restart futile.
+        let layers: Vec<Layer> = stuck.iter().filter_map(|s| s.layer).collect();
+        d.layer = [Layer::BelowQemu, Layer::NetworkBackend, Layer::InsideQemu, Layer::GuestNotSubmitting]
+            .into_iter()
+            .find(|l| layers.contains(l));
+        d.facts.push(format!(
+            "QEMU answered {} QMP commands during the capture: its main loop is alive",
+            d.findings.qmp_replies
+        ));
+        Verdict::BlockPathFrozen
+    } else if with(DiskCondition::Suspected).next().is_some() {
+        for s in with(DiskCondition::Suspected) {
+            d.facts.extend(s.evidence.iter().cloned());
+            if let Some(why) = &s.no_view {
+                d.facts.push(format!("suspected, not proven: {why}"));
+            }
+        }
+        d.strength = Some(Strength::Suspected);
+        Verdict::BlockPathFrozen
+    } else if with(DiskCondition::StuckRecently).next().is_some() {
+        for s in with(DiskCondition::StuckRecently) {
+            d.facts.extend(s.evidence.iter().cloned());
+        }
+        d.facts
+            .push("diagnose again in a minute: stuck requests that stay stuck past the threshold prove a wedge".into());
+        Verdict::Inconclusive
+    } else if with(DiskCondition::Moving).next().is_some()
+        || (!disks.is_empty() && disks.iter().all(|x| x.condition == DiskCondition::Idle))
+    {
+        for s in disks.iter().filter(|x| matches!(x.condition, DiskCondition::Moving | DiskCondition::Idle)) {
+            d.facts.extend(s.evidence.iter().cloned());
+        }
+        Verdict::Healthy
+    } else if disks.is_empty() {
+        d.facts.push("no disks found in query-block and the command line".into());
+        Verdict::Inconclusive
+    } else {
+        for s in &disks {
+            d.facts.extend(s.evidence.iter().cloned());
+        }
+        d.facts.push(format!(
+            "nothing completed in the window and nothing proves the disks idle or stuck yet; diagnose again after {:.0} s",
+            rules.min_idle_secs
+        ));
+        Verdict::Inconclusive
+    };
+    d.disks = disks;
+    verdict
+}
+
+/// Archives without in-flight samples (custom runbooks): counters alone can only
+/// suspect a wedge.
+fn block_path_counters(rules: &Rules, d: &mut Diagnosis) -> Verdict {
+    let f = &d.findings;
     if f.devices.is_empty() {
-        facts.push("no two query-blockstats samples to compare".into());
+        d.facts.push("no in-flight samples and no two query-blockstats samples to compare".into());
         return Verdict::Inconclusive;
     }
     let window = f.sample_window_ms;
-    let moving: Vec<&DeviceDelta> = f.devices.iter().filter(|d| d.ops_delta() > 0).collect();
-    let frozen: Vec<&DeviceDelta> = f
-        .devices
-        .iter()
-        .filter(|d| d.ops_delta() == 0 && d.ever_completed())
-        // QMP has no in-flight counter, and on QEMU 7.2 wr_highest_offset moves only on
-        // completion (measured in the lab), so a stuck queue and an idle disk differ only
-        // in how long nothing has completed.
-        .filter(|d| d.idle_secs().is_some_and(|s| s >= rules.min_idle_secs))
-        .collect();
-    if !frozen.is_empty() {
-        for d in &frozen {
-            let mut fact = format!(
-                "{}: 0 I/O operations completed across {} ms (wr_operations {}, rd_operations {}, flush_operations {})",
-                d.device, window, d.wr_ops.1, d.rd_ops.1, d.flush_ops.1
-            );
-            if let Some(idle) = d.idle_secs() {
-                fact.push_str(&format!(
-                    "; last completion {idle:.1} s ago (idle_time_ns {})",
-                    d.idle_ns.1.unwrap_or(0)
-                ));
-            }
-            facts.push(fact);
-        }
-        facts.push(format!("QEMU answered {} QMP commands during the capture: its main loop is alive", f.qmp_replies));
-        if !moving.is_empty() {
-            facts.push(format!(
-                "other devices still complete I/O: {}",
-                moving.iter().map(|d| format!("{} (+{} ops)", d.device, d.ops_delta())).collect::<Vec<_>>().join(", ")
-            ));
-        }
-        return Verdict::BlockPathFrozen;
-    }
+    let moving: Vec<&DeviceDelta> = f.devices.iter().filter(|x| x.ops_delta() > 0).collect();
     if !moving.is_empty() {
-        for d in &moving {
-            facts.push(format!("{}: +{} operations completed in {} ms", d.device, d.ops_delta(), window));
+        for x in &moving {
+            d.facts.push(format!("{}: +{} operations completed in {} ms", x.device, x.ops_delta(), window));
         }
         return Verdict::Healthy;
     }
-    let idle: Vec<String> = f
+    let frozen: Vec<String> = f
         .devices
         .iter()
-        .map(|d| match d.idle_secs() {
-            Some(s) => format!("{} idle {s:.1} s", d.device),
-            None => format!("{} no I/O since start", d.device),
+        .filter(|x| x.idle_secs().is_some_and(|s| s >= rules.min_idle_secs))
+        .map(|x| {
+            format!(
+                "{}: 0 operations completed in {window} ms, none for {:.1} s",
+                x.device,
+                x.idle_secs().unwrap_or(0.0)
+            )
         })
         .collect();
-    facts.push(format!(
-        "no I/O completed in the {window} ms window ({}), but the disks have been idle for less than {:.0} s: an idle guest looks the same; diagnose again in a minute or check guest activity",
-        idle.join(", "),
-        rules.min_idle_secs
-    ));
-    Verdict::Inconclusive
+    if frozen.is_empty() {
+        let idle: Vec<String> = f
+            .devices
+            .iter()
+            .map(|x| match x.idle_secs() {
+                Some(s) => format!("{} idle {s:.1} s", x.device),
+                None => format!("{} no I/O since start", x.device),
+            })
+            .collect();
+        d.facts.push(format!(
+            "no I/O completed in the {window} ms window ({}), none of it longer than {:.0} s ago",
+            idle.join(", "),
+            rules.min_idle_secs
+        ));
+        return Verdict::Inconclusive;
+    }
+    d.facts.extend(frozen);
+    d.facts.push("suspected, not proven: this capture has no in-flight samples (runbook without an `inflight` step), so an idle disk looks the same".into());
+    d.strength = Some(Strength::Suspected);
+    Verdict::BlockPathFrozen
 }
 
 /// Parses a QMP reply file's `return` value.

@@ -39,7 +39,12 @@ fn rec(id: &str, kind: &str, status: StepStatus, error: Option<&str>, files: &[&
         notes: vec![],
         files: files.iter().map(|s| s.to_string()).collect(),
         optional: false,
+        qmp_failure: None,
     }
+}
+
+fn failed(id: &str, status: StepStatus, failure: QmpFailure) -> StepRecord {
+    StepRecord { qmp_failure: Some(failure), ..rec(id, "qmp", status, Some("(from the lane)"), &[]) }
 }
 
 fn bs(wr_ops: u64, highest: u64, idle: Option<u64>) -> serde_json::Value {
@@ -84,7 +89,11 @@ fn frozen_long_idle_but_short_idle_is_inconclusive() {
     let long = running(Mem::default())
         .put("qmp/query-blockstats.1.json", bs(5, 4096, Some(600_000_000_000)))
         .put("qmp/query-blockstats.2.json", bs(5, 4096, Some(602_000_000_000)));
-    assert_eq!(diagnose(&long, &ok_steps(), &Rules::default()).verdict, Verdict::BlockPathFrozen);
+    // Counters alone (no in-flight samples): a wedge can only be suspected.
+    let d = diagnose(&long, &ok_steps(), &Rules::default());
+    assert_eq!((d.verdict, d.strength), (Verdict::BlockPathFrozen, Some(Strength::Suspected)), "{:?}", d.facts);
+    assert_eq!(d.exit_code(), SUSPECTED_FROZEN_EXIT);
+    assert!(d.automatic_restart(false).is_err());
     let short = running(Mem::default())
         .put("qmp/query-blockstats.1.json", bs(5, 4096, Some(1_000_000_000)))
         .put("qmp/query-blockstats.2.json", bs(5, 4096, Some(3_000_000_000)));
@@ -123,21 +132,28 @@ fn qmp_failures() {
         .text("proc/status", "State:\tS (sleeping)\nPid:\t100\n")
         .text("proc/task/100/stat", "100 (qemu) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5 0 0")
         .text("proc/task/100/wchan", "do_sys_poll");
-    let steps = vec![rec("qmp-connect", "qmp", StepStatus::Failed, Some("no QMP greeting (no-greeting)"), &[])];
+    let steps = vec![failed("qmp-connect", StepStatus::Failed, QmpFailure::NoGreeting)];
     let d = diagnose(&held, &steps, &Rules::default());
     assert_eq!(d.verdict, Verdict::QmpUnreachable);
     assert!(d.facts.iter().any(|f| f.contains("another client most likely holds the socket")), "{:?}", d.facts);
+    let steps = vec![failed("qmp-connect", StepStatus::Failed, QmpFailure::CapabilitiesUnanswered)];
+    let d = diagnose(&held, &steps, &Rules::default());
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::MainLoopWedged, Some(Strength::Proven), Some(Layer::InsideQemu))
+    );
+    // The error text does not decide: only the typed failure does.
     let steps = vec![rec("qmp-connect", "qmp", StepStatus::Failed, Some("x (capabilities-unanswered)"), &[])];
-    assert_eq!(diagnose(&held, &steps, &Rules::default()).verdict, Verdict::MainLoopWedged);
+    assert_eq!(diagnose(&held, &steps, &Rules::default()).verdict, Verdict::QmpUnreachable);
     let mut steps = ok_steps();
-    steps.push(rec("qmp-block", "qmp", StepStatus::Timeout, Some("did not finish"), &[]));
+    steps.push(failed("qmp-block", StepStatus::Timeout, QmpFailure::Timeout));
     assert_eq!(diagnose(&running(Mem::default()), &steps, &Rules::default()).verdict, Verdict::MainLoopWedged);
 }
 
 #[test]
 fn stopped_process_wins() {
     let ev = running(Mem::default()).text("proc/status", "State:\tT (stopped)\nPid:\t100\n");
-    let steps = vec![rec("qmp-connect", "qmp", StepStatus::Failed, Some("(no-greeting)"), &[])];
+    let steps = vec![failed("qmp-connect", StepStatus::Failed, QmpFailure::NoGreeting)];
     assert_eq!(diagnose(&ev, &steps, &Rules::default()).verdict, Verdict::ProcessStopped);
 }
 
@@ -157,4 +173,163 @@ fn io_uring_pending_and_throttle_drift() {
     assert_eq!(d.findings.throttle_drift.len(), 1, "{:?}", d.findings.throttle_drift);
     assert!(d.findings.throttle_drift[0].contains("52428800"));
     assert!(d.findings.risks.iter().any(|r| r.key == "scsihw"));
+}
+
+// In-flight evidence: samples as the `inflight` step writes them. The real-guest tests
+// (tests/guest_verdicts.rs) check the same rules against real QEMUs and guests; these
+// pin each rule's edge with exact numbers.
+
+const VSCSI: &str = "/machine/peripheral/virtioscsi0/virtio-backend";
+
+fn cmdline(ctl: &str) -> String {
+    let ctl_dev = match ctl {
+        "lsi" => "lsi,id=scsihw0",
+        _ => "virtio-scsi-pci,id=virtioscsi0,iothread=iothread-virtioscsi0",
+    };
+    let bus = if ctl == "lsi" { "scsihw0.0" } else { "virtioscsi0.0" };
+    ["qemu", "-device", ctl_dev, "-device", &format!("scsi-hd,bus={bus},drive=drive-scsi0,id=scsi0")].join("\0")
+}
+
+fn vq(inuse: u32, avail: u16, used: u16) -> serde_json::Value {
+    json!({"index": 2, "inuse": inuse, "last_avail_idx": avail, "shadow_avail_idx": avail, "used_idx": used})
+}
+
+fn sample(n: u32, t_ms: u64, queue: Option<serde_json::Value>, threads: serde_json::Value) -> serde_json::Value {
+    let virtio = match queue {
+        Some(q) => json!([{"path": VSCSI, "name": "virtio-scsi", "queues": [
+            {"index": 0, "inuse": 0, "last_avail_idx": 0, "shadow_avail_idx": 0, "used_idx": 0},
+            {"index": 1, "inuse": 0, "last_avail_idx": 0, "shadow_avail_idx": 0, "used_idx": 0}, q]}]),
+        None => json!([]),
+    };
+    json!({"n": n, "t_ms": t_ms, "virtio": virtio, "threads": threads, "rings": [], "sockets": [], "agent": null})
+}
+
+/// A running VM with one disk; `idle` seconds since its last completion (both samples),
+/// no completion in the window.
+fn vm(
+    ctl: &str,
+    file: &str,
+    idle_s: u64,
+    q1: Option<serde_json::Value>,
+    q2: Option<serde_json::Value>,
+    threads: serde_json::Value,
+) -> Mem {
+    let idle = idle_s * 1_000_000_000;
+    running(Mem::default())
+        .put("qmp/query-blockstats.1.json", bs(5, 4096, Some(idle)))
+        .put("qmp/query-blockstats.2.json", bs(5, 4096, Some(idle + 2_000_000_000)))
+        .put("qmp/query-block.json", json!({"return": [{"device": "drive-scsi0", "qdev": "scsi0", "inserted": {"file": file, "image": {"filename": file}}}]}))
+        .put("qmp/x-query-virtio.json", json!({"return": if ctl == "lsi" { json!([]) } else { json!([{"name": "virtio-scsi", "path": VSCSI}]) }}))
+        .text("proc/cmdline", &cmdline(ctl))
+        .put("inflight/sample.1.json", sample(1, 0, q1, threads.clone()))
+        .put("inflight/sample.2.json", sample(2, 2000, q2, threads))
+}
+
+fn inflight_steps() -> Vec<StepRecord> {
+    vec![
+        rec("qmp-connect", "qmp", StepStatus::Ok, None, &[]),
+        rec("qmp-status", "qmp", StepStatus::Ok, None, &["qmp/query-status.json"]),
+        rec("inflight", "inflight", StepStatus::Ok, None, &["inflight/sample.1.json", "inflight/sample.2.json"]),
+    ]
+}
+
+const IMG: &str = "/var/lib/vz/images/102/vm-102-disk-0.raw";
+
+#[test]
+fn idle_virtio_disk_is_healthy_however_long_idle() {
+    let ev = vm("virtio", IMG, 3600, Some(vq(0, 263, 263)), Some(vq(0, 263, 263)), json!([]));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(d.verdict, Verdict::Healthy, "{:?}", d.facts);
+    assert_eq!(d.disks[0].condition, DiskCondition::Idle);
+    assert!(d.facts.iter().any(|f| f.contains("nothing in flight")), "{:?}", d.facts);
+    assert!(d.automatic_restart(true).is_err());
+}
+
+#[test]
+fn stuck_virtio_request_is_proven_frozen_inside_qemu() {
+    let ev = vm("virtio", IMG, 41, Some(vq(1, 2, 1)), Some(vq(1, 2, 1)), json!([]));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu)),
+        "{:?}",
+        d.facts
+    );
+    assert!(
+        d.facts.iter().any(|f| f.contains("1 request(s) in flight") && f.contains("used-idx unchanged")),
+        "{:?}",
+        d.facts
+    );
+    assert!(d.facts.iter().any(|f| f.contains("no request completed for 43.0 s")), "{:?}", d.facts);
+    assert_eq!(d.exit_code(), 11);
+    assert_eq!(d.automatic_restart(false), Ok(()));
+    // Below the threshold the same picture is not yet a wedge.
+    let young = vm("virtio", IMG, 5, Some(vq(1, 2, 1)), Some(vq(1, 2, 1)), json!([]));
+    let d = diagnose(&young, &inflight_steps(), &Rules::default());
+    assert_eq!(d.verdict, Verdict::Inconclusive, "{:?}", d.facts);
+    // Completions on the queue are progress, whatever blockstats says.
+    let moving = vm("virtio", IMG, 41, Some(vq(1, 2, 1)), Some(vq(1, 3, 2)), json!([]));
+    assert_eq!(diagnose(&moving, &inflight_steps(), &Rules::default()).verdict, Verdict::Healthy);
+}
+
+#[test]
+fn worker_blocked_on_the_image_is_below_qemu_and_not_restarted() {
+    let worker = json!([{"tid": 4711, "name": "worker", "state": "S", "wchan": "request_wait_answer", "syscall": 18,
+        "syscall_name": "pwrite64", "fd": 17, "file": IMG, "run_ns": 123456}]);
+    let ev = vm("virtio", IMG, 41, Some(vq(1, 2, 1)), Some(vq(1, 2, 1)), worker.clone());
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!((d.verdict, d.layer), (Verdict::BlockPathFrozen, Some(Layer::BelowQemu)), "{:?}", d.facts);
+    assert!(
+        d.facts
+            .iter()
+            .any(|f| f.contains("thread 4711 (worker) in pwrite64 on fd 17") && f.contains("request_wait_answer")),
+        "{:?}",
+        d.facts
+    );
+    assert!(matches!(d.restart_advice(), RestartAdvice::WontHelp(_)));
+    assert!(d.automatic_restart(true).is_err());
+    // On LSI the worker is the in-flight view: proven, not merely suspected.
+    let lsi = vm("lsi", IMG, 41, None, None, worker);
+    let d = diagnose(&lsi, &inflight_steps(), &Rules::default());
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::BelowQemu)),
+        "{:?}",
+        d.facts
+    );
+}
+
+#[test]
+fn network_backend_is_named() {
+    let ev = vm("virtio", "nbd://127.0.0.1:10809/exp", 41, Some(vq(2, 9, 7)), Some(vq(2, 9, 7)), json!([]));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!((d.verdict, d.layer), (Verdict::BlockPathFrozen, Some(Layer::NetworkBackend)), "{:?}", d.facts);
+    assert!(d.facts.iter().any(|f| f.contains("nbd driver")), "{:?}", d.facts);
+}
+
+#[test]
+fn lsi_without_a_view_is_at_most_suspected() {
+    let ev = vm("lsi", IMG, 3600, None, None, json!([]));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!((d.verdict, d.strength), (Verdict::BlockPathFrozen, Some(Strength::Suspected)), "{:?}", d.facts);
+    assert!(d.facts.iter().any(|f| f.contains("LSI 53C895A controller exposes no in-flight counter")), "{:?}", d.facts);
+    assert_eq!(d.exit_code(), SUSPECTED_FROZEN_EXIT);
+    assert!(d.automatic_restart(false).is_err());
+    assert_eq!(d.automatic_restart(true), Ok(()));
+    let recent = vm("lsi", IMG, 3, None, None, json!([]));
+    assert_eq!(diagnose(&recent, &inflight_steps(), &Rules::default()).verdict, Verdict::Inconclusive);
+}
+
+#[test]
+fn a_busy_vm_with_an_unused_disk_is_healthy() {
+    // scsi0 idle for an hour on virtio with nothing in flight; scsi1 (own controller) busy.
+    let mut ev = vm("virtio", IMG, 3600, Some(vq(0, 5, 5)), Some(vq(0, 5, 5)), json!([]));
+    let two = |wr: u64| {
+        json!({"return": [
+        {"device": "drive-scsi0", "stats": {"wr_operations": 5, "idle_time_ns": 3_600_000_000_000u64}},
+        {"device": "drive-scsi1", "stats": {"wr_operations": wr, "idle_time_ns": 1000}}]})
+    };
+    ev = ev.put("qmp/query-blockstats.1.json", two(100)).put("qmp/query-blockstats.2.json", two(180));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(d.verdict, Verdict::Healthy, "{:?}", d.facts);
 }

@@ -83,7 +83,7 @@ impl Default for MinicoreOptions {
             ram_sizes: Vec::new(),
             min_free: 1 << 30,
             frozen_budget: FROZEN_BUDGET,
-            debug_dirs: vec![crate::config::DEFAULT_DEBUG_DIR.into()],
+            debug_dirs: vec![native::DEFAULT_DEBUG_DIR.into()],
             labels: BTreeMap::new(),
             stop_timeout: Duration::from_millis(50),
         }

@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::archive::{self, ArchiveReader, Evidence};
 use crate::cancel::Cancel;
 use crate::exec::{self, Spec};
+use crate::exit::Exit;
 use crate::stacks::native::modules::{find_debug, hex, DebugSearch, Elf};
 use crate::stacks::resymbolize::debug_package;
 
@@ -31,8 +32,24 @@ pub enum QemuStateError {
     NoCore,
     #[error("{0}")]
     Archive(#[from] archive::ArchiveError),
+    /// The QEMU binary on this host is missing or another build than the one that ran.
     #[error("{0}")]
-    Other(String),
+    OtherBuild(String),
+    /// gdb or the temp dir for the extracted core could not be used.
+    #[error("{0}")]
+    Tool(String),
+}
+
+impl QemuStateError {
+    /// Exit class: an archive without a core, or one from another QEMU build than this
+    /// host has, is bad input for this command; a missing gdb or temp dir is internal.
+    pub fn exit(&self) -> Exit {
+        match self {
+            QemuStateError::NoCore | QemuStateError::OtherBuild(_) => Exit::BadInput,
+            QemuStateError::Archive(e) => e.exit(),
+            QemuStateError::Tool(_) => Exit::Internal,
+        }
+    }
 }
 
 /// Options of `--qemu-state`.
@@ -114,7 +131,7 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
     let elf = Elf::open(Path::new(&meta.exe)).ok();
     let host_id = elf.as_ref().and_then(|e| e.build_id.as_deref().map(hex));
     if host_id.is_none() || host_id != meta.exe_build_id {
-        return Err(QemuStateError::Other(format!(
+        return Err(QemuStateError::OtherBuild(format!(
             "{} on this host {} the one that ran (build-id {}): run --qemu-state on a host with the same QEMU build",
             meta.exe,
             if host_id.is_none() { "is missing, so it cannot be" } else { "is not" },
@@ -144,7 +161,7 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
             opts.script.display()
         ));
     }
-    let tmp = TempDir::new().map_err(|e| QemuStateError::Other(format!("cannot create a private temp dir: {e}")))?;
+    let tmp = TempDir::new().map_err(|e| QemuStateError::Tool(format!("cannot create a private temp dir: {e}")))?;
     let core = tmp.0.join("qemu.core");
     archive::extract_entry(archive_path, &entry.path, &entry, &core)?;
     let mut argv: Vec<String> = vec![opts.gdb.clone(), "-batch".into(), "-nx".into()];
@@ -165,8 +182,8 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
         spec.env_remove.push("DEBUGINFOD_URLS".into());
     }
     let out = exec::run(&spec, &Cancel::new()).map_err(|e| match e {
-        exec::ExecError::NotFound(_) => QemuStateError::Other("gdb is not installed (apt install gdb)".into()),
-        other => QemuStateError::Other(other.to_string()),
+        exec::ExecError::NotFound(_) => QemuStateError::Tool("gdb is not installed (apt install gdb)".into()),
+        other => QemuStateError::Tool(other.to_string()),
     })?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);

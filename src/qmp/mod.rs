@@ -60,7 +60,7 @@ pub(crate) fn secs(d: Duration) -> String {
 
 /// Makes untrusted text safe for a one-line message: control characters escaped,
 /// at most `max` characters kept.
-pub(crate) fn one_line(s: &str, max: usize) -> String {
+pub fn one_line(s: &str, max: usize) -> String {
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
         if i == max {

@@ -15,6 +15,11 @@
 //!    `human-monitor-command` whose `command-line` is exactly `info <subcommand>[ <arg>…]`
 //!    (printable ASCII, single spaces, no `;`).
 //! 4. Everything else is refused.
+//!
+//! Proxmox's own read-only commands (`query-proxmox-support`, `query-backup`,
+//! `query-pbs-bitmap-info`) and `query-stats` (KVM statistics, QEMU 7.2+) pass rule 3
+//! like every `query-*`; the default runbook sends them, and a QEMU without them answers
+//! CommandNotFound, which the capture records as the step's (unavailable) result.
 
 use serde_json::Value;
 
@@ -246,6 +251,9 @@ mod tests {
             "query-block",
             "query-named-block-nodes",
             "query-proxmox-support",
+            "query-backup",
+            "query-pbs-bitmap-info",
+            "query-stats",
             "x-query-virtio-queue-status",
             "qom-list",
             "qom-get",

@@ -1,6 +1,6 @@
 //! Client tests against a scripted fake QMP server on a temporary Unix socket.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +15,8 @@ use super::*;
 const GREETING: &str = r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7+deb12u7"}, "capabilities": ["oob"]}}"#;
 const SHORT: Duration = Duration::from_millis(300);
 const LONG: Duration = Duration::from_secs(5);
+/// A bound whose breach means a hang, not a slow machine.
+const HANG: Duration = Duration::from_secs(60);
 
 fn fast_cfg() -> QmpConfig {
     QmpConfig {
@@ -106,7 +108,7 @@ async fn handshake_and_command() {
     let r = c.execute("query-status", None, LONG).await.unwrap();
     assert_eq!(r.value["status"], "running");
     assert_eq!(r.raw, reply.as_bytes(), "raw is the line as sent, minus \\r\\n");
-    assert!(r.elapsed < LONG);
+    assert!(r.elapsed <= LONG, "elapsed is measured within the command's deadline: {:?}", r.elapsed);
 
     let t = transcript(&c);
     drop(c);
@@ -195,13 +197,14 @@ async fn accepted_but_silent_socket_is_no_greeting_within_budget() {
     });
 
     let cfg = QmpConfig { connect_budget: Duration::from_secs(1), ..fast_cfg() };
-    let t0 = Instant::now();
-    let f = QmpClient::connect_traced(&path, &cfg).await.unwrap_err();
-    let took = t0.elapsed();
-    assert!(took >= Duration::from_secs(1) && took < Duration::from_millis(1800), "took {took:?}");
+    // A hang, not slowness, would breach this: the budget is 1 s.
+    let f = tokio::time::timeout(HANG, QmpClient::connect_traced(&path, &cfg))
+        .await
+        .expect("connect gave up within its budget, not never")
+        .unwrap_err();
     match &f.error {
         QmpError::NoGreeting { waited, attempts, .. } => {
-            assert!(*waited >= Duration::from_secs(1));
+            assert!(*waited >= Duration::from_secs(1), "the whole budget was used: {waited:?}");
             assert!(*attempts >= 3, "retried: {attempts}");
             assert_eq!(*attempts, f.attempts);
         }
@@ -242,15 +245,16 @@ async fn greeting_then_silence_is_capabilities_unanswered_without_retry() {
         (cap, again, p.rest().await)
     });
 
-    let t0 = Instant::now();
-    let f = QmpClient::connect_traced(&path, &fast_cfg()).await.unwrap_err();
+    let f = tokio::time::timeout(HANG, QmpClient::connect_traced(&path, &fast_cfg()))
+        .await
+        .expect("connect gave up on the capabilities reply, not never")
+        .unwrap_err();
     match f.error {
         QmpError::CapabilitiesUnanswered { waited } => {
-            assert!(waited >= Duration::from_millis(500) && waited < Duration::from_millis(1500), "{waited:?}")
+            assert!(waited >= fast_cfg().capabilities_timeout, "waited its whole timeout: {waited:?}")
         }
         ref e => panic!("expected CapabilitiesUnanswered, got {e:?}"),
     }
-    assert!(t0.elapsed() < Duration::from_millis(1500));
     assert_eq!(f.error.classify(), "capabilities-unanswered");
     let t = parse_jsonl(&f.transcript_jsonl());
     assert!(t.iter().any(|e| e["kind"] == "recv" && e["line"] == GREETING), "greeting kept in the failure transcript");
@@ -450,10 +454,10 @@ async fn socket_held_by_another_client_then_released_connects_on_retry() {
         drop(holder);
     });
 
-    let cfg = QmpConfig { connect_budget: Duration::from_secs(4), ..fast_cfg() };
-    let t0 = Instant::now();
+    // A generous budget: on a loaded machine the release may come late; only a hang fails.
+    let cfg = QmpConfig { connect_budget: Duration::from_secs(30), ..fast_cfg() };
     let mut c = QmpClient::connect(&path, &cfg).await.unwrap();
-    assert!(t0.elapsed() >= Duration::from_millis(700), "cannot be greeted while held");
+    assert!(release.is_finished(), "greeted only after the holder let go");
     assert!(c.connect_attempts() >= 2, "attempts: {}", c.connect_attempts());
     c.execute("query-status", None, LONG).await.unwrap();
     let t = transcript(&c);
@@ -525,7 +529,6 @@ async fn qmp_error_reply_is_a_command_error_and_not_fatal() {
 async fn missing_socket_and_stale_socket_fail_fast() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.qmp");
-    let t0 = Instant::now();
     let f = QmpClient::connect_traced(&missing, &fast_cfg()).await.unwrap_err();
     assert!(matches!(&f.error, QmpError::SocketMissing { path } if *path == missing), "{:?}", f.error);
     assert_eq!(f.attempts, 1);
@@ -537,7 +540,8 @@ async fn missing_socket_and_stale_socket_fail_fast() {
     let e = QmpClient::connect(&stale, &fast_cfg()).await.unwrap_err();
     assert!(matches!(e, QmpError::ConnectRefused { .. }), "{e:?}");
     assert_eq!(e.classify(), "connect-refused");
-    assert!(t0.elapsed() < SHORT, "no retries for a missing or stale socket");
+    let f = QmpClient::connect_traced(&stale, &fast_cfg()).await.unwrap_err();
+    assert_eq!(f.attempts, 1, "no retries for a stale socket");
 }
 
 #[tokio::test]
@@ -553,29 +557,58 @@ async fn non_qmp_greeting_is_a_protocol_error() {
     assert!(server.await.unwrap().is_empty(), "nothing sent to a non-QMP peer");
 }
 
-/// Drives a real QEMU. Start one, then run with the socket path:
-///
-/// ```text
-/// qemu-system-x86_64 -nodefaults -display none -machine pc,accel=tcg -m 64 \
-///   -chardev socket,id=qmp,path=/tmp/x.qmp,server=on,wait=off -mon chardev=qmp,mode=control \
-///   -daemonize -pidfile /tmp/x.pid
-/// WA_QMP_SOCKET=/tmp/x.qmp cargo test --lib qmp::tests::real_qemu -- --ignored --nocapture
-/// ```
-#[tokio::test]
-#[ignore = "needs a running QEMU; set WA_QMP_SOCKET"]
-async fn real_qemu() {
-    let path = PathBuf::from(std::env::var("WA_QMP_SOCKET").expect("set WA_QMP_SOCKET"));
-    drive_real(&path).await;
+/// A real QEMU (the installed `qemu-system-x86_64`, TCG, no guest) with its QMP monitor
+/// on `<dir>/real.qmp`; SIGKILLed and reaped on drop.
+struct RealQemu {
+    child: std::process::Child,
+    qmp: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-async fn drive_real(path: &Path) {
-    let cfg = QmpConfig::default();
-    let mut c = QmpClient::connect(path, &cfg).await.unwrap();
-    println!("greeting: {}", c.greeting().unwrap());
+impl RealQemu {
+    fn start() -> RealQemu {
+        let dir = tempfile::tempdir().unwrap();
+        let qmp = dir.path().join("real.qmp");
+        let child = std::process::Command::new("qemu-system-x86_64")
+            .args(["-nodefaults", "-display", "none", "-machine", "pc,accel=tcg", "-m", "64", "-S", "-chardev"])
+            .arg(format!("socket,id=qmp,path={},server=on,wait=off", qmp.display()))
+            .args(["-mon", "chardev=qmp,mode=control"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start qemu-system-x86_64 ({e}): this test needs QEMU installed"));
+        let mut q = RealQemu { child, qmp, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !q.qmp.exists() {
+            if let Ok(Some(st)) = q.child.try_wait() {
+                panic!("qemu-system-x86_64 exited ({st}) before creating its QMP socket");
+            }
+            assert!(Instant::now() < deadline, "QEMU did not create {} within 60 s", q.qmp.display());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        q
+    }
+}
+
+impl Drop for RealQemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The client against a real QEMU: handshake, read-only queries, a second client kept
+/// out while the monitor is held, a QMP error reply, a refused command never sent.
+#[tokio::test]
+async fn real_qemu() {
+    let q = RealQemu::start();
+    let cfg = QmpConfig { connect_budget: Duration::from_secs(30), ..QmpConfig::default() };
+    let mut c = QmpClient::connect(&q.qmp, &cfg).await.unwrap();
+    assert!(c.greeting().unwrap()["QMP"]["version"]["qemu"]["major"].as_u64().is_some(), "{:?}", c.greeting());
 
     // While we hold the monitor, a second client connects but is not greeted.
     let second = QmpClient::connect(
-        path,
+        &q.qmp,
         &QmpConfig {
             connect_budget: Duration::from_secs(2),
             greeting_timeout: Duration::from_millis(500),
@@ -584,24 +617,21 @@ async fn drive_real(path: &Path) {
     )
     .await
     .unwrap_err();
-    println!("second client while held: {second}");
-    assert!(matches!(second, QmpError::NoGreeting { .. }));
+    assert!(matches!(second, QmpError::NoGreeting { .. }), "{second:?}");
 
-    for (cmd, args) in [
-        ("query-status", None),
-        ("query-blockstats", None),
-        ("qom-list", Some(json!({"path": "/objects"}))),
-        ("human-monitor-command", Some(json!({"command-line": "info status"}))),
-        ("query-no-such-thing", None),
-    ] {
-        match c.execute(cmd, args, Duration::from_secs(3)).await {
-            Ok(r) => println!("{cmd}: {} in {:?}", String::from_utf8_lossy(&r.raw), r.elapsed),
-            Err(e) => println!("{cmd}: error [{}] {e}", e.classify()),
-        }
-    }
+    let st = c.execute("query-status", None, LONG).await.unwrap();
+    assert_eq!(st.value["status"], "prelaunch", "started with -S: {}", String::from_utf8_lossy(&st.raw));
+    assert!(c.execute("query-blockstats", None, LONG).await.unwrap().value.is_array());
+    assert!(c.execute("qom-list", Some(json!({"path": "/objects"})), LONG).await.unwrap().value.is_array());
+    let hmp = c.execute("human-monitor-command", Some(json!({"command-line": "info status"})), LONG).await.unwrap();
+    assert!(hmp.value.as_str().unwrap_or("").contains("prelaunch"), "{:?}", hmp.value);
+    let e = c.execute("query-no-such-thing", None, LONG).await.unwrap_err();
+    assert!(matches!(&e, QmpError::Command { class, .. } if class == "CommandNotFound"), "{e:?}");
     assert!(matches!(c.execute("stop", None, LONG).await, Err(QmpError::Refused(_))));
-    println!("events: {:?}", c.events());
-    println!("{}", String::from_utf8_lossy(&c.transcript_jsonl()));
+    // Still usable after an error reply and a refusal; nothing of `stop` was sent.
+    assert_eq!(c.execute("query-status", None, LONG).await.unwrap().value["status"], "prelaunch");
+    let sent: Vec<Value> = transcript(&c).into_iter().filter(|e| e["kind"] == "send").collect();
+    assert!(sent.iter().all(|e| !e["line"].as_str().unwrap().contains("\"stop\"")), "{sent:?}");
 }
 
 #[tokio::test]
@@ -620,9 +650,9 @@ async fn late_reply_is_recorded_without_sending() {
     let mut c = QmpClient::connect(&path, &fast_cfg()).await.unwrap();
     let e = c.execute("query-block", None, Duration::from_millis(150)).await.unwrap_err();
     assert!(matches!(e, QmpError::Timeout { .. }), "{e:?}");
-    let t0 = Instant::now();
-    assert_eq!(c.collect_late(Duration::from_millis(1500)).await, 2);
-    assert!(t0.elapsed() >= Duration::from_millis(1400), "waits out its window");
+    // The window is generous (the late reply comes 400 ms after the request); what is
+    // checked is what it collected, not how long it took.
+    assert_eq!(c.collect_late(Duration::from_secs(5)).await, 2);
     assert_eq!(c.events().len(), 1);
     let t = transcript(&c);
     assert!(t.iter().any(|e| e["kind"] == "recv"

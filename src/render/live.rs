@@ -140,7 +140,7 @@ impl Progress for LiveSteps {
                     "ok",
                     Some(true),
                     took,
-                    &format!("{} files, {}, verified", s.files, crate::retention::human_bytes(s.size)),
+                    &format!("{} files, {}, verified", s.files, crate::units::human_bytes(s.size)),
                     &[],
                 );
                 self.line(format!("\nsha256  {}\narchive {}", s.sha256, s.path.display()));

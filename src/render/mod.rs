@@ -2,16 +2,16 @@
 //! for people (stderr progress) and JSON for machines.
 
 pub mod live;
-pub mod summary;
 pub mod ui;
+
+/// The summary document moved to [`crate::summary`] (the autopsy seals it); kept here by path.
+pub use crate::summary;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
 use crate::archive::Sealed;
-use crate::autopsy::{Progress, Report};
+use crate::autopsy::Progress;
 use crate::step::StepRecord;
 
 /// One plain line per step on stderr: elapsed, id, status, duration, error.
@@ -120,26 +120,6 @@ impl Progress for Tee<'_> {
     }
 }
 
-/// The `--json` object of an autopsy run.
-pub fn autopsy_json(r: &Report) -> serde_json::Value {
-    json!({
-        "archive": r.sealed.as_ref().map(|s| s.path.display().to_string()),
-        "sha256": r.sealed.as_ref().map(|s| s.sha256.clone()),
-        "size": r.sealed.as_ref().map(|s| s.size),
-        "sealed": r.sealed.is_some(),
-        "seal_error": r.seal_error,
-        "vmid": r.vmid,
-        "pid": r.pid,
-        "interrupted": r.interrupted,
-        "duration_ms": r.duration_ms,
-        "verdict": r.diagnosis.verdict,
-        "facts": r.diagnosis.facts,
-        "steps": r.steps.iter().map(|s| json!({
-            "id": s.id, "status": s.status, "duration_ms": s.duration_ms, "error": s.error,
-        })).collect::<Vec<_>>(),
-    })
-}
-
 /// `diagnose` as text: the verdict, then its facts.
 pub fn diagnose_text(vmid: crate::target::VmId, pid: i32, d: &crate::diagnose::Diagnosis) -> String {
     let mut o = format!("VM {vmid} (pid {pid}): {}\n", d.verdict);
@@ -165,8 +145,73 @@ pub fn audit_text(vms: &[crate::diagnose::audit::VmAudit]) -> String {
         for p in &vm.pending {
             o.push_str(&format!("  pending  {p} (applies only after a full stop→start)\n"));
         }
+        if let Some(r) = &vm.running {
+            running_lines(&mut o, r);
+        }
     }
     o
+}
+
+/// `audit`'s lines for one running QEMU: could a wedge be pinned to a line, and why.
+fn running_lines(o: &mut String, r: &crate::diagnose::pinnable::RunningQemu) {
+    use crate::diagnose::pinnable::{Agent, OnDisk, Pin};
+    let pid = r.pid.map(|p| format!("pid {p}")).unwrap_or_else(|| "not proven".into());
+    if let Some(e) = &r.error {
+        o.push_str(&format!("  running  {pid}: {e}\n"));
+        return;
+    }
+    if let Some(b) = &r.binary {
+        let id = b.build_id.as_deref().unwrap_or("none");
+        o.push_str(&format!("  running  {pid}, {} build-id {id}\n", b.path));
+        let disk = match &b.on_disk {
+            OnDisk::Same => "same build as the running one".to_string(),
+            OnDisk::Replaced { build_id } => {
+                format!(
+                    "REPLACED by another build ({}) since the VM started",
+                    build_id.as_deref().unwrap_or("no build-id")
+                )
+            }
+            OnDisk::Missing => "DELETED: the running build is no longer installed".into(),
+            OnDisk::Unreadable { detail } => format!("unreadable: {detail}"),
+        };
+        o.push_str(&format!("  on disk  {disk}\n"));
+    }
+    if let Some(pin) = r.pin {
+        let what = match pin {
+            Pin::Line => "YES: debug info for the running build, stacks resolve to file:line",
+            Pin::Function => "functions only: every function named, no file:line",
+            Pin::ExportedOnly => "NO: exported names only (static functions unnamed, no file:line)",
+        };
+        o.push_str(&format!("  pin      {what}\n"));
+    }
+    if let Some(d) = &r.debug {
+        match &d.found {
+            Some(p) => {
+                let what = match (d.dwarf, d.symtab) {
+                    (true, _) => "",
+                    (false, true) => " (symbols, no DWARF)",
+                    (false, false) => " (neither symbols nor DWARF: useless)",
+                };
+                o.push_str(&format!("  debug    {p}{what}\n"))
+            }
+            None => o.push_str(&format!("  debug    none at {}\n", d.searched.join(", "))),
+        }
+    }
+    if let Some(p) = &r.package {
+        let v = p.version.as_deref().unwrap_or("unknown");
+        let name = p.name.as_deref().unwrap_or("QEMU");
+        let qemu = p.qemu.as_deref().map(|q| format!(", QEMU {q}")).unwrap_or_default();
+        o.push_str(&format!("  package  {name} {v}{qemu} (from {})\n", p.source));
+    }
+    match &r.agent {
+        Some(Agent::Answers { ms }) => o.push_str(&format!("  agent    answers guest-ping in {ms} ms\n")),
+        Some(Agent::NotConfigured) => o.push_str("  agent    no guest-agent socket (agent not configured)\n"),
+        Some(Agent::NoAnswer { detail }) => o.push_str(&format!("  agent    {detail}\n")),
+        None => {}
+    }
+    for a in &r.advice {
+        o.push_str(&format!("  do       {a}\n"));
+    }
 }
 
 /// `inspect` as text: the sealed summary, the verdict recomputed from the evidence, and
@@ -184,6 +229,9 @@ pub fn inspect_text(reader: &crate::archive::ArchiveReader, recomputed: &crate::
         ),
     };
     o.push_str(&format!("\nRecomputed from the archive: {}\n", recomputed.verdict));
+    for m in &recomputed.findings.signatures {
+        o.push_str(&format!("Recomputed {} match: {} (fixed in: {})\n", m.kind, m.id, m.fixed_in));
+    }
     o.push_str(&format!("\nFiles ({}):\n", m.files.len()));
     for f in &m.files {
         o.push_str(&format!("  {:>10}  {}  {}\n", f.size, &f.sha256[..12.min(f.sha256.len())], f.path));

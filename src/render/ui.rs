@@ -6,7 +6,12 @@
 //! `NO_COLOR`; under systemd (stderr is the journal) structured journal entries instead
 //! of text, unless a `--log-format` was asked for.
 
-use crate::cli::LogFormat;
+/// `--log-format`: the sink asked for on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Facts about the process's environment that decide the output.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

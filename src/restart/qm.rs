@@ -109,7 +109,7 @@ impl RestartMethod for HaManager {
         }
         let (at, s) = (chrono::Utc::now(), Instant::now());
         let left = vm.cfg.stop_deadline.saturating_sub(t0.elapsed());
-        match super::wait_gone(vm.old, left) {
+        match super::guards::wait_gone(vm.old, left) {
             None => {
                 rec.push(at, s, "wait-ha-stop", true, format!("pid {} exited (HA state stopped)", vm.old.pid));
                 StopResult::Done

@@ -1,4 +1,7 @@
+use super::guards::{ha_lists, kill_proven, wait_gone, Kill};
+use super::record::write_cooldown;
 use super::*;
+use crate::archive::Sealed;
 
 fn settings(restart: Option<&str>) -> Settings {
     let dir = std::env::temp_dir();

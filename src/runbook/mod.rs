@@ -15,7 +15,9 @@ use serde::Deserialize;
 
 pub use template::{Template, Vars};
 
-use crate::config::parse_duration;
+use crate::exit::Exit;
+use crate::units::parse_duration;
+pub use crate::units::parse_size;
 
 /// Runbooks compiled into the binary: `(name, text)`.
 pub const BUILT_IN: &[(&str, &str)] = &[
@@ -29,7 +31,8 @@ pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
-const KINDS: &[&str] = &["proc", "host", "qmp", "qom-throttle", "stacks", "file", "command", "core", "minicore"];
+const KINDS: &[&str] =
+    &["proc", "host", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "minicore", "pve-tasks"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -78,8 +81,10 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | qmp | qom-throttle | stacks | file | command | core | minicore
-    #[schemars(regex(pattern = r"^(proc|host|qmp|qom-throttle|stacks|file|command|core|minicore)$"))]
+    /// proc | host | qmp | qom-throttle | inflight | stacks | file | command | core | minicore | pve-tasks
+    #[schemars(regex(
+        pattern = r"^(proc|host|qmp|qom-throttle|inflight|stacks|file|command|core|minicore|pve-tasks)$"
+    ))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
     timeout: Option<String>,
@@ -94,9 +99,9 @@ struct RawStep {
     /// qmp: the command's arguments.
     #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     arguments: Option<toml::Table>,
-    /// qmp: how many samples (1-10), `interval` apart.
+    /// qmp, inflight: how many samples (1-10; inflight 2-10), `interval` apart.
     samples: Option<u32>,
-    /// qmp: time between samples (default: the run's sample_interval).
+    /// qmp, inflight: time between samples (default: the run's sample_interval).
     interval: Option<String>,
     /// stacks: methods in order of preference, first that works: "native", "gdb".
     methods: Option<Vec<String>>,
@@ -106,6 +111,15 @@ struct RawStep {
     path: Option<String>,
     /// file: extra keys whose values are redacted (secret-looking keys always are).
     redact: Option<Vec<String>>,
+    /// file: keep only the last this-many bytes (a log), e.g. "256K"; the text is
+    /// redacted as a log (secret-looking `key=value` tokens), not as a config.
+    tail: Option<String>,
+    /// file: a missing file is recorded as unavailable (skipped), not as a failure.
+    if_exists: Option<bool>,
+    /// command: run only when this holds; "ha-managed" (the VM is in HA's resources.cfg).
+    when: Option<String>,
+    /// pve-tasks: bytes kept of each task log's tail (default "256K").
+    log_cap: Option<String>,
     /// command: program and arguments as a list; never a shell string.
     #[schemars(with = "Option<Vec<String>>")]
     argv: Option<toml::Value>,
@@ -113,6 +127,22 @@ struct RawStep {
     output_cap: Option<u64>,
     /// core, minicore: free space to leave on the output filesystem, e.g. "2G".
     min_free: Option<String>,
+}
+
+/// A step's `interval`: at most 60 s; `None` means the run's sample_interval.
+fn sample_interval(text: Option<&str>, err: &mut dyn FnMut(&str, String)) -> Option<Duration> {
+    match text.map(parse_duration) {
+        None => None,
+        Some(Ok(d)) if d <= Duration::from_secs(60) => Some(d),
+        Some(Ok(_)) => {
+            err("interval", "at most 60s".into());
+            None
+        }
+        Some(Err(e)) => {
+            err("interval", e);
+            None
+        }
+    }
 }
 
 /// JSON Schema of the runbook format, for editors (`runbook schema`).
@@ -156,6 +186,13 @@ pub enum StepKind {
     QomThrottle {
         output: Template,
     },
+    /// In-flight evidence (virtio queues, I/O threads, rings, sockets, guest agent) and
+    /// `query-blockstats`, sampled at both ends of the window.
+    Inflight {
+        samples: u32,
+        /// `None`: the run's `sample_interval`.
+        interval: Option<Duration>,
+    },
     Stacks {
         methods: Vec<String>,
         backtrace: String,
@@ -164,11 +201,21 @@ pub enum StepKind {
         path: Template,
         output: Template,
         redact: Vec<String>,
+        /// `Some(n)`: a log; keep its last `n` bytes.
+        tail: Option<u64>,
+        if_exists: bool,
     },
     Command {
         argv: Vec<Template>,
         output: Template,
         output_cap: usize,
+        /// Run only when the VM is HA-managed.
+        only_ha: bool,
+    },
+    /// The VM's entries of Proxmox's active task list and their logs' tails.
+    PveTasks {
+        output: Template,
+        log_cap: u64,
     },
     Core {
         output: Template,
@@ -188,11 +235,13 @@ impl StepKind {
             StepKind::Host => "host",
             StepKind::Qmp { .. } => "qmp",
             StepKind::QomThrottle { .. } => "qom-throttle",
+            StepKind::Inflight { .. } => "inflight",
             StepKind::Stacks { .. } => "stacks",
             StepKind::File { .. } => "file",
             StepKind::Command { .. } => "command",
             StepKind::Core { .. } => "core",
             StepKind::Minicore { .. } => "minicore",
+            StepKind::PveTasks { .. } => "pve-tasks",
         }
     }
 }
@@ -211,6 +260,13 @@ pub struct RunbookError {
 #[derive(Debug, thiserror::Error)]
 #[error("{}", .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))]
 pub struct RunbookErrors(pub Vec<RunbookError>);
+
+impl RunbookErrors {
+    /// Exit class: a runbook that does not load is bad input; nothing was touched.
+    pub fn exit(&self) -> Exit {
+        Exit::BadInput
+    }
+}
 
 /// Finds a runbook by name (operator dir first, then built-in) or by path.
 pub fn load(name_or_path: &str, operator_dir: &Path) -> Result<Runbook, RunbookErrors> {
@@ -363,10 +419,12 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             "proc" | "host" => &[],
             "qmp" => &["command", "arguments", "samples", "interval", "output"],
             "qom-throttle" => &["output"],
+            "inflight" => &["samples", "interval"],
             "stacks" => &["methods", "backtrace"],
-            "file" => &["path", "output", "redact"],
-            "command" => &["argv", "output", "output_cap"],
+            "file" => &["path", "output", "redact", "tail", "if_exists"],
+            "command" => &["argv", "output", "output_cap", "when"],
             "core" | "minicore" => &["output", "min_free"],
+            "pve-tasks" => &["output", "log_cap"],
             _ => unreachable!(),
         };
         for (key, set) in [
@@ -382,6 +440,10 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             ("argv", s.argv.is_some()),
             ("output_cap", s.output_cap.is_some()),
             ("min_free", s.min_free.is_some()),
+            ("tail", s.tail.is_some()),
+            ("if_exists", s.if_exists.is_some()),
+            ("when", s.when.is_some()),
+            ("log_cap", s.log_cap.is_some()),
         ] {
             if set && !allowed.contains(&key) {
                 let hint = if s.kind == "command" && key == "command" {
@@ -428,18 +490,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 if !(1..=10).contains(&samples) {
                     err(Some(i), "samples", "must be 1 to 10".into());
                 }
-                let interval = match s.interval.as_deref().map(parse_duration) {
-                    None => None,
-                    Some(Ok(d)) if d <= Duration::from_secs(60) => Some(d),
-                    Some(Ok(_)) => {
-                        err(Some(i), "interval", "at most 60s".into());
-                        None
-                    }
-                    Some(Err(e)) => {
-                        err(Some(i), "interval", e);
-                        None
-                    }
-                };
+                let interval = sample_interval(s.interval.as_deref(), &mut |k, m| err(Some(i), k, m));
                 output(format!("qmp/{command}.json"), &mut err).map(|output| StepKind::Qmp {
                     command,
                     arguments,
@@ -447,6 +498,14 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     interval,
                     output,
                 })
+            }
+            "inflight" => {
+                let samples = s.samples.unwrap_or(2);
+                if !(2..=10).contains(&samples) {
+                    err(Some(i), "samples", "must be 2 to 10 (the window needs two ends)".into());
+                }
+                let interval = sample_interval(s.interval.as_deref(), &mut |k, m| err(Some(i), k, m));
+                Some(StepKind::Inflight { samples, interval })
             }
             "qom-throttle" => {
                 output("qmp/throttle-groups.json".into(), &mut err).map(|output| StepKind::QomThrottle { output })
@@ -478,10 +537,26 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                 };
                 let name = s.path.as_deref().and_then(|p| p.rsplit('/').next()).unwrap_or("file").to_string();
                 let out = output(format!("files/{name}"), &mut err);
-                match (path, out) {
-                    (Some(path), Some(output)) => {
-                        Some(StepKind::File { path, output, redact: s.redact.clone().unwrap_or_default() })
+                let tail = match s.tail.as_deref().map(parse_size) {
+                    None => None,
+                    Some(Ok(n)) if n > 0 && n <= 16 << 20 => Some(n),
+                    Some(Ok(_)) => {
+                        err(Some(i), "tail", "must be between 1 byte and 16M".into());
+                        None
                     }
+                    Some(Err(e)) => {
+                        err(Some(i), "tail", e);
+                        None
+                    }
+                };
+                match (path, out) {
+                    (Some(path), Some(output)) => Some(StepKind::File {
+                        path,
+                        output,
+                        redact: s.redact.clone().unwrap_or_default(),
+                        tail,
+                        if_exists: s.if_exists.unwrap_or(false),
+                    }),
                     _ => None,
                 }
             }
@@ -521,11 +596,20 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                         Err(e) => err(Some(i), "argv", e),
                     }
                 }
+                let only_ha = match s.when.as_deref() {
+                    None => false,
+                    Some("ha-managed") => true,
+                    Some(other) => {
+                        err(Some(i), "when", format!("{other:?}: the only condition is \"ha-managed\""));
+                        false
+                    }
+                };
                 let name = prog.to_string();
                 output(format!("commands/{name}.txt"), &mut err).map(|output| StepKind::Command {
                     argv: tmpl,
                     output,
                     output_cap: s.output_cap.unwrap_or(8 << 20) as usize,
+                    only_ha,
                 })
             }
             "core" | "minicore" => {
@@ -545,6 +629,21 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     _ => StepKind::Minicore { output, min_free },
                 })
             }
+            "pve-tasks" => {
+                let log_cap = match s.log_cap.as_deref().map(parse_size) {
+                    None => 256 << 10,
+                    Some(Ok(n)) if n > 0 && n <= 16 << 20 => n,
+                    Some(Ok(_)) => {
+                        err(Some(i), "log_cap", "must be between 1 byte and 16M".into());
+                        0
+                    }
+                    Some(Err(e)) => {
+                        err(Some(i), "log_cap", e);
+                        0
+                    }
+                };
+                output("pve/tasks.json".into(), &mut err).map(|output| StepKind::PveTasks { output, log_cap })
+            }
             _ => unreachable!(),
         };
         if let Some(kind) = kind {
@@ -555,29 +654,6 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
         return Err(RunbookErrors(errs));
     }
     Ok(Runbook { name: raw.name, description: raw.description, source: file.into(), deadline, target, steps })
-}
-
-/// Parses `512M`, `2G`, `10G`, `1T` or a plain byte count.
-pub fn parse_size(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        None => (t, 1u64),
-        Some((i, _)) => {
-            let m = match t[i..].trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("invalid size {text:?}: write e.g. \"512M\", \"10G\"")),
-            };
-            (&t[..i], m)
-        }
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("invalid size {text:?}: write e.g. \"512M\", \"10G\""))
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

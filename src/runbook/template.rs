@@ -1,10 +1,10 @@
-//! Placeholders in runbook paths and argv: `{vmid} {pid} {run_dir} {pve_dir} {qmp} {domain}`.
+//! Placeholders in runbook paths and argv: `{vmid} {pid} {run_dir} {pve_dir} {qmp} {domain} {log_dir}`.
 //! Substitution happens inside one string and never splits or joins argv elements, so a
 //! value with spaces stays one argument. Unknown placeholders are load-time errors.
 
 use std::path::{Component, Path};
 
-pub const PLACEHOLDERS: &[&str] = &["vmid", "pid", "run_dir", "pve_dir", "qmp", "domain"];
+pub const PLACEHOLDERS: &[&str] = &["vmid", "pid", "run_dir", "pve_dir", "qmp", "domain", "log_dir"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
@@ -29,6 +29,8 @@ pub struct Vars {
     pub qmp: String,
     /// The libvirt domain, when the runbook's `[target]` names one; empty otherwise.
     pub domain: String,
+    /// Where Proxmox's logs live (`log_dir`, default /var/log).
+    pub log_dir: String,
 }
 
 impl Template {
@@ -86,6 +88,7 @@ impl Template {
                 Part::Var("run_dir") => &v.run_dir,
                 Part::Var("pve_dir") => &v.pve_dir,
                 Part::Var("domain") => &v.domain,
+                Part::Var("log_dir") => &v.log_dir,
                 Part::Var(_) => &v.qmp,
             })
             .collect()

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use super::config::ServeConfig;
 use crate::target::VmId;
@@ -39,6 +40,33 @@ pub struct Payload {
     #[serde(rename = "externalURL")]
     pub external_url: String,
     pub alerts: Vec<Alert>,
+}
+
+/// What is kept of a request, whatever it carries (documented in docs/serve.md): at most
+/// this many labels (and annotations) per alert…
+pub const MAX_LABELS: usize = 32;
+/// …label names cut at this many bytes…
+pub const MAX_LABEL_NAME: usize = 128;
+/// …label values, reasons and descriptions cut at this many bytes…
+pub const MAX_TEXT: usize = 1024;
+/// …and firing keys longer than this are kept as their SHA-256.
+pub const MAX_KEY: usize = 160;
+
+/// `s` cut to at most `max` bytes at a character boundary, with `…` when cut.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// A label or annotation map as kept in a job: [`MAX_LABELS`] entries, names and values cut.
+pub fn bounded(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    m.iter().take(MAX_LABELS).map(|(k, v)| (cut(k, MAX_LABEL_NAME), cut(v, MAX_TEXT))).collect()
 }
 
 /// Which sender a payload must come from.
@@ -105,12 +133,14 @@ impl Refusal {
 
 impl Alert {
     /// A short name for messages: `alertname` and fingerprint.
+    /// Both parts are cut (the name at [`MAX_LABEL_NAME`], the fingerprint at 64 bytes):
+    /// this text lands in answers, job records, logs and the archive's trigger reason.
     pub fn describe(&self) -> String {
-        let name = self.labels.get("alertname").map(String::as_str).unwrap_or("(no alertname)");
+        let name = cut(self.labels.get("alertname").map(String::as_str).unwrap_or("(no alertname)"), MAX_LABEL_NAME);
         if self.fingerprint.is_empty() {
-            name.to_string()
+            name
         } else {
-            format!("{name} [{}]", self.fingerprint)
+            format!("{name} [{}]", cut(&self.fingerprint, 64))
         }
     }
 
@@ -119,14 +149,19 @@ impl Alert {
     }
 
     /// The identity of one firing: fingerprint and start. Grafana may omit the
-    /// fingerprint; the sorted labels stand in for it then.
+    /// fingerprint; the sorted labels stand in for it then. A key longer than [`MAX_KEY`]
+    /// is kept as `sha256:<hex>`, so memory per remembered firing is bounded.
     pub fn firing_key(&self) -> String {
         let id = if self.fingerprint.is_empty() {
             self.labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
         } else {
             self.fingerprint.clone()
         };
-        format!("{id}@{}", self.starts_at)
+        let key = format!("{id}@{}", self.starts_at);
+        if key.len() <= MAX_KEY {
+            return key;
+        }
+        format!("sha256:{:x}", Sha256::digest(key.as_bytes()))
     }
 }
 
@@ -193,6 +228,27 @@ mod tests {
         assert_eq!(vmid_of(a, &cfg("")).unwrap().get(), 102);
         assert!(parse(AM.as_bytes(), Source::Grafana).unwrap_err().contains("version"));
         assert!(parse(b"{", Source::Alertmanager).unwrap_err().contains("malformed"));
+    }
+
+    #[test]
+    fn kept_text_is_bounded_whatever_the_payload_carries() {
+        let huge = "é".repeat(1 << 20);
+        let a = Alert {
+            fingerprint: huge.clone(),
+            starts_at: "t".into(),
+            labels: (0..1000).map(|i| (format!("{i}{huge}"), huge.clone())).collect(),
+            ..Default::default()
+        };
+        let k = a.firing_key();
+        assert!(k.starts_with("sha256:") && k.len() == 7 + 64, "{}", k.len());
+        let other = Alert { fingerprint: format!("{huge}x"), ..a.clone() };
+        assert_ne!(other.firing_key(), k, "distinct long fingerprints stay distinct");
+        assert_eq!(Alert { fingerprint: "abc".into(), ..a.clone() }.firing_key(), "abc@t");
+        let b = bounded(&a.labels);
+        assert_eq!(b.len(), MAX_LABELS);
+        assert!(b.iter().all(|(k, v)| k.len() <= MAX_LABEL_NAME && v.len() <= MAX_TEXT && v.ends_with('…')));
+        assert!(a.describe().len() < 300, "{}", a.describe().len());
+        assert_eq!(cut("short", 10), "short");
     }
 
     #[test]

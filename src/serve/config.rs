@@ -27,6 +27,13 @@ struct Raw {
     hmac_secret_file: Option<PathBuf>,
     signature_header: Option<String>,
     signature_timestamp_header: Option<String>,
+    signature_max_skew: Option<String>,
+    #[serde(default)]
+    allow_loopback_without_token: bool,
+    header_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_alerts: Option<usize>,
+    max_firings_per_vm: Option<usize>,
     #[serde(default)]
     notify: Vec<String>,
     notify_attempts: Option<u32>,
@@ -61,6 +68,8 @@ struct RawPolicy {
     restart_on: Option<Vec<String>>,
     #[serde(default)]
     watch_autopsy: bool,
+    #[serde(default)]
+    restart_suspected: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +98,9 @@ pub struct Policy {
     pub restart_on: Vec<Verdict>,
     /// A VM the watch finds frozen for `consecutive` checks gets an autopsy.
     pub watch_autopsy: bool,
+    /// Also restart on a *suspected* frozen block path (no in-flight view, counters
+    /// alone). Off by default: an idle disk on an LSI controller looks the same.
+    pub restart_suspected: bool,
 }
 
 impl Default for Policy {
@@ -99,6 +111,7 @@ impl Default for Policy {
             action: Action::Capture,
             restart_on: vec![Verdict::BlockPathFrozen, Verdict::MainLoopWedged],
             watch_autopsy: false,
+            restart_suspected: false,
         }
     }
 }
@@ -136,6 +149,18 @@ pub struct ServeConfig {
     pub hmac_secret: Option<Vec<u8>>,
     pub signature_header: String,
     pub signature_timestamp_header: Option<String>,
+    /// A signed timestamp further than this from now is refused (replay window).
+    pub signature_max_skew: Duration,
+    /// No `token_file`, and the operator allowed state-changing requests without one
+    /// (loopback listeners only).
+    pub allow_loopback_without_token: bool,
+    /// A request head (or the next one on a kept-alive connection) must arrive within this.
+    pub header_timeout: Duration,
+    pub max_connections: usize,
+    /// Alerts per payload at most (413 beyond).
+    pub max_alerts: usize,
+    /// Firing keys remembered per VM at most (oldest dropped first, that VM's only).
+    pub max_firings_per_vm: usize,
     pub notify: Vec<String>,
     pub notify_attempts: u32,
     pub notify_timeout: Duration,
@@ -188,6 +213,11 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
             "[serve] listen {listen} is beyond loopback but no token_file is set: set token_file, or listen on 127.0.0.1"
         ));
     }
+    if raw.allow_loopback_without_token && !listen.ip().is_loopback() {
+        return Err(format!(
+            "[serve] allow_loopback_without_token applies to loopback only, but listen is {listen}: remove it and set token_file"
+        ));
+    }
     for url in &raw.notify {
         if !url.starts_with("http://") {
             return Err(format!(
@@ -238,7 +268,14 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
                 restart_on.push(verdict);
             }
         }
-        policies.push(Policy { vmid, matchers: p.matchers, action, restart_on, watch_autopsy: p.watch_autopsy });
+        policies.push(Policy {
+            vmid,
+            matchers: p.matchers,
+            action,
+            restart_on,
+            watch_autopsy: p.watch_autopsy,
+            restart_suspected: p.restart_suspected,
+        });
     }
     let watch = match raw.watch {
         None => None,
@@ -264,6 +301,18 @@ pub fn parse(table: Option<&toml::Table>, listen_flag: Option<&str>) -> Result<S
         hmac_secret,
         signature_header: raw.signature_header.unwrap_or_else(|| DEFAULT_SIGNATURE_HEADER.into()),
         signature_timestamp_header: raw.signature_timestamp_header,
+        signature_max_skew: dur("signature_max_skew", &raw.signature_max_skew, Duration::from_secs(300))?,
+        allow_loopback_without_token: raw.allow_loopback_without_token,
+        header_timeout: {
+            let d = dur("header_timeout", &raw.header_timeout, Duration::from_secs(10))?;
+            if d.is_zero() {
+                return Err("[serve] header_timeout must be more than 0 (e.g. \"10s\")".into());
+            }
+            d
+        },
+        max_connections: raw.max_connections.unwrap_or(256).clamp(4, 65_536),
+        max_alerts: raw.max_alerts.unwrap_or(200).max(1),
+        max_firings_per_vm: raw.max_firings_per_vm.unwrap_or(256).max(1),
         notify: raw.notify,
         notify_attempts: raw.notify_attempts.unwrap_or(5).clamp(1, 20),
         notify_timeout: dur("notify_timeout", &raw.notify_timeout, Duration::from_secs(10))?,
@@ -295,6 +344,7 @@ pub fn parse_verdict(s: &str) -> Option<Verdict> {
 
 fn read_secret(key: &str, path: Option<&PathBuf>) -> Result<Option<Vec<u8>>, String> {
     let Some(path) = path else { return Ok(None) };
+    crate::serve::perms::check_secret_file(path).map_err(|e| format!("[serve] {key}: {e}"))?;
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("[serve] {key} {}: {e}; create it (mode 0600) or remove the key", path.display()))?;
     let t = text.trim();
@@ -337,8 +387,19 @@ mod tests {
         let tok = dir.path().join("t");
         std::fs::write(&tok, "s3cret\n").unwrap();
         let t = table(&format!("token_file = {:?}", tok.display().to_string()));
+        // A token others can read is refused, and the error names the fix.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = parse(Some(&t), Some("0.0.0.0:9171")).unwrap_err();
+        assert!(err.contains("token_file") && err.contains(&format!("`chmod 600 {}`", tok.display())), "{err}");
+        std::fs::set_permissions(&tok, std::fs::Permissions::from_mode(0o600)).unwrap();
         let c = parse(Some(&t), Some("0.0.0.0:9171")).unwrap();
         assert_eq!(c.token.as_deref(), Some(&b"s3cret"[..]));
+        let err = parse(Some(&table("allow_loopback_without_token = true")), Some("0.0.0.0:9171")).unwrap_err();
+        assert!(err.contains("loopback only") || err.contains("token_file"), "{err}");
+        let c = parse(Some(&table("allow_loopback_without_token = true")), None).unwrap();
+        assert!(c.allow_loopback_without_token && c.token.is_none());
+        assert_eq!(c.signature_max_skew, Duration::from_secs(300));
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! VMs, and hand jobs to the runner; they never wait for a capture, so every answer is
 //! quick: `202` with the job id.
 //!
-//! Status codes: 401 auth, 400 malformed body, 413 oversized, 404/409/421/422 an alert
+//! Status codes: 401 auth, 415 not `application/json`, 400 malformed body, 413
+//! oversized (bytes or alerts), 404/409/421/422 an alert
 //! that maps to no local running VM (final for Alertmanager), 503 only when a retry
 //! later would help (queue full, stopping).
 
@@ -53,6 +54,7 @@ fn auth(ctx: &Ctx) -> Auth {
         hmac_secret: ctx.cfg.hmac_secret.clone(),
         signature_header: ctx.cfg.signature_header.clone(),
         timestamp_header: ctx.cfg.signature_timestamp_header.clone(),
+        max_skew: ctx.cfg.signature_max_skew,
     }
 }
 
@@ -61,12 +63,31 @@ fn error(status: u16, msg: impl Into<String>) -> Response {
     (status, Json(json!({"error": msg.into()}))).into_response()
 }
 
-/// Token check, then the body under `max_body`. `Err` is the response to send.
+/// The gate of every state-changing request: a token (required unless the operator
+/// allowed loopback without one), `Content-Type: application/json` (a browser's form
+/// post cannot send it without a preflight), then the body under `max_body`. `Err` is
+/// the response to send.
 async fn authed_body(ctx: &Ctx, headers: &HeaderMap, body: Body, signed: bool) -> Result<Vec<u8>, Response> {
     let a = auth(ctx);
+    if a.token.is_none() && !ctx.cfg.allow_loopback_without_token {
+        ctx.store.count_refused("unauthorized");
+        return Err(error(
+            401,
+            "no [serve] token_file is configured, so requests that start autopsies are refused: set token_file (mode 0600), or allow_loopback_without_token = true to accept any local user",
+        ));
+    }
     if let Err(e) = a.check_token(headers) {
         ctx.store.count_refused("unauthorized");
         return Err(error(401, e.to_string()));
+    }
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        ctx.store.count_refused("malformed");
+        return Err(error(415, "send the body as JSON with `Content-Type: application/json`"));
     }
     let max = ctx.cfg.max_body;
     let too_big = || {
@@ -128,6 +149,19 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
             return error(400, e);
         }
     };
+    // A cap on alerts per payload: one huge payload cannot flush the memory of firings
+    // (Alertmanager's `max_alerts` and Grafana's grouping keep real ones far below).
+    if payload.alerts.len() > ctx.cfg.max_alerts {
+        ctx.store.count_refused("too-large");
+        return error(
+            413,
+            format!(
+                "payload carries {} alerts, more than [serve] max_alerts ({}): set max_alerts on the sender's webhook",
+                payload.alerts.len(),
+                ctx.cfg.max_alerts
+            ),
+        );
+    }
     let firing: Vec<alert::Alert> = payload.alerts.iter().filter(|a| a.is_firing()).cloned().collect();
     let resolved = payload.alerts.len() - firing.len();
     // Resolved alerts never stop a capture: they are acknowledged and ignored.
@@ -170,9 +204,9 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
                 if source == Source::Alertmanager { "Alertmanager" } else { "Grafana" },
                 a.describe()
             )),
-            labels: bounded(&a.labels),
-            annotations: bounded(&a.annotations),
-            generator_url: (!a.generator_url.is_empty()).then(|| a.generator_url.clone()),
+            labels: alert::bounded(&a.labels),
+            annotations: alert::bounded(&a.annotations),
+            generator_url: (!a.generator_url.is_empty()).then(|| alert::cut(&a.generator_url, alert::MAX_TEXT)),
             firing: Some(a.firing_key()),
             restart_requested: false,
         };
@@ -214,13 +248,6 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
     }
     // Only resolved alerts (or none): nothing to do, and nothing to retry.
     (StatusCode::OK, Json(body)).into_response()
-}
-
-/// Label and annotation maps as kept in a job record: at most 64 entries of at most
-/// 2 KiB each, so `keep_jobs` records stay small whatever the alerts carry.
-fn bounded(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let cut = |s: &String| s.chars().take(2048).collect::<String>();
-    m.iter().take(64).map(|(k, v)| (cut(k), cut(v))).collect()
 }
 
 /// `POST /v1/autopsy` body.
@@ -280,7 +307,7 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
     }
     let origin = Origin {
         kind: "api".into(),
-        reason: req.reason.map(|r| r.chars().take(500).collect()),
+        reason: req.reason.map(|r| alert::cut(&r, alert::MAX_TEXT)),
         labels: BTreeMap::new(),
         annotations: BTreeMap::new(),
         generator_url: None,
@@ -362,9 +389,23 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
 }
 
 async fn metrics_text(State(ctx): State<Arc<Ctx>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
     let (queued, running) = ctx.store.active();
     let (jobs_kept, dedup_keys) = ctx.store.sizes();
     let watch = ctx.cfg.watch.as_ref().map(|_| ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).clone());
-    let snap = metrics::Snapshot { counters: ctx.store.counters(), queued, running, jobs_kept, dedup_keys, watch };
+    let connections = metrics::Connections {
+        open: ctx.conns.open.load(Relaxed) as u64,
+        evicted: ctx.conns.evicted.load(Relaxed),
+        refused: ctx.conns.refused.load(Relaxed),
+    };
+    let snap = metrics::Snapshot {
+        counters: ctx.store.counters(),
+        queued,
+        running,
+        jobs_kept,
+        dedup_keys,
+        watch,
+        connections,
+    };
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], metrics::render(&snap)).into_response()
 }

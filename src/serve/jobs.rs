@@ -6,14 +6,15 @@
 //!    started, running or finished (Alertmanager retries, an HA pair delivering twice);
 //! 2. one autopsy per VM at a time: a new firing for a VM with a queued or running job
 //!    joins that job;
-//! 3. an alert or watch firing for a VM whose last autopsy finished less than
-//!    `vm_cooldown` ago gets that job (an alert storm yields one archive); an explicit
-//!    API request is not held back by this rule;
+//! 3. any request (alert, watch or API) for a VM whose last autopsy sealed less than
+//!    `vm_cooldown` ago gets that job (an alert storm, or a loop of API calls, yields one
+//!    archive; the CLI is the way to capture again at once);
 //! 4. at most `max_queue` jobs wait for one of `max_concurrent` slots; beyond that the
 //!    delivery gets 503, because a retry later would help.
 //!
-//! Memory is bounded: at most `keep_jobs` finished jobs and `max_dedup` firing keys are
-//! kept, oldest dropped first.
+//! Memory is bounded: at most `keep_jobs` finished jobs, and per VM at most
+//! `max_firings_per_vm` firing keys (each at most `alert::MAX_KEY` bytes), oldest of
+//! that VM dropped first: a flood of firings for one VM cannot evict another VM's.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -27,9 +28,6 @@ use super::restart::RestartOutcome;
 use crate::target::VmId;
 
 pub type JobId = u64;
-
-/// Firing keys kept at most, whatever the window.
-pub const MAX_DEDUP: usize = 50_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -158,15 +156,17 @@ pub struct Limits {
     pub vm_cooldown: Duration,
     pub max_queue: usize,
     pub keep_jobs: usize,
+    pub max_firings_per_vm: usize,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next: JobId,
     jobs: BTreeMap<JobId, Job>,
-    /// firing key -> (job, expiry); `order` holds keys by insertion for expiry.
+    /// firing key -> (job, expiry); `order` holds each VM's keys by insertion (= expiry
+    /// order: the window is fixed).
     dedup: HashMap<String, (JobId, Instant)>,
-    order: VecDeque<String>,
+    order: HashMap<VmId, VecDeque<String>>,
     /// The last job per VM.
     last: HashMap<VmId, JobId>,
     shutting_down: bool,
@@ -207,16 +207,21 @@ impl Store {
         let now = Instant::now();
         let mut g = self.lock();
         let inner = &mut *g;
-        // Expire old firing keys (insertion order = expiry order: the window is fixed).
-        while let Some(k) = inner.order.front() {
-            let expired = inner.dedup.get(k).is_none_or(|(_, exp)| *exp <= now);
-            if !expired && inner.order.len() < MAX_DEDUP {
-                break;
-            }
-            if let Some(k) = inner.order.pop_front() {
-                inner.dedup.remove(&k);
+        // Expire old firing keys of every VM; then make room among this VM's own keys.
+        let per_vm = self.limits.max_firings_per_vm.max(1);
+        for (vm, q) in inner.order.iter_mut() {
+            let room = if *vm == s.vmid { per_vm - 1 } else { per_vm };
+            while let Some(k) = q.front() {
+                let expired = inner.dedup.get(k).is_none_or(|(_, exp)| *exp <= now);
+                if !expired && q.len() <= room {
+                    break;
+                }
+                if let Some(k) = q.pop_front() {
+                    inner.dedup.remove(&k);
+                }
             }
         }
+        inner.order.retain(|_, q| !q.is_empty());
         if let Some(key) = &s.origin.firing {
             if let Some((id, _)) = inner.dedup.get(key) {
                 let id = *id;
@@ -233,8 +238,7 @@ impl Store {
         }
         let join = inner.last.get(&s.vmid).and_then(|id| inner.jobs.get(id)).filter(|j| {
             j.state.is_active()
-                || (s.origin.kind != "api"
-                    && j.state == State::Sealed
+                || (j.state == State::Sealed
                     && j.finished_instant.is_some_and(|t| now.duration_since(t) < self.limits.vm_cooldown))
         });
         let (id, outcome) = if let Some(j) = join {
@@ -281,8 +285,9 @@ impl Store {
             j.deliveries += 1;
         }
         if let Some(key) = s.origin.firing {
-            inner.dedup.insert(key.clone(), (id, now + self.limits.repeat_window));
-            inner.order.push_back(key);
+            if inner.dedup.insert(key.clone(), (id, now + self.limits.repeat_window)).is_none() {
+                inner.order.entry(s.vmid).or_default().push_back(key);
+            }
         }
         let name = if outcome == Outcome::Started { "started" } else { "joined" };
         *inner.counters.deliveries.entry(name.into()).or_default() += 1;
@@ -420,6 +425,7 @@ mod tests {
             vm_cooldown: Duration::from_secs(600),
             max_queue: 2,
             keep_jobs: 3,
+            max_firings_per_vm: 100,
         })
     }
 
@@ -455,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn one_job_per_vm_and_cooldown_but_api_may_ask_again() {
+    fn one_job_per_vm_and_cooldown_for_alerts_and_api_alike() {
         let s = store();
         let (a, _) = s.submit(alert("102", "x@1")).unwrap();
         assert_eq!(s.submit(alert("102", "y@1")).unwrap(), (a, Outcome::Joined));
@@ -468,7 +474,12 @@ mod tests {
         let mut api = alert("102", "");
         api.origin.kind = "api".into();
         api.origin.firing = None;
-        assert_eq!(s.submit(api).unwrap().1, Outcome::Started);
+        assert_eq!(s.submit(api.clone()).unwrap(), (a, Outcome::Joined), "API requests obey vm_cooldown too");
+        let s0 = Store::new(Limits { vm_cooldown: Duration::ZERO, ..s.limits.clone() });
+        let (first, _) = s0.submit(api.clone()).unwrap();
+        s0.start(first);
+        s0.finish(first, State::Sealed, Duration::from_secs(1));
+        assert_eq!(s0.submit(api).unwrap().1, Outcome::Started, "after the cooldown, a new capture");
     }
 
     #[test]
@@ -492,6 +503,7 @@ mod tests {
             vm_cooldown: Duration::ZERO,
             max_queue: 10_000,
             keep_jobs: 3,
+            max_firings_per_vm: 50,
         });
         for i in 0..20u32 {
             let (id, _) = s.submit(alert(&(100 + i).to_string(), &format!("f{i}@1"))).unwrap();
@@ -499,9 +511,33 @@ mod tests {
             s.finish(id, State::Sealed, Duration::from_millis(10));
         }
         assert_eq!(s.sizes().0, 3, "only keep_jobs finished jobs are kept");
-        for i in 0..(MAX_DEDUP + 10) {
+        let before = s.sizes().1;
+        for i in 0..1000 {
             let _ = s.submit(alert("102", &format!("g{i}@1")));
         }
-        assert!(s.sizes().1 <= MAX_DEDUP, "{:?}", s.sizes());
+        assert!(s.sizes().1 <= before + 50, "{:?}", s.sizes());
+    }
+
+    /// The report: one payload of ~11k alerts flushed every remembered firing, so a real
+    /// firing's redelivery started a second capture. Now a flood for one VM evicts only
+    /// that VM's own oldest keys.
+    #[test]
+    fn a_flood_for_one_vm_cannot_evict_another_vms_firing() {
+        let s = Store::new(Limits {
+            repeat_window: Duration::from_secs(3600),
+            vm_cooldown: Duration::ZERO,
+            max_queue: 10,
+            keep_jobs: 10,
+            max_firings_per_vm: 64,
+        });
+        let (real, o) = s.submit(alert("103", "real@t")).unwrap();
+        assert_eq!(o, Outcome::Started);
+        s.start(real);
+        s.finish(real, State::Sealed, Duration::from_secs(1));
+        for i in 0..11_000 {
+            let _ = s.submit(alert("102", &format!("flood-{i}@t")));
+        }
+        assert_eq!(s.submit(alert("103", "real@t")).unwrap(), (real, Outcome::Duplicate), "still remembered");
+        assert!(s.sizes().1 <= 64 + 1, "{:?}", s.sizes());
     }
 }

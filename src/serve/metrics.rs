@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::jobs::{Counters, DURATION_BUCKETS};
-use super::watch::WatchState;
+use super::watch_state::WatchState;
 use crate::diagnose::Verdict;
 
 /// Point-in-time numbers to render.
@@ -16,6 +16,15 @@ pub struct Snapshot {
     pub jobs_kept: usize,
     pub dedup_keys: usize,
     pub watch: Option<WatchState>,
+    pub connections: Connections,
+}
+
+/// The accept loop's numbers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Connections {
+    pub open: u64,
+    pub evicted: u64,
+    pub refused: u64,
 }
 
 const VERDICTS: [Verdict; 8] = [
@@ -78,6 +87,16 @@ pub fn render(s: &Snapshot) -> String {
     let _ = writeln!(o, "wedge_autopsy_jobs_kept {}", s.jobs_kept);
     head(&mut o, "wedge_autopsy_dedup_keys", "gauge", "Alert firings remembered for duplicate detection.");
     let _ = writeln!(o, "wedge_autopsy_dedup_keys {}", s.dedup_keys);
+    head(&mut o, "wedge_autopsy_connections_open", "gauge", "HTTP connections open now.");
+    let _ = writeln!(o, "wedge_autopsy_connections_open {}", s.connections.open);
+    head(
+        &mut o,
+        "wedge_autopsy_connections_closed_total",
+        "counter",
+        "Connections closed by the connection cap: evicted (idle or slow, to make room) or refused (all busy).",
+    );
+    let _ = writeln!(o, "wedge_autopsy_connections_closed_total{{reason=\"evicted\"}} {}", s.connections.evicted);
+    let _ = writeln!(o, "wedge_autopsy_connections_closed_total{{reason=\"refused\"}} {}", s.connections.refused);
     if let Some(w) = &s.watch {
         head(&mut o, "wedge_autopsy_watch_checks_total", "counter", "Watch diagnoses run.");
         let _ = writeln!(o, "wedge_autopsy_watch_checks_total {}", w.checks);
@@ -126,7 +145,7 @@ pub fn render(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::serve::watch::VmWatch;
+    use crate::serve::watch_state::VmWatch;
 
     #[test]
     fn renders_runs_queue_and_watch_verdicts() {

@@ -16,21 +16,23 @@ pub mod auth;
 pub mod config;
 pub mod http;
 pub mod jobs;
+pub mod listen;
+pub(crate) mod log;
 pub mod metrics;
 pub mod notify;
+pub mod perms;
 pub mod restart;
 pub mod runner;
 pub mod watch;
+pub mod watch_state;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::future::IntoFuture;
-
 use tokio::sync::Semaphore;
 
-pub use restart::{RestartOutcome, RestartRequest, Restarter, Unwired};
+pub use restart::{RestartOutcome, RestartRequest, Restarter};
 
 use crate::cancel::Cancel;
 use crate::config::{FileConfig, Settings};
@@ -55,16 +57,42 @@ pub fn load_config(settings: &Settings, listen: Option<&str>) -> Result<config::
         }
         None => None,
     };
-    config::parse(table.as_ref(), listen).map_err(|e| {
+    let cfg = config::parse(table.as_ref(), listen).map_err(|e| {
         let file = settings.config_file.as_ref().map(|p| format!("config {}: ", p.display())).unwrap_or_default();
         Error::BadInput(format!("{file}{e}"))
-    })
+    })?;
+    check_trust(&cfg, settings).map_err(Error::BadInput)?;
+    Ok(cfg)
 }
 
-/// `wedge-autopsy serve` with the restarter this build has.
-pub fn main(listen: Option<String>, settings: Settings) -> Result<Exit, Error> {
-    let restarter = Arc::new(restart::Wired { settings: settings.clone() });
-    serve(listen, settings, restarter)
+/// Refuses to serve when a file that decides what root runs could be changed by
+/// others: the config, the runbook directory and the runbook in use, the hook, and the
+/// `qm` backend (VM config, stop/start).
+fn check_trust(cfg: &config::ServeConfig, settings: &Settings) -> Result<(), String> {
+    if let Some(p) = &settings.config_file {
+        perms::check_trusted("config", p)?;
+    }
+    if settings.runbook_dir.is_dir() {
+        perms::check_trusted("runbook directory", &settings.runbook_dir)?;
+    }
+    let name = cfg.runbook.as_ref().or(settings.runbook.as_ref());
+    if let Some(n) = name.filter(|n| n.contains('/')) {
+        perms::check_trusted("runbook", std::path::Path::new(n))?;
+    } else if let Some(n) = name {
+        let p = settings.runbook_dir.join(format!("{n}.toml"));
+        if p.is_file() {
+            perms::check_trusted("runbook", &p)?;
+        }
+    }
+    if let Some(argv0) = cfg.on_complete.as_ref().and_then(|a| a.first()) {
+        let p = perms::resolve_program(argv0)
+            .ok_or_else(|| format!("[serve] on_complete program {argv0:?} is not found on PATH: give its full path"))?;
+        perms::check_trusted("[serve] on_complete program", &p)?;
+    }
+    if let Some(qm) = perms::resolve_program(&settings.qm.to_string_lossy()) {
+        perms::check_trusted("qm backend", &qm)?;
+    }
+    Ok(())
 }
 
 /// Runs the service until a stop signal. The restart is injected so the restart module
@@ -75,9 +103,9 @@ pub fn serve(listen: Option<String>, settings: Settings, restarter: Arc<dyn Rest
     // client or the log reader goes away mid-write.
     // SAFETY: no other thread exists yet (the runtime is built below).
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-    std::fs::create_dir_all(&settings.out).map_err(|e| {
-        Error::BadInput(format!("cannot create output directory {}: {e}; fix --out or `out`", settings.out.display()))
-    })?;
+    // 0700 from the start, not only after the first capture: archives hold environment
+    // and memory maps.
+    crate::archive::prepare_out(&settings.out)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(32)
@@ -98,6 +126,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         vm_cooldown: cfg.vm_cooldown,
         max_queue: cfg.max_queue,
         keep_jobs: cfg.keep_jobs,
+        max_firings_per_vm: cfg.max_firings_per_vm,
     };
     let grace = cfg.shutdown_grace;
     let watch_cfg = cfg.watch.clone();
@@ -109,45 +138,48 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         restarter,
         hard_stop: Cancel::new(),
         in_flight: AtomicUsize::new(0),
-        watch: Mutex::new(watch::WatchState::default()),
+        watch: Mutex::new(watch_state::WatchState::default()),
+        conns: Arc::new(listen::ConnStats::default()),
     });
     if let Some(w) = watch_cfg {
         tokio::spawn(watch::run(ctx.clone(), w));
     }
     let mut term = signal(SignalKind::terminate()).map_err(anyhow::Error::from)?;
     let mut int = signal(SignalKind::interrupt()).map_err(anyhow::Error::from)?;
-    eprintln!(
-        "wedge-autopsy serve: listening on http://{local} (node {}, out {}, auth {})",
+    log::info!(
+        "listening on http://{local} (node {}, out {}, auth {})",
         ctx.settings.node,
         ctx.settings.out.display(),
-        if ctx.cfg.token.is_some() { "bearer token" } else { "none, loopback only" }
+        match (&ctx.cfg.token, ctx.cfg.allow_loopback_without_token) {
+            (Some(_), _) => "bearer token",
+            (None, true) => "none: loopback without token allowed by config",
+            (None, false) => "none: state-changing requests refused until token_file is set",
+        }
     );
+    let conn_limits =
+        listen::Limits { header_timeout: ctx.cfg.header_timeout, max_connections: ctx.cfg.max_connections };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(listen::serve(
+        listener,
+        http::router(ctx.clone()),
+        conn_limits,
+        ctx.conns.clone(),
+        stop_rx.clone(),
+    ));
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(
-        axum::serve(listener, http::router(ctx.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .into_future(),
-    );
+    tokio::spawn(watchdog(local, stop_rx));
     tokio::select! {
         _ = term.recv() => {},
         _ = int.recv() => {},
     }
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     ctx.store.shut_down();
-    eprintln!("wedge-autopsy serve: stopping: no new autopsies; letting running ones seal");
-    let _ = stop_tx.send(());
-    // Open connections get a moment to finish their request; a client that holds one
-    // open must not hold up the seal.
-    match tokio::time::timeout(CONNECTIONS_GRACE, server).await {
-        Ok(Ok(Err(e))) => eprintln!("wedge-autopsy serve: server error while stopping: {e}"),
-        Err(_) => eprintln!(
-            "wedge-autopsy serve: connections still open after {} s; closing them",
-            CONNECTIONS_GRACE.as_secs()
-        ),
-        _ => {}
+    log::info!("stopping: no new autopsies; letting running ones seal");
+    let _ = stop_tx.send(true);
+    // Open connections get a moment to finish their request (the listener closes them
+    // after CONNECTIONS_GRACE); a client that holds one open must not hold up the seal.
+    if tokio::time::timeout(CONNECTIONS_GRACE + Duration::from_secs(1), server).await.is_err() {
+        log::warn_line!("connections still open after {} s; closing them", CONNECTIONS_GRACE.as_secs());
     }
     drain(&ctx, grace).await;
     Ok(Exit::Ok)
@@ -166,15 +198,58 @@ async fn drain(ctx: &runner::Ctx, grace: Duration) {
     if wait(grace).await {
         return;
     }
-    eprintln!(
-        "wedge-autopsy serve: shutdown grace ({} s) is over: interrupting running captures so they seal now",
-        grace.as_secs()
-    );
+    log::warn_line!("shutdown grace ({} s) is over: interrupting running captures so they seal now", grace.as_secs());
     ctx.hard_stop.cancel();
     if !wait(AFTER_GRACE).await {
-        eprintln!(
-            "wedge-autopsy serve: {} job(s) still running after the grace; exiting anyway",
+        log::warn_line!(
+            "{} job(s) still running after the grace; exiting anyway",
             ctx.in_flight.load(Ordering::SeqCst)
         );
     }
+}
+
+/// systemd's watchdog (`WatchdogSec=`): `WATCHDOG=1` only after a real request to our own
+/// `/healthz` over loopback was answered, so a wedged accept loop or runtime gets the
+/// service restarted. Does nothing when the unit sets no watchdog.
+async fn watchdog(local: std::net::SocketAddr, mut stop: tokio::sync::watch::Receiver<bool>) {
+    // As sd_watchdog_enabled(3): WATCHDOG_USEC set, and WATCHDOG_PID (if set) is ours.
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pid_ok = std::env::var("WATCHDOG_PID").map(|p| p == std::process::id().to_string()).unwrap_or(true);
+    if usec == 0 || !pid_ok {
+        return;
+    }
+    let period = Duration::from_micros(usec) / 3;
+    let ip = if local.ip().is_unspecified() {
+        match local {
+            std::net::SocketAddr::V4(_) => std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::SocketAddr::V6(_) => std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+        }
+    } else {
+        local.ip()
+    };
+    let url = format!("http://{}/healthz", std::net::SocketAddr::new(ip, local.port()));
+    loop {
+        if healthz_answers(&url, period).await {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            log::warn_line!("watchdog: {url} did not answer within {} ms; not pinging systemd", period.as_millis());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// One GET of `url` with `Connection: close`, answered 200 (or 503 while stopping) in time.
+pub async fn healthz_answers(url: &str, timeout: Duration) -> bool {
+    use http_body_util::Empty;
+    use hyper_util::client::legacy::Client;
+    let client: Client<_, Empty<axum::body::Bytes>> =
+        Client::builder(hyper_util::rt::TokioExecutor::new()).pool_max_idle_per_host(0).build_http();
+    let Ok(req) = hyper::Request::get(url).header("connection", "close").body(Empty::new()) else { return false };
+    matches!(
+        tokio::time::timeout(timeout, client.request(req)).await,
+        Ok(Ok(r)) if r.status().as_u16() == 200 || r.status().as_u16() == 503
+    )
 }

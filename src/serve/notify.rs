@@ -6,6 +6,7 @@
 //! Only `http://` targets are supported (no TLS stack is linked); put a local relay in
 //! front of an https ticket system.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -64,7 +65,8 @@ pub async fn post_all(
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut out = Vec::new();
     for url in urls {
-        let mut d = Delivery { target: url.clone(), ok: false, attempts: 0, detail: String::new() };
+        // The record (API, logs) names the target without its credentials.
+        let mut d = Delivery { target: crate::redact::url(url), ok: false, attempts: 0, detail: String::new() };
         let mut backoff = Duration::from_secs(1);
         while d.attempts < attempts.max(1) {
             d.attempts += 1;
@@ -165,29 +167,32 @@ pub fn run_hook(argv: &[String], doc: &Completion, timeout: Duration) -> Deliver
     }
 }
 
-/// Copies `archive` and its `.sha256` sidecar into `dir` (temp name, fsync, rename),
-/// then hashes the copy and compares with `sha256`. A copy that does not verify is
-/// removed. Returns the copy's path. Blocking.
+/// Copies `archive` and its `.sha256` sidecar into `dir`, then hashes the copy and
+/// compares with `sha256`. A copy that does not verify is removed. Returns the copy's
+/// path. Blocking.
+///
+/// `dir` may be shared storage others can write to, so nothing there is trusted: each
+/// file is written to a fresh temp name created with `O_CREAT|O_EXCL|O_NOFOLLOW` (a planted
+/// file or symlink makes the create fail, and the next name is tried), fsynced, and
+/// renamed over the final name (a rename replaces a planted symlink, never writes through
+/// it); the copy is read back through `O_NOFOLLOW` for the hash.
 pub fn copy_verified(archive_path: &Path, sha256: &str, dir: &Path) -> Result<PathBuf, String> {
-    let name = archive_path.file_name().ok_or("archive path has no file name")?;
+    let name = archive_path.file_name().ok_or("archive path has no file name")?.to_string_lossy().into_owned();
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create copy_to {}: {e}", dir.display()))?;
-    let dest = dir.join(name);
-    let tmp = dir.join(format!(".{}.{}.part", name.to_string_lossy(), std::process::id()));
+    let dest = dir.join(&name);
+    let sidecar = archive::sidecar_path(archive_path);
     let copy = || -> std::io::Result<()> {
-        std::fs::copy(archive_path, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, &dest)?;
-        let sidecar = archive::sidecar_path(archive_path);
+        let mut src = std::fs::File::open(archive_path)?;
+        place(dir, &name, |f| std::io::copy(&mut src, f).map(|_| ()))?;
         if sidecar.exists() {
-            archive::write_durable(&archive::sidecar_path(&dest), &std::fs::read(&sidecar)?)?;
+            let text = std::fs::read(&sidecar)?;
+            place(dir, &format!("{name}.sha256"), |f| f.write_all(&text))?;
         }
         std::fs::File::open(dir)?.sync_all()
     };
-    if let Err(e) = copy() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(format!("copy to {} failed: {e}", dir.display()));
-    }
-    match archive::hash_file(&dest) {
+    copy().map_err(|e| format!("copy to {} failed: {e}", dir.display()))?;
+    let read_back = open_nofollow(&dest).and_then(archive::hash_reader_of);
+    match read_back {
         Ok((_, h)) if h == sha256 => Ok(dest),
         Ok((_, h)) => {
             let _ = std::fs::remove_file(&dest);
@@ -196,6 +201,41 @@ pub fn copy_verified(archive_path: &Path, sha256: &str, dir: &Path) -> Result<Pa
         }
         Err(e) => Err(format!("cannot read back the copy {}: {e}", dest.display())),
     }
+}
+
+/// Writes `name` in `dir` through a temp file of our own (exclusive create, no symlink
+/// followed), fsynced, then renamed into place.
+fn place(dir: &Path, name: &str, fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut tries = 0;
+    let (tmp, mut f) = loop {
+        let nonce = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let stamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let tmp = dir.join(format!(".{name}.{}.{stamp:x}.{nonce}.part", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    };
+    let result = fill(&mut f).and_then(|_| f.sync_all()).and_then(|_| std::fs::rename(&tmp, dir.join(name)));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn open_nofollow(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(p)
 }
 
 #[cfg(test)]
@@ -216,6 +256,48 @@ mod tests {
         let err = copy_verified(&a, "00", &d.path().join("s2")).unwrap_err();
         assert!(err.contains("removed"), "{err}");
         assert!(!d.path().join("s2/autopsy-102.tar.zst").exists());
+    }
+
+    /// The report: a predictable temp name and `fs::copy` let anyone who can write the
+    /// shared directory plant a symlink and have root write through it. Now planted
+    /// symlinks (at the final names and at the old temp name) are never followed.
+    #[test]
+    fn copy_never_writes_through_planted_symlinks() {
+        let d = tempfile::tempdir().unwrap();
+        let a = d.path().join("autopsy-103.tar.zst");
+        std::fs::write(&a, b"archive bytes").unwrap();
+        let (_, h) = archive::hash_file(&a).unwrap();
+        std::fs::write(archive::sidecar_path(&a), format!("{h}  autopsy-103.tar.zst\n")).unwrap();
+        let shared = d.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        for planted in [
+            "autopsy-103.tar.zst".to_string(),
+            "autopsy-103.tar.zst.sha256".to_string(),
+            format!(".autopsy-103.tar.zst.{}.part", std::process::id()),
+        ] {
+            std::os::unix::fs::symlink(&victim, shared.join(planted)).unwrap();
+        }
+        let c = copy_verified(&a, &h, &shared).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the symlink target is untouched");
+        assert!(!std::fs::symlink_metadata(&c).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&c).unwrap(), b"archive bytes");
+        let side = archive::sidecar_path(&c);
+        assert!(!std::fs::symlink_metadata(&side).unwrap().file_type().is_symlink());
+        assert!(std::fs::read_to_string(&side).unwrap().starts_with(&h));
+        // The copy is private, and no temp file is left behind.
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&c).unwrap().permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(&shared)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| {
+                n.ends_with(".part") && !n.starts_with(&format!(".autopsy-103.tar.zst.{}.part", std::process::id()))
+            })
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

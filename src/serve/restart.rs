@@ -1,16 +1,16 @@
 //! The seam to the restart: a trait the job runner calls after a sealed capture whose
 //! verdict the policy names, and the gate that decides whether it may be called.
 //!
-//! The real restart (lock, cooldown shared with the CLI, `qm stop`/`qm start`) lives on
-//! the restart branch; it is injected through [`Restarter`]. Until then [`Unwired`]
-//! records that a restart was due and was not done.
+//! The real restart is [`Wired`]: `crate::restart` with the same backends, lock,
+//! cooldown and proofs as `wedge-autopsy <VMID> --then-restart`. It is injected through
+//! [`Restarter`] so the runner can be tested with a double.
 
 use std::path::PathBuf;
 
 use serde::Serialize;
 
 use super::config::{Action, Policy};
-use crate::diagnose::Verdict;
+use crate::diagnose::{Diagnosis, Verdict};
 use crate::target::{Target, VmId};
 
 /// Everything a restart needs to act and to justify itself.
@@ -30,7 +30,7 @@ pub struct RestartRequest {
 /// What the restart did, as reported in the job, the completion POST and the summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RestartOutcome {
-    /// A restart was started (`false`: refused, cooling down, not wired, gated off).
+    /// A restart was started (`false`: refused, cooling down, gated off).
     pub attempted: bool,
     /// The VM is running again under a new process.
     pub ok: bool,
@@ -43,23 +43,6 @@ pub struct RestartOutcome {
 /// per-VM lock shared with the CLI, and report refusals as `attempted: false`.
 pub trait Restarter: Send + Sync {
     fn restart(&self, req: &RestartRequest) -> RestartOutcome;
-}
-
-/// The restarter of a build without the restart module: never touches the VM.
-#[derive(Debug, Default)]
-pub struct Unwired;
-
-impl Restarter for Unwired {
-    fn restart(&self, req: &RestartRequest) -> RestartOutcome {
-        RestartOutcome {
-            attempted: false,
-            ok: false,
-            detail: format!(
-                "restart of VM {} was due (verdict {}) but this build has no restart: read the archive, then `qm stop {} && qm start {}` by hand",
-                req.vmid, req.verdict, req.vmid, req.vmid
-            ),
-        }
-    }
 }
 
 /// The real restart (`crate::restart`): the same backends, cooldown and proofs as
@@ -114,9 +97,12 @@ pub enum Decision {
 }
 
 /// The gate: a restart only when asked for (policy `capture-then-restart` or an API
-/// request), only after a sealed archive, never on `healthy`, and only on a verdict the
-/// policy names.
-pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) -> Decision {
+/// request), only after a sealed archive, never on `healthy`, only on a verdict the
+/// policy names, and only on evidence: a wedge proven inside QEMU (a suspected one only
+/// with the policy's `restart_suspected`; a stall below QEMU or in a network backend
+/// never, since a new QEMU on stuck storage wedges again or does not start).
+pub fn decide(policy: &Policy, requested: bool, sealed: bool, d: &Diagnosis) -> Decision {
+    let verdict = d.verdict;
     if policy.action != Action::CaptureThenRestart && !requested {
         return Decision::NotWanted;
     }
@@ -133,6 +119,9 @@ pub fn decide(policy: &Policy, requested: bool, sealed: bool, verdict: Verdict) 
             names.join(", ")
         ));
     }
+    if let Err(why) = d.automatic_restart(policy.restart_suspected) {
+        return Decision::Refused(why);
+    }
     Decision::Go
 }
 
@@ -146,17 +135,30 @@ mod tests {
 
     #[test]
     fn gate() {
+        use crate::diagnose::{Layer, Strength};
         use Verdict::*;
-        assert_eq!(decide(&Policy::default(), false, true, BlockPathFrozen), Decision::NotWanted);
-        assert_eq!(decide(&restarting(), false, true, BlockPathFrozen), Decision::Go);
-        assert_eq!(decide(&restarting(), false, true, MainLoopWedged), Decision::Go);
-        assert_eq!(decide(&Policy::default(), true, true, MainLoopWedged), Decision::Go);
-        assert!(matches!(decide(&restarting(), false, true, Healthy), Decision::Refused(r) if r.contains("healthy")));
+        let d = |v, st, l| Diagnosis::bare(v, st, l);
+        let proven = d(BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu));
+        assert_eq!(decide(&Policy::default(), false, true, &proven), Decision::NotWanted);
+        assert_eq!(decide(&restarting(), false, true, &proven), Decision::Go);
+        assert_eq!(decide(&restarting(), false, true, &d(MainLoopWedged, Some(Strength::Proven), None)), Decision::Go);
         assert!(
-            matches!(decide(&restarting(), true, true, Inconclusive), Decision::Refused(r) if r.contains("inconclusive"))
+            matches!(decide(&restarting(), false, true, &d(Healthy, None, None)), Decision::Refused(r) if r.contains("healthy"))
         );
         assert!(
-            matches!(decide(&restarting(), false, false, BlockPathFrozen), Decision::Refused(r) if r.contains("sealed"))
+            matches!(decide(&restarting(), true, true, &d(Inconclusive, None, None)), Decision::Refused(r) if r.contains("inconclusive"))
         );
+        assert!(matches!(decide(&restarting(), false, false, &proven), Decision::Refused(r) if r.contains("sealed")));
+        // Suspected: only with the policy's opt-in. Below QEMU or network: never.
+        let suspected = d(BlockPathFrozen, Some(Strength::Suspected), None);
+        assert!(
+            matches!(decide(&restarting(), false, true, &suspected), Decision::Refused(r) if r.contains("suspected"))
+        );
+        let opt_in = Policy { restart_suspected: true, ..restarting() };
+        assert_eq!(decide(&opt_in, false, true, &suspected), Decision::Go);
+        for l in [Layer::BelowQemu, Layer::NetworkBackend] {
+            let below = d(BlockPathFrozen, Some(Strength::Proven), Some(l));
+            assert!(matches!(decide(&opt_in, true, true, &below), Decision::Refused(r) if r.contains("recover first")));
+        }
     }
 }

@@ -10,18 +10,19 @@ use tokio::sync::Semaphore;
 
 use super::config::ServeConfig;
 use super::jobs::{Job, JobId, State, Store};
+use super::log;
 use super::notify::{self, Completion};
 use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
-use super::watch::WatchState;
+use super::watch_state::WatchState;
 use crate::archive::manifest::Trigger;
 use crate::archive::Sealed;
 use crate::autopsy::{self, Report, Request, Silent};
 use crate::cancel::Cancel;
 use crate::config::Settings;
-use crate::diagnose::Verdict;
+use crate::diagnose::Diagnosis;
 use crate::error::Error;
-use crate::render::summary::{self, ArchiveFacts};
 use crate::runbook;
+use crate::summary::{self, ArchiveFacts};
 use crate::target::{Target, TargetError};
 
 /// Proving the target reads /proc/PID/cmdline, which can block on a wedged process's
@@ -40,6 +41,8 @@ pub struct Ctx {
     /// Job tasks not yet finished (capture, restart and notifications).
     pub in_flight: AtomicUsize,
     pub watch: Mutex<WatchState>,
+    /// Open connections and what the connection cap did (for `/metrics`).
+    pub conns: Arc<super::listen::ConnStats>,
 }
 
 impl Ctx {
@@ -61,7 +64,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     }
     let Some(job) = ctx.store.get(id) else { return };
     wait_for_watch(ctx, job.vmid).await;
-    eprintln!("wedge-autopsy serve: job {id} VM {}: started ({})", job.vmid, describe(&job));
+    log::info!("job {id} VM {}: started ({})", job.vmid, describe(&job));
     let t0 = Instant::now();
     // The lock the CLI takes too: a service autopsy and a hand-run one of the same VM
     // never overlap, and it is held from the capture to the end of any restart.
@@ -80,7 +83,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
         Ok(((report, target), _lock)) => finish_sealed(ctx, &job, report, target, took).await,
         Err(e) => {
             let msg = e.to_string();
-            eprintln!("wedge-autopsy serve: job {id} VM {}: failed: {msg}", job.vmid);
+            log::warn_line!("job {id} VM {}: failed: {msg}", job.vmid);
             ctx.store.update(id, |j| j.error = Some(msg.clone()));
             ctx.store.finish(id, State::Failed, took);
             completion(ctx, id)
@@ -114,7 +117,7 @@ fn describe(job: &Job) -> String {
 /// Proves the target and runs the autopsy.
 async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
     let name = ctx.cfg.runbook.clone().or(ctx.settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
-    let rb = runbook::load(&name, &ctx.settings.runbook_dir).map_err(|e| Error::BadInput(e.to_string()))?;
+    let rb = runbook::load(&name, &ctx.settings.runbook_dir)?;
     let mut req = Request {
         vmid: job.vmid,
         runbook: rb,
@@ -122,6 +125,8 @@ async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
         no_qmp: false,
         trigger: Trigger { kind: job.origin.kind.clone(), user: None, tty: None, reason: job.origin.reason.clone() },
         command_line: vec!["wedge-autopsy".into(), "serve".into(), format!("job {}", job.id)],
+        // The serve gate (`restart::decide`) applies the policy's evidence rules itself.
+        restart_gate: Default::default(),
     };
     let target = match prepare(ctx, &req).await {
         // No QMP socket although the process is proven: capture the rest.
@@ -159,7 +164,7 @@ async fn finish_sealed(
     took: Duration,
 ) -> Option<Completion> {
     let verdict = report.diagnosis.verdict;
-    let restart = restart_step(ctx.restarter.clone(), job, verdict, report.sealed.as_ref(), target).await;
+    let restart = restart_step(ctx.restarter.clone(), job, &report.diagnosis, report.sealed.as_ref(), target).await;
     match &restart {
         None => {}
         Some(r) if r.ok => ctx.store.count_restart("ok"),
@@ -184,8 +189,8 @@ async fn finish_sealed(
         j.error = report.seal_error.clone();
     });
     ctx.store.finish(job.id, state, took);
-    eprintln!(
-        "wedge-autopsy serve: job {} VM {}: {} {verdict}{}",
+    log::info!(
+        "job {} VM {}: {} {verdict}{}",
         job.id,
         job.vmid,
         state.as_str(),
@@ -202,11 +207,12 @@ async fn finish_sealed(
 pub async fn restart_step(
     restarter: Arc<dyn Restarter>,
     job: &Job,
-    verdict: Verdict,
+    diagnosis: &Diagnosis,
     sealed: Option<&Sealed>,
     target: Target,
 ) -> Option<RestartOutcome> {
-    match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), verdict) {
+    let verdict = diagnosis.verdict;
+    match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), diagnosis) {
         Decision::NotWanted => None,
         Decision::Refused(why) => Some(RestartOutcome { attempted: false, ok: false, detail: why }),
         Decision::Go => {
@@ -294,10 +300,7 @@ async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
         notify::post_all(&ctx.cfg.notify, doc, ctx.cfg.notify_attempts, ctx.cfg.notify_timeout, &ctx.hard_stop).await,
     );
     for r in results.iter().filter(|r| !r.ok) {
-        eprintln!(
-            "wedge-autopsy serve: job {id}: could not deliver to {}: {} after {} attempt(s)",
-            r.target, r.detail, r.attempts
-        );
+        log::warn_line!("job {id}: could not deliver to {}: {} after {} attempt(s)", r.target, r.detail, r.attempts);
     }
     let copy = doc.copy.clone();
     ctx.store.update(id, |j| {
@@ -312,6 +315,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
+    use crate::diagnose::Verdict;
     use crate::serve::config::{Action, Policy};
     use crate::serve::jobs::{Limits, Origin, Submit};
     use crate::target::Proof;
@@ -335,6 +339,7 @@ mod tests {
             vm_cooldown: Duration::ZERO,
             max_queue: 9,
             keep_jobs: 9,
+            max_firings_per_vm: 9,
         });
         let origin = Origin {
             kind: "alert".into(),
@@ -376,6 +381,12 @@ mod tests {
         }
     }
 
+    fn proven(v: Verdict) -> Diagnosis {
+        let wedged = matches!(v, Verdict::BlockPathFrozen | Verdict::MainLoopWedged);
+        let strength = wedged.then_some(crate::diagnose::Strength::Proven);
+        Diagnosis::bare(v, strength, wedged.then_some(crate::diagnose::Layer::InsideQemu))
+    }
+
     #[tokio::test]
     async fn restarter_is_called_only_when_the_gate_opens() {
         let fake = Arc::new(FakeRestarter::default());
@@ -385,25 +396,46 @@ mod tests {
 
         // capture-only policy: nothing, not even a refusal.
         assert_eq!(
-            restart_step(r.clone(), &job(Policy::default(), false), Verdict::BlockPathFrozen, Some(&s), target()).await,
+            restart_step(
+                r.clone(),
+                &job(Policy::default(), false),
+                &proven(Verdict::BlockPathFrozen),
+                Some(&s),
+                target()
+            )
+            .await,
             None
         );
         // Healthy, unsealed, or a verdict the policy does not name: refused, never called.
         for (verdict, sealed) in
             [(Verdict::Healthy, Some(&s)), (Verdict::BlockPathFrozen, None), (Verdict::QmpUnreachable, Some(&s))]
         {
-            let out = restart_step(r.clone(), &job(restart.clone(), false), verdict, sealed, target()).await.unwrap();
+            let out = restart_step(r.clone(), &job(restart.clone(), false), &proven(verdict), sealed, target())
+                .await
+                .unwrap();
             assert!(!out.attempted, "{verdict}: {out:?}");
         }
         assert!(fake.calls.lock().unwrap().is_empty());
         // The policy's verdicts, sealed: called once each with the archive's facts.
-        let out = restart_step(r.clone(), &job(restart.clone(), false), Verdict::BlockPathFrozen, Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(restart.clone(), false),
+            &proven(Verdict::BlockPathFrozen),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok && out.attempted, "{out:?}");
-        let out = restart_step(r.clone(), &job(Policy::default(), true), Verdict::MainLoopWedged, Some(&s), target())
-            .await
-            .unwrap();
+        let out = restart_step(
+            r.clone(),
+            &job(Policy::default(), true),
+            &proven(Verdict::MainLoopWedged),
+            Some(&s),
+            target(),
+        )
+        .await
+        .unwrap();
         assert!(out.ok, "an API request with restart=true uses the default verdict list: {out:?}");
         let calls = fake.calls.lock().unwrap();
         assert_eq!(calls.len(), 2);

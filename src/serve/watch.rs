@@ -10,42 +10,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 
 use super::config::Watch;
 use super::jobs::{Origin, Submit};
 use super::runner::Ctx;
+use super::watch_state::VmWatch;
 use crate::archive::manifest::Trigger;
 use crate::autopsy::{self, Request};
 use crate::diagnose::Verdict;
 use crate::runbook;
 use crate::target::VmId;
-
-/// The last check of one VM.
-#[derive(Debug, Clone)]
-pub struct VmWatch {
-    /// `None`: the check itself failed (see `error`).
-    pub verdict: Option<Verdict>,
-    /// Consecutive `block-path-frozen` checks.
-    pub frozen_streak: u32,
-    /// When the current streak began (identifies one frozen episode).
-    pub streak_since: Option<DateTime<Utc>>,
-    pub checked_at: DateTime<Utc>,
-    pub error: Option<String>,
-}
-
-/// Every watched VM, for `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct WatchState {
-    pub vms: BTreeMap<VmId, VmWatch>,
-    pub checks: u64,
-    /// How many consecutive frozen checks count as wedged.
-    pub consecutive: u32,
-    /// The VM being checked right now: its QMP socket is in use, so an autopsy of it
-    /// waits (see `runner`), and the watch never starts a check on a VM with an active
-    /// job. Both sides decide under this state's lock.
-    pub checking: Option<VmId>,
-}
 
 /// VMIDs with a `<VMID>.pid` file in `run_dir`.
 pub fn running_vms(run_dir: &std::path::Path) -> Vec<VmId> {
@@ -147,6 +122,7 @@ async fn check(settings: &crate::config::Settings, vmid: VmId) -> Result<Verdict
         no_qmp: false,
         trigger: Trigger { kind: "watch".into(), ..Default::default() },
         command_line: vec!["wedge-autopsy".into(), "serve".into(), "watch".into()],
+        restart_gate: Default::default(),
     };
     let (r, s) = (req.clone(), settings.clone());
     let target =

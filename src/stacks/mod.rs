@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::cancel::Cancel;
+use crate::exit::Exit;
 use crate::step::StepSink;
 
 /// Everything a method needs. `labels` maps TIDs to names from QMP (`CPU 0`, `iothread0`).
@@ -41,6 +42,18 @@ pub enum StackError {
     Interrupted,
     #[error("{0}")]
     Failed(String),
+}
+
+impl StackError {
+    /// Exit class when a command ends with it: a missing process is bad input, a missing
+    /// privilege a refusal, anything else internal.
+    pub fn exit(&self) -> Exit {
+        match self {
+            StackError::NoProcess(_) => Exit::BadInput,
+            StackError::Permission { .. } => Exit::Refused,
+            _ => Exit::Internal,
+        }
+    }
 }
 
 /// A stack capture method (`native`, `gdb`).

@@ -21,6 +21,7 @@ use super::native::{analyze, module_infos, render_text, AnalyzeOptions, StacksRe
 use crate::archive::Evidence;
 use crate::cancel::Cancel;
 use crate::exec::{self, Spec};
+use crate::exit::Exit;
 
 /// How long one `debuginfod-find` may take (a debug file can be hundreds of MB).
 const DEBUGINFOD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,6 +32,14 @@ pub enum ResymbolizeError {
     NoRawSnapshot,
     #[error(transparent)]
     Raw(#[from] RawError),
+}
+
+impl ResymbolizeError {
+    /// Exit class: an archive without (readable) raw stacks is bad input, like an
+    /// unreadable archive.
+    pub fn exit(&self) -> Exit {
+        Exit::BadInput
+    }
 }
 
 /// Options of a re-symbolization.

@@ -142,6 +142,11 @@ impl FakeQmp {
         self.log.lock().unwrap().connections
     }
 
+    /// Whether the scripted fault fired (the fake hung, closed or stopped answering).
+    pub fn faulted(&self) -> bool {
+        self.log.lock().unwrap().faulted_at.is_some()
+    }
+
     /// Lines received after the fake started misbehaving (hang, close, garbage…).
     pub fn received_after_fault(&self) -> Vec<Received> {
         let log = self.log.lock().unwrap();

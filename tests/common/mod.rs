@@ -64,9 +64,18 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
-    /// guest RAM in MiB (`-m`), and whether all of it is faulted in at start
-    pub mem_mib: u32,
+    /// guest RAM in MiB (`lab up --mem`; `None` = the lab's default), and whether all of
+    /// it is faulted in at start (`--mem-prealloc`)
+    pub mem_mib: Option<u32>,
     pub mem_prealloc: bool,
+    /// extra QEMU arguments (`lab up --qemu-arg`)
+    pub qemu_args: Vec<String>,
+    /// extra environment of the QEMU process (`KEY`, `VALUE`)
+    pub qemu_env: Vec<(String, String)>,
+    /// `agent: 1` and a `<vmid>.qga` socket nobody answers on (`lab up --agent`)
+    pub agent: bool,
+    /// the QEMU binary to run (`LAB_QEMU`); `None` = qemu-system-x86_64 on PATH
+    pub qemu: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -82,9 +91,13 @@ impl Default for LabOptions {
             aio: "io_uring".into(),
             node: None,
             extra_conf: Vec::new(),
+            qemu_args: Vec::new(),
+            qemu_env: Vec::new(),
             libvirt: false,
-            mem_mib: 128,
+            mem_mib: None,
             mem_prealloc: false,
+            agent: false,
+            qemu: None,
         }
     }
 }
@@ -113,12 +126,15 @@ impl LabOptions {
         if self.libvirt {
             a.push("--libvirt".into());
         }
-        if self.mem_mib != 128 {
+        if let Some(m) = self.mem_mib {
             a.push("--mem".into());
-            a.push(self.mem_mib.to_string());
+            a.push(m.to_string());
         }
         if self.mem_prealloc {
             a.push("--mem-prealloc".into());
+        }
+        if self.agent {
+            a.push("--agent".into());
         }
         if let Some(n) = &self.node {
             a.push("--node".into());
@@ -128,6 +144,200 @@ impl LabOptions {
             a.push("--extra-conf".into());
             a.push(e.clone());
         }
+        for q in &self.qemu_args {
+            // `=` form: the value may itself start with '-'.
+            a.push(format!("--qemu-arg={q}"));
+        }
+        a
+    }
+}
+
+/// A real Linux guest needs longer than a guest-less VM: TCG boot plus the
+/// first write, several guests booting at once on two shared cores.
+const GUEST_UP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Disk controller of a guest VM, laid out as qemu-server does it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Controller {
+    /// `scsihw: lsi`: `lsi53c895a,id=scsihw0`, no in-flight view
+    Lsi,
+    /// `scsihw: virtio-scsi-single` + `iothread=1`: `virtioscsi0` with `iothread-virtioscsi0`
+    VirtioScsiSingle,
+    /// `virtio0: …,iothread=1`: `virtio-blk-pci,id=virtio0,iothread=iothread-virtio0`
+    VirtioBlk,
+}
+
+impl Controller {
+    pub const ALL: [Controller; 3] = [Controller::Lsi, Controller::VirtioScsiSingle, Controller::VirtioBlk];
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            Controller::Lsi => "lsi",
+            Controller::VirtioScsiSingle => "virtio-scsi-single",
+            Controller::VirtioBlk => "virtio-blk",
+        }
+    }
+
+    /// The `-drive` id (the `device` in `query-blockstats`).
+    pub fn drive(self) -> &'static str {
+        match self {
+            Controller::VirtioBlk => "drive-virtio0",
+            _ => "drive-scsi0",
+        }
+    }
+
+    /// QOM path `x-query-virtio` lists for the disk's device, `None` for LSI.
+    pub fn virtio_path(self) -> Option<&'static str> {
+        match self {
+            Controller::Lsi => None,
+            Controller::VirtioScsiSingle => Some("/machine/peripheral/virtioscsi0/virtio-backend"),
+            Controller::VirtioBlk => Some("/machine/peripheral/virtio0/virtio-backend"),
+        }
+    }
+
+    /// (number of virtqueues, index of the request queue) with one vCPU:
+    /// virtio-scsi has control 0, event 1, requests 2..; virtio-blk requests 0..
+    pub fn virtio_queues(self) -> Option<(u64, u64)> {
+        match self {
+            Controller::Lsi => None,
+            Controller::VirtioScsiSingle => Some((3, 2)),
+            Controller::VirtioBlk => Some((1, 0)),
+        }
+    }
+}
+
+/// What the guest's /init does once its disk is there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestMode {
+    /// no disk I/O after boot
+    Idle,
+    /// one 4 KiB O_DIRECT write, then silent
+    WriteOnce,
+    /// one 4 KiB O_DIRECT write every 0.5 s, forever
+    Steady,
+}
+
+impl GuestMode {
+    pub const ALL: [GuestMode; 3] = [GuestMode::Idle, GuestMode::WriteOnce, GuestMode::Steady];
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            GuestMode::Idle => "idle",
+            GuestMode::WriteOnce => "write-once",
+            GuestMode::Steady => "steady",
+        }
+    }
+}
+
+/// What backs the guest's disk 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// a raw file under blkdebug (wedge kind `inside`)
+    File,
+    /// an NBD export from nbdkit with its pause filter (wedge kind `nbd`)
+    Nbd,
+    /// a raw file on an nbdfuse mount over a pausable nbdkit (wedge kind `below`)
+    Fuse,
+}
+
+/// Which QEMU runs the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qemu {
+    /// the system's /usr/bin/qemu-system-x86_64 (Debian 12)
+    Debian72,
+    /// QEMU 10.0 from bookworm-backports, unpacked in the lab cache
+    Bookworm10,
+}
+
+/// Where a guest's stuck write is held.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WedgeKind {
+    /// a blkdebug breakpoint: popped from the virtqueue, held in QEMU's block layer
+    Inside,
+    /// nbdkit paused: the request waits on the NBD connection
+    Nbd,
+    /// nbdkit under nbdfuse paused: a QEMU worker blocks in pwrite64 on FUSE
+    Below,
+}
+
+impl WedgeKind {
+    pub fn arg(self) -> &'static str {
+        match self {
+            WedgeKind::Inside => "inside",
+            WedgeKind::Nbd => "nbd",
+            WedgeKind::Below => "below",
+        }
+    }
+
+    /// The disk backend this wedge needs.
+    pub fn backend(self) -> Backend {
+        match self {
+            WedgeKind::Inside => Backend::File,
+            WedgeKind::Nbd => Backend::Nbd,
+            WedgeKind::Below => Backend::Fuse,
+        }
+    }
+}
+
+/// One real Linux guest (`scripts/lab up --guest …`).
+#[derive(Clone, Debug)]
+pub struct GuestSpec {
+    pub vmid: u32,
+    pub controller: Controller,
+    pub mode: GuestMode,
+    pub backend: Backend,
+    pub qemu: Qemu,
+    /// `io_uring`, `threads` or `native` (`threads` shows the FUSE wait on a QEMU worker)
+    pub aio: String,
+    /// 0 = no throttle
+    pub mbps: u32,
+}
+
+impl Default for GuestSpec {
+    fn default() -> Self {
+        GuestSpec {
+            vmid: 300,
+            controller: Controller::VirtioScsiSingle,
+            mode: GuestMode::Idle,
+            backend: Backend::File,
+            qemu: Qemu::Debian72,
+            aio: "io_uring".into(),
+            mbps: 60,
+        }
+    }
+}
+
+impl GuestSpec {
+    fn up_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--vmid".into(),
+            self.vmid.to_string(),
+            "--name".into(),
+            format!("guest{}", self.vmid),
+            "--guest".into(),
+            self.mode.arg().into(),
+            "--controller".into(),
+            self.controller.arg().into(),
+            "--backend".into(),
+            match self.backend {
+                Backend::File => "file",
+                Backend::Nbd => "nbd",
+                Backend::Fuse => "fuse",
+            }
+            .into(),
+            "--aio".into(),
+            self.aio.clone(),
+            "--mbps".into(),
+            self.mbps.to_string(),
+            "--qemu".into(),
+            match self.qemu {
+                Qemu::Debian72 => "7.2",
+                Qemu::Bookworm10 => "10",
+            }
+            .into(),
+        ];
+        a.push("--guest-timeout".into());
+        a.push((GUEST_UP_TIMEOUT.as_secs() - 30).to_string());
         a
     }
 }
@@ -186,6 +396,60 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn tracer_pid(pid: i32) -> i32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines().find_map(|l| l.strip_prefix("TracerPid:")).unwrap().trim().parse().unwrap()
+}
+
+/// `(tid, TracerPid)` of every thread of `pid` (empty when the process is gone).
+pub fn thread_tracers(pid: i32) -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Ok(st) = std::fs::read_to_string(e.path().join("status")) else { continue };
+        if let Some(t) = st.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()) {
+            out.push((tid, t));
+        }
+    }
+    out
+}
+
+/// Catches `tracer_proc` while one of its threads traces a thread of `target`: spins on
+/// every target thread's `TracerPid`, and when it names a thread of `tracer_proc`,
+/// SIGSTOPs `tracer_proc` and checks again once it is stopped (so the tracer cannot
+/// detach between the check and what the caller does next). Returns the tracer thread
+/// id, with `tracer_proc` left stopped; `None` if `tracer_proc` ended or `timeout`
+/// passed without it being caught tracing.
+pub fn stop_while_tracing(tracer_proc: i32, target: i32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    let is_ours = |tid: i32| tid != 0 && Path::new(&format!("/proc/{tracer_proc}/task/{tid}")).exists();
+    while Instant::now() < deadline {
+        if !pid_alive(tracer_proc) {
+            return None;
+        }
+        if let Some(&(_, t)) = thread_tracers(target).iter().find(|(_, t)| is_ours(*t)) {
+            // SAFETY: SIGSTOP to a child process the caller owns.
+            unsafe { libc::kill(tracer_proc, libc::SIGSTOP) };
+            let stopped = wait_until(Duration::from_secs(10), || {
+                std::fs::read_dir(format!("/proc/{tracer_proc}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .all(|e| proc_state_path(&e.path().join("stat")).is_none_or(|c| c == 'T' || c == 'Z'))
+            });
+            assert!(stopped, "tracer process {tracer_proc} did not stop on SIGSTOP");
+            if thread_tracers(target).iter().any(|(_, tt)| *tt == t && is_ours(t)) {
+                return Some(t);
+            }
+            // It detached between the two reads: let it go on and look again.
+            // SAFETY: as above.
+            unsafe { libc::kill(tracer_proc, libc::SIGCONT) };
+        }
+        std::thread::yield_now();
+    }
+    None
+}
+
+fn proc_state_path(stat: &Path) -> Option<char> {
+    let s = std::fs::read_to_string(stat).ok()?;
+    s[s.rfind(')')? + 1..].trim_start().chars().next()
 }
 
 pub fn proc_state(pid: i32) -> Option<char> {
@@ -287,6 +551,8 @@ pub struct Vm {
     vmid: u32,
     /// the JSON line `scripts/lab up` printed
     up: Value,
+    /// set for a real Linux guest
+    guest: Option<GuestSpec>,
 }
 
 impl Vm {
@@ -450,6 +716,63 @@ impl Vm {
         m
     }
 
+    /// The guest's spec (panics on a guest-less VM).
+    pub fn guest(&self) -> &GuestSpec {
+        self.guest.as_ref().unwrap_or_else(|| panic!("VM {} is not a guest VM", self.vmid))
+    }
+
+    /// The guest's serial console log (`<vmid>.serial.log`), lossy UTF-8.
+    pub fn serial_log(&self) -> String {
+        let p = self.lab_root.join("run/qemu-server").join(format!("{}.serial.log", self.vmid));
+        String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned()
+    }
+
+    /// The guest's `LAB-GUEST: …` markers, in order.
+    pub fn markers(&self) -> Vec<String> {
+        self.serial_log()
+            .lines()
+            .filter_map(|l| l.split_once("LAB-GUEST: ").map(|(_, m)| m.trim().to_string()))
+            .collect()
+    }
+
+    /// Wait until the guest printed a marker starting with `prefix`
+    /// (`ready`, `wrote 3`, `silent`…); returns it. Panics after `timeout`
+    /// naming the marker and the serial log's tail.
+    pub fn wait_serial(&self, prefix: &str, timeout: Duration) -> String {
+        let mut found = None;
+        let ok = wait_until(timeout, || {
+            found = self.markers().into_iter().find(|m| m.starts_with(prefix));
+            found.is_some()
+        });
+        if !ok {
+            let log = self.serial_log();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "VM {}: guest printed no 'LAB-GUEST: {prefix}…' within {timeout:?}; serial tail:\n{}",
+                self.vmid,
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        found.unwrap()
+    }
+
+    /// Highest N of the guest's `wrote N` markers (0 before the first).
+    pub fn guest_writes_done(&self) -> u64 {
+        self.markers().iter().filter_map(|m| m.strip_prefix("wrote ")?.parse().ok()).max().unwrap_or(0)
+    }
+
+    /// Stall the guest's own next write (`scripts/lab wedge --how KIND`, after
+    /// it is writing) and return the lab's proof: `wedged`, `stuck_write`,
+    /// blockstats `t0`/`t1`, `virtio_t0`/`virtio_t1`, `fuse_write_threads`.
+    pub fn wedge_guest(&self, kind: WedgeKind) -> Value {
+        self.lab("wedge", &["--how", kind.arg()])
+    }
+
+    /// `lab probe`: raw virtio queues, blockstats and threads, as the lab sees them.
+    pub fn probe(&self) -> Value {
+        self.lab("probe", &[])
+    }
+
     /// SIGKILL this VM's QEMU (after the cmdline check) and wait until it is gone.
     pub fn kill(&self) {
         if let Some(pid) = self.try_pid() {
@@ -491,6 +814,11 @@ impl Lab {
     pub fn add_vm(&mut self, opts: LabOptions) -> Vm {
         let mut cmd = Command::new("python3");
         cmd.arg(lab_script()).arg("up").arg("--root").arg(&self.root).args(opts.up_args());
+        // QEMU inherits `lab up`'s environment.
+        cmd.envs(opts.qemu_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if let Some(q) = &opts.qemu {
+            cmd.env("LAB_QEMU", q);
+        }
         let out = run_bounded(&mut cmd, LAB_CMD_TIMEOUT);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -501,9 +829,59 @@ impl Lab {
         );
         let up: Value =
             serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("lab up printed {stdout:?}: {e}"));
-        let vm = Vm { lab_root: self.root.clone(), vmid: opts.vmid, up };
+        let vm = Vm { lab_root: self.root.clone(), vmid: opts.vmid, up, guest: None };
         self.vms.push(vm.clone());
         vm
+    }
+
+    /// A fresh root with one real Linux guest, booted (and, for write-once /
+    /// steady, past its first completed write).
+    pub fn up_guest(spec: GuestSpec) -> Lab {
+        Lab::up_guests(vec![spec])
+    }
+
+    /// A fresh root with several guests, all booting at once (each `lab up`
+    /// runs in parallel; TCG boots dominate the wall time), kept in the order
+    /// given. Panics naming each guest that did not come up; the `Lab` still
+    /// cleans up what did.
+    pub fn up_guests(specs: Vec<GuestSpec>) -> Lab {
+        let dir = fresh_root();
+        let root = dir.path().to_path_buf();
+        let mut lab = Lab { dir: Some(dir), root, vms: Vec::new(), children: Mutex::new(Vec::new()) };
+        let handles: Vec<_> = specs
+            .into_iter()
+            .map(|spec| {
+                let root = lab.root.clone();
+                std::thread::spawn(move || {
+                    let mut cmd = Command::new("python3");
+                    cmd.arg(lab_script()).arg("up").arg("--root").arg(&root).args(spec.up_args());
+                    (spec, run_bounded(&mut cmd, GUEST_UP_TIMEOUT))
+                })
+            })
+            .collect();
+        let mut failures = Vec::new();
+        for h in handles {
+            let (spec, out) = h.join().expect("lab up thread");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            match serde_json::from_str::<Value>(stdout.trim()) {
+                Ok(up) if out.status.success() => {
+                    lab.vms.push(Vm { lab_root: lab.root.clone(), vmid: spec.vmid, up, guest: Some(spec) })
+                }
+                _ => failures.push(format!(
+                    "lab up guest {} ({spec:?}) failed ({}):\nstdout: {stdout}\nstderr: {}",
+                    spec.vmid,
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                )),
+            }
+        }
+        if !failures.is_empty() {
+            // registers the guests that did start, so Drop tears down their helpers
+            let vmids: Vec<u32> = lab.vms.iter().map(|v| v.vmid).collect();
+            drop(lab);
+            panic!("{} guest(s) did not come up (started: {vmids:?}):\n{}", failures.len(), failures.join("\n"));
+        }
+        lab
     }
 
     pub fn vm(&self, vmid: u32) -> &Vm {
@@ -618,6 +996,69 @@ impl Deref for Lab {
     }
 }
 
+impl Lab {
+    /// nbdkit / nbdfuse processes serving this lab's guests (their argv names
+    /// a socket or mount point under this lab's unique root).
+    fn guest_helper_pids(&self) -> Vec<i32> {
+        let root = format!("{}/", self.root.display());
+        let mut pids = Vec::new();
+        if let Ok(rd) = std::fs::read_dir("/proc") {
+            for e in rd.flatten() {
+                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                if let Some(argv) = proc_cmdline(pid) {
+                    let prog = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string());
+                    if matches!(prog.as_deref(), Some("nbdkit" | "nbdfuse"))
+                        && argv.iter().any(|a| a.contains(&root))
+                        && pid_alive(pid)
+                    {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+
+    /// Mount points under this lab's root (the guests' FUSE images).
+    fn mounts_under_root(&self) -> Vec<String> {
+        let root = format!("{}/", self.root.display());
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(|m| m.replace("\\040", " ")))
+            .filter(|m| m.starts_with(&root))
+            .collect()
+    }
+
+    /// Guests bring helpers (nbdkit, nbdfuse + a FUSE mount): `lab down`
+    /// ends them after QEMU; then anything left is swept by argv and mount.
+    fn teardown_guest_helpers(&self) {
+        let records = std::fs::read_dir(self.run_dir())
+            .map(|rd| rd.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".lab-guest.json")))
+            .unwrap_or(false);
+        if !records && self.vms.iter().all(|v| v.guest.is_none()) && self.mounts_under_root().is_empty() {
+            return;
+        }
+        let mut cmd = Command::new("python3");
+        cmd.arg(lab_script()).arg("down").arg("--root").arg(&self.root).arg("--all");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Ok(mut child) = cmd.spawn() {
+            if !wait_until(Duration::from_secs(60), || matches!(child.try_wait(), Ok(Some(_)))) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        for m in self.mounts_under_root() {
+            let _ = Command::new("fusermount3").args(["-u", "-z"]).arg(&m).stdin(Stdio::null()).status();
+        }
+        for pid in self.guest_helper_pids() {
+            sigkill(pid);
+        }
+    }
+}
+
 impl Drop for Lab {
     fn drop(&mut self) {
         // 1. background helpers (holders, tools, hung qm…)
@@ -628,6 +1069,8 @@ impl Drop for Lab {
         }
         ch.clear();
         drop(ch);
+        // 1b. guests: QEMU first, then their NBD servers and FUSE mounts
+        self.teardown_guest_helpers();
         // 2. every QEMU of this root, by cmdline (never by name). Then wait
         //    on those pids, not on a new cmdline scan: an exiting QEMU has an
         //    empty cmdline (mm gone) for a while before it becomes a zombie,
@@ -656,4 +1099,12 @@ impl Drop for Lab {
             }
         }
     }
+}
+
+/// Whether any live process has exactly this argv.
+pub fn proc_cmdline_exists(argv: &[&str]) -> bool {
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
+        let pid = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
+        pid_alive(pid) && proc_cmdline(pid).is_some_and(|a| a == argv)
+    })
 }

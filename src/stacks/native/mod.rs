@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::{restore_stopped, StackError, StackMethod, StackRequest, ThreadStates};
 use crate::cancel::Cancel;
 use crate::procfs::Syscall;
-pub use modules::DebugSearch;
+pub use modules::{DebugSearch, DEFAULT_DEBUG_DIR};
 pub use render::render_text;
 pub use snapshot::FreezeOptions;
 pub use symbols::Inlined;

@@ -168,8 +168,6 @@ pub struct Module {
     pub elf: Elf,
     /// A separate debug file (symbols, DWARF, `.debug_frame`), build-id checked.
     pub debug: Option<Elf>,
-    /// Built on first symbol lookup (after the threads are released).
-    pub(crate) symbols: OnceLock<super::symbols::SymbolTable>,
 }
 
 impl Module {
@@ -185,6 +183,9 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Where Debian installs separate debug files (`/usr/lib/debug/.build-id/…`).
+pub const DEFAULT_DEBUG_DIR: &str = "/usr/lib/debug";
+
 /// Where separate debug files are searched.
 #[derive(Debug, Clone)]
 pub struct DebugSearch {
@@ -193,7 +194,7 @@ pub struct DebugSearch {
 
 impl Default for DebugSearch {
     fn default() -> Self {
-        DebugSearch { dirs: vec![PathBuf::from("/usr/lib/debug")] }
+        DebugSearch { dirs: vec![PathBuf::from(DEFAULT_DEBUG_DIR)] }
     }
 }
 
@@ -316,15 +317,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
             }
         };
         let debug = if path == "[vdso]" { None } else { find_debug(&elf, elf.debuglink(), path, search) };
-        list.push(Module {
-            name: path.trim_end_matches(" (deleted)").to_string(),
-            start,
-            end,
-            bias,
-            elf,
-            debug,
-            symbols: OnceLock::new(),
-        });
+        list.push(Module { name: path.trim_end_matches(" (deleted)").to_string(), start, end, bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
     (Modules { list }, notes)
@@ -373,6 +366,25 @@ fn compute_bias(elf: &Elf, maps: &[&Mapping]) -> Option<u64> {
     None
 }
 
+/// `<dir>/.build-id/xx/yyyy.debug` for `id`, per search dir in order. In: a build-id.
+/// Out: the first such file whose own build-id note is `id` (a stale file at the right
+/// path does not count), parsed; `None` if there is none.
+pub fn debug_file_by_build_id(id: &[u8], search: &DebugSearch) -> Option<Elf> {
+    if id.len() < 2 {
+        return None;
+    }
+    let h = hex(id);
+    search.dirs.iter().find_map(|d| {
+        let dbg = Elf::open(&build_id_path(d, &h)).ok()?;
+        (dbg.build_id.as_deref() == Some(id)).then_some(dbg)
+    })
+}
+
+/// Where a debug file for the hex build-id `h` lives under `dir`.
+pub fn build_id_path(dir: &Path, h: &str) -> PathBuf {
+    dir.join(".build-id").join(&h[..2.min(h.len())]).join(format!("{}.debug", &h[2.min(h.len())..]))
+}
+
 /// The separate debug file of `elf` (mapped at `path`): by build-id under each search
 /// dir, then by its `.gnu_debuglink` name beside the binary and under each search dir.
 pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &DebugSearch) -> Option<Elf> {
@@ -380,16 +392,8 @@ pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &Deb
         return None;
     }
     let clean = path.trim_end_matches(" (deleted)");
-    if let Some(id) = elf.build_id.as_deref().filter(|id| id.len() > 1) {
-        let h = hex(id);
-        for d in &search.dirs {
-            let p = d.join(".build-id").join(&h[..2]).join(format!("{}.debug", &h[2..]));
-            if let Ok(dbg) = Elf::open(&p) {
-                if dbg.build_id.as_deref() == Some(id) {
-                    return Some(dbg);
-                }
-            }
-        }
+    if let Some(dbg) = elf.build_id.as_deref().and_then(|id| debug_file_by_build_id(id, search)) {
+        return Some(dbg);
     }
     let link = debuglink?;
     let dir = Path::new(clean).parent().unwrap_or(Path::new("/"));

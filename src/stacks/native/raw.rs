@@ -381,15 +381,7 @@ pub fn modules(
             archived_cfi: archived,
             has_lines: elf.has_dwarf || debug.as_ref().is_some_and(|d| d.has_dwarf),
         });
-        list.push(Module {
-            name: rm.name.clone(),
-            start: rm.start,
-            end: rm.end,
-            bias: rm.bias,
-            elf,
-            debug,
-            symbols: OnceLock::new(),
-        });
+        list.push(Module { name: rm.name.clone(), start: rm.start, end: rm.end, bias: rm.bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
     (Modules { list }, sources)

@@ -159,6 +159,9 @@ type Reader<'a> = gimli::EndianSlice<'a, gimli::LittleEndian>;
 /// Per-module DWARF contexts, built on first use. Borrow the modules' mapped bytes.
 pub struct Symbolizer<'m> {
     dwarf: Vec<(usize, Option<addr2line::Context<Reader<'m>>>)>,
+    /// Each module's symbol table by module index, built on first lookup (after the
+    /// threads are released). The symbolizer owns it so modules stay plain data.
+    tables: std::collections::HashMap<usize, SymbolTable>,
 }
 
 fn dwarf_context(elf: &Elf) -> Option<addr2line::Context<Reader<'_>>> {
@@ -207,14 +210,14 @@ fn dwarf_context(elf: &Elf) -> Option<addr2line::Context<Reader<'_>>> {
 
 impl<'m> Symbolizer<'m> {
     pub fn new() -> Self {
-        Symbolizer { dwarf: Vec::new() }
+        Symbolizer { dwarf: Vec::new(), tables: Default::default() }
     }
 
     /// Resolves frame address `pc` in `module` (index `idx`). `lookup` is the address to look up:
     /// the PC for frame 0 and after a signal frame, return address − 1 otherwise.
     pub fn resolve(&mut self, idx: usize, module: &'m Module, pc: u64, lookup: u64, with_lines: bool) -> Resolved {
         let svma = lookup.wrapping_sub(module.bias);
-        let table = module.symbols.get_or_init(|| SymbolTable::build(module));
+        let table = self.tables.entry(idx).or_insert_with(|| SymbolTable::build(module));
         let mut r = Resolved::default();
         if let Some((name, off)) = table.lookup_in(module, svma) {
             r.symbol = Some(demangle(name));

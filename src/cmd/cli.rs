@@ -1,11 +1,14 @@
-//! Command-line definitions. Kept in the library so man pages and completions can be
-//! generated from the same source; `main.rs` parses and dispatches.
+//! Command-line definitions: the only place clap types live. `main.rs` parses and
+//! dispatches; `generate` builds the man pages and completions from the same source.
+//! Library functions take plain option structs ([`Overrides`], [`LogFormat`]).
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::Overrides;
+use wedge_autopsy::config::Overrides;
+use wedge_autopsy::render::ui::LogFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -45,22 +48,23 @@ pub struct Global {
     /// This node's name as the cluster knows it [default: short hostname]
     #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
-    /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
-    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
-    pub log_format: Option<LogFormat>,
-    /// Where separate debug files are looked up (build-id and .gnu_debuglink), repeatable [default: /usr/lib/debug]
+    /// Where separate debug files (symbols, DWARF) are searched by build-id and .gnu_debuglink; repeatable, in order [default: /usr/lib/debug]
     #[arg(long = "debug-dir", global = true, value_name = "DIR")]
     pub debug_dir: Vec<PathBuf>,
+    /// Where Proxmox writes its logs (vzdump/, pve/tasks/) [default: /var/log]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub log_dir: Option<PathBuf>,
+    /// Log format on stderr: text or json (one object per line) [default: text; the journal under systemd]
+    #[arg(long, global = true, value_name = "FORMAT", value_parser = log_format_parser())]
+    pub log_format: Option<LogFormat>,
     /// More detail on stderr: -v adds info logs and step notes, -vv debug
     #[arg(short = 'v', long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 }
 
-/// `--log-format`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// `--log-format`: `text` or `json`, into the library's plain [`LogFormat`].
+fn log_format_parser() -> impl TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new(["text", "json"]).map(|s| if s == "json" { LogFormat::Json } else { LogFormat::Text })
 }
 
 impl Global {
@@ -73,6 +77,7 @@ impl Global {
             sample_interval: self.sample_interval.clone(),
             node: self.node.clone(),
             debug_dirs: self.debug_dir.clone(),
+            log_dir: self.log_dir.clone(),
         }
     }
 }
@@ -90,9 +95,12 @@ pub struct AutopsyArgs {
     /// The VMs to capture, as `qm list` shows them (100–999999999); several are captured in parallel
     #[arg(value_name = "VMID")]
     pub vmids: Vec<String>,
-    /// Also capture every running VM on this node that `diagnose` finds wedged (block-path-frozen or main-loop-wedged)
+    /// Also capture every running VM on this node that `diagnose` finds wedged (block-path-frozen, proven or suspected, or main-loop-wedged). With --then-restart only those proven stuck inside QEMU are restarted
     #[arg(long)]
     pub all_wedged: bool,
+    /// With --all-wedged --then-restart: also restart VMs whose frozen block path is only suspected (no in-flight view, e.g. LSI without a guest agent). An idle disk looks the same: use with care
+    #[arg(long, requires = "all_wedged")]
+    pub restart_suspected: bool,
     /// How many VMs to capture at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
@@ -184,6 +192,11 @@ pub enum Command {
         #[command(subcommand)]
         action: RunbookAction,
     },
+    /// Known-bug signatures: list, show, check (example: wedge-autopsy signatures check my.toml)
+    Signatures {
+        #[command(subcommand)]
+        action: SignaturesAction,
+    },
     /// HTTP service: alerts (Alertmanager, Grafana) and API calls start autopsies; results go to the ticket (example: wedge-autopsy serve --listen 127.0.0.1:9171)
     #[command(
         after_help = "Configured under [serve] in the config file; see docs/serve.md.\nStops on SIGTERM after running autopsies seal."
@@ -270,6 +283,19 @@ pub enum RunbookAction {
     },
     /// JSON Schema of the runbook format, for editors (example: wedge-autopsy runbook schema > runbook.schema.json)
     Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SignaturesAction {
+    /// Signatures in use: built-in and from signature_dir (example: wedge-autopsy signatures list)
+    List,
+    /// Print a signature's file (example: wedge-autopsy signatures show qemu-3144-throttle-group-iothreads)
+    Show { id: String },
+    /// Check signature files; errors name file, line and key (example: wedge-autopsy signatures check my.toml)
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[cfg(test)]
