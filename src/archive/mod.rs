@@ -259,19 +259,7 @@ pub fn extract_entry(archive: &Path, rel: &str, expected: &FileEntry, dest: &Pat
             return Ok(());
         }
         let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0u64;
-        loop {
-            let k = reader.read(&mut buf)?;
-            if k == 0 {
-                break;
-            }
-            h.update(&buf[..k]);
-            out.write_all(&buf[..k])?;
-            n += k as u64;
-        }
-        found = Some((n, format!("{:x}", h.finalize())));
+        found = Some(hash_copy(reader, &mut out)?);
         Ok(())
     })
     .map_err(|e| ArchiveError::Read { path: shown.clone(), detail: e.to_string() })?;
@@ -404,6 +392,11 @@ pub fn walk(root: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
+    hash_copy(r, &mut std::io::sink())
+}
+
+/// Reads `r` to the end, writing every byte to `out`. Out: size and hex SHA-256.
+fn hash_copy(r: &mut dyn Read, out: &mut dyn Write) -> std::io::Result<(u64, String)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut n = 0u64;
@@ -413,6 +406,7 @@ fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
             break;
         }
         h.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
         n += k as u64;
     }
     Ok((n, format!("{:x}", h.finalize())))
