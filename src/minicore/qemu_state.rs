@@ -19,8 +19,8 @@ use crate::archive::{self, ArchiveReader, Evidence};
 use crate::cancel::Cancel;
 use crate::exec::{self, Spec};
 use crate::exit::Exit;
+use crate::stacks::dbgsym;
 use crate::stacks::native::modules::{find_debug, hex, DebugSearch, Elf};
-use crate::stacks::resymbolize::debug_package;
 
 /// Where the scripts are looked for when `--qemu-gdb-script` is not given.
 pub const DEFAULT_SCRIPT: &str = "/usr/share/wedge-autopsy/qemu-gdb/qemu-gdb.py";
@@ -151,7 +151,7 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
             meta.exe,
             meta.exe_build_id.as_deref().unwrap_or("?"),
             opts.debug_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", "),
-            debug_package(&meta.exe, qemu_package.as_deref()).unwrap_or_else(|| "its -dbgsym package".into())
+            dbgsym::for_module(&meta.exe, qemu_package.as_deref()).unwrap_or_else(|| "its -dbgsym package".into())
         ));
     }
     let script_ok = opts.script.is_file() && opts.script.parent().is_some_and(|d| d.join("qemugdb").is_dir());

@@ -5,6 +5,7 @@
 //! leave the target as it found it: [`ThreadStates`] is taken before and checked after,
 //! and a thread that a method left stopped is resumed (and reported).
 
+pub mod dbgsym;
 pub mod gdb;
 pub mod native;
 pub mod resymbolize;

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::dbgsym;
 use super::native::modules::DebugSearch;
 use super::native::raw::{self, ModuleSource, RawError};
 use super::native::{analyze, module_infos, render_text, AnalyzeOptions, StacksReport};
@@ -152,7 +153,7 @@ pub fn resymbolize(ev: &dyn Evidence, opts: &ResymbolizeOptions) -> Result<Resym
             Some(MissingDebug {
                 module: s.name.clone(),
                 build_id: s.build_id.clone(),
-                package: debug_package(&s.name, qemu_package.as_deref()),
+                package: dbgsym::for_module(&s.name, qemu_package.as_deref()),
                 frames,
             })
         })
@@ -185,31 +186,6 @@ fn debuginfod_find(build_id: &str, urls: &str) -> Result<PathBuf, String> {
         return Err(err.lines().last().unwrap_or("not found").to_string());
     }
     Ok(PathBuf::from(path))
-}
-
-/// The package that ships the debug info of `module` (a path as mapped), when known:
-/// glibc's libraries → `libc6-dbg`; QEMU → `pve-qemu-kvm-dbgsym` on Proxmox (its
-/// `query-version` package names pve), else Debian's `qemu-system-x86-dbgsym`; any
-/// other file that dpkg on this host knows → `<package>-dbgsym`.
-pub fn debug_package(module: &str, qemu_package: Option<&str>) -> Option<String> {
-    let file = module.rsplit('/').next().unwrap_or(module);
-    const GLIBC: &[&str] =
-        &["libc.so", "ld-linux", "libm.so", "libpthread", "libdl.so", "librt.so", "libresolv", "libanl", "libutil"];
-    if GLIBC.iter().any(|g| file.starts_with(g)) {
-        return Some("libc6-dbg".into());
-    }
-    if file.starts_with("qemu-system-") || file == "kvm" {
-        return Some(if qemu_package.is_some_and(|p| p.contains("pve")) {
-            "pve-qemu-kvm-dbgsym".into()
-        } else {
-            "qemu-system-x86-dbgsym (Debian's debug archive; on Proxmox: pve-qemu-kvm-dbgsym)".into()
-        });
-    }
-    let spec = Spec::new(vec!["dpkg-query".into(), "-S".into(), module.into()], Duration::from_secs(5));
-    let out = exec::run(&spec, &Cancel::new()).ok().filter(|o| o.success())?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pkg = text.lines().next()?.split(':').next()?.trim();
-    (!pkg.is_empty() && !pkg.contains(' ')).then(|| format!("{pkg}-dbgsym"))
 }
 
 /// The text form: the stacks, then where names came from and what is still missing.
@@ -248,22 +224,4 @@ pub fn render(r: &Resymbolized) -> String {
         writeln!(out, "note: {n}").unwrap();
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn packages_for_glibc_and_qemu() {
-        assert_eq!(debug_package("/usr/lib/x86_64-linux-gnu/libc.so.6", None).as_deref(), Some("libc6-dbg"));
-        assert_eq!(debug_package("/lib64/ld-linux-x86-64.so.2", None).as_deref(), Some("libc6-dbg"));
-        assert_eq!(
-            debug_package("/usr/bin/qemu-system-x86_64", Some("pve-qemu-kvm_9.2.0-5")).as_deref(),
-            Some("pve-qemu-kvm-dbgsym")
-        );
-        assert!(debug_package("/usr/bin/qemu-system-x86_64", Some("Debian 1:7.2+dfsg-7"))
-            .unwrap()
-            .starts_with("qemu-system-x86-dbgsym"));
-    }
 }
