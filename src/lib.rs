@@ -31,6 +31,7 @@ pub mod serve;
 pub mod signatures;
 pub mod stacks;
 pub mod step;
+pub mod stuck;
 pub mod summary;
 pub mod target;
 pub mod units;

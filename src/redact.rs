@@ -240,6 +240,29 @@ pub fn url(url: &str) -> String {
     scan(url, false).0
 }
 
+/// Free text (a log line, a journal, a reason someone typed): each line scanned for URL
+/// user-info and `key=value` options with a secret-looking key, as a command-line
+/// argument is. Returns the text and the values removed.
+pub fn text(s: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(s.len());
+    let mut found = Vec::new();
+    for (i, line) in s.split('\n').enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let (t, f) = scan(line, false);
+        out.push_str(&t);
+        found.extend(f);
+    }
+    (out, found)
+}
+
+/// Staged files that hold free text from the host (journal, kernel log, command output,
+/// logs): they get the structural [`text`] pass as well as the learned values.
+fn is_free_text(rel: &str) -> bool {
+    ["host/", "commands/", "logs/"].iter().any(|p| rel.starts_with(p))
+}
+
 /// The set of secret values learned from the structured sources, and the pass that
 /// replaces them in every file of a staging directory.
 #[derive(Debug, Default)]
@@ -341,10 +364,29 @@ impl Redactor {
                 }
             }
         }
+        // Host text first: what it reveals (a password in a journal line) is then
+        // searched for everywhere else too.
+        let mut rewritten = std::collections::BTreeMap::new();
+        for rel in files.iter().filter(|r| is_free_text(r)) {
+            let bytes = std::fs::read(dir.join(rel))?;
+            if let Ok(s) = std::str::from_utf8(&bytes) {
+                let (t, found) = text(s);
+                self.learn(found);
+                if t != s {
+                    rewritten.insert(rel.clone(), t.into_bytes());
+                }
+            }
+        }
         let mut total = 0;
         for rel in &files {
             let p = dir.join(rel);
-            let bytes = std::fs::read(&p)?;
+            let bytes = match rewritten.remove(rel) {
+                Some(b) => {
+                    std::fs::write(&p, &b)?;
+                    b
+                }
+                None => std::fs::read(&p)?,
+            };
             let (new, n) = self.scrub(&bytes);
             total += n;
             if new != bytes {
@@ -352,6 +394,28 @@ impl Redactor {
             }
         }
         Ok(Redaction { applied: true, values_replaced: total })
+    }
+
+    /// A JSON document that leaves the host (the service's completion document): every
+    /// string gets the structural [`text`] pass (what it finds is learned), then every
+    /// learned value is replaced. Returns how many values were replaced.
+    pub fn scrub_json_text(&mut self, v: &mut serde_json::Value) -> u64 {
+        fn walk(v: &mut serde_json::Value, found: &mut Vec<String>) {
+            match v {
+                serde_json::Value::String(s) => {
+                    let (t, f) = text(s);
+                    found.extend(f);
+                    *s = t;
+                }
+                serde_json::Value::Array(a) => a.iter_mut().for_each(|x| walk(x, found)),
+                serde_json::Value::Object(m) => m.values_mut().for_each(|x| walk(x, found)),
+                _ => {}
+            }
+        }
+        let mut found = Vec::new();
+        walk(v, &mut found);
+        self.learn(found);
+        self.scrub_json(v)
     }
 
     /// A JSON value (the manifest) with every learned value replaced in its strings.

@@ -391,13 +391,25 @@ fn option_paths(value: &str) -> Vec<String> {
 /// Reads `/proc/PID/cmdline` on a helper thread: the read takes the target's mmap lock
 /// and can block behind a stuck thread. `Ok(None)` means it did not finish in time.
 pub fn read_cmdline_bounded(pid: i32, limit: Duration) -> std::io::Result<Option<Vec<String>>> {
+    static STUCK: std::sync::OnceLock<std::sync::Arc<crate::stuck::Stuck>> = std::sync::OnceLock::new();
+    // A read still stuck from an earlier call gets the same answer as a timeout, without
+    // another thread (repeated proofs of a hung process must not pile threads up).
+    let Ok((running, waiting)) =
+        STUCK.get_or_init(|| crate::stuck::Stuck::new(64)).admit(&format!("/proc/{pid}/cmdline"))
+    else {
+        return Ok(None);
+    };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        let _running = running;
         let _ = tx.send(procfs::read_cmdline(pid));
     });
     match rx.recv_timeout(limit) {
         Ok(r) => r.map(Some),
-        Err(_) => Ok(None),
+        Err(_) => {
+            waiting.timed_out();
+            Ok(None)
+        }
     }
 }
 

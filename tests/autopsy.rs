@@ -386,3 +386,130 @@ fn several_vms_in_one_call_and_all_wedged() {
     assert_eq!(lines[0]["vmid"], 131);
     assert_eq!(lines[0]["verdict"], "block-path-frozen");
 }
+
+/// Every thread of `pid`: `(tid, state, TracerPid)`.
+fn threads_now(lab: &Lab) -> Vec<(i32, char, i32)> {
+    let states = lab.thread_states();
+    common::thread_tracers(lab.pid())
+        .into_iter()
+        .map(|(t, tr)| (t, states.get(&t).copied().unwrap_or('?'), tr))
+        .collect()
+}
+
+/// Untraced, and no thread stopped that was not stopped `before`.
+fn untouched(rows: &[(i32, char, i32)], before: &BTreeMap<i32, char>) -> bool {
+    !rows.is_empty()
+        && rows
+            .iter()
+            .all(|(tid, st, tr)| *tr == 0 && (!matches!(st, 'T' | 't') || matches!(before.get(tid), Some('T' | 't'))))
+}
+
+#[test]
+fn core_step_dumps_every_thread_and_leaves_the_vm_as_found() {
+    let lab = Lab::start(LabOptions { vmid: 141, name: "core".into(), mbps: 0, ..LabOptions::default() });
+    let pid = lab.pid();
+    let before = lab.thread_states();
+    // The task list right after the core, while the tool still holds the VM.
+    let prog = "import os, sys\np = sys.argv[1]\nfor t in sorted(os.listdir('/proc/%s/task' % p), key=int):\n    d = dict(l.split(':', 1) for l in open('/proc/%s/task/%s/status' % (p, t)).read().splitlines() if ':' in l)\n    print(t, d['State'].split()[0], d['TracerPid'].strip())\n";
+    let rb = lab.root().join("core.toml");
+    std::fs::write(
+        &rb,
+        format!(
+            "schema = 1\nname = \"core\"\ndescription = \"core test\"\ndeadline = \"120s\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"core\"\nkind = \"core\"\noutput = \"core/qemu.core\"\nmin_free = \"256M\"\ntimeout = \"90s\"\n\n[[step]]\nid = \"after\"\nkind = \"command\"\nargv = [\"python3\", \"-c\", {prog:?}, \"{{pid}}\"]\noutput = \"check/after.txt\"\ntimeout = \"10s\"\n"
+        ),
+    )
+    .unwrap();
+    let (out, json) = run(&lab, &["141", "--json", "--runbook", rb.to_str().unwrap()]);
+    let json = json.unwrap_or_else(|| panic!("no JSON: {}", stderr(&out)));
+    assert_eq!(out.status.code(), Some(0), "{}\n{json}", stderr(&out));
+    assert_eq!(step(&json, "core")["status"], "ok", "{}", step(&json, "core"));
+    let ar = sealed_archive(&json);
+    let during: Vec<(i32, char, i32)> = ar
+        .read_string("check/after.txt")
+        .expect("check/after.txt sealed")
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0].parse().unwrap(), f[1].chars().next().unwrap(), f[2].parse().unwrap())
+        })
+        .collect();
+    assert!(untouched(&during, &before), "right after the core: {during:?} (before {before:?})");
+    // Streamed out of the sealed tar (ArchiveReader loads at most 64 MiB of an entry).
+    let core_path = lab.root().join("qemu.core");
+    let dec =
+        zstd::stream::read::Decoder::new(std::fs::File::open(json["archive"].as_str().unwrap()).unwrap()).unwrap();
+    let mut tar = tar::Archive::new(dec);
+    let mut found = false;
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        if e.path().unwrap().to_str() == Some("core/qemu.core") {
+            std::io::copy(&mut e, &mut std::fs::File::create(&core_path).unwrap()).unwrap();
+            found = true;
+        }
+    }
+    assert!(found, "the core is in the archive");
+    let size = std::fs::metadata(&core_path).unwrap().len();
+    assert!(size > 128 << 20, "a core of a 128 MiB guest holds its RAM: {size} bytes");
+    let head = std::fs::read(&core_path).map(|b| b[..4].to_vec()).unwrap();
+    assert_eq!(&head, b"\x7fELF", "an ELF core");
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    let g = run_bounded(
+        std::process::Command::new("gdb")
+            .args(["-batch", "-nx", "-iex", "set debuginfod enabled off", "-ex", "info threads"])
+            .arg(&exe)
+            .arg(&core_path)
+            .env_remove("DEBUGINFOD_URLS"),
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&g.stdout);
+    let in_core = text
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start_matches('*').trim_start();
+            l.split_whitespace().next().is_some_and(|n| n.parse::<u32>().is_ok())
+                && (l.contains("Thread") || l.contains("LWP"))
+        })
+        .count();
+    assert_eq!(
+        in_core,
+        during.len(),
+        "gdb loads the core with as many threads as the live process:\n{text}\n{}",
+        stderr(&g)
+    );
+    let after = threads_now(&lab);
+    assert!(untouched(&after, &before), "after exit: {after:?} (before {before:?})");
+    assert!(lab.is_alive());
+}
+
+#[test]
+fn stacks_subcommand_on_a_live_qemu_native_and_gdb() {
+    let lab = Lab::start(LabOptions { vmid: 142, name: "stk".into(), mbps: 0, ..LabOptions::default() });
+    let pid = lab.pid();
+    let before = lab.thread_states();
+    let out = run_bounded(common::tool().args(["stacks", &pid.to_string(), "--json"]), RUN_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let threads = report["threads"].as_array().unwrap();
+    let live = threads_now(&lab);
+    assert_eq!(threads.len(), live.len(), "one entry per thread: {report}");
+    let main = threads.iter().find(|t| t["tid"] == pid).expect("the main thread");
+    assert_eq!(main["capture"], "stopped", "{main}");
+    let frames = main["frames"].as_array().unwrap();
+    assert!(frames.len() >= 3, "the main thread unwound past its syscall: {main}");
+    let with_frames = threads.iter().filter(|t| t["frames"].as_array().is_some_and(|f| !f.is_empty())).count();
+    assert!(with_frames + 1 >= threads.len(), "every user thread has frames: {report}");
+    assert!(untouched(&threads_now(&lab), &before), "after native: {:?}", threads_now(&lab));
+
+    let out = run_bounded(common::tool().args(["stacks", &pid.to_string(), "--method", "gdb"]), RUN_TIMEOUT);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let bt_threads = text.lines().filter(|l| l.starts_with("Thread ")).count();
+    assert_eq!(bt_threads, threads_now(&lab).len(), "gdb printed every thread:\n{text}");
+    assert!(untouched(&threads_now(&lab), &before), "after gdb: {:?}", threads_now(&lab));
+    assert!(lab.is_alive());
+
+    // A pid that does not exist: one line naming how to check it.
+    let out = run_bounded(common::tool().args(["stacks", "999999999"]), RUN_TIMEOUT);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ps -p 999999999"), "{}", stderr(&out));
+}

@@ -663,7 +663,8 @@ fn target_pid_reused_by_foreign_process() {
         let _ = c.kill();
         let _ = c.wait();
     }
-    let mut foreign = foreign.expect("could not make an unrelated process take over the pid within 200 tries");
+    // Killed and reaped however the test ends, so no stray `sleep 300` outlives it.
+    let _foreign = Reaped(foreign.expect("could not make an unrelated process take over the pid within 200 tries"));
     claim!(
         "the pid taken over by an unrelated process while the run went on",
         // The fork may not have exec'd `sleep` yet (its cmdline is empty until it does).
@@ -690,8 +691,16 @@ fn target_pid_reused_by_foreign_process() {
         "{:?}",
         common::proc_state(pid)
     );
-    let _ = foreign.kill();
-    let _ = foreign.wait();
+}
+
+/// A child killed and reaped when dropped, on every path out of a test.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 fn cc_parked(dir: &Path) -> PathBuf {
@@ -876,6 +885,45 @@ fn tool_journalctl_floods() {
         "{json}"
     );
     as_found(lab.pid(), &before);
+}
+
+/// Fault: a collector blocks in the kernel for good: a `file` step whose path is a FIFO nobody writes (its `open` never returns, and no signal ends it).
+/// Outcome: exit 1; sealed; the archive verifies (every hash, the sidecar); the stuck step abandoned at its deadline as a timeout; the steps after it (stacks, the in-run check) ok and sealed; while the tool still held the VM (a step after stacks, before the seal) every thread untraced and none newly stopped; after exit every VM thread as found (none newly stopped, TracerPid 0).
+#[test]
+fn tool_collector_stuck_in_the_kernel_is_abandoned() {
+    let lab = lab(223);
+    let fifo = lab.root().join("never-written.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in the lab's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", fifo.display());
+    let steps = format!(
+        "[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"stuck\"\nkind = \"file\"\npath = {:?}\noutput = \"host/stuck.txt\"\ntimeout = \"3s\"\n\n[[step]]\nid = \"stacks\"\nkind = \"stacks\"\nmethods = [\"native\"]\ntimeout = \"15s\"\n\n{}",
+        fifo.display().to_string(),
+        check_step("during")
+    );
+    let rb = write_runbook(&lab, "stuck", &steps);
+    let pid = lab.pid();
+    let before = thread_states(pid);
+    let out = wait_output(spawn_tool(&lab, &["223", "--json", "--runbook", rb.to_str().unwrap()], None));
+    let json = json_of(&out);
+    claim!("exit 1", out.status.code() == Some(1), "{}\n{json}", stderr(&out));
+    let ar = sealed(&json);
+    claim!(
+        "the stuck step abandoned at its deadline as a timeout",
+        status(&json, "stuck") == "timeout" && err_of(&json, "stuck").contains("abandoned"),
+        "{}",
+        step(&json, "stuck")
+    );
+    claim!(
+        "the steps after it (stacks, the in-run check) ok and sealed",
+        status(&json, "stacks") == "ok"
+            && status(&json, "during") == "ok"
+            && ar.read("stacks/threads.json").is_some()
+            && ar.read("check/during.txt").is_some(),
+        "{json}"
+    );
+    as_found_during(&ar, "during", &before);
+    as_found(pid, &before);
 }
 
 // ---------------------------------------------------------------------------
@@ -1292,6 +1340,107 @@ fn scale_64_disks_every_device_and_thread() {
     claim!("every thread has a native stack, captured stopped, frames unwound", bad.is_empty(), "{bad:?}: {threads}");
     as_found_during(&ar, "during", &before);
     as_found(pid, &before);
+}
+
+// ---------------------------------------------------------------------------
+// secrets
+
+/// Every entry of a sealed archive, decompressed: `(name, bytes)`.
+fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let dec = zstd::stream::read::Decoder::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut tar = tar::Archive::new(dec);
+    let mut out = Vec::new();
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes).unwrap();
+        out.push((name, bytes));
+    }
+    out
+}
+
+/// Fault: secrets outside the VM's command line: in the QEMU process's environment (a secret-named key, a database URL with a password) and in host files the tool captures (a kernel log line written to /dev/kmsg, journal lines with `password=`, a URL with user-info and the environment's secret value).
+/// Stand-in: a fake `journalctl` (a script) for the journal; the kernel log is the real /dev/kmsg.
+/// Outcome: every secret is in its source before the run; sealed; the archive verifies (every hash, the sidecar); no secret in any file of the sealed tar (decompressed, manifest included); proc/environ keeps the keys with the values redacted; host/kmsg.txt keeps the line with password=<redacted>; host/journal.txt keeps its lines with every secret redacted; manifest.json records the redaction and how many values it replaced.
+#[test]
+fn secrets_in_the_environment_and_host_files_never_reach_the_archive() {
+    const SECRETS: [&str; 6] =
+        ["EnvS3cretVal", "DbUrlS3cret", "KmsgS3cret", "J0urnalS3cret", "JrnUrlS3cret", "JrnT0kenS3cret"];
+    let lab = Lab::start(LabOptions {
+        vmid: 261,
+        name: "envsecret".into(),
+        mbps: 0,
+        qemu_env: vec![
+            ("BACKUP_PASSWORD".into(), "EnvS3cretVal".into()),
+            ("DATABASE_URL".into(), "postgres://app:DbUrlS3cret@db.example/app".into()),
+        ],
+        ..LabOptions::default()
+    });
+    let pid = lab.pid();
+    let tag = format!("wedge-autopsy-test-{}", std::process::id());
+    std::fs::write("/dev/kmsg", format!("{tag}: mount helper password=KmsgS3cret\n"))
+        .unwrap_or_else(|e| panic!("write /dev/kmsg: {e} (this test needs root)"));
+    let journal = "echo 'Nov 25 pvedaemon: login with password=J0urnalS3cret'\necho 'Nov 25 sync: fetching https://bob:JrnUrlS3cret@mirror.example/x'\necho 'Nov 25 cron: auth_token=JrnT0kenS3cret refreshed'\necho 'Nov 25 backup: env leaked EnvS3cretVal here'";
+    let bin = fake_bin(&lab, &[("journalctl", journal)]);
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned();
+    let kmsg_has = wait_until(Duration::from_secs(10), || {
+        let o = run_bounded(&mut Command::new("dmesg"), Duration::from_secs(10));
+        String::from_utf8_lossy(&o.stdout).contains("KmsgS3cret")
+    });
+    claim!(
+        "every secret is in its source before the run",
+        environ.contains("EnvS3cretVal") && environ.contains("DbUrlS3cret") && kmsg_has,
+        "{environ}"
+    );
+    let steps = "[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"host\"\nkind = \"host\"\n\n[[step]]\nid = \"journal\"\nkind = \"command\"\nargv = [\"journalctl\", \"--no-pager\"]\noutput = \"host/journal.txt\"\ntimeout = \"10s\"\n";
+    let rb = write_runbook(&lab, "secrets", steps);
+    let out =
+        wait_output(spawn_tool(&lab, &["261", "--json", "--no-qmp", "--runbook", rb.to_str().unwrap()], Some(&bin)));
+    let json = json_of(&out);
+    let ar = sealed(&json);
+    let path = PathBuf::from(json["archive"].as_str().unwrap());
+    let all = entries(&path);
+    assert!(all.len() > 5, "{} entries", all.len());
+    let leaks: Vec<(String, &str)> = all
+        .iter()
+        .flat_map(|(name, b)| {
+            SECRETS.iter().filter(|s| b.windows(s.len()).any(|w| w == s.as_bytes())).map(move |s| (name.clone(), *s))
+        })
+        .collect();
+    claim!("no secret in any file of the sealed tar (decompressed, manifest included)", leaks.is_empty(), "{leaks:?}");
+    let env = ar.read_string("proc/environ").unwrap();
+    claim!(
+        "proc/environ keeps the keys with the values redacted",
+        env.contains("BACKUP_PASSWORD=<redacted>")
+            && env.contains("DATABASE_URL=postgres://app:<redacted>@db.example/app"),
+        "{env}"
+    );
+    let kmsg = ar.read_string("host/kmsg.txt").unwrap_or_default();
+    claim!(
+        "host/kmsg.txt keeps the line with password=<redacted>",
+        kmsg.lines().any(|l| l.contains(&tag) && l.contains("password=<redacted>")),
+        "{}",
+        kmsg.lines().filter(|l| l.contains(&tag)).collect::<Vec<_>>().join("\n")
+    );
+    let j = ar.read_string("host/journal.txt").unwrap_or_default();
+    claim!(
+        "host/journal.txt keeps its lines with every secret redacted",
+        j.lines().count() == 4
+            && j.contains("password=<redacted>")
+            && j.contains("https://bob:<redacted>@mirror.example/x")
+            && j.contains("auth_token=<redacted>")
+            && j.contains("env leaked <redacted> here"),
+        "{j}"
+    );
+    let m = serde_json::to_value(&ar.manifest).unwrap();
+    claim!(
+        "manifest.json records the redaction and how many values it replaced",
+        m["redaction"]["applied"] == true && m["redaction"]["values_replaced"].as_u64().unwrap_or(0) >= 6,
+        "{}",
+        m["redaction"]
+    );
 }
 
 // ---------------------------------------------------------------------------

@@ -765,3 +765,54 @@ fn ctrl_c_after_the_stop_began_does_not_abort_the_restart() {
     assert_eq!(qmp_status(&lab), "running");
     assert_eq!(code, Some(0), "{r:#}");
 }
+
+/// The kill is refused by the kernel: the QEMU runs as `nobody` (`-runas`) and the tool
+/// runs without CAP_KILL (`setpriv --bounding-set -kill`), so `pidfd_send_signal` gets
+/// EPERM. Everything else the tool needs (ptrace, /proc) it still has.
+#[test]
+fn kill_the_kernel_refuses_is_reported_as_kill_failed_and_nothing_is_started() {
+    let lab = Lab::start(LabOptions {
+        vmid: 136,
+        name: "nokill".into(),
+        qemu_args: vec!["-runas".into(), "nobody".into()],
+        ..LabOptions::default()
+    });
+    let old = lab.pid();
+    let uid = std::fs::read_to_string(format!("/proc/{old}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").map(|v| v.split_whitespace().next().unwrap_or("").to_string()))
+        .unwrap();
+    assert_ne!(uid, "0", "the lab QEMU dropped to nobody");
+    let started = lab.root().join("started");
+    let cfg = command_cfg(&lab, &["touch", started.to_str().unwrap()], "kill_wait = \"2s\"\nverify_timeout = \"3s\"");
+    // The stop "succeeds" without stopping anything, so the tool goes on to its kill.
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let stop_line = text.lines().find(|l| l.starts_with("stop = ")).unwrap().to_string();
+    std::fs::write(&cfg, text.replace(&stop_line, "stop = [\"true\"]")).unwrap();
+    let cmd = tool(&lab, &cfg, &["136", "--then-restart", "--json", "--sample-interval", "0"], &[]);
+    let argv: Vec<std::ffi::OsString> =
+        std::iter::once(cmd.get_program().to_owned()).chain(cmd.get_args().map(|a| a.to_owned())).collect();
+    let mut wrapped = Command::new("setpriv");
+    wrapped.args(["--bounding-set", "-kill", "--"]).args(&argv);
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    let out = run_bounded(&mut wrapped, RUN_TIMEOUT);
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
+    let r = &json["restart"];
+    assert_eq!(json["sealed"], true, "captured and sealed first: {json}");
+    assert_eq!(out.status.code(), Some(5), "{}\n{r:#}", stderr(&out));
+    assert_eq!(r["error_kind"], "kill-failed", "{r:#}");
+    assert_eq!(r["vm_state"], "stuck", "{r:#}");
+    let kill = action(r, "kill");
+    assert_eq!(kill["ok"], false, "{r:#}");
+    assert!(kill["detail"].as_str().unwrap().contains("Operation not permitted"), "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains(&old.to_string()), "names the pid: {r:#}");
+    assert!(!started.exists(), "no start after a failed kill");
+    assert!(pid_alive(old) && lab.pid() == old, "the old QEMU still runs");
+    restart_json_matches(&json);
+}

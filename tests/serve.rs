@@ -227,6 +227,13 @@ struct Receiver {
 
 impl Receiver {
     fn start() -> Receiver {
+        Receiver::failing_first(0)
+    }
+
+    /// Answers its first `fail` requests with 503 (a ticket system restarting), then 200;
+    /// every body is passed on, the failed ones too.
+    fn failing_first(fail: usize) -> Receiver {
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/ticket", l.local_addr().unwrap());
         let (tx, rx) = mpsc::channel();
@@ -234,6 +241,7 @@ impl Receiver {
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { continue };
                 let tx = tx.clone();
+                let seen = seen.clone();
                 std::thread::spawn(move || {
                     c.set_read_timeout(Some(Duration::from_secs(10))).ok();
                     let mut r = BufReader::new(c.try_clone().unwrap());
@@ -257,7 +265,12 @@ impl Receiver {
                             return;
                         }
                         let _ = tx.send(serde_json::from_slice(&body).unwrap_or(Value::Null));
-                        if c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").is_err() {
+                        let answer: &[u8] = if seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < fail {
+                            b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                        } else {
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                        };
+                        if c.write_all(answer).is_err() {
                             return;
                         }
                     }
@@ -569,7 +582,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     let rb = lab.root().join("long.toml");
     std::fs::write(
         &rb,
-        "schema = 1\nname = \"long\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"300\"]\ntimeout = \"400s\"\n",
+        "schema = 1\nname = \"long\"\ndescription = \"d\"\n\n[[step]]\nid = \"proc\"\nkind = \"proc\"\n\n[[step]]\nid = \"nap\"\nkind = \"command\"\nargv = [\"sleep\", \"300.112\"]\ntimeout = \"400s\"\n",
     )
     .unwrap();
     let config = format!(
@@ -586,7 +599,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let (st, body) = server.request("POST", "/v1/autopsy", &[], json!({"vmid": 112}).to_string().as_bytes());
     assert_eq!(st, 202, "loopback without a token, as the config allows: {body}");
-    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300"])));
+    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300.112"])));
     assert_eq!(server.stop(libc::SIGTERM, Duration::from_secs(60)), Some(0), "{}", server.log());
     let n = notify.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
@@ -595,7 +608,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     let ar = ArchiveReader::open(&found[0]).unwrap();
     assert!(ar.manifest.interrupted, "cut at the grace");
     assert_eq!(ar.manifest.steps.iter().find(|s| s.id == "proc").unwrap().status.to_string(), "ok");
-    assert!(!sleeping_command_running(&["sleep", "300"]), "the interrupted step's process was killed");
+    assert!(!sleeping_command_running(&["sleep", "300.112"]), "the interrupted step's process was killed");
 }
 
 /// Fault: 1000 distinct firings for one VM from 8 senders at once; 152 of them carry a
@@ -1100,4 +1113,197 @@ fn abuse_secrets_never_reach_the_archive() {
 
 fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Threads of a process and how many of them wait in `open` of a FIFO with no writer.
+fn threads_and_fifo_waiters(pid: i32) -> (u64, usize) {
+    let threads = proc_kib(pid, "Threads:");
+    let waiting = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == "wait_for_partner"))
+        .count();
+    (threads, waiting)
+}
+
+/// Fault: the VM's pidfile is a FIFO nobody writes (a proof whose read blocks in the kernel for good, as on a hung pmxcfs), and the API asks for it again and again (`vm_cooldown = "0"`).
+/// Stand-in: the FIFO in place of the lab QEMU's pidfile.
+/// Outcome: the first job fails naming the proof's deadline; the next 10 fail at once saying the earlier proof has not returned; one thread stuck in the pidfile's open, not one per request; the service's thread count stays flat; /healthz still answers.
+#[test]
+fn abuse_stuck_proof_does_not_pile_up_threads() {
+    let lab = Lab::start(LabOptions { vmid: 121, name: "stuckproof".into(), ..LabOptions::default() });
+    std::fs::remove_file(lab.pidfile()).unwrap();
+    let c = std::ffi::CString::new(lab.pidfile().to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo on a path in the lab's temp dir.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let token = write_token(&lab);
+    let config = format!("[serve]\ntoken_file = {:?}\nvm_cooldown = \"0\"\n", token.display().to_string());
+    let server = Server::start(&lab, &config);
+    let job = |n: usize| {
+        let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 121, "reason": format!("try {n}")}));
+        assert_eq!(st, 202, "{body}\n{}", server.log());
+        server.wait_job(body["id"].as_u64().unwrap())
+    };
+    let first = job(0);
+    claim!(
+        "the first job fails naming the proof's deadline",
+        first["state"] == "failed" && first["error"].as_str().unwrap_or("").contains("took longer than"),
+        "{first}"
+    );
+    let (threads_before, _) = threads_and_fifo_waiters(server.pid());
+    let later: Vec<Value> = (1..=10).map(job).collect();
+    claim!(
+        "the next 10 fail at once saying the earlier proof has not returned",
+        later.iter().all(|j| j["state"] == "failed" && j["error"].as_str().unwrap_or("").contains("has not returned")),
+        "{later:?}"
+    );
+    let (threads_after, waiting) = threads_and_fifo_waiters(server.pid());
+    claim!("one thread stuck in the pidfile's open, not one per request", waiting == 1, "{waiting} waiting");
+    claim!(
+        "the service's thread count stays flat",
+        threads_after <= threads_before + 2,
+        "{threads_before} threads after the first timeout, {threads_after} after 10 more requests"
+    );
+    let (st, _) = server.request("GET", "/healthz", &[], b"");
+    claim!("/healthz still answers", st == 200, "{st}");
+}
+
+/// Fault: the restart backend named in config is writable by others: `[restart] method = "command"` whose stop program is mode 0777, then `method = "libvirt"` whose `virsh` sits in a world-writable directory.
+/// Outcome: a world-writable command backend program stops the start (exit 2) with one line naming `chmod o-w`; a virsh in a world-writable directory stops the start (exit 2) naming the directory's `chmod o-w`; nothing listens, nothing started.
+#[test]
+fn abuse_world_writable_restart_backend_refuses_start() {
+    let lab = Lab::start(LabOptions { vmid: 122, name: "backend".into(), ..LabOptions::default() });
+    let token = write_token(&lab);
+    let prog = lab.root().join("stop-vm");
+    std::fs::write(&prog, "#!/bin/sh\nexit 0\n").unwrap();
+    chmod(&prog, 0o777);
+    let cfg_path = lab.root().join("serve.toml");
+    let serve = |config: String| {
+        std::fs::write(&cfg_path, config).unwrap();
+        chmod(&cfg_path, 0o600);
+        let mut cmd = lab.tool_args(&["serve", "--listen", "127.0.0.1:0", "--config", cfg_path.to_str().unwrap()]);
+        let o = common::run_bounded(&mut cmd, Duration::from_secs(30));
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (code, err) = serve(format!(
+        "[serve]\ntoken_file = {:?}\n\n[restart]\nmethod = \"command\"\nstop = [{:?}, \"{{vmid}}\"]\nstart = [\"true\"]\n",
+        token.display().to_string(),
+        prog.display().to_string()
+    ));
+    claim!(
+        "a world-writable command backend program stops the start (exit 2) with one line naming `chmod o-w`",
+        code == Some(2)
+            && err.trim().lines().count() == 1
+            && err.contains("[restart] stop program")
+            && err.contains(&format!("`chmod o-w {}`", prog.display())),
+        "{code:?} {err}"
+    );
+    let open = lab.root().join("open");
+    std::fs::create_dir(&open).unwrap();
+    chmod(&open, 0o777);
+    let virsh = open.join("virsh");
+    std::fs::write(&virsh, "#!/bin/sh\nexit 0\n").unwrap();
+    chmod(&virsh, 0o755);
+    let (code, err) = serve(format!(
+        "[serve]\ntoken_file = {:?}\n\n[restart]\nmethod = \"libvirt\"\nvirsh = {:?}\n",
+        token.display().to_string(),
+        virsh.display().to_string()
+    ));
+    claim!(
+        "a virsh in a world-writable directory stops the start (exit 2) naming the directory's `chmod o-w`",
+        code == Some(2) && err.contains("[restart] virsh") && err.contains(&format!("`chmod o-w {}`", open.display())),
+        "{code:?} {err}"
+    );
+    claim!("nothing listens, nothing started", !err.contains("listening on") && archives(&lab.out_dir()).is_empty());
+}
+
+/// Fault: secrets reach what the service sends beside the archive: the VM's QEMU carries `-object secret,…,data=…` and a password in its environment, the alert's generatorURL has user-info, its annotations quote the VM secret, a `password=` option and the service's own bearer token; an `on_complete` hook dumps its whole environment.
+/// Outcome: the hook ran with the job's facts; no secret in the hook's environment; no secret in the completion document; the generatorURL keeps its user with the password redacted, in both; the annotations keep their text with the secrets redacted.
+#[test]
+fn abuse_secrets_never_reach_the_hook_or_the_completion() {
+    const SECRETS: [&str; 5] = ["H00kObjS3cret", "H00kEnvS3cret", "G3nUrlS3cret", "AnnPassS3cret", TOKEN];
+    let lab = Lab::start(LabOptions {
+        vmid: 123,
+        name: "hooksecret".into(),
+        mbps: 0,
+        qemu_args: vec!["-object".into(), "secret,id=x,data=H00kObjS3cret".into()],
+        qemu_env: vec![("STORAGE_PASSWORD".into(), "H00kEnvS3cret".into())],
+        ..LabOptions::default()
+    });
+    let receiver = Receiver::start();
+    let token = write_token(&lab);
+    let dump = lab.root().join("hook-env.json");
+    let hook = "import json, os, sys\njson.dump(dict(os.environ), open(sys.argv[1], 'w'))\n";
+    let config = format!(
+        "sample_interval = \"0\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\non_complete = [\"python3\", \"-c\", {hook:?}, {:?}]\n",
+        token.display().to_string(),
+        receiver.url,
+        dump.display().to_string()
+    );
+    let server = Server::start(&lab, &config);
+    let mut payload = alertmanager("123", "fp-secret", "firing");
+    payload["alerts"][0]["generatorURL"] = json!("http://viewer:G3nUrlS3cret@prometheus.example:9090/graph");
+    payload["alerts"][0]["annotations"] = json!({
+        "description": format!("object data=H00kObjS3cret leaked; db password=AnnPassS3cret; token {TOKEN}"),
+    });
+    let (st, body) = server.post_json("/v1/alertmanager", &payload);
+    assert_eq!(st, 202, "{body}");
+    let doc = receiver.next(JOB_TIMEOUT).unwrap_or_else(|| panic!("no completion POST; log:\n{}", server.log()));
+    let job = server.wait_job(body["jobs"][0]["id"].as_u64().unwrap());
+    assert_eq!(job["state"], "sealed", "{job}");
+    let env: BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(&dump).unwrap_or_else(|e| panic!("hook never ran: {e}")))
+            .unwrap();
+    claim!(
+        "the hook ran with the job's facts",
+        env.get("WEDGE_SHA256") == doc["sha256"].as_str().map(str::to_string).as_ref()
+            && env.get("WEDGE_VMID").map(String::as_str) == Some("123"),
+        "{env:?}"
+    );
+    let env_text = serde_json::to_string(&env).unwrap();
+    let leaked: Vec<&str> = SECRETS.iter().copied().filter(|s| env_text.contains(s)).collect();
+    claim!("no secret in the hook's environment", leaked.is_empty(), "{leaked:?}");
+    let doc_text = doc.to_string();
+    let leaked: Vec<&str> = SECRETS.iter().copied().filter(|s| doc_text.contains(s)).collect();
+    claim!("no secret in the completion document", leaked.is_empty(), "{leaked:?}");
+    claim!(
+        "the generatorURL keeps its user with the password redacted, in both",
+        doc["generator_url"] == "http://viewer:<redacted>@prometheus.example:9090/graph"
+            && env.get("WEDGE_GENERATOR_URL").map(String::as_str)
+                == Some("http://viewer:<redacted>@prometheus.example:9090/graph"),
+        "{} {:?}",
+        doc["generator_url"],
+        env.get("WEDGE_GENERATOR_URL")
+    );
+    let desc = doc["annotations"]["description"].as_str().unwrap_or("");
+    claim!(
+        "the annotations keep their text with the secrets redacted",
+        desc == "object data=<redacted> leaked; db password=<redacted>; token <redacted>",
+        "{desc}"
+    );
+}
+
+#[test]
+fn notify_retries_a_failing_receiver_until_it_answers() {
+    let lab = Lab::start(LabOptions { vmid: 124, name: "retry".into(), mbps: 0, ..LabOptions::default() });
+    let receiver = Receiver::failing_first(2);
+    let token = write_token(&lab);
+    let config = format!(
+        "sample_interval = \"0\"\n\n[serve]\ntoken_file = {:?}\nnotify = [{:?}]\nnotify_attempts = 4\n",
+        token.display().to_string(),
+        receiver.url
+    );
+    let server = Server::start(&lab, &config);
+    let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 124, "reason": "retry test"}));
+    assert_eq!(st, 202, "{body}");
+    let id = body["id"].as_u64().unwrap();
+    let docs: Vec<Value> =
+        (0..3).map(|n| receiver.next(JOB_TIMEOUT).unwrap_or_else(|| panic!("delivery {n} never came"))).collect();
+    assert!(docs.iter().all(|d| d["job"] == id && d["state"] == "sealed"), "the same document each time: {docs:?}");
+    assert!(docs.windows(2).all(|w| w[0] == w[1]), "identical bodies on every attempt");
+    let job = server.wait_job(id);
+    let n = &job["notified"].as_array().unwrap()[0];
+    assert_eq!(n["ok"], true, "{job}");
+    assert_eq!(n["attempts"], 3, "two 503s, then 200: {n}");
+    assert!(receiver.next(Duration::from_secs(2)).is_none(), "no delivery after the 200");
 }

@@ -23,6 +23,7 @@ use serde::Serialize;
 pub use outcome::{run_with_restart, Outcome};
 pub use parallel::run_bounded;
 pub use progress::{Prefixed, Progress, Silent};
+pub use redaction::learn_target;
 
 use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
 use crate::archive::{self, Sealed, Staging};

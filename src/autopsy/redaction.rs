@@ -7,12 +7,10 @@ use crate::archive::manifest::{Manifest, Redaction};
 use crate::redact::{self, Redactor};
 use crate::target::Target;
 
-/// The one pass before sealing: learns from the sources themselves (the target's command
-/// line, its `/proc/PID/environ` and its VM config, read again because the staged copies
-/// are already redacted) and from the staged files; replaces what it learned in every
-/// staged file and in the manifest (whose target command line is also redacted
-/// structurally). An I/O error leaves `applied: false`, which the manifest shows.
-pub(super) fn seal_pass(dir: &Path, target: &Target, manifest: &mut Manifest) -> Redaction {
+/// The secret values of the VM, learned from the sources themselves: the target's command
+/// line, its `/proc/PID/environ` and its VM config. Also used by `serve` for what leaves
+/// the host outside the archive (the completion document, the hook's environment).
+pub fn learn_target(target: &Target) -> Redactor {
     let mut r = Redactor::default();
     r.learn_argv(&target.cmdline);
     // Best effort: a process that is gone has no environ to learn from (nor to leak).
@@ -22,6 +20,16 @@ pub(super) fn seal_pass(dir: &Path, target: &Target, manifest: &mut Manifest) ->
     if let Ok(raw) = crate::procfs::read_capped(&target.config_path, 1 << 20) {
         r.learn_file("vm.conf", &raw);
     }
+    r
+}
+
+/// The one pass before sealing: learns from the sources themselves (the target's command
+/// line, its `/proc/PID/environ` and its VM config, read again because the staged copies
+/// are already redacted) and from the staged files; replaces what it learned in every
+/// staged file and in the manifest (whose target command line is also redacted
+/// structurally). An I/O error leaves `applied: false`, which the manifest shows.
+pub(super) fn seal_pass(dir: &Path, target: &Target, manifest: &mut Manifest) -> Redaction {
+    let r = &mut learn_target(target);
     let mut result = r.scrub_dir(dir).unwrap_or_default();
     if let Some(serde_json::Value::Object(t)) = manifest.target.as_mut() {
         if let Some(serde_json::Value::Array(a)) = t.get_mut("cmdline") {

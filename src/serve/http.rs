@@ -168,7 +168,7 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
     let located = {
         let ctx2 = ctx.clone();
         let firing = firing.clone();
-        blocking_locate(move || {
+        blocking_locate(&ctx, move || {
             firing
                 .iter()
                 .map(|a| {
@@ -289,7 +289,7 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
         }
     };
     let ctx2 = ctx.clone();
-    let located = match blocking_locate(move || {
+    let located = match blocking_locate(&ctx, move || {
         alert::locate(vmid, &ctx2.settings.pve_dir, &ctx2.settings.run_dir, &ctx2.settings.node)
     })
     .await
@@ -332,18 +332,12 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
 
 /// Runs a mapping closure (file reads, possibly on pmxcfs) on a blocking thread, bounded
 /// by [`LOCATE_TIMEOUT`].
-async fn blocking_locate<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
-    match tokio::time::timeout(LOCATE_TIMEOUT, tokio::task::spawn_blocking(f)).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(error(500, format!("mapping task failed: {e}"))),
-        Err(_) => {
-            let mut r = error(
-                503,
-                format!(
-                    "reading the cluster VM list took longer than {} s (is pmxcfs hanging?): retry later",
-                    LOCATE_TIMEOUT.as_secs()
-                ),
-            );
+async fn blocking_locate<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+    match super::proof::run(&ctx.stuck, "cluster list", LOCATE_TIMEOUT, f).await {
+        Ok(v) => Ok(v),
+        Err(super::proof::Bounded::Failed(e)) => Err(error(500, format!("mapping task failed: {e}"))),
+        Err(e) => {
+            let mut r = error(503, format!("reading the cluster VM list: {e} (is pmxcfs hanging?): retry later"));
             r.headers_mut().insert("retry-after", HeaderValue::from_static("30"));
             Err(r)
         }

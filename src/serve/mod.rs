@@ -21,6 +21,7 @@ pub(crate) mod log;
 pub mod metrics;
 pub mod notify;
 pub mod perms;
+pub mod proof;
 pub mod restart;
 pub mod runner;
 pub mod watch;
@@ -92,6 +93,33 @@ fn check_trust(cfg: &config::ServeConfig, settings: &Settings) -> Result<(), Str
     if let Some(qm) = perms::resolve_program(&settings.qm.to_string_lossy()) {
         perms::check_trusted("qm backend", &qm)?;
     }
+    check_restart_backend(settings)
+}
+
+/// The `[restart]` backend's programs: the `stop`/`start` argv programs of
+/// `method = "command"` (which must be found), `virsh` for libvirt, `qm` and
+/// `ha-manager` (checked where they are installed).
+fn check_restart_backend(settings: &Settings) -> Result<(), String> {
+    use crate::restart::{MethodKind, Options, RestartConfig};
+    let rc = RestartConfig::from_settings(settings, &Options::default()).map_err(|e| e.to_string())?;
+    let mut optional = vec![("[restart] ha_manager", rc.ha_manager.clone())];
+    match rc.method {
+        MethodKind::Qm => optional.push(("[restart] qm backend", rc.qm.clone())),
+        MethodKind::Libvirt => optional.push(("[restart] virsh", rc.virsh.clone())),
+        MethodKind::Command => {
+            for (what, argv) in [("[restart] stop program", &rc.stop), ("[restart] start program", &rc.start)] {
+                let Some(argv0) = argv.first() else { continue };
+                let p = perms::resolve_program(argv0)
+                    .ok_or_else(|| format!("{what} {argv0:?} is not found on PATH: give its full path"))?;
+                perms::check_trusted(what, &p)?;
+            }
+        }
+    }
+    for (what, prog) in optional {
+        if let Some(p) = perms::resolve_program(&prog.to_string_lossy()) {
+            perms::check_trusted(what, &p)?;
+        }
+    }
     Ok(())
 }
 
@@ -140,6 +168,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         in_flight: AtomicUsize::new(0),
         watch: Mutex::new(watch_state::WatchState::default()),
         conns: Arc::new(listen::ConnStats::default()),
+        stuck: crate::stuck::Stuck::new(proof::MAX_STUCK),
     });
     if let Some(w) = watch_cfg {
         tokio::spawn(watch::run(ctx.clone(), w));

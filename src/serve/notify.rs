@@ -14,7 +14,7 @@ use axum::body::Bytes;
 use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::jobs::Delivery;
 use crate::archive;
@@ -22,7 +22,7 @@ use crate::cancel::Cancel;
 use crate::exec;
 
 /// What the ticket gets: one JSON document per finished job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Completion {
     pub job: u64,
     pub vmid: u32,
@@ -48,6 +48,26 @@ pub struct Completion {
     pub started_at: Option<chrono::DateTime<chrono::Utc>>,
     pub finished_at: chrono::DateTime<chrono::Utc>,
     pub duration_ms: u64,
+}
+
+impl Completion {
+    /// The one redaction of what leaves the host outside the archive (the POSTed document
+    /// and the hook's environment, which is built from it): every learned secret value
+    /// replaced, and URL user-info or `password=`-style options in any text. Returns how
+    /// many values were replaced.
+    pub fn redact(&mut self, secrets: &mut crate::redact::Redactor) -> u64 {
+        let Ok(mut v) = serde_json::to_value(&*self) else { return 0 };
+        let n = secrets.scrub_json_text(&mut v);
+        match serde_json::from_value(v) {
+            Ok(doc) => *self = doc,
+            // Cannot happen (same type both ways); never send the unredacted text.
+            Err(e) => {
+                *self = Completion { summary_markdown: None, facts: Vec::new(), ..self.clone() };
+                self.error = Some(format!("completion could not be redacted: {e}"));
+            }
+        }
+        n
+    }
 }
 
 /// POSTs `doc` to every URL: each attempt bounded by `timeout`, up to `attempts`, with

@@ -28,7 +28,7 @@ pub struct RestartRequest {
 }
 
 /// What the restart did, as reported in the job, the completion POST and the summary.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct RestartOutcome {
     /// A restart was started (`false`: refused, cooling down, gated off).
     pub attempted: bool,

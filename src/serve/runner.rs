@@ -21,6 +21,7 @@ use crate::cancel::Cancel;
 use crate::config::Settings;
 use crate::diagnose::Diagnosis;
 use crate::error::Error;
+use crate::redact::Redactor;
 use crate::runbook;
 use crate::summary::{self, ArchiveFacts};
 use crate::target::{Target, TargetError};
@@ -43,6 +44,8 @@ pub struct Ctx {
     pub watch: Mutex<WatchState>,
     /// Open connections and what the connection cap did (for `/metrics`).
     pub conns: Arc<super::listen::ConnStats>,
+    /// Proofs and cluster-list reads stuck past their deadline (one thread each at most).
+    pub stuck: Arc<crate::stuck::Stuck>,
 }
 
 impl Ctx {
@@ -80,18 +83,48 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
     };
     let took = t0.elapsed();
     let doc = match outcome {
-        Ok(((report, target), _lock)) => finish_sealed(ctx, &job, report, target, took).await,
+        Ok(((report, target), _lock)) => {
+            // Learned before a restart replaces the process.
+            let secrets = vm_secrets(ctx, &target).await;
+            finish_sealed(ctx, &job, report, target, took).await.map(|d| (d, secrets))
+        }
         Err(e) => {
             let msg = e.to_string();
             log::warn_line!("job {id} VM {}: failed: {msg}", job.vmid);
             ctx.store.update(id, |j| j.error = Some(msg.clone()));
             ctx.store.finish(id, State::Failed, took);
-            completion(ctx, id)
+            completion(ctx, id).map(|d| (d, Redactor::default()))
         }
     };
-    let Some(mut doc) = doc else { return };
+    let Some((mut doc, mut secrets)) = doc else { return };
+    service_secrets(&ctx.cfg, &mut secrets);
+    doc.redact(&mut secrets);
     // Also marks the job delivered when there is nowhere to deliver to.
     deliver(ctx, id, &mut doc).await;
+}
+
+/// The VM's secret values (command line, environment, config), as the archive's
+/// redaction learns them; read on a bounded blocking thread (`environ` can block like
+/// `cmdline`), falling back to the command line alone.
+async fn vm_secrets(ctx: &Ctx, target: &Target) -> Redactor {
+    let t = target.clone();
+    let key = format!("vm {} environ", target.vmid);
+    match super::proof::run(&ctx.stuck, &key, Duration::from_secs(5), move || autopsy::learn_target(&t)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let mut r = Redactor::default();
+            r.learn_argv(&target.cmdline);
+            r
+        }
+    }
+}
+
+/// The service's own secrets: the bearer token, the HMAC secret, passwords in notify URLs.
+fn service_secrets(cfg: &ServeConfig, r: &mut Redactor) {
+    for s in [&cfg.token, &cfg.hmac_secret].into_iter().flatten() {
+        r.learn([String::from_utf8_lossy(s).into_owned()]);
+    }
+    r.learn(crate::redact::argv(&cfg.notify).1);
 }
 
 /// Waits while the watch is checking `vmid` (QMP serves one client at a time, and a
@@ -143,13 +176,13 @@ async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
 
 async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
     let (r, s) = (req.clone(), ctx.settings.clone());
-    match tokio::time::timeout(PREPARE_TIMEOUT, tokio::task::spawn_blocking(move || autopsy::prepare(&r, &s))).await {
-        Ok(Ok(result)) => result,
-        Ok(Err(e)) => Err(Error::Other(anyhow::anyhow!("prepare task failed: {e}"))),
-        Err(_) => Err(Error::Other(anyhow::anyhow!(
-            "proving VM {}'s process took longer than {}s: its /proc files are stuck; capture by hand with `wedge-autopsy {}`",
+    let key = format!("vm {}", req.vmid);
+    match super::proof::run(&ctx.stuck, &key, PREPARE_TIMEOUT, move || autopsy::prepare(&r, &s)).await {
+        Ok(result) => result,
+        Err(super::proof::Bounded::Failed(e)) => Err(Error::Other(anyhow::anyhow!("prepare task failed: {e}"))),
+        Err(e) => Err(Error::Other(anyhow::anyhow!(
+            "proving VM {}'s process: {e}: its pidfile or /proc files are stuck; capture by hand with `wedge-autopsy {}` once they answer",
             req.vmid,
-            PREPARE_TIMEOUT.as_secs(),
             req.vmid
         ))),
     }

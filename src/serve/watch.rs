@@ -63,7 +63,7 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
                 }
                 g.checking = Some(vmid);
             }
-            let result = check(&settings, vmid).await;
+            let result = check(&settings, &ctx.stuck, vmid).await;
             ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking = None;
             let (verdict, error) = match result {
                 Ok(v) => (Some(v), None),
@@ -113,7 +113,11 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
 }
 
 /// One `diagnose` of `vmid`: proof, the diagnose runbook, the verdict. Nothing kept.
-async fn check(settings: &crate::config::Settings, vmid: VmId) -> Result<Verdict, String> {
+async fn check(
+    settings: &crate::config::Settings,
+    stuck: &std::sync::Arc<crate::stuck::Stuck>,
+    vmid: VmId,
+) -> Result<Verdict, String> {
     let rb = runbook::load("diagnose", &settings.runbook_dir).map_err(|e| e.to_string())?;
     let req = Request {
         vmid,
@@ -125,12 +129,11 @@ async fn check(settings: &crate::config::Settings, vmid: VmId) -> Result<Verdict
         restart_gate: Default::default(),
     };
     let (r, s) = (req.clone(), settings.clone());
-    let target =
-        tokio::time::timeout(Duration::from_secs(15), tokio::task::spawn_blocking(move || autopsy::prepare(&r, &s)))
-            .await
-            .map_err(|_| "proving the process timed out".to_string())?
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+    let key = format!("vm {vmid}");
+    let target = super::proof::run(stuck, &key, Duration::from_secs(15), move || autopsy::prepare(&r, &s))
+        .await
+        .map_err(|e| format!("proving the process: {e}"))?
+        .map_err(|e| e.to_string())?;
     let cancel = crate::cancel::Cancel::new();
     let (d, _) = autopsy::diagnose_live(&req, settings, &target, &cancel).await.map_err(|e| e.to_string())?;
     Ok(d.verdict)

@@ -1,0 +1,136 @@
+//! Calls that can block in the kernel past their deadline (a read of a hung pmxcfs file,
+//! of `/proc/PID/cmdline` while that process's memory lock is held, of a FIFO) run on a
+//! thread of their own, and such a thread cannot be cancelled. This registry keeps at most
+//! one stuck thread per key: while an earlier call for a key has not returned, a new call
+//! is refused at once instead of starting another thread; and at most `max` keys can be
+//! stuck at once.
+//!
+//! In: a key and, after the deadline, word that the call timed out. Out: a [`Running`] to
+//! move into the thread and a [`Waiting`] for the caller, or [`Refused`]. Why: a service
+//! that retries a stuck proof every few seconds would otherwise gain a thread each time.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// Keys whose call outlived its deadline and has not returned yet.
+#[derive(Debug)]
+pub struct Stuck {
+    keys: Mutex<BTreeMap<String, Instant>>,
+    max: usize,
+}
+
+/// Why a call was not started.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("an earlier read of {key} has not returned for {secs} s (stuck in the kernel); not starting another")]
+    StillStuck { key: String, secs: u64 },
+    #[error("{count} reads are stuck in the kernel already; not starting another")]
+    TooMany { count: usize },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    done: bool,
+    stuck: bool,
+}
+
+/// Moved into the thread that makes the call: marks it returned when dropped.
+#[derive(Debug)]
+pub struct Running {
+    reg: Arc<Stuck>,
+    key: String,
+    state: Arc<Mutex<State>>,
+}
+
+/// Kept by the caller: [`Waiting::timed_out`] once the deadline passed.
+#[derive(Debug)]
+pub struct Waiting {
+    reg: Arc<Stuck>,
+    key: String,
+    state: Arc<Mutex<State>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Stuck {
+    pub fn new(max: usize) -> Arc<Stuck> {
+        Arc::new(Stuck { keys: Mutex::new(BTreeMap::new()), max })
+    }
+
+    /// A call for `key` may start, unless an earlier one is still stuck or `max` are.
+    pub fn admit(self: &Arc<Self>, key: &str) -> Result<(Running, Waiting), Refused> {
+        let keys = lock(&self.keys);
+        if let Some(since) = keys.get(key) {
+            return Err(Refused::StillStuck { key: key.to_string(), secs: since.elapsed().as_secs() });
+        }
+        if keys.len() >= self.max {
+            return Err(Refused::TooMany { count: keys.len() });
+        }
+        let state = Arc::new(Mutex::new(State::default()));
+        let r = Running { reg: self.clone(), key: key.to_string(), state: state.clone() };
+        Ok((r, Waiting { reg: self.clone(), key: key.to_string(), state }))
+    }
+
+    /// Keys stuck now.
+    pub fn count(&self) -> usize {
+        lock(&self.keys).len()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut st = lock(&self.state);
+        st.done = true;
+        if st.stuck {
+            lock(&self.reg.keys).remove(&self.key);
+        }
+    }
+}
+
+impl Waiting {
+    /// The deadline passed: unless the call returned meanwhile, its key is stuck until it does.
+    pub fn timed_out(self) {
+        let mut st = lock(&self.state);
+        if !st.done {
+            st.stuck = true;
+            lock(&self.reg.keys).insert(self.key.clone(), Instant::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn one_stuck_call_per_key_until_it_returns() {
+        let reg = Stuck::new(2);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (running, waiting) = reg.admit("a").unwrap();
+        let t = std::thread::spawn(move || {
+            let _r = running;
+            // Blocks until released, like a read stuck in the kernel.
+            go_rx.recv_timeout(Duration::from_secs(60)).expect("released by the test");
+        });
+        waiting.timed_out();
+        assert!(matches!(reg.admit("a"), Err(Refused::StillStuck { .. })));
+        // Another key is fine; a third stuck key is over the cap.
+        let (r_b, w_b) = reg.admit("b").unwrap();
+        w_b.timed_out();
+        assert_eq!(reg.count(), 2);
+        assert!(matches!(reg.admit("c"), Err(Refused::TooMany { count: 2 })));
+        drop(r_b);
+        go_tx.send(()).unwrap();
+        t.join().unwrap();
+        assert_eq!(reg.count(), 0, "both returned");
+        // A call that returned before its caller gave up is never marked stuck.
+        let (r, w) = reg.admit("a").unwrap();
+        drop(r);
+        w.timed_out();
+        assert_eq!(reg.count(), 0);
+    }
+}
