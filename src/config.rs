@@ -240,7 +240,7 @@ pub const KEYS: &[KeyDoc] = &[
     KeyDoc { section: None, key: "min_idle", value: "\"30s\"", default: "30s",
         meaning: "Idle time beyond which frozen I/O counters alone mean a frozen block path (diagnosis)." },
     KeyDoc { section: None, key: "debug_dirs", value: "[\"/usr/lib/debug\"]", default: "[\"/usr/lib/debug\"]",
-        meaning: "Where separate debug files are searched, by build-id (<dir>/.build-id/xx/yyyy.debug) and debuglink. Flag: --debug-dir DIR (repeatable; replaces this list)." },
+        meaning: "Where separate debug files are searched, by build-id (<dir>/.build-id/xx/yyyy.debug) and debuglink, by audit, the stacks of a capture and inspect --resymbolize/--qemu-state. Flag: --debug-dir DIR (repeatable; replaces this list)." },
     KeyDoc { section: None, key: "log_dir", value: "\"/var/log\"", default: "/var/log",
         meaning: "Where Proxmox VE writes its logs: the VM's vzdump/qemu-<vmid>.log and pve/tasks/ are captured from here. Flag: --log-dir." },
     KeyDoc { section: None, key: "signature_dir", value: "\"/etc/wedge-autopsy/signatures\"", default: "/etc/wedge-autopsy/signatures",

@@ -8,8 +8,10 @@ pub use crate::exit::Exit;
 
 use crate::archive::ArchiveError;
 use crate::lock::LockError;
+use crate::minicore::qemu_state::QemuStateError;
 use crate::retention::{FloorError, PruneError};
 use crate::runbook::RunbookErrors;
+use crate::stacks::resymbolize::ResymbolizeError;
 use crate::stacks::StackError;
 use crate::target::TargetError;
 
@@ -40,6 +42,10 @@ pub enum Error {
     #[error(transparent)]
     Stack(#[from] StackError),
     #[error(transparent)]
+    Resymbolize(#[from] ResymbolizeError),
+    #[error(transparent)]
+    QemuState(#[from] QemuStateError),
+    #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
@@ -58,6 +64,8 @@ impl Error {
             Error::Prune(e) => e.exit(),
             Error::Lock(e) => e.exit(),
             Error::Stack(e) => e.exit(),
+            Error::Resymbolize(e) => e.exit(),
+            Error::QemuState(e) => e.exit(),
             Error::Other(_) => Exit::Internal,
         }
     }

@@ -18,6 +18,7 @@ pub mod hostinfo;
 pub mod inflight;
 pub mod lock;
 pub mod logging;
+pub mod minicore;
 pub mod procfs;
 pub mod pve;
 pub mod qga;

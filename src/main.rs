@@ -56,9 +56,10 @@ fn main() -> ExitCode {
                 _ => cmd::diagnose::run_all(parallel as usize, window, min_idle, json, settings),
             },
             Some(Command::Audit { json }) => cmd::audit::run(json, &settings),
-            Some(Command::Stacks { pid, json, lines, method }) => cmd::stacks::run(pid, json, lines, method),
-            Some(Command::Inspect { archive, verify, json, cat }) => {
-                cmd::inspect::run(&archive, verify, json, cat.as_deref())
+            Some(Command::Stacks { pid, json, lines, method }) => cmd::stacks::run(pid, json, lines, method, &settings),
+            Some(Command::Inspect { archive, verify, json, cat, resymbolize, qemu_state, qemu_gdb_script }) => {
+                let view = cmd::inspect::View::from_flags(cat, resymbolize, qemu_state, qemu_gdb_script);
+                cmd::inspect::run(&archive, verify, json, view, &settings)
             }
             Some(Command::Serve { listen }) => cmd::serve::run(listen, settings),
         }

@@ -5,7 +5,9 @@
 use wedge_autopsy::archive::ArchiveError;
 use wedge_autopsy::diagnose::{Verdict, SUSPECTED_FROZEN_EXIT};
 use wedge_autopsy::error::{Error, Exit};
+use wedge_autopsy::minicore::qemu_state::QemuStateError;
 use wedge_autopsy::retention::{FloorError, PruneError};
+use wedge_autopsy::stacks::resymbolize::ResymbolizeError;
 
 /// `(codes, autopsy column, diagnose column)` for each row of README "### Exit codes".
 fn readme_rows() -> Vec<(Vec<u8>, String, String)> {
@@ -134,6 +136,11 @@ fn module_errors_exit_in_the_row_that_describes_them() {
         (ArchiveError::Verify { path: "/a".into(), detail: "x".into() }.into(), "could not seal or verify"),
         (ArchiveError::Read { path: "/a".into(), detail: "x".into() }.into(), "bad input"),
         ("1".parse::<wedge_autopsy::target::VmId>().unwrap_err().into(), "bad input"),
+        // inspect --resymbolize / --qemu-state on an archive without what they read.
+        (ResymbolizeError::NoRawSnapshot.into(), "bad input"),
+        (QemuStateError::NoCore.into(), "bad input"),
+        (QemuStateError::OtherBuild("x".into()).into(), "bad input"),
+        (QemuStateError::Tool("gdb is not installed".into()).into(), "internal error"),
     ];
     let rows = readme_rows();
     for (e, words) in cases {

@@ -489,6 +489,7 @@ fn runbook_method_writes_json_and_grouped_text() {
         deadline: Instant::now() + Duration::from_secs(30),
         cancel: &cancel,
         labels: BTreeMap::from([(victim_tid, "iothread0".to_string())]),
+        debug_dirs: vec![],
     };
     let m = method("native").expect("native is registered");
     assert_eq!(m.name(), "native");
@@ -496,7 +497,12 @@ fn runbook_method_writes_json_and_grouped_text() {
     assert!(summary.starts_with("2 threads,"), "{summary}");
     assert_untouched(pid);
     let (files, _notes) = sink.close();
-    assert_eq!(files, vec!["stacks/threads.json".to_string(), "stacks/threads.txt".to_string()]);
+    assert_eq!(
+        files,
+        ["stacks/threads.json", "stacks/raw/data.bin", "stacks/raw/snapshot.json", "stacks/threads.txt"]
+            .map(String::from)
+            .to_vec()
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("stacks/threads.json")).unwrap()).unwrap();
     assert_eq!(json["method"], "native");

@@ -296,6 +296,33 @@ fn for_each_entry(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> std::io
     Ok(())
 }
 
+/// Streams one archived file (any size: a core) to `dest` (created 0600, must not
+/// exist), checking its SHA-256 against `expected` from the manifest. Returns its size.
+pub fn extract_entry(archive: &Path, rel: &str, expected: &FileEntry, dest: &Path) -> Result<u64, ArchiveError> {
+    let shown = archive.display().to_string();
+    let mut found = None;
+    for_each_entry(archive, |name, reader| {
+        if name != rel || found.is_some() {
+            return Ok(());
+        }
+        let mut out = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dest)?;
+        found = Some(hash_copy(reader, &mut out)?);
+        Ok(())
+    })
+    .map_err(|e| ArchiveError::Read { path: shown.clone(), detail: e.to_string() })?;
+    match found {
+        None => Err(ArchiveError::Read { path: shown, detail: format!("{rel} is not in the archive") }),
+        Some((n, h)) if n != expected.size || h != expected.sha256 => {
+            let _ = std::fs::remove_file(dest);
+            Err(ArchiveError::Verify {
+                path: shown,
+                detail: format!("{rel}: sha256 {h} but the manifest says {}", expected.sha256),
+            })
+        }
+        Some((n, _)) => Ok(n),
+    }
+}
+
 /// An archive opened for reading: manifest and (bounded) file contents.
 pub struct ArchiveReader {
     pub path: PathBuf,
@@ -412,6 +439,11 @@ pub fn walk(root: &Path) -> std::io::Result<Vec<String>> {
 }
 
 fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
+    hash_copy(r, &mut std::io::sink())
+}
+
+/// Reads `r` to the end, writing every byte to `out`. Out: size and hex SHA-256.
+fn hash_copy(r: &mut dyn Read, out: &mut dyn Write) -> std::io::Result<(u64, String)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut n = 0u64;
@@ -421,6 +453,7 @@ fn hash_reader(r: &mut dyn Read) -> std::io::Result<(u64, String)> {
             break;
         }
         h.update(&buf[..k]);
+        out.write_all(&buf[..k])?;
         n += k as u64;
     }
     Ok((n, format!("{:x}", h.finalize())))

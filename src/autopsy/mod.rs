@@ -156,6 +156,11 @@ pub fn plan_steps(req: &Request, settings: &Settings, target: Option<&Target>) -
             StepKind::Core { output, min_free } => {
                 format!("core dump via gdb gcore -> {} (needs {} MiB free)", output.render(&vars), min_free >> 20)
             }
+            StepKind::Minicore { output, min_free } => format!(
+                "QEMU core without guest RAM -> {} (threads frozen ~ms; refused below {} MiB free)",
+                output.render(&vars),
+                min_free >> 20
+            ),
             StepKind::PveTasks { output, log_cap } => format!(
                 "the VM's tasks in {}/pve/tasks/active + their logs (last {} KiB each) -> {}",
                 vars.log_dir,

@@ -14,6 +14,7 @@ use super::sampling::{finish_record, later_samples, record, Ctx, Ended, Ran, Sam
 use crate::archive::{Evidence, Staging};
 use crate::cancel::Cancel;
 use crate::exec::{self, ExecError, Spec};
+use crate::minicore;
 use crate::runbook::{Step, StepKind, Template, Vars};
 use crate::stacks::{self, StackError, StackRequest};
 use crate::step::{StepOutcome, StepRecord, StepSink, StepStatus};
@@ -153,13 +154,33 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
             let target = ctx.target.clone();
             let labels = thread_labels(ctx.staging);
             let deadline = Instant::now() + inner_deadline(timeout);
-            Box::new(move || stacks_step(&target, &methods, &backtrace, labels, deadline, &sink, &cancel))
+            let debug_dirs = ctx.settings.debug_dirs.clone();
+            Box::new(move || {
+                let want = StacksWant { methods: &methods, backtrace: &backtrace, labels, debug_dirs };
+                stacks_step(&target, want, deadline, &sink, &cancel)
+            })
         }
         StepKind::Core { output, min_free } => {
             let out_dir = ctx.staging.dir.clone();
             let target = ctx.target.clone();
             let deadline = Instant::now() + inner_deadline(timeout);
             Box::new(move || core_step(&target, &output.render(&vars), min_free, &out_dir, deadline, &sink, &cancel))
+        }
+        StepKind::Minicore { output, min_free } => {
+            let target = ctx.target.clone();
+            let mut opts = minicore::MinicoreOptions {
+                ram_sizes: minicore::plan::ram_sizes(
+                    ctx.staging.read_json("qmp/x-query-ramblock.json").as_ref(),
+                    ctx.staging.read_json("qmp/query-memdev.json").as_ref(),
+                ),
+                min_free,
+                debug_dirs: ctx.settings.debug_dirs.clone(),
+                labels: thread_labels(ctx.staging),
+                ..Default::default()
+            };
+            opts.stop_timeout = opts.stop_timeout.min(inner_deadline(timeout) / 4);
+            let rel = output.render(&vars);
+            Box::new(move || minicore_step(&target, &rel, &opts, &sink, &cancel))
         }
         StepKind::Qmp { .. } | StepKind::QomThrottle { .. } | StepKind::Inflight { .. } => {
             unreachable!("QMP steps run on the lane")
@@ -292,22 +313,29 @@ fn thread_labels(ev: &dyn Evidence) -> BTreeMap<i32, String> {
     labels
 }
 
+/// What a stacks step asks for.
+struct StacksWant<'a> {
+    methods: &'a [String],
+    backtrace: &'a str,
+    labels: BTreeMap<i32, String>,
+    debug_dirs: Vec<std::path::PathBuf>,
+}
+
 fn stacks_step(
     target: &Target,
-    methods: &[String],
-    backtrace: &str,
-    labels: BTreeMap<i32, String>,
+    want: StacksWant<'_>,
     deadline: Instant,
     sink: &StepSink,
     cancel: &Cancel,
 ) -> StepOutcome {
+    let StacksWant { methods, backtrace, labels, debug_dirs } = want;
     if methods.is_empty() {
         return StepOutcome::Skipped("--stacks none".into());
     }
     if !target.still_same() {
         return StepOutcome::Failed(format!("pid {} is no longer VM {}'s QEMU; not traced", target.pid, target.vmid));
     }
-    let req = StackRequest { pid: target.pid, sink, deadline, cancel, labels };
+    let req = StackRequest { pid: target.pid, sink, deadline, cancel, labels, debug_dirs };
     let (outcome, restore) = stacks::leaving_as_found(target.pid, &|| target.still_same(), || {
         run_methods(methods, backtrace, &req, deadline, sink, cancel)
     });
@@ -422,6 +450,72 @@ fn core_step(
             "gcore failed: {}",
             String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
         )),
+    }
+}
+
+/// A minicore of the target (see [`crate::minicore`]): the core, its report
+/// (`<dir>/minicore.json`) and the stacks of the same freeze (`<dir>/stacks.json`).
+fn minicore_step(
+    target: &Target,
+    rel: &str,
+    opts: &minicore::MinicoreOptions,
+    sink: &StepSink,
+    cancel: &Cancel,
+) -> StepOutcome {
+    if !target.still_same() {
+        return StepOutcome::Failed(format!("pid {} is no longer VM {}'s QEMU; not dumped", target.pid, target.vmid));
+    }
+    let path = match sink.reserve(rel) {
+        Ok(p) => p,
+        Err(e) => return StepOutcome::Failed(e.to_string()),
+    };
+    let (result, restore) = stacks::leaving_as_found(target.pid, &|| target.still_same(), || {
+        minicore::dump(target.pid, &path, opts, cancel)
+    });
+    for n in restore.notes("minicore") {
+        sink.note(n);
+    }
+    let dir = rel.rsplit_once('/').map_or(String::new(), |(d, _)| format!("{d}/"));
+    match result {
+        Ok((mut report, stacks)) => {
+            report.archive_path = rel.to_string();
+            sink.note(format!(
+                "froze {} threads for {} µs; memory copied {} ({} ms); core {} MiB, guest RAM left out {} MiB",
+                report.threads_stopped,
+                report.freeze_us,
+                report.memory_copy,
+                report.copy_ms,
+                report.core_bytes >> 20,
+                report.guest_ram_bytes >> 20
+            ));
+            sink.note(
+                "the core holds QEMU's memory (keys, passwords, guest data in flight): treat the archive as secret",
+            );
+            for n in &report.notes {
+                sink.note(format!("minicore: {n}"));
+            }
+            let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
+            let stacks_json = serde_json::to_vec_pretty(&stacks).unwrap_or_default();
+            if let Err(e) = sink.write(&format!("{dir}minicore.json"), &json) {
+                return StepOutcome::Failed(e.to_string());
+            }
+            if let Err(e) = sink.write(&format!("{dir}stacks.json"), &stacks_json) {
+                return StepOutcome::Failed(e.to_string());
+            }
+            StepOutcome::Ok
+        }
+        Err(e) => {
+            // Nothing half-written is sealed as a core.
+            let _ = std::fs::remove_file(&path);
+            let _ = sink.write(&format!("{rel}.missing"), e.to_string().as_bytes());
+            match e {
+                minicore::MinicoreError::Refused(why) => StepOutcome::Skipped(format!("refused: {why}")),
+                minicore::MinicoreError::Stack(StackError::Interrupted) => {
+                    StepOutcome::Interrupted("interrupted; the target was detached first".into())
+                }
+                other => StepOutcome::Failed(other.to_string()),
+            }
+        }
     }
 }
 

@@ -51,7 +51,7 @@ pub struct Global {
     /// This node's name as the cluster knows it [default: short hostname]
     #[arg(long, global = true, value_name = "NAME")]
     pub node: Option<String>,
-    /// Where separate debug files (symbols, DWARF) are searched by build-id; repeatable, in order [default: /usr/lib/debug]
+    /// Where separate debug files (symbols, DWARF) are searched by build-id and .gnu_debuglink; repeatable, in order [default: /usr/lib/debug]
     #[arg(long = "debug-dir", global = true, value_name = "DIR")]
     pub debug_dir: Vec<PathBuf>,
     /// Where Proxmox writes its logs (vzdump/, pve/tasks/) [default: /var/log]
@@ -235,6 +235,15 @@ pub enum Command {
         /// Print one file from the archive
         #[arg(long, value_name = "PATH")]
         cat: Option<String>,
+        /// Unwind and name every thread again from the archived raw snapshot, with the debug info installed now (--debug-dir; debuginfod only when DEBUGINFOD_URLS is set)
+        #[arg(long, conflicts_with_all = ["cat", "qemu_state"])]
+        resymbolize: bool,
+        /// QEMU's coroutines and timers from the archived core (core/qemu.core), read by gdb with QEMU's gdb scripts
+        #[arg(long, conflicts_with = "cat")]
+        qemu_state: bool,
+        /// QEMU's scripts/qemu-gdb.py (from the QEMU source: `apt-get source qemu`) [default: /usr/share/wedge-autopsy/qemu-gdb/qemu-gdb.py]
+        #[arg(long, value_name = "FILE", requires = "qemu_state")]
+        qemu_gdb_script: Option<PathBuf>,
     },
     /// Packaging assets: man pages, completions, config, runbook docs (example: wedge-autopsy generate man DIR)
     #[command(hide = true)]

@@ -1,12 +1,13 @@
 //! `wedge-autopsy stacks PID`: thread stacks of any process, native snapshot or gdb.
 
 use wedge_autopsy::cancel::Cancel;
+use wedge_autopsy::config::Settings;
 use wedge_autopsy::error::{Error, Exit};
 use wedge_autopsy::stacks::{self, native, StackError, StackMethod};
 
 use crate::cmd::cli::StacksArg;
 
-pub fn run(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Exit, Error> {
+pub fn run(pid: i32, json: bool, lines: bool, method: StacksArg, settings: &Settings) -> Result<Exit, Error> {
     let cancel = Cancel::new();
     // A missing process is the pid the operator typed: say how to check it.
     let hint = |e: StackError| match e {
@@ -16,7 +17,8 @@ pub fn run(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Exit,
     match method {
         StacksArg::None => Err(Error::BadInput("--method none captures nothing: use native or gdb".into())),
         StacksArg::Native => {
-            let opts = native::NativeOptions { lines, ..Default::default() };
+            let debug = native::DebugSearch { dirs: settings.debug_dirs.clone() };
+            let opts = native::NativeOptions { lines, debug, ..Default::default() };
             let report = native::snapshot_and_unwind(pid, &opts, &cancel).map_err(hint)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -37,6 +39,7 @@ pub fn run(pid: i32, json: bool, lines: bool, method: StacksArg) -> Result<Exit,
                 deadline: std::time::Instant::now() + std::time::Duration::from_secs(60),
                 cancel: &cancel,
                 labels: Default::default(),
+                debug_dirs: settings.debug_dirs.clone(),
             };
             let (result, restore) =
                 stacks::leaving_as_found(pid, &|| true, || stacks::gdb::Gdb::default().capture(&req));

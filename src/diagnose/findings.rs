@@ -302,7 +302,7 @@ fn unnamed_hint(module: &str, version: Option<&Value>) -> String {
         };
         let q = &v["qemu"];
         let qemu = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
-        let p = super::pinnable::package_from_qmp(v["package"].as_str().unwrap_or(""), Some(qemu));
+        let p = crate::stacks::dbgsym::from_qmp(v["package"].as_str().unwrap_or(""), Some(qemu));
         return match p.dbgsym {
             Some(d) => format!("`apt install {d}` (matches this build-id): {}", p.note),
             None => p.note,

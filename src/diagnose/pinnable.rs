@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::qmp::{QmpClient, QmpConfig};
+use crate::stacks::dbgsym::{self, Package};
 use crate::stacks::native::modules::{self, DebugSearch, Elf};
 use crate::target::{self, Layout, VmId};
 
@@ -89,22 +90,6 @@ pub struct DebugFile {
     pub symtab: bool,
     /// Every path looked at, in order.
     pub searched: Vec<String>,
-}
-
-/// Which QEMU build runs, and which debug-symbol package would match it.
-#[derive(Debug, Clone, Serialize)]
-pub struct Package {
-    /// `qmp` (query-version of the running process) or `dpkg` (what is installed, which
-    /// may be newer than what runs).
-    pub source: &'static str,
-    /// `pve-qemu-kvm`, `qemu-system-x86`, or none when unrecognised.
-    pub name: Option<String>,
-    pub version: Option<String>,
-    /// QEMU's own version (`major.minor.micro`), from QMP.
-    pub qemu: Option<String>,
-    /// An installable `name=version`, when one exists.
-    pub dbgsym: Option<String>,
-    pub note: String,
 }
 
 /// The guest agent's answer to `guest-ping`.
@@ -203,7 +188,7 @@ async fn one(
     let version = if t.qmp_present { query_version(&t.qmp_socket, limits.qmp).await } else { None };
     r.agent = agent;
     r.package = Some(match version {
-        Some((qemu, package)) => package_from_qmp(&package, Some(qemu)),
+        Some((qemu, package)) => dbgsym::from_qmp(&package, Some(qemu)),
         None => package_from_dpkg(installed),
     });
     match files {
@@ -293,33 +278,10 @@ async fn query_version(socket: &Path, budget: Duration) -> Option<(String, Strin
     tokio::time::timeout(budget, work).await.ok().flatten()
 }
 
-/// What `query-version`'s `package` says about the build: Proxmox writes
-/// `pve-qemu-kvm_<version>`, Debian `Debian <version>`.
-pub(crate) fn package_from_qmp(package: &str, qemu: Option<String>) -> Package {
-    let package = crate::qmp::one_line(package, 120);
-    if let Some(v) = package.strip_prefix("pve-qemu-kvm").and_then(|r| r.strip_prefix(['_', '-', ' ', '='])) {
-        return pve(v.trim(), "qmp", qemu);
-    }
-    if let Some(v) = package.strip_prefix("Debian ") {
-        return debian(v.trim(), "qmp", qemu);
-    }
-    Package {
-        source: "qmp",
-        name: None,
-        version: (!package.is_empty()).then_some(package.clone()),
-        qemu,
-        dbgsym: None,
-        note: format!(
-            "not a Proxmox or Debian build (package {:?}): its debug symbols come from whoever built it",
-            package
-        ),
-    }
-}
-
 fn package_from_dpkg(installed: Option<(String, String)>) -> Package {
     match installed {
-        Some((name, v)) if name == "pve-qemu-kvm" => pve(&v, "dpkg", None),
-        Some((_, v)) => debian(&v, "dpkg", None),
+        Some((name, v)) if name == "pve-qemu-kvm" => dbgsym::pve(&v, "dpkg", None),
+        Some((_, v)) => dbgsym::debian(&v, "dpkg", None),
         None => Package {
             source: "dpkg",
             name: None,
@@ -328,31 +290,6 @@ fn package_from_dpkg(installed: Option<(String, String)>) -> Package {
             dbgsym: None,
             note: "QMP did not answer and neither pve-qemu-kvm nor qemu-system-x86 is installed (dpkg-query)".into(),
         },
-    }
-}
-
-fn pve(version: &str, source: &'static str, qemu: Option<String>) -> Package {
-    Package {
-        source,
-        name: Some("pve-qemu-kvm".into()),
-        version: Some(version.into()),
-        qemu,
-        dbgsym: Some(format!("pve-qemu-kvm-dbgsym={version}")),
-        note: "from the same Proxmox repository as pve-qemu-kvm (before 8.0: pve-qemu-kvm-dbg)".into(),
-    }
-}
-
-fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Package {
-    Package {
-        source,
-        name: Some("qemu-system-x86".into()),
-        version: Some(version.into()),
-        qemu,
-        dbgsym: None,
-        note: format!(
-            "Debian's own QEMU: no debug-symbol package is reachable from Debian's main archive \
-             (qemu-system-x86-dbgsym={version} is only in the separate debian-debug archive)"
-        ),
     }
 }
 
@@ -413,19 +350,6 @@ fn advice(r: &RunningQemu) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn package_field_names_the_build() {
-        let p = package_from_qmp("pve-qemu-kvm_9.0.2-4", Some("9.0.2".into()));
-        assert_eq!(p.dbgsym.as_deref(), Some("pve-qemu-kvm-dbgsym=9.0.2-4"));
-        let d = package_from_qmp("Debian 1:7.2+dfsg-7+deb12u6", Some("7.2.11".into()));
-        assert_eq!((d.name.as_deref(), d.dbgsym.as_deref()), (Some("qemu-system-x86"), None));
-        assert!(d.note.contains("no debug-symbol package is reachable"), "{}", d.note);
-        let own = package_from_qmp("", Some("10.0.0".into()));
-        assert!(own.name.is_none() && own.dbgsym.is_none());
-        // Outside text stays one line.
-        assert!(!package_from_qmp("x\ny", None).note.contains('\n'));
-    }
 
     #[test]
     fn only_vmid_pidfiles_count() {

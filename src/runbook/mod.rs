@@ -23,6 +23,7 @@ pub use crate::units::parse_size;
 pub const BUILT_IN: &[(&str, &str)] = &[
     ("qemu-wedge", include_str!("../../runbooks/qemu-wedge.toml")),
     ("qemu-wedge-full", include_str!("../../runbooks/qemu-wedge-full.toml")),
+    ("qemu-wedge-core", include_str!("../../runbooks/qemu-wedge-core.toml")),
     ("diagnose", include_str!("../../runbooks/diagnose.toml")),
     ("libvirt-qemu", include_str!("../../runbooks/libvirt-qemu.toml")),
 ];
@@ -31,7 +32,7 @@ pub const DEFAULT: &str = "qemu-wedge";
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
 const KINDS: &[&str] =
-    &["proc", "host", "host-info", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "pve-tasks"];
+    &["proc", "host", "host-info", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "minicore", "pve-tasks"];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".
@@ -80,9 +81,9 @@ struct RawTarget {
 struct RawStep {
     /// Unique step id, shown in progress and the manifest.
     id: String,
-    /// proc | host | host-info | qmp | qom-throttle | inflight | stacks | file | command | core | pve-tasks
+    /// proc | host | host-info | qmp | qom-throttle | inflight | stacks | file | command | core | minicore | pve-tasks
     #[schemars(regex(
-        pattern = r"^(proc|host|host-info|qmp|qom-throttle|inflight|stacks|file|command|core|pve-tasks)$"
+        pattern = r"^(proc|host|host-info|qmp|qom-throttle|inflight|stacks|file|command|core|minicore|pve-tasks)$"
     ))]
     kind: String,
     /// Step deadline (default 10s, at most 600s).
@@ -124,7 +125,7 @@ struct RawStep {
     argv: Option<toml::Value>,
     /// command: bytes of output kept (default 8 MiB).
     output_cap: Option<u64>,
-    /// core: free space to leave on the output filesystem, e.g. "2G".
+    /// core, minicore: free space to leave on the output filesystem, e.g. "2G".
     min_free: Option<String>,
 }
 
@@ -169,7 +170,7 @@ impl Runbook {
     pub fn space_estimate(&self) -> u64 {
         const MIB: u64 = 1 << 20;
         let step = |k: &StepKind| match k {
-            StepKind::Core { min_free, .. } => *min_free,
+            StepKind::Core { min_free, .. } | StepKind::Minicore { min_free, .. } => *min_free,
             StepKind::Command { output_cap, .. } => *output_cap as u64,
             StepKind::File { tail, .. } => tail.unwrap_or(MIB),
             StepKind::PveTasks { log_cap, .. } => 8 * log_cap,
@@ -243,6 +244,11 @@ pub enum StepKind {
         output: Template,
         min_free: u64,
     },
+    /// A core of QEMU without guest RAM, written by the tool itself ([`crate::minicore`]).
+    Minicore {
+        output: Template,
+        min_free: u64,
+    },
 }
 
 impl StepKind {
@@ -258,6 +264,7 @@ impl StepKind {
             StepKind::File { .. } => "file",
             StepKind::Command { .. } => "command",
             StepKind::Core { .. } => "core",
+            StepKind::Minicore { .. } => "minicore",
             StepKind::PveTasks { .. } => "pve-tasks",
         }
     }
@@ -440,7 +447,7 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
             "stacks" => &["methods", "backtrace"],
             "file" => &["path", "output", "redact", "tail", "if_exists"],
             "command" => &["argv", "output", "output_cap", "when"],
-            "core" => &["output", "min_free"],
+            "core" | "minicore" => &["output", "min_free"],
             "pve-tasks" => &["output", "log_cap"],
             _ => unreachable!(),
         };
@@ -630,16 +637,22 @@ pub fn parse(text: &str, file: &str) -> Result<Runbook, RunbookErrors> {
                     only_ha,
                 })
             }
-            "core" => {
+            "core" | "minicore" => {
+                // gcore writes all of RAM; a minicore is QEMU's own memory only.
+                let (default_free, default_out) =
+                    if s.kind == "core" { (2u64 << 30, "core/core") } else { (1 << 30, "core/qemu.core") };
                 let min_free = match s.min_free.as_deref().map(parse_size) {
-                    None => 2 << 30,
+                    None => default_free,
                     Some(Ok(n)) => n,
                     Some(Err(e)) => {
                         err(Some(i), "min_free", e);
                         0
                     }
                 };
-                output("core/core".into(), &mut err).map(|output| StepKind::Core { output, min_free })
+                output(default_out.into(), &mut err).map(|output| match s.kind.as_str() {
+                    "core" => StepKind::Core { output, min_free },
+                    _ => StepKind::Minicore { output, min_free },
+                })
             }
             "pve-tasks" => {
                 let log_cap = match s.log_cap.as_deref().map(parse_size) {

@@ -5,8 +5,10 @@
 //! leave the target as it found it: [`ThreadStates`] is taken before and checked after,
 //! and a thread that a method left stopped is resumed (and reported).
 
+pub mod dbgsym;
 pub mod gdb;
 pub mod native;
+pub mod resymbolize;
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -22,6 +24,8 @@ pub struct StackRequest<'a> {
     pub deadline: Instant,
     pub cancel: &'a Cancel,
     pub labels: BTreeMap<i32, String>,
+    /// Where separate debug files are looked up at capture time (`--debug-dir`).
+    pub debug_dirs: Vec<std::path::PathBuf>,
 }
 
 /// Why a method produced no stacks. `Unavailable` lets the caller try the next method.

@@ -64,6 +64,10 @@ pub struct LabOptions {
     pub extra_conf: Vec<String>,
     /// also lay the VM out as libvirtd would (`lab up --libvirt`)
     pub libvirt: bool,
+    /// guest RAM in MiB (`lab up --mem`; `None` = the lab's default), and whether all of
+    /// it is faulted in at start (`--mem-prealloc`)
+    pub mem_mib: Option<u32>,
+    pub mem_prealloc: bool,
     /// extra QEMU arguments (`lab up --qemu-arg`)
     pub qemu_args: Vec<String>,
     /// extra environment of the QEMU process (`KEY`, `VALUE`)
@@ -90,6 +94,8 @@ impl Default for LabOptions {
             qemu_args: Vec::new(),
             qemu_env: Vec::new(),
             libvirt: false,
+            mem_mib: None,
+            mem_prealloc: false,
             agent: false,
             qemu: None,
         }
@@ -119,6 +125,13 @@ impl LabOptions {
         }
         if self.libvirt {
             a.push("--libvirt".into());
+        }
+        if let Some(m) = self.mem_mib {
+            a.push("--mem".into());
+            a.push(m.to_string());
+        }
+        if self.mem_prealloc {
+            a.push("--mem-prealloc".into());
         }
         if self.agent {
             a.push("--agent".into());

@@ -11,6 +11,7 @@
 //! `wedge-autopsy stacks <PID>`; [`Native`] is the [`StackMethod`] for the runbook.
 
 pub mod modules;
+pub mod raw;
 pub mod render;
 pub mod snapshot;
 pub mod symbols;
@@ -177,11 +178,27 @@ fn starttime(pid: i32) -> Option<u64> {
     crate::procfs::parse_stat_file(&format!("/proc/{pid}/stat")).ok().map(|s| s.starttime)
 }
 
-/// Snapshots and unwinds every thread of `pid` (any process, not only QEMU).
-///
-/// The process is frozen only for the register and stack copies; afterwards every
-/// thread is checked: none left stopped that was not stopped before, no tracer left.
-pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> Result<StacksReport, StackError> {
+/// The live half of a snapshot: what was read from the process (maps, modules with
+/// their files, the frozen register and stack copies). Everything after this works on
+/// copies only ([`analyze`]), live or from an archive ([`raw`]).
+pub struct Captured {
+    pub pid: i32,
+    pub maps: Vec<modules::Mapping>,
+    pub modules: modules::Modules,
+    pub snapshot: snapshot::Snapshot,
+    /// Non-fatal problems of the capture (unloadable modules, post-check findings).
+    pub notes: Vec<String>,
+    started: Instant,
+}
+
+/// Loads the modules, freezes every thread of `pid` (running `during` while they are
+/// stopped), and checks afterwards that none was left stopped or traced.
+pub fn capture(
+    pid: i32,
+    opts: &NativeOptions,
+    cancel: &Cancel,
+    during: Option<snapshot::WhileFrozen>,
+) -> Result<Captured, StackError> {
     if !cfg!(all(target_arch = "x86_64", target_os = "linux")) {
         return Err(StackError::Unavailable("the native unwinder supports x86_64 Linux only".into()));
     }
@@ -199,7 +216,7 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
     if cancel.is_cancelled() {
         return Err(StackError::Interrupted);
     }
-    let (snap, tracer_tid) = snapshot::take(pid, &maps, &opts.freeze, cancel);
+    let (snap, tracer_tid) = snapshot::take_with(pid, &maps, &opts.freeze, cancel, during);
     // Post-checks run on every path, errors included.
     let still_target = || starttime(pid) == Some(born);
     let restore = restore_stopped(pid, &before, &still_target);
@@ -225,13 +242,28 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
     for (tid, tp) in &traced {
         notes.push(format!("thread {tid} is still traced by pid {tp} after the snapshot"));
     }
+    Ok(Captured { pid, maps, modules: mods, snapshot: snap, notes, started: t0 })
+}
 
-    // Everything below works on copies only.
-    let mut unwinder = unwind::Unwinder::new(&mods);
+/// How [`analyze`] unwinds and names: the offline half of [`NativeOptions`].
+pub struct AnalyzeOptions<'a> {
+    pub lines: bool,
+    pub max_depth: usize,
+    pub labels: &'a BTreeMap<i32, String>,
+}
+
+/// Unwinds and names every captured thread from its copied registers and stack, with
+/// `mods` (live modules, or modules rebuilt from an archive). Never touches a process.
+pub fn analyze(
+    threads: &[snapshot::ThreadCapture],
+    mods: &modules::Modules,
+    opts: &AnalyzeOptions<'_>,
+) -> Vec<ThreadReport> {
+    let mut unwinder = unwind::Unwinder::new(mods);
     unwinder.max_depth = opts.max_depth;
     let mut symbolizer = symbols::Symbolizer::new();
-    let mut threads = Vec::with_capacity(snap.threads.len());
-    for cap in &snap.threads {
+    let mut out = Vec::with_capacity(threads.len());
+    for cap in threads {
         let regs = match (&cap.regs, &cap.syscall) {
             (Some(r), _) => Some(unwind::Regs::from_user(r)),
             (None, Some(Syscall::In { sp, pc, .. } | Syscall::Blocked { sp, pc })) if !cap.stack.is_empty() => {
@@ -287,7 +319,7 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
         };
         let capture =
             serde_json::to_value(cap.capture).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default();
-        threads.push(ThreadReport {
+        out.push(ThreadReport {
             tid: cap.tid,
             name,
             comm: cap.comm.clone(),
@@ -303,8 +335,12 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
             errors: cap.errors.clone(),
         });
     }
-    let modules = mods
-        .list
+    out
+}
+
+/// The modules as listed in a report.
+pub fn module_infos(mods: &modules::Modules) -> Vec<ModuleInfo> {
+    mods.list
         .iter()
         .map(|m| ModuleInfo {
             name: m.name.clone(),
@@ -313,18 +349,34 @@ pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> R
             build_id: m.build_id_hex(),
             debug_file: m.debug.as_ref().map(|d| d.path.display().to_string()),
         })
-        .collect();
-    Ok(StacksReport {
-        method: "native".into(),
-        pid,
-        arch: "x86_64".into(),
-        freeze_us: snap.freeze_us,
-        stopping_us: snap.stopping_us,
-        total_us: t0.elapsed().as_micros() as u64,
-        threads,
-        modules,
-        notes,
-    })
+        .collect()
+}
+
+impl Captured {
+    /// The report of this capture: [`analyze`] plus the capture's own facts.
+    pub fn report(&self, opts: &NativeOptions) -> StacksReport {
+        let aopts = AnalyzeOptions { lines: opts.lines, max_depth: opts.max_depth, labels: &opts.labels };
+        let threads = analyze(&self.snapshot.threads, &self.modules, &aopts);
+        StacksReport {
+            method: "native".into(),
+            pid: self.pid,
+            arch: "x86_64".into(),
+            freeze_us: self.snapshot.freeze_us,
+            stopping_us: self.snapshot.stopping_us,
+            total_us: self.started.elapsed().as_micros() as u64,
+            threads,
+            modules: module_infos(&self.modules),
+            notes: self.notes.clone(),
+        }
+    }
+}
+
+/// Snapshots and unwinds every thread of `pid` (any process, not only QEMU).
+///
+/// The process is frozen only for the register and stack copies; afterwards every
+/// thread is checked: none left stopped that was not stopped before, no tracer left.
+pub fn snapshot_and_unwind(pid: i32, opts: &NativeOptions, cancel: &Cancel) -> Result<StacksReport, StackError> {
+    Ok(capture(pid, opts, cancel, None)?.report(opts))
 }
 
 /// The `native` [`StackMethod`]. Its default resolves file:line too: in an archive the
@@ -354,10 +406,19 @@ impl StackMethod for Native {
             return Err(StackError::Timeout(0));
         }
         opts.freeze.stop_timeout = opts.freeze.stop_timeout.min(left / 2);
-        let report = snapshot_and_unwind(req.pid, &opts, req.cancel)?;
+        if !req.debug_dirs.is_empty() {
+            opts.debug = DebugSearch { dirs: req.debug_dirs.clone() };
+        }
+        let captured = capture(req.pid, &opts, req.cancel, None)?;
+        let report = captured.report(&opts);
         let json = serde_json::to_vec_pretty(&report).map_err(|e| StackError::Failed(e.to_string()))?;
         let fail = |e: crate::step::SinkError| StackError::Failed(e.to_string());
         req.sink.write("stacks/threads.json", &json).map_err(fail)?;
+        // The raw snapshot, so the stacks can be unwound and named again offline.
+        let (doc, data) = raw::encode(&captured);
+        let doc = serde_json::to_vec(&doc).map_err(|e| StackError::Failed(e.to_string()))?;
+        req.sink.write(raw::DATA_PATH, &data).map_err(fail)?;
+        req.sink.write(raw::JSON_PATH, &doc).map_err(fail)?;
         req.sink.write("stacks/threads.txt", render_text(&report).as_bytes()).map_err(fail)?;
         for n in &report.notes {
             req.sink.note(format!("stacks: {n}"));

@@ -150,8 +150,8 @@ impl Elf {
         Elf::parse(path.to_path_buf(), Bytes::Mapped(map))
     }
 
-    /// `(debuglink name, crc)` from `.gnu_debuglink`.
-    fn debuglink(&self) -> Option<String> {
+    /// The file name in `.gnu_debuglink`.
+    pub fn debuglink(&self) -> Option<String> {
         let obj = object::File::parse(&*self.bytes).ok()?;
         let (name, _crc) = obj.gnu_debuglink().ok().flatten()?;
         Some(String::from_utf8_lossy(name).into_owned())
@@ -316,7 +316,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
                 continue;
             }
         };
-        let debug = if path == "[vdso]" { None } else { find_debug(&elf, path, search) };
+        let debug = if path == "[vdso]" { None } else { find_debug(&elf, elf.debuglink(), path, search) };
         list.push(Module { name: path.trim_end_matches(" (deleted)").to_string(), start, end, bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
@@ -385,7 +385,9 @@ pub fn build_id_path(dir: &Path, h: &str) -> PathBuf {
     dir.join(".build-id").join(&h[..2.min(h.len())]).join(format!("{}.debug", &h[2.min(h.len())..]))
 }
 
-fn find_debug(elf: &Elf, path: &str, search: &DebugSearch) -> Option<Elf> {
+/// The separate debug file of `elf` (mapped at `path`): by build-id under each search
+/// dir, then by its `.gnu_debuglink` name beside the binary and under each search dir.
+pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &DebugSearch) -> Option<Elf> {
     if elf.has_dwarf && elf.has_symtab {
         return None;
     }
@@ -393,7 +395,7 @@ fn find_debug(elf: &Elf, path: &str, search: &DebugSearch) -> Option<Elf> {
     if let Some(dbg) = elf.build_id.as_deref().and_then(|id| debug_file_by_build_id(id, search)) {
         return Some(dbg);
     }
-    let link = elf.debuglink()?;
+    let link = debuglink?;
     let dir = Path::new(clean).parent().unwrap_or(Path::new("/"));
     let mut cands = vec![dir.join(&link), dir.join(".debug").join(&link)];
     for d in &search.dirs {

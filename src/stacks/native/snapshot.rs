@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::modules::{read_remote, Mapping};
 use crate::cancel::Cancel;
@@ -24,7 +24,7 @@ use crate::procfs::{self, Syscall};
 use crate::stacks::StackError;
 
 /// Per-thread state as captured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Capture {
     /// Stopped, registers and stack copied.
@@ -51,6 +51,8 @@ pub struct ThreadCapture {
     pub kernel_stack: Option<Vec<String>>,
     pub capture: Capture,
     pub regs: Option<libc::user_regs_struct>,
+    /// `PTRACE_GETFPREGS` (the 512-byte FXSAVE area), when [`FreezeOptions::fpregs`] asked for it.
+    pub fpregs: Option<Box<libc::user_fpregs_struct>>,
     /// Copied stack bytes and the address of the first byte.
     pub stack_base: u64,
     pub stack: Vec<u8>,
@@ -79,11 +81,13 @@ pub struct FreezeOptions {
     pub stack_bytes: usize,
     /// How long to wait for all threads to stop after the interrupts.
     pub stop_timeout: Duration,
+    /// Also copy each thread's FPU/SSE registers (for a core file's NT_FPREGSET).
+    pub fpregs: bool,
 }
 
 impl Default for FreezeOptions {
     fn default() -> Self {
-        FreezeOptions { stack_bytes: 64 << 10, stop_timeout: Duration::from_millis(50) }
+        FreezeOptions { stack_bytes: 64 << 10, stop_timeout: Duration::from_millis(50), fpregs: false }
     }
 }
 
@@ -174,6 +178,13 @@ impl Tracer {
         Ok(regs)
     }
 
+    fn getfpregs(&self, tid: i32) -> Option<Box<libc::user_fpregs_struct>> {
+        // SAFETY: user_fpregs_struct is plain data; the kernel fills it.
+        let mut fp: Box<libc::user_fpregs_struct> = Box::new(unsafe { std::mem::zeroed() });
+        let r = unsafe { libc::ptrace(libc::PTRACE_GETFPREGS, tid, 0usize, &mut *fp as *mut _) };
+        (r == 0).then_some(fp)
+    }
+
     fn detach(&mut self, tid: i32) -> Option<Duration> {
         let (st, since) = self.threads.get_mut(&tid)?;
         if let TState::Stopped { sig } = *st {
@@ -219,6 +230,7 @@ fn read_thread(pid: i32, tid: i32) -> Option<ThreadCapture> {
         kernel_stack,
         capture: Capture::Failed,
         regs: None,
+        fpregs: None,
         stack_base: 0,
         stack: Vec::new(),
         stopped_us: None,
@@ -245,6 +257,22 @@ fn tracer_pid(path: &str) -> Option<i32> {
 /// returns that thread's id: until the kernel has finished its exit, threads it still
 /// held may show it as their TracerPid for a moment.
 pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> (Result<Snapshot, StackError>, i32) {
+    take_with(pid, maps, opts, cancel, None)
+}
+
+/// Work done while every thread is still stopped (after the last register and stack
+/// copy, before the first detach), e.g. a core's memory copy. It runs on the ptrace
+/// thread; whatever it takes adds to the freeze.
+pub type WhileFrozen = Box<dyn FnOnce() + Send>;
+
+/// [`take`], running `during` while the threads are stopped.
+pub fn take_with(
+    pid: i32,
+    maps: &[Mapping],
+    opts: &FreezeOptions,
+    cancel: &Cancel,
+    during: Option<WhileFrozen>,
+) -> (Result<Snapshot, StackError>, i32) {
     let (maps_copy, opts_copy) = (maps, opts);
     let maps = maps.to_vec();
     let opts = opts.clone();
@@ -254,7 +282,7 @@ pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -
     let handle = std::thread::Builder::new().name("wedge-ptrace".into()).spawn(move || {
         // SAFETY: gettid has no arguments and cannot fail.
         cell.store(unsafe { libc::gettid() }, std::sync::atomic::Ordering::SeqCst);
-        freeze(pid, &maps, &opts, &cancel)
+        freeze(pid, &maps, &opts, &cancel, during)
     });
     let result = match handle {
         Err(e) => Err(StackError::Failed(format!("cannot start the ptrace thread: {e}"))),
@@ -305,7 +333,13 @@ fn fill_unstopped(pid: i32, snap: &mut Snapshot, maps: &[Mapping], opts: &Freeze
     }
 }
 
-fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> Result<Snapshot, StackError> {
+fn freeze(
+    pid: i32,
+    maps: &[Mapping],
+    opts: &FreezeOptions,
+    cancel: &Cancel,
+    during: Option<WhileFrozen>,
+) -> Result<Snapshot, StackError> {
     // Short sleeps while polling for stops must stay short (this thread only).
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0, 0, 0) };
@@ -418,6 +452,9 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
                             c.stack_base = regs.rsp;
                             c.stack = copy_stack(pid, regs.rsp, opts.stack_bytes, maps);
                             c.regs = Some(regs);
+                            if opts.fpregs {
+                                c.fpregs = tracer.getfpregs(tid);
+                            }
                             c.capture = Capture::Stopped;
                         }
                         Err(e) => {
@@ -436,6 +473,9 @@ fn freeze(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> 
         if tracer.threads.values().any(|(s, _)| *s == TState::Pending) {
             break;
         }
+    }
+    if let Some(f) = during {
+        f();
     }
     let stopped = tracer.detach_all();
     for (tid, d) in &stopped {
