@@ -112,7 +112,7 @@ pub fn proc_files(data: &[u8]) {
     let _ = crate::procfs::parse_stat(&text);
     let _ = crate::procfs::parse_syscall(&text);
     let _ = crate::procfs::split_nul(data);
-    let cfg = crate::diagnose::config::PveConfig::parse(&text);
+    let cfg = crate::pve::vmconfig::PveConfig::parse(&text);
     let _ = crate::diagnose::config::risks(&cfg);
     let _ = crate::stacks::native::modules::parse_maps(&text);
 }

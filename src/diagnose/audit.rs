@@ -8,8 +8,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::config::{self, Options, PveConfig, Risk};
+use super::config::{self, PveConfig, Risk};
 use super::pinnable::RunningQemu;
+use crate::pve::vmconfig::{pending_changes, pending_section};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VmAudit {
@@ -113,42 +114,6 @@ pub fn audit(configs: &[(String, String)]) -> Vec<VmAudit> {
             }
         })
         .collect()
-}
-
-/// The `[PENDING]` changes of one config's text, as `key: old → new` (option sets, so
-/// a reordering is no change). Used by `audit` and by the autopsy's Proxmox findings.
-pub fn pending(text: &str) -> Vec<String> {
-    pending_section(text).map(|p| pending_changes(&PveConfig::parse(text), &p)).unwrap_or_default()
-}
-
-/// The `[PENDING]` section, if any: changes written to the config but not yet applied.
-fn pending_section(text: &str) -> Option<PveConfig> {
-    let start = text.lines().position(|l| l.trim() == "[PENDING]")?;
-    let rest: Vec<&str> = text.lines().skip(start + 1).take_while(|l| !l.trim_start().starts_with('[')).collect();
-    Some(PveConfig::parse(&rest.join("\n")))
-}
-
-fn pending_changes(cur: &PveConfig, pend: &PveConfig) -> Vec<String> {
-    let cur_n = cur.normalized();
-    let mut out = Vec::new();
-    for (k, v) in pend.normalized() {
-        if k == "delete" {
-            out.push(format!("delete {}", pend.keys[&k]));
-            continue;
-        }
-        let show = |o: &Options| {
-            o.iter()
-                .map(|(a, b)| if a == "file" { b.clone() } else { format!("{a}={b}") })
-                .collect::<Vec<_>>()
-                .join(",")
-        };
-        match cur_n.get(&k) {
-            Some(c) if *c == v => {}
-            Some(c) => out.push(format!("{k}: {} → {}", show(c), show(&v))),
-            None => out.push(format!("{k}: (unset) → {}", show(&v))),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

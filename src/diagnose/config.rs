@@ -1,78 +1,11 @@
-//! Proxmox VM configs as option sets, and the risk stack of the 2026-06-11 incident.
-//!
-//! `qm config` prints keys in its own order, so configs are compared as normalized option
-//! sets (`key -> {option -> value}`), never as strings.
+//! The risk stack of the 2026-06-11 incident, read from a VM config
+//! ([`crate::pve::vmconfig`] parses it).
 
 use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-/// A VM config's main section: `key -> value`, with snapshot sections dropped.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct PveConfig {
-    pub keys: BTreeMap<String, String>,
-}
-
-/// A property string (`local-lvm:vm-102-disk-0,iothread=1,mbps_rd=60`) as a set. The
-/// leading element without `=` is the volume, stored under `file`.
-pub type Options = BTreeMap<String, String>;
-
-impl PveConfig {
-    pub fn parse(text: &str) -> PveConfig {
-        let mut keys = BTreeMap::new();
-        for line in text.lines() {
-            let l = line.trim();
-            if l.starts_with('[') {
-                break; // snapshots and pending sections follow the main section
-            }
-            if l.is_empty() || l.starts_with('#') {
-                continue;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                keys.insert(k.trim().to_string(), v.trim().to_string());
-            }
-        }
-        PveConfig { keys }
-    }
-
-    pub fn options(&self, key: &str) -> Option<Options> {
-        self.keys.get(key).map(|v| options(v))
-    }
-
-    /// Disk keys (`scsi0`, `virtio1`, …), CD-ROMs excluded.
-    pub fn disks(&self) -> Vec<(String, Options)> {
-        self.keys
-            .keys()
-            .filter(|k| {
-                let base = k.trim_end_matches(|c: char| c.is_ascii_digit());
-                k.len() > base.len() && matches!(base, "scsi" | "virtio" | "sata" | "ide")
-            })
-            .filter_map(|k| Some((k.clone(), self.options(k)?)))
-            .filter(|(_, o)| o.get("media").map(String::as_str) != Some("cdrom"))
-            .collect()
-    }
-
-    /// `scsihw`, with Proxmox's default when unset.
-    pub fn scsihw(&self) -> &str {
-        self.keys.get("scsihw").map(String::as_str).unwrap_or("lsi")
-    }
-
-    /// The normalized form used for comparisons: every value as an option set.
-    pub fn normalized(&self) -> BTreeMap<String, Options> {
-        self.keys.iter().map(|(k, v)| (k.clone(), options(v))).collect()
-    }
-}
-
-pub fn options(value: &str) -> Options {
-    let mut out = Options::new();
-    for part in value.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('=') {
-            Some((k, v)) => out.insert(k.trim().to_string(), v.trim().to_string()),
-            None => out.insert("file".to_string(), part.trim().to_string()),
-        };
-    }
-    out
-}
+pub use crate::pve::vmconfig::{options, Options, PveConfig};
 
 /// One risk factor of the incident's stack, found in a config.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{bounded, dev_split, read_trim, HostInfo, Input};
 use crate::archive::Evidence;
-use crate::diagnose::config::PveConfig;
+use crate::pve::vmconfig::PveConfig;
 use crate::inflight::topology::{self, Backend};
 
 /// Where one disk's data lives.

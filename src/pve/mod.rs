@@ -7,6 +7,7 @@
 //! from a log is ever interpreted beyond the UPID fields: it is text to show, escaped.
 
 mod upid;
+pub mod vmconfig;
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -293,7 +294,7 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
         }
     }
     if let Some(text) = ev.read_string(&format!("config/{vmid}.conf")) {
-        f.pending = crate::diagnose::audit::pending(&text);
+        f.pending = vmconfig::pending(&text);
     }
     if ev.read_json("qmp/query-status.json").and_then(|v| v["return"]["status"].as_str().map(str::to_string)).as_deref()
         == Some("shutdown")

@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::{ConfigRule, FramePattern, Set, Signature, StackRule};
 use crate::archive::Evidence;
-use crate::diagnose::config::PveConfig;
+use crate::pve::vmconfig::{Options, PveConfig};
 
 /// A signature the evidence matches, as the summary shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -186,7 +186,7 @@ fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
         (!on.is_empty()).then_some(())?;
         why.push(format!("disks on {}: {}", rule.bus.join("/"), on.join(", ")));
     }
-    let iothread = |o: &crate::diagnose::config::Options| o.get("iothread").map(String::as_str) == Some("1");
+    let iothread = |o: &Options| o.get("iothread").map(String::as_str) == Some("1");
     if let Some(min) = rule.iothreads_min {
         let n = disks.iter().filter(|(_, o)| iothread(o)).count();
         (n >= min).then_some(())?;
