@@ -284,7 +284,6 @@ fn free_space_floor_is_the_runbooks_estimate_and_says_how_to_change_it() {
     assert!(stderr(&o).contains(&format!("[retention] min_free in {}", cfg.display())), "{}", stderr(&o));
 }
 
-
 /// A typo in any section fails every command at load, one line naming key and file.
 #[test]
 fn every_config_section_is_checked_by_every_command() {

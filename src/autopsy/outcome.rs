@@ -80,7 +80,7 @@ pub async fn run_with_restart(
     req: &Request,
     settings: &Settings,
     target: Target,
-    restart: Option<restart::Request>,
+    restart: Option<restart::RestartParams>,
     progress: &dyn Progress,
     cancel: &Cancel,
 ) -> Result<Outcome, Error> {

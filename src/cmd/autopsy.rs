@@ -37,7 +37,7 @@ pub fn run(args: &AutopsyArgs, settings: &Settings, ui: &Ui) -> Result<Exit, Err
     let floor = floor(args, settings, &runbook)?;
     // Validated before anything is touched: a bad [restart] table is bad input.
     let restart_req = match args.then_restart {
-        true => Some(restart::Request::new(settings, restart_options(args), args.quiet)?),
+        true => Some(restart::RestartParams::new(settings, restart_options(args), args.quiet)?),
         false => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -167,7 +167,7 @@ fn dry_run(
     args: &AutopsyArgs,
     vmids: &[VmId],
     req_for: &dyn Fn(VmId) -> Request,
-    restart_req: Option<&restart::Request>,
+    restart_req: Option<&restart::RestartParams>,
     s: &Settings,
     floor: &Floor,
 ) -> Result<Exit, Error> {

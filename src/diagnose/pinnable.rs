@@ -19,16 +19,16 @@ use crate::target::{self, Layout, VmId};
 
 /// Deadlines for the two questions sent to a VM.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ProbeTimeouts {
     /// Whole QMP session: connect, greeting, capabilities, `query-version`.
     pub qmp: Duration,
     /// `guest-ping`, connect to answer.
     pub agent: Duration,
 }
 
-impl Default for Limits {
+impl Default for ProbeTimeouts {
     fn default() -> Self {
-        Limits { qmp: Duration::from_secs(3), agent: Duration::from_secs(1) }
+        ProbeTimeouts { qmp: Duration::from_secs(3), agent: Duration::from_secs(1) }
     }
 }
 
@@ -120,7 +120,7 @@ pub enum Pin {
 }
 
 /// Every `<VMID>.pid` in the run dir, in VMID order, each checked (concurrently).
-pub async fn running(layout: &Layout, search: &DebugSearch, limits: Limits) -> Vec<RunningQemu> {
+pub async fn running(layout: &Layout, search: &DebugSearch, limits: ProbeTimeouts) -> Vec<RunningQemu> {
     let vmids = pidfile_vmids(&layout.run_dir);
     if vmids.is_empty() {
         return Vec::new();
@@ -156,7 +156,7 @@ async fn one(
     vmid: VmId,
     layout: &Layout,
     search: &DebugSearch,
-    limits: Limits,
+    limits: ProbeTimeouts,
     installed: Option<(String, String)>,
 ) -> RunningQemu {
     let mut r = RunningQemu {

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{bounded, dev_split, read_trim, HostInfo, Input};
 use crate::archive::Evidence;
-use crate::pve::vmconfig::PveConfig;
 use crate::inflight::topology::{self, Backend};
+use crate::pve::vmconfig::PveConfig;
 
 /// Where one disk's data lives.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

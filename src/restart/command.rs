@@ -2,7 +2,7 @@
 //! config (`stop = ["/usr/local/sbin/vmctl", "stop", "{vmid}"]`). Placeholders:
 //! `{vmid}` and `{pid}` (the proven old QEMU's pid). No shell is involved.
 
-use super::{Ran, Recorder, RestartMethod, StopResult, VmRef};
+use super::{CommandEnd, Recorder, RestartMethod, StopResult, VmRef};
 
 pub struct CommandMethod {
     pub stop: Vec<String>,
@@ -46,16 +46,16 @@ impl RestartMethod for CommandMethod {
 
     fn stop(&self, vm: &VmRef, rec: &mut Recorder) -> StopResult {
         match rec.run("stop", render(&self.stop, vm), vm.cfg.stop_deadline) {
-            Ran::Ok(_) => StopResult::Done,
-            Ran::TimedOut(m) => StopResult::TimedOut(m),
-            Ran::Failed(_, m) | Ran::Error(m) => StopResult::Failed(m),
+            CommandEnd::Ok(_) => StopResult::Done,
+            CommandEnd::TimedOut(m) => StopResult::TimedOut(m),
+            CommandEnd::Failed(_, m) | CommandEnd::Error(m) => StopResult::Failed(m),
         }
     }
 
     fn start(&self, vm: &VmRef, rec: &mut Recorder) -> Result<(), String> {
         match rec.run("start", render(&self.start, vm), vm.cfg.start_timeout) {
-            Ran::Ok(_) => Ok(()),
-            Ran::Failed(_, m) | Ran::TimedOut(m) | Ran::Error(m) => Err(m),
+            CommandEnd::Ok(_) => Ok(()),
+            CommandEnd::Failed(_, m) | CommandEnd::TimedOut(m) | CommandEnd::Error(m) => Err(m),
         }
     }
 }

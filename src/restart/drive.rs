@@ -10,7 +10,7 @@ use super::guards::{gate, ha_managed, ha_resources_path, kill_proven, process_ex
 use super::record::{
     cooldown_active, cooldown_path, outcome_path, write_cooldown, CooldownState, Recorder, RestartOutcome,
 };
-use super::{human, method_for, Request, RestartError, StopResult, VmRef};
+use super::{human, method_for, RestartError, RestartParams, StopResult, VmRef};
 use crate::archive::{self, Sealed};
 use crate::cancel::Cancel;
 use crate::target::{Target, VmId};
@@ -24,7 +24,7 @@ use crate::target::{Target, VmId};
 pub const TEST_HOOK_ENV: &str = "WEDGE_AUTOPSY_TEST_HOOK_BEFORE_KILL";
 
 /// A restart requested and not (yet) done: the VM untouched, the old QEMU running.
-fn untouched(req: &Request, old: &Target, sealed: Option<&Sealed>) -> RestartOutcome {
+fn untouched(req: &RestartParams, old: &Target, sealed: Option<&Sealed>) -> RestartOutcome {
     RestartOutcome {
         requested: true,
         performed: false,
@@ -48,7 +48,7 @@ fn untouched(req: &Request, old: &Target, sealed: Option<&Sealed>) -> RestartOut
 
 /// The outcome of a restart refused before anything was done (the evidence does not
 /// allow it): recorded like any other, with the VM untouched.
-pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
+pub fn refuse(req: &RestartParams, old: &Target, sealed: Option<&Sealed>, err: RestartError) -> RestartOutcome {
     RestartOutcome {
         error: Some(err.to_string()),
         error_kind: Some(err.kind().into()),
@@ -61,7 +61,7 @@ pub fn refuse(req: &Request, old: &Target, sealed: Option<&Sealed>, err: Restart
 /// verification, records. Blocking; call it from a plain thread or `spawn_blocking`
 /// (the QMP check uses the current tokio runtime if there is one). Never panics on a
 /// failure: every failure is `error` in the outcome.
-pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
+pub fn run(req: &RestartParams, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel) -> RestartOutcome {
     let started_at = Utc::now();
     let t0 = Instant::now();
     let mut rec = Recorder::new(req.quiet, req.t0);
@@ -115,7 +115,7 @@ pub fn run(req: &Request, old: &Target, sealed: Option<&Sealed>, cancel: &Cancel
 
 /// The numbered steps in order; the first failure ends the restart (the caller records it).
 fn drive(
-    req: &Request,
+    req: &RestartParams,
     old: &Target,
     sealed: Option<&Sealed>,
     cancel: &Cancel,
@@ -162,7 +162,7 @@ fn check_gate(sealed: Option<&Sealed>, rec: &mut Recorder) -> Result<(), Restart
 
 /// Step 2, HA: an HA-managed VM only with `--allow-ha` (then through ha-manager). Returns
 /// whether it is HA-managed.
-fn check_ha(req: &Request, vmid: VmId, rec: &mut Recorder) -> Result<bool, RestartError> {
+fn check_ha(req: &RestartParams, vmid: VmId, rec: &mut Recorder) -> Result<bool, RestartError> {
     let (at, s) = (Utc::now(), Instant::now());
     let ha = match ha_managed(&req.layout.pve_dir, vmid) {
         Ok(h) => h,
@@ -188,14 +188,14 @@ fn check_ha(req: &Request, vmid: VmId, rec: &mut Recorder) -> Result<bool, Resta
 
 /// For `--dry-run`: the refusal the restart of `vmid` would meet before stopping anything
 /// (HA without `--allow-ha`, the cooldown), from the same checks [`run`] makes. Reads only.
-pub fn predict(req: &Request, vmid: VmId) -> Result<(), RestartError> {
+pub fn predict(req: &RestartParams, vmid: VmId) -> Result<(), RestartError> {
     let mut rec = Recorder::new(true, Instant::now());
     check_ha(req, vmid, &mut rec)?;
     check_cooldown(req, vmid, &mut rec)
 }
 
 /// Step 3, cooldown: no second restart of one VM within `cooldown`, unless `--force`.
-fn check_cooldown(req: &Request, vmid: VmId, rec: &mut Recorder) -> Result<(), RestartError> {
+fn check_cooldown(req: &RestartParams, vmid: VmId, rec: &mut Recorder) -> Result<(), RestartError> {
     let (at, s) = (Utc::now(), Instant::now());
     match cooldown_active(&req.out, vmid, req.cfg.cooldown, at) {
         Some((age, _)) if !req.opts.force => {
@@ -266,7 +266,7 @@ fn kill_if_still_there(
 
 /// Step 4b: the old QEMU must be gone before a new one starts; if it is not, say why.
 fn wait_exit(
-    req: &Request,
+    req: &RestartParams,
     old: &Target,
     stop: StopResult,
     kill_error: Option<String>,
@@ -302,7 +302,12 @@ fn wait_exit(
 }
 
 /// Step 5b: a new QEMU, proven by the capture's rule, answering QMP if configured.
-fn verify_started(req: &Request, old: &Target, rec: &mut Recorder, o: &mut RestartOutcome) -> Result<(), RestartError> {
+fn verify_started(
+    req: &RestartParams,
+    old: &Target,
+    rec: &mut Recorder,
+    o: &mut RestartOutcome,
+) -> Result<(), RestartError> {
     let (at, s) = (Utc::now(), Instant::now());
     match verify_new(req, old) {
         Ok((new, status)) => {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::{human, Request, RestartError};
+use super::{human, RestartError, RestartParams};
 use crate::archive::{self, Sealed};
 use crate::qmp::{QmpClient, QmpConfig};
 use crate::target::{self, Target, VmId};
@@ -135,7 +135,7 @@ pub(super) fn kill_proven(old: &Target) -> Kill {
 
 /// Waits for a new QEMU proven by the same rule as the capture, other than `old`, and
 /// (if configured) for its `query-status`. `Err` carries a new pid if one was seen.
-pub(super) fn verify_new(req: &Request, old: &Target) -> Result<(Target, Option<String>), (Option<i32>, String)> {
+pub(super) fn verify_new(req: &RestartParams, old: &Target) -> Result<(Target, Option<String>), (Option<i32>, String)> {
     let deadline = Instant::now() + req.cfg.verify_timeout;
     let mut last_err;
     let new = loop {

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use super::{Ran, Recorder, RestartMethod, StopResult, VmRef};
+use super::{CommandEnd, Recorder, RestartMethod, StopResult, VmRef};
 use crate::target::Target;
 
 pub struct Libvirt {
@@ -50,16 +50,16 @@ impl RestartMethod for Libvirt {
 
     fn stop(&self, vm: &VmRef, rec: &mut Recorder) -> StopResult {
         match rec.run("stop", self.argv("destroy"), vm.cfg.stop_deadline) {
-            Ran::Ok(_) => StopResult::Done,
-            Ran::TimedOut(m) => StopResult::TimedOut(m),
-            Ran::Failed(_, m) | Ran::Error(m) => StopResult::Failed(m),
+            CommandEnd::Ok(_) => StopResult::Done,
+            CommandEnd::TimedOut(m) => StopResult::TimedOut(m),
+            CommandEnd::Failed(_, m) | CommandEnd::Error(m) => StopResult::Failed(m),
         }
     }
 
     fn start(&self, vm: &VmRef, rec: &mut Recorder) -> Result<(), String> {
         match rec.run("start", self.argv("start"), vm.cfg.start_timeout) {
-            Ran::Ok(_) => Ok(()),
-            Ran::Failed(_, m) | Ran::TimedOut(m) | Ran::Error(m) => Err(m),
+            CommandEnd::Ok(_) => Ok(()),
+            CommandEnd::Failed(_, m) | CommandEnd::TimedOut(m) | CommandEnd::Error(m) => Err(m),
         }
     }
 }

@@ -33,7 +33,9 @@ pub use config::{MethodKind, Options, RestartConfig};
 pub use drive::TEST_HOOK_ENV;
 pub use drive::{predict, refuse, run};
 pub use guards::{gate, ha_managed, ha_resources_path};
-pub use record::{cooldown_active, cooldown_path, outcome_path, Action, CooldownState, Ran, Recorder, RestartOutcome};
+pub use record::{
+    cooldown_active, cooldown_path, outcome_path, CommandEnd, CooldownState, RecordedAction, Recorder, RestartOutcome,
+};
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -163,7 +165,7 @@ impl RestartError {
 
 /// Everything [`run`] needs; owned so it can move to a blocking thread.
 #[derive(Debug, Clone)]
-pub struct Request {
+pub struct RestartParams {
     pub cfg: RestartConfig,
     pub opts: Options,
     pub layout: Layout,
@@ -175,9 +177,9 @@ pub struct Request {
     pub t0: Instant,
 }
 
-impl Request {
-    pub fn new(settings: &Settings, opts: Options, quiet: bool) -> Result<Request, Error> {
-        Ok(Request {
+impl RestartParams {
+    pub fn new(settings: &Settings, opts: Options, quiet: bool) -> Result<RestartParams, Error> {
+        Ok(RestartParams {
             cfg: RestartConfig::from_settings(settings, &opts)?,
             opts,
             layout: Layout {
@@ -194,7 +196,7 @@ impl Request {
 }
 
 /// The restart plan for `--dry-run`, appended to the capture plan.
-pub fn plan(req: &Request, vmid: VmId, old: Option<&Target>) -> String {
+pub fn plan(req: &RestartParams, vmid: VmId, old: Option<&Target>) -> String {
     let mut o = String::from("restart (--then-restart), only after the archive above is sealed and verified again:\n");
     o.push_str(&format!(
         "  lock      {} held from the first capture to the end of the restart\n",

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Ran, Recorder, RestartMethod, StopResult, VmRef};
+use super::{CommandEnd, Recorder, RestartMethod, StopResult, VmRef};
 
 /// `qm stop <VMID> --timeout <T>` under the tool's deadline, then `qm start <VMID>`.
 ///
@@ -53,16 +53,16 @@ impl RestartMethod for Qm {
 
     fn stop(&self, vm: &VmRef, rec: &mut Recorder) -> StopResult {
         match rec.run("stop", self.stop_argv(vm), vm.cfg.stop_deadline) {
-            Ran::Ok(_) => StopResult::Done,
-            Ran::TimedOut(m) => StopResult::TimedOut(m),
-            Ran::Failed(_, m) | Ran::Error(m) => StopResult::Failed(m),
+            CommandEnd::Ok(_) => StopResult::Done,
+            CommandEnd::TimedOut(m) => StopResult::TimedOut(m),
+            CommandEnd::Failed(_, m) | CommandEnd::Error(m) => StopResult::Failed(m),
         }
     }
 
     fn start(&self, vm: &VmRef, rec: &mut Recorder) -> Result<(), String> {
         match rec.run("start", self.start_argv(vm), vm.cfg.start_timeout) {
-            Ran::Ok(_) => Ok(()),
-            Ran::Failed(_, m) | Ran::TimedOut(m) | Ran::Error(m) => Err(m),
+            CommandEnd::Ok(_) => Ok(()),
+            CommandEnd::Failed(_, m) | CommandEnd::TimedOut(m) | CommandEnd::Error(m) => Err(m),
         }
     }
 }
@@ -103,9 +103,9 @@ impl RestartMethod for HaManager {
     fn stop(&self, vm: &VmRef, rec: &mut Recorder) -> StopResult {
         let t0 = Instant::now();
         match rec.run("stop", self.set(vm, "stopped"), vm.cfg.stop_deadline) {
-            Ran::Ok(_) => {}
-            Ran::TimedOut(m) => return StopResult::TimedOut(m),
-            Ran::Failed(_, m) | Ran::Error(m) => return StopResult::Failed(m),
+            CommandEnd::Ok(_) => {}
+            CommandEnd::TimedOut(m) => return StopResult::TimedOut(m),
+            CommandEnd::Failed(_, m) | CommandEnd::Error(m) => return StopResult::Failed(m),
         }
         let (at, s) = (chrono::Utc::now(), Instant::now());
         let left = vm.cfg.stop_deadline.saturating_sub(t0.elapsed());
@@ -128,8 +128,8 @@ impl RestartMethod for HaManager {
 
     fn start(&self, vm: &VmRef, rec: &mut Recorder) -> Result<(), String> {
         match rec.run("start", self.set(vm, "started"), vm.cfg.start_timeout) {
-            Ran::Ok(_) => Ok(()),
-            Ran::Failed(_, m) | Ran::TimedOut(m) | Ran::Error(m) => Err(m),
+            CommandEnd::Ok(_) => Ok(()),
+            CommandEnd::Failed(_, m) | CommandEnd::TimedOut(m) | CommandEnd::Error(m) => Err(m),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! What a restart leaves behind: each timed [`Action`] (printed as it happens), the
+//! What a restart leaves behind: each timed [`RecordedAction`] (printed as it happens), the
 //! [`RestartOutcome`] (`<archive>.restart.json`, the `restart` object of `--json`), and
 //! the per-VM cooldown state that carries across runs.
 
@@ -17,7 +17,7 @@ use crate::target::VmId;
 
 /// One timed action of a restart, as recorded in `restart.json`.
 #[derive(Debug, Clone, Serialize)]
-pub struct Action {
+pub struct RecordedAction {
     pub at: DateTime<Utc>,
     /// `verify-archive`, `ha-check`, `cooldown`, `stop`, `kill`, `wait-exit`, `start`,
     /// `verify-new`, `record`, `test-hook`.
@@ -35,7 +35,7 @@ pub struct Action {
 
 /// Collects actions, and prints each as one line on stderr unless quiet.
 pub struct Recorder {
-    pub actions: Vec<Action>,
+    pub actions: Vec<RecordedAction>,
     quiet: bool,
     t0: Instant,
 }
@@ -55,8 +55,8 @@ impl Recorder {
         action: &str,
         ok: bool,
         detail: impl Into<String>,
-    ) -> &mut Action {
-        let a = Action {
+    ) -> &mut RecordedAction {
+        let a = RecordedAction {
             at,
             action: action.into(),
             ok,
@@ -82,20 +82,20 @@ impl Recorder {
     }
 
     /// Runs `argv` (argv only, own process group, killed at `timeout`) and records it.
-    pub fn run(&mut self, action: &str, argv: Vec<String>, timeout: Duration) -> Ran {
+    pub fn run(&mut self, action: &str, argv: Vec<String>, timeout: Duration) -> CommandEnd {
         let at = Utc::now();
         let started = Instant::now();
         // A fresh Cancel: once stopping has begun, a signal must not abort half-way.
         let result = exec::run(&exec::Spec::new(argv.clone(), timeout), &Cancel::new());
         let ran = match result {
-            Err(e) => Ran::Error(e.to_string()),
-            Ok(out) if out.timed_out => Ran::TimedOut(format!(
+            Err(e) => CommandEnd::Error(e.to_string()),
+            Ok(out) if out.timed_out => CommandEnd::TimedOut(format!(
                 "`{}` did not finish within {}; its process group was killed",
                 argv.join(" "),
                 crate::qmp::secs(timeout)
             )),
-            Ok(out) if out.success() => Ran::Ok(tail(&out.stdout)),
-            Ok(out) => Ran::Failed(
+            Ok(out) if out.success() => CommandEnd::Ok(tail(&out.stdout)),
+            Ok(out) => CommandEnd::Failed(
                 out.status.and_then(|s| s.code()).unwrap_or(-1),
                 format!(
                     "`{}` failed ({}): {}",
@@ -106,12 +106,12 @@ impl Recorder {
             ),
         };
         let (ok, detail, code, timed_out) = match &ran {
-            Ran::Ok(o) => {
+            CommandEnd::Ok(o) => {
                 (true, if o.is_empty() { "exit 0".to_string() } else { format!("exit 0: {o}") }, Some(0), false)
             }
-            Ran::Failed(c, m) => (false, m.clone(), Some(*c), false),
-            Ran::TimedOut(m) => (false, m.clone(), None, true),
-            Ran::Error(m) => (false, m.clone(), None, false),
+            CommandEnd::Failed(c, m) => (false, m.clone(), Some(*c), false),
+            CommandEnd::TimedOut(m) => (false, m.clone(), None, true),
+            CommandEnd::Error(m) => (false, m.clone(), None, false),
         };
         let a = self.push(at, started, action, ok, detail);
         a.argv = Some(argv);
@@ -123,7 +123,7 @@ impl Recorder {
 
 /// How a recorded command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Ran {
+pub enum CommandEnd {
     /// Exit 0, with the tail of stdout.
     Ok(String),
     /// Non-zero exit: code and a one-line message with stderr's tail.
@@ -172,7 +172,7 @@ pub struct RestartOutcome {
     #[serde(skip)]
     pub exit: Option<Exit>,
     pub archive: Option<String>,
-    pub actions: Vec<Action>,
+    pub actions: Vec<RecordedAction>,
 }
 
 impl RestartOutcome {

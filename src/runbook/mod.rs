@@ -31,8 +31,20 @@ pub const DEFAULT: &str = "qemu-wedge";
 /// No single step may wait longer than this; no runbook longer than `MAX_DEADLINE`.
 pub const MAX_STEP_TIMEOUT: Duration = Duration::from_secs(600);
 pub const MAX_DEADLINE: Duration = Duration::from_secs(1800);
-const KINDS: &[&str] =
-    &["proc", "host", "host-info", "qmp", "qom-throttle", "inflight", "stacks", "file", "command", "core", "minicore", "pve-tasks"];
+const KINDS: &[&str] = &[
+    "proc",
+    "host",
+    "host-info",
+    "qmp",
+    "qom-throttle",
+    "inflight",
+    "stacks",
+    "file",
+    "command",
+    "core",
+    "minicore",
+    "pve-tasks",
+];
 const SHELLS: &[&str] = &["sh", "bash", "dash", "zsh", "ksh", "fish", "csh", "tcsh", "busybox"];
 
 /// A runbook file (`runbooks/*.toml`). Durations are strings like "2s", "500ms".

@@ -99,7 +99,7 @@ pub fn parse(body: &[u8], source: Source) -> Result<Payload, String> {
 /// Why an alert does not lead to an autopsy here. The HTTP status is a 4xx: a retry of
 /// the same alert would get the same answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub enum AlertRefusal {
     #[error("alert {alert} carries no VMID: no label {label:?} and no [serve.vm_map] entry matches its labels")]
     NoVmid { alert: String, label: String },
     #[error("alert {alert}: label {label}={value:?} is not a VMID (100–999999999)")]
@@ -112,20 +112,20 @@ pub enum Refusal {
     NotRunning { vmid: VmId, pidfile: String },
 }
 
-impl Refusal {
+impl AlertRefusal {
     /// 422 for an alert that names no VM, 404 for an unknown VM, 421 (misdirected) for a
     /// VM on another node, 409 for a VM that is not running.
     pub fn status(&self) -> u16 {
         match self {
-            Refusal::NoVmid { .. } | Refusal::BadVmid { .. } => 422,
-            Refusal::UnknownVm { .. } => 404,
-            Refusal::OtherNode { .. } => 421,
-            Refusal::NotRunning { .. } => 409,
+            AlertRefusal::NoVmid { .. } | AlertRefusal::BadVmid { .. } => 422,
+            AlertRefusal::UnknownVm { .. } => 404,
+            AlertRefusal::OtherNode { .. } => 421,
+            AlertRefusal::NotRunning { .. } => 409,
         }
     }
     pub fn node(&self) -> Option<&str> {
         match self {
-            Refusal::OtherNode { node, .. } => Some(node),
+            AlertRefusal::OtherNode { node, .. } => Some(node),
             _ => None,
         }
     }
@@ -166,9 +166,9 @@ impl Alert {
 }
 
 /// The VMID an alert is about: the `vmid_label` first, then `[serve.vm_map]`.
-pub fn vmid_of(alert: &Alert, cfg: &ServeConfig) -> Result<VmId, Refusal> {
+pub fn vmid_of(alert: &Alert, cfg: &ServeConfig) -> Result<VmId, AlertRefusal> {
     if let Some(v) = alert.labels.get(&cfg.vmid_label) {
-        return v.parse().map_err(|_| Refusal::BadVmid {
+        return v.parse().map_err(|_| AlertRefusal::BadVmid {
             alert: alert.describe(),
             label: cfg.vmid_label.clone(),
             value: v.chars().take(40).collect(),
@@ -179,19 +179,19 @@ pub fn vmid_of(alert: &Alert, cfg: &ServeConfig) -> Result<VmId, Refusal> {
             return Ok(*id);
         }
     }
-    Err(Refusal::NoVmid { alert: alert.describe(), label: cfg.vmid_label.clone() })
+    Err(AlertRefusal::NoVmid { alert: alert.describe(), label: cfg.vmid_label.clone() })
 }
 
 /// Checks that `vmid` runs here: listed on this node in `<pve_dir>/.vmlist` (when that
 /// map exists) and with a pidfile in `run_dir`. Reads two small files; the proof of the
 /// process itself happens in the job (it may block on a wedged process).
-pub fn locate(vmid: VmId, pve_dir: &Path, run_dir: &Path, node: &str) -> Result<(), Refusal> {
+pub fn locate(vmid: VmId, pve_dir: &Path, run_dir: &Path, node: &str) -> Result<(), AlertRefusal> {
     if let Ok(text) = std::fs::read_to_string(pve_dir.join(".vmlist")) {
         if let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) {
             if let Some(ids) = json.get("ids").and_then(|v| v.as_object()) {
                 match ids.get(&vmid.to_string()).map(|e| e.get("node").and_then(|n| n.as_str())) {
-                    None => return Err(Refusal::UnknownVm { vmid }),
-                    Some(Some(n)) if n != node => return Err(Refusal::OtherNode { vmid, node: n.to_string() }),
+                    None => return Err(AlertRefusal::UnknownVm { vmid }),
+                    Some(Some(n)) if n != node => return Err(AlertRefusal::OtherNode { vmid, node: n.to_string() }),
                     _ => {}
                 }
             }
@@ -199,7 +199,7 @@ pub fn locate(vmid: VmId, pve_dir: &Path, run_dir: &Path, node: &str) -> Result<
     }
     let pidfile = run_dir.join(format!("{vmid}.pid"));
     if !pidfile.exists() {
-        return Err(Refusal::NotRunning { vmid, pidfile: pidfile.display().to_string() });
+        return Err(AlertRefusal::NotRunning { vmid, pidfile: pidfile.display().to_string() });
     }
     Ok(())
 }
@@ -259,7 +259,7 @@ mod tests {
         a.labels.insert("instance".into(), "other".into());
         assert_eq!(vmid_of(&a, &c).unwrap_err().status(), 422);
         a.labels.insert("vmid".into(), "12".into());
-        assert!(matches!(vmid_of(&a, &c), Err(Refusal::BadVmid { .. })));
+        assert!(matches!(vmid_of(&a, &c), Err(AlertRefusal::BadVmid { .. })));
     }
 
     #[test]

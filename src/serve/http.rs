@@ -21,11 +21,11 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::alert::{self, Refusal, Source};
+use super::alert::{self, AlertRefusal, Source};
 use super::auth::Auth;
-use super::jobs::{Origin, Outcome, Submit, SubmitError};
+use super::jobs::{Admission, Origin, Submit, SubmitError};
 use super::metrics;
-use super::runner::Ctx;
+use super::runner::Service;
 use crate::target::VmId;
 
 /// A body that trickles in slower than this is refused (408), so a slow sender cannot
@@ -36,7 +36,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// runs on a blocking thread under this bound and a hang is answered 503 (retry helps).
 const LOCATE_TIMEOUT: Duration = Duration::from_secs(3);
 
-pub fn router(ctx: Arc<Ctx>) -> Router {
+pub fn router(ctx: Arc<Service>) -> Router {
     Router::new()
         .route("/v1/alertmanager", post(alertmanager))
         .route("/v1/grafana", post(grafana))
@@ -48,7 +48,7 @@ pub fn router(ctx: Arc<Ctx>) -> Router {
         .with_state(ctx)
 }
 
-fn auth(ctx: &Ctx) -> Auth {
+fn auth(ctx: &Service) -> Auth {
     Auth {
         token: ctx.cfg.token.clone(),
         hmac_secret: ctx.cfg.hmac_secret.clone(),
@@ -67,7 +67,7 @@ fn error(status: u16, msg: impl Into<String>) -> Response {
 /// allowed loopback without one), `Content-Type: application/json` (a browser's form
 /// post cannot send it without a preflight), then the body under `max_body`. `Err` is
 /// the response to send.
-async fn authed_body(ctx: &Ctx, headers: &HeaderMap, body: Body, signed: bool) -> Result<Vec<u8>, Response> {
+async fn authed_body(ctx: &Service, headers: &HeaderMap, body: Body, signed: bool) -> Result<Vec<u8>, Response> {
     let a = auth(ctx);
     if a.token.is_none() && !ctx.cfg.allow_loopback_without_token {
         ctx.store.count_refused("unauthorized");
@@ -129,15 +129,15 @@ async fn authed_body(ctx: &Ctx, headers: &HeaderMap, body: Body, signed: bool) -
     Ok(bytes)
 }
 
-async fn alertmanager(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) -> Response {
+async fn alertmanager(State(ctx): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
     alerts(ctx, headers, body, Source::Alertmanager).await
 }
 
-async fn grafana(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) -> Response {
+async fn grafana(State(ctx): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
     alerts(ctx, headers, body, Source::Grafana).await
 }
 
-async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -> Response {
+async fn alerts(ctx: Arc<Service>, headers: HeaderMap, body: Body, source: Source) -> Response {
     let bytes = match authed_body(&ctx, &headers, body, source == Source::Grafana).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -186,7 +186,7 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
         Err(r) => return r,
     };
     let mut jobs = Vec::new();
-    let mut refused: Vec<(Refusal, String)> = Vec::new();
+    let mut refused: Vec<(AlertRefusal, String)> = Vec::new();
     let mut busy: Option<SubmitError> = None;
     for (a, located) in firing.iter().zip(located) {
         let vmid = match located {
@@ -213,7 +213,7 @@ async fn alerts(ctx: Arc<Ctx>, headers: HeaderMap, body: Body, source: Source) -
         let policy = ctx.cfg.policy_for(vmid, &a.labels);
         match ctx.store.submit(Submit { vmid, origin, policy }) {
             Ok((id, outcome)) => {
-                if outcome == Outcome::Started {
+                if outcome == Admission::Started {
                     ctx.spawn(id);
                 }
                 jobs.push(json!({"id": id, "vmid": vmid, "alert": a.describe(), "outcome": outcome}));
@@ -261,7 +261,7 @@ struct ApiRequest {
     reason: Option<String>,
 }
 
-async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) -> Response {
+async fn autopsy(State(ctx): State<Arc<Service>>, headers: HeaderMap, body: Body) -> Response {
     let bytes = match authed_body(&ctx, &headers, body, false).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -317,7 +317,7 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
     let policy = ctx.cfg.policy_for(vmid, &BTreeMap::new());
     match ctx.store.submit(Submit { vmid, origin, policy }) {
         Ok((id, outcome)) => {
-            if outcome == Outcome::Started {
+            if outcome == Admission::Started {
                 ctx.spawn(id);
             }
             (StatusCode::ACCEPTED, Json(json!({"id": id, "vmid": vmid, "outcome": outcome}))).into_response()
@@ -332,7 +332,10 @@ async fn autopsy(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, body: Body) ->
 
 /// Runs a mapping closure (file reads, possibly on pmxcfs) on a blocking thread, bounded
 /// by [`LOCATE_TIMEOUT`].
-async fn blocking_locate<T: Send + 'static>(ctx: &Ctx, f: impl FnOnce() -> T + Send + 'static) -> Result<T, Response> {
+async fn blocking_locate<T: Send + 'static>(
+    ctx: &Service,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
     match crate::stuck::bounded(&ctx.stuck, "cluster list", LOCATE_TIMEOUT, f).await {
         Ok(v) => Ok(v),
         Err(crate::stuck::Bounded::Failed(e)) => Err(error(500, format!("mapping task failed: {e}"))),
@@ -349,7 +352,7 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn list(State(ctx): State<Arc<Service>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
     if let Err(e) = auth(&ctx).check_token(&headers) {
         return error(401, e.to_string());
     }
@@ -357,7 +360,7 @@ async fn list(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Query(q): Query<L
     Json(json!({"autopsies": jobs})).into_response()
 }
 
-async fn one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn one(State(ctx): State<Arc<Service>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
     if let Err(e) = auth(&ctx).check_token(&headers) {
         return error(401, e.to_string());
     }
@@ -370,7 +373,7 @@ async fn one(State(ctx): State<Arc<Ctx>>, headers: HeaderMap, Path(id): Path<Str
     }
 }
 
-async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
+async fn healthz(State(ctx): State<Arc<Service>>) -> Response {
     let (queued, running) = ctx.store.active();
     if ctx.store.is_shutting_down() {
         return (
@@ -382,7 +385,7 @@ async fn healthz(State(ctx): State<Arc<Ctx>>) -> Response {
     Json(json!({"status": "ok", "queued": queued, "running": running})).into_response()
 }
 
-async fn metrics_text(State(ctx): State<Arc<Ctx>>) -> Response {
+async fn metrics_text(State(ctx): State<Arc<Service>>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let (queued, running) = ctx.store.active();
     let (jobs_kept, dedup_keys) = ctx.store.sizes();
@@ -392,7 +395,7 @@ async fn metrics_text(State(ctx): State<Arc<Ctx>>) -> Response {
         evicted: ctx.conns.evicted.load(Relaxed),
         refused: ctx.conns.refused.load(Relaxed),
     };
-    let snap = metrics::Snapshot {
+    let snap = metrics::MetricsSnapshot {
         counters: ctx.store.counters(),
         queued,
         running,

@@ -24,7 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::config::Policy;
-use super::restart::RestartOutcome;
+use super::restart::RestartReport;
 use crate::target::VmId;
 
 pub type JobId = u64;
@@ -102,7 +102,7 @@ pub struct Job {
     pub size: Option<u64>,
     pub sha256: Option<String>,
     pub copy: Option<String>,
-    pub restart: Option<RestartOutcome>,
+    pub restart: Option<RestartReport>,
     pub error: Option<String>,
     pub notified: Vec<Delivery>,
     /// Results were delivered (copy, hook, POSTs attempted): nothing more will change.
@@ -111,10 +111,10 @@ pub struct Job {
     finished_instant: Option<Instant>,
 }
 
-/// How a delivery was answered.
+/// How a delivery was admitted: a new job, a duplicate, or joined to the VM's job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Outcome {
+pub enum Admission {
     /// A new job; the caller starts it.
     Started,
     /// The same firing was seen before.
@@ -149,9 +149,9 @@ pub struct Counters {
 /// Histogram bucket upper bounds (seconds) for run durations.
 pub const DURATION_BUCKETS: [f64; 8] = [1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0];
 
-/// Limits of the store.
+/// QueueLimits of the store.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub struct QueueLimits {
     pub repeat_window: Duration,
     pub vm_cooldown: Duration,
     pub max_queue: usize,
@@ -176,7 +176,7 @@ struct Inner {
 /// The job table. Every method holds the lock briefly and never across I/O.
 #[derive(Debug)]
 pub struct Store {
-    limits: Limits,
+    limits: QueueLimits,
     inner: Mutex<Inner>,
 }
 
@@ -189,7 +189,7 @@ pub struct Submit {
 }
 
 impl Store {
-    pub fn new(limits: Limits) -> Store {
+    pub fn new(limits: QueueLimits) -> Store {
         let inner = Inner {
             next: 1,
             counters: Counters { duration_buckets: vec![0; DURATION_BUCKETS.len()], ..Default::default() },
@@ -203,7 +203,7 @@ impl Store {
     }
 
     /// Applies the rules in the module doc. `Started` means the caller must run the job.
-    pub fn submit(&self, s: Submit) -> Result<(JobId, Outcome), SubmitError> {
+    pub fn submit(&self, s: Submit) -> Result<(JobId, Admission), SubmitError> {
         let now = Instant::now();
         let mut g = self.lock();
         let inner = &mut *g;
@@ -229,7 +229,7 @@ impl Store {
                     j.deliveries += 1;
                 }
                 *inner.counters.deliveries.entry("duplicate".into()).or_default() += 1;
-                return Ok((id, Outcome::Duplicate));
+                return Ok((id, Admission::Duplicate));
             }
         }
         if inner.shutting_down {
@@ -242,7 +242,7 @@ impl Store {
                     && j.finished_instant.is_some_and(|t| now.duration_since(t) < self.limits.vm_cooldown))
         });
         let (id, outcome) = if let Some(j) = join {
-            (j.id, Outcome::Joined)
+            (j.id, Admission::Joined)
         } else {
             let queued = inner.jobs.values().filter(|j| j.state == State::Queued).count();
             if queued >= self.limits.max_queue {
@@ -279,7 +279,7 @@ impl Store {
             );
             inner.last.insert(s.vmid, id);
             prune(inner, self.limits.keep_jobs);
-            (id, Outcome::Started)
+            (id, Admission::Started)
         };
         if let Some(j) = inner.jobs.get_mut(&id) {
             j.deliveries += 1;
@@ -289,7 +289,7 @@ impl Store {
                 inner.order.entry(s.vmid).or_default().push_back(key);
             }
         }
-        let name = if outcome == Outcome::Started { "started" } else { "joined" };
+        let name = if outcome == Admission::Started { "started" } else { "joined" };
         *inner.counters.deliveries.entry(name.into()).or_default() += 1;
         Ok((id, outcome))
     }
@@ -420,7 +420,7 @@ mod tests {
     use super::*;
 
     fn store() -> Store {
-        Store::new(Limits {
+        Store::new(QueueLimits {
             repeat_window: Duration::from_secs(3600),
             vm_cooldown: Duration::from_secs(600),
             max_queue: 2,
@@ -449,13 +449,13 @@ mod tests {
     fn same_firing_gets_the_same_job_running_or_finished() {
         let s = store();
         let (id, o) = s.submit(alert("102", "fp@t0")).unwrap();
-        assert_eq!(o, Outcome::Started);
+        assert_eq!(o, Admission::Started);
         for _ in 0..4 {
-            assert_eq!(s.submit(alert("102", "fp@t0")).unwrap(), (id, Outcome::Duplicate));
+            assert_eq!(s.submit(alert("102", "fp@t0")).unwrap(), (id, Admission::Duplicate));
         }
         assert!(s.start(id));
         s.finish(id, State::Sealed, Duration::from_secs(3));
-        assert_eq!(s.submit(alert("102", "fp@t0")).unwrap(), (id, Outcome::Duplicate));
+        assert_eq!(s.submit(alert("102", "fp@t0")).unwrap(), (id, Admission::Duplicate));
         assert_eq!(s.get(id).unwrap().deliveries, 6);
         assert_eq!(s.counters().runs["sealed"], 1);
     }
@@ -464,22 +464,22 @@ mod tests {
     fn one_job_per_vm_and_cooldown_for_alerts_and_api_alike() {
         let s = store();
         let (a, _) = s.submit(alert("102", "x@1")).unwrap();
-        assert_eq!(s.submit(alert("102", "y@1")).unwrap(), (a, Outcome::Joined));
+        assert_eq!(s.submit(alert("102", "y@1")).unwrap(), (a, Admission::Joined));
         let (b, o) = s.submit(alert("103", "z@1")).unwrap();
         assert_ne!(a, b);
-        assert_eq!(o, Outcome::Started);
+        assert_eq!(o, Admission::Started);
         s.start(a);
         s.finish(a, State::Sealed, Duration::from_secs(1));
-        assert_eq!(s.submit(alert("102", "w@1")).unwrap(), (a, Outcome::Joined), "within vm_cooldown");
+        assert_eq!(s.submit(alert("102", "w@1")).unwrap(), (a, Admission::Joined), "within vm_cooldown");
         let mut api = alert("102", "");
         api.origin.kind = "api".into();
         api.origin.firing = None;
-        assert_eq!(s.submit(api.clone()).unwrap(), (a, Outcome::Joined), "API requests obey vm_cooldown too");
-        let s0 = Store::new(Limits { vm_cooldown: Duration::ZERO, ..s.limits.clone() });
+        assert_eq!(s.submit(api.clone()).unwrap(), (a, Admission::Joined), "API requests obey vm_cooldown too");
+        let s0 = Store::new(QueueLimits { vm_cooldown: Duration::ZERO, ..s.limits.clone() });
         let (first, _) = s0.submit(api.clone()).unwrap();
         s0.start(first);
         s0.finish(first, State::Sealed, Duration::from_secs(1));
-        assert_eq!(s0.submit(api).unwrap().1, Outcome::Started, "after the cooldown, a new capture");
+        assert_eq!(s0.submit(api).unwrap().1, Admission::Started, "after the cooldown, a new capture");
     }
 
     #[test]
@@ -490,7 +490,7 @@ mod tests {
         assert_eq!(s.submit(alert("104", "c@1")), Err(SubmitError::QueueFull(2)));
         s.shut_down();
         assert_eq!(s.submit(alert("105", "d@1")), Err(SubmitError::ShuttingDown));
-        assert_eq!(s.submit(alert("102", "a@1")).unwrap().1, Outcome::Duplicate);
+        assert_eq!(s.submit(alert("102", "a@1")).unwrap().1, Admission::Duplicate);
         let (id, _) = s.submit(alert("102", "a@1")).unwrap();
         assert_eq!(s.get(id).unwrap().state, State::Cancelled, "queued jobs are cancelled at shutdown");
         assert!(!s.start(id), "and never start");
@@ -498,7 +498,7 @@ mod tests {
 
     #[test]
     fn memory_is_bounded() {
-        let s = Store::new(Limits {
+        let s = Store::new(QueueLimits {
             repeat_window: Duration::from_secs(3600),
             vm_cooldown: Duration::ZERO,
             max_queue: 10_000,
@@ -523,7 +523,7 @@ mod tests {
     /// that VM's own oldest keys.
     #[test]
     fn a_flood_for_one_vm_cannot_evict_another_vms_firing() {
-        let s = Store::new(Limits {
+        let s = Store::new(QueueLimits {
             repeat_window: Duration::from_secs(3600),
             vm_cooldown: Duration::ZERO,
             max_queue: 10,
@@ -531,13 +531,13 @@ mod tests {
             max_firings_per_vm: 64,
         });
         let (real, o) = s.submit(alert("103", "real@t")).unwrap();
-        assert_eq!(o, Outcome::Started);
+        assert_eq!(o, Admission::Started);
         s.start(real);
         s.finish(real, State::Sealed, Duration::from_secs(1));
         for i in 0..11_000 {
             let _ = s.submit(alert("102", &format!("flood-{i}@t")));
         }
-        assert_eq!(s.submit(alert("103", "real@t")).unwrap(), (real, Outcome::Duplicate), "still remembered");
+        assert_eq!(s.submit(alert("103", "real@t")).unwrap(), (real, Admission::Duplicate), "still remembered");
         assert!(s.sizes().1 <= 64 + 1, "{:?}", s.sizes());
     }
 }

@@ -2,7 +2,7 @@
 //! and a connection cap, so connections that never finish (or never start) a request
 //! cannot keep `/healthz` and alert deliveries from being answered.
 //!
-//! In: a bound listener, the router, [`Limits`]. Out: serves until `stop` fires, then
+//! In: a bound listener, the router, [`ConnLimits`]. Out: serves until `stop` fires, then
 //! lets open requests finish (bounded by the caller) and closes the rest.
 //!
 //! Why a loop of our own and not `axum::serve`: axum 0.8's `serve` sets no header-read
@@ -28,7 +28,7 @@ use tokio::sync::{watch, Notify};
 
 /// Connection limits (from `[serve]`).
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct ConnLimits {
     /// A request head (or the next one on a kept-alive connection) must arrive within this.
     pub header_timeout: Duration,
     /// Open connections at most.
@@ -84,7 +84,7 @@ impl Table {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: Limits,
+    limits: ConnLimits,
     stats: Arc<ConnStats>,
     mut stop: watch::Receiver<bool>,
 ) {

@@ -9,7 +9,7 @@ use crate::diagnose::Verdict;
 
 /// Point-in-time numbers to render.
 #[derive(Debug, Clone, Default)]
-pub struct Snapshot {
+pub struct MetricsSnapshot {
     pub counters: Counters,
     pub queued: usize,
     pub running: usize,
@@ -42,7 +42,7 @@ fn head(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
-pub fn render(s: &Snapshot) -> String {
+pub fn render(s: &MetricsSnapshot) -> String {
     let mut o = String::new();
     let c = &s.counters;
     head(&mut o, "wedge_autopsy_runs_total", "counter", "Finished autopsy jobs by result (sealed, failed, cancelled).");
@@ -149,7 +149,7 @@ mod tests {
 
     #[test]
     fn renders_runs_queue_and_watch_verdicts() {
-        let mut s = Snapshot { queued: 2, ..Default::default() };
+        let mut s = MetricsSnapshot { queued: 2, ..Default::default() };
         s.counters.runs.insert("sealed", 3);
         s.counters.duration_buckets = vec![0; DURATION_BUCKETS.len()];
         let mut w = WatchState { consecutive: 2, ..Default::default() };

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
-pub use restart::{RestartOutcome, RestartRequest, Restarter};
+pub use restart::{RestartReport, RestartRequest, Restarter};
 
 use crate::cancel::Cancel;
 use crate::config::{FileConfig, Settings};
@@ -148,7 +148,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         .await
         .map_err(|e| Error::BadInput(format!("cannot listen on {}: {e}; choose another --listen", cfg.listen)))?;
     let local = listener.local_addr().map_err(anyhow::Error::from)?;
-    let limits = jobs::Limits {
+    let limits = jobs::QueueLimits {
         repeat_window: cfg.repeat_window,
         vm_cooldown: cfg.vm_cooldown,
         max_queue: cfg.max_queue,
@@ -157,7 +157,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
     };
     let grace = cfg.shutdown_grace;
     let watch_cfg = cfg.watch.clone();
-    let ctx = Arc::new(runner::Ctx {
+    let ctx = Arc::new(runner::Service {
         slots: Arc::new(Semaphore::new(cfg.max_concurrent)),
         store: jobs::Store::new(limits),
         cfg,
@@ -185,7 +185,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
         }
     );
     let conn_limits =
-        listen::Limits { header_timeout: ctx.cfg.header_timeout, max_connections: ctx.cfg.max_connections };
+        listen::ConnLimits { header_timeout: ctx.cfg.header_timeout, max_connections: ctx.cfg.max_connections };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::serve(
         listener,
@@ -215,7 +215,7 @@ async fn run(cfg: config::ServeConfig, settings: Settings, restarter: Arc<dyn Re
 
 /// Waits for job tasks: up to `grace` undisturbed, then interrupts captures (they seal
 /// what they have) and waits up to [`AFTER_GRACE`] more.
-async fn drain(ctx: &runner::Ctx, grace: Duration) {
+async fn drain(ctx: &runner::Service, grace: Duration) {
     let wait = |limit: Duration| async move {
         let end = Instant::now() + limit;
         while ctx.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < end {

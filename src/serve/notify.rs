@@ -38,7 +38,7 @@ pub struct Completion {
     pub sha256: Option<String>,
     /// Where the verified copy went (`copy_to`), if configured and it succeeded.
     pub copy: Option<String>,
-    pub restart: Option<super::restart::RestartOutcome>,
+    pub restart: Option<super::restart::RestartReport>,
     pub error: Option<String>,
     pub trigger: String,
     pub reason: Option<String>,

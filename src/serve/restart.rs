@@ -29,7 +29,7 @@ pub struct RestartRequest {
 
 /// What the restart did, as reported in the job, the completion POST and the summary.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct RestartOutcome {
+pub struct RestartReport {
     /// A restart was started (`false`: refused, cooling down, gated off).
     pub attempted: bool,
     /// The VM is running again under a new process.
@@ -42,7 +42,7 @@ pub struct RestartOutcome {
 /// [`decide`] said [`Decision::Go`]. Implementations enforce the restart cooldown and the
 /// per-VM lock shared with the CLI, and report refusals as `attempted: false`.
 pub trait Restarter: Send + Sync {
-    fn restart(&self, req: &RestartRequest) -> RestartOutcome;
+    fn restart(&self, req: &RestartRequest) -> RestartReport;
 }
 
 /// The real restart (`crate::restart`): the same backends, cooldown and proofs as
@@ -52,10 +52,10 @@ pub struct Wired {
 }
 
 impl Restarter for Wired {
-    fn restart(&self, req: &RestartRequest) -> RestartOutcome {
-        let r = match crate::restart::Request::new(&self.settings, crate::restart::Options::default(), true) {
+    fn restart(&self, req: &RestartRequest) -> RestartReport {
+        let r = match crate::restart::RestartParams::new(&self.settings, crate::restart::Options::default(), true) {
             Ok(r) => r,
-            Err(e) => return RestartOutcome { attempted: false, ok: false, detail: e.to_string() },
+            Err(e) => return RestartReport { attempted: false, ok: false, detail: e.to_string() },
         };
         let size = std::fs::metadata(&req.archive).map(|m| m.len()).unwrap_or(0);
         let sealed = crate::archive::Sealed {
@@ -78,7 +78,7 @@ impl Restarter for Wired {
             (Some(e), _) => e.clone(),
             (None, false) => format!("not performed: VM state {}", o.vm_state),
         };
-        RestartOutcome {
+        RestartReport {
             attempted: o.old_stopped || o.performed || o.actions.iter().any(|a| a.action == "stop"),
             ok: o.performed,
             detail,

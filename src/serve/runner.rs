@@ -12,7 +12,7 @@ use super::config::ServeConfig;
 use super::jobs::{Job, JobId, State, Store};
 use super::log;
 use super::notify::{self, Completion};
-use super::restart::{self, Decision, RestartOutcome, RestartRequest, Restarter};
+use super::restart::{self, Decision, RestartReport, RestartRequest, Restarter};
 use super::watch_state::WatchState;
 use crate::archive::manifest::Trigger;
 use crate::archive::Sealed;
@@ -30,8 +30,9 @@ use crate::target::{Target, TargetError};
 /// memory lock; the target module bounds that read itself, this bounds the whole call.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Shared by the HTTP handlers, the runner and the watch.
-pub struct Ctx {
+/// The running service: configuration, job store and slots, shared by the HTTP
+/// handlers, the runner and the watch.
+pub struct Service {
     pub cfg: ServeConfig,
     pub settings: Settings,
     pub store: Store,
@@ -48,7 +49,7 @@ pub struct Ctx {
     pub stuck: Arc<crate::stuck::Stuck>,
 }
 
-impl Ctx {
+impl Service {
     /// Starts job `id` in the background.
     pub fn spawn(self: &Arc<Self>, id: JobId) {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
@@ -60,7 +61,7 @@ impl Ctx {
     }
 }
 
-async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
+async fn run_job(ctx: &Arc<Service>, id: JobId) {
     let Ok(_permit) = ctx.slots.clone().acquire_owned().await else { return };
     if !ctx.store.start(id) {
         return;
@@ -106,7 +107,7 @@ async fn run_job(ctx: &Arc<Ctx>, id: JobId) {
 /// The VM's secret values (command line, environment, config), as the archive's
 /// redaction learns them; read on a bounded blocking thread (`environ` can block like
 /// `cmdline`), falling back to the command line alone.
-async fn vm_secrets(ctx: &Ctx, target: &Target) -> Redactor {
+async fn vm_secrets(ctx: &Service, target: &Target) -> Redactor {
     let t = target.clone();
     let key = format!("vm {} environ", target.vmid);
     match crate::stuck::bounded(&ctx.stuck, &key, Duration::from_secs(5), move || autopsy::learn_target(&t)).await {
@@ -131,7 +132,7 @@ fn service_secrets(cfg: &ServeConfig, r: &mut Redactor) {
 /// capture that found the socket held would record the VM as unreachable). The job is
 /// already active, so the watch starts no new check of it; a check ends within its
 /// runbook's deadline.
-async fn wait_for_watch(ctx: &Ctx, vmid: crate::target::VmId) {
+async fn wait_for_watch(ctx: &Service, vmid: crate::target::VmId) {
     let end = Instant::now() + Duration::from_secs(60);
     while ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).checking.contains(&vmid) && Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -148,7 +149,7 @@ fn describe(job: &Job) -> String {
 }
 
 /// Proves the target and runs the autopsy.
-async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
+async fn capture(ctx: &Arc<Service>, job: &Job) -> Result<(Report, Target), Error> {
     let name = ctx.cfg.runbook.clone().or(ctx.settings.runbook.clone()).unwrap_or_else(|| runbook::DEFAULT.into());
     let rb = runbook::load(&name, &ctx.settings.runbook_dir)?;
     let mut req = Request {
@@ -174,7 +175,7 @@ async fn capture(ctx: &Arc<Ctx>, job: &Job) -> Result<(Report, Target), Error> {
     Ok((report, target))
 }
 
-async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
+async fn prepare(ctx: &Arc<Service>, req: &Request) -> Result<Target, Error> {
     let (r, s) = (req.clone(), ctx.settings.clone());
     let key = format!("vm {}", req.vmid);
     match crate::stuck::bounded(&ctx.stuck, &key, PREPARE_TIMEOUT, move || autopsy::prepare(&r, &s)).await {
@@ -190,7 +191,7 @@ async fn prepare(ctx: &Arc<Ctx>, req: &Request) -> Result<Target, Error> {
 
 /// Records a finished capture, runs the gated restart, and builds the completion.
 async fn finish_sealed(
-    ctx: &Arc<Ctx>,
+    ctx: &Arc<Service>,
     job: &Job,
     report: Report,
     target: Target,
@@ -240,11 +241,11 @@ pub async fn restart_step(
     diagnosis: &Diagnosis,
     sealed: Option<&Sealed>,
     target: Target,
-) -> Option<RestartOutcome> {
+) -> Option<RestartReport> {
     let verdict = diagnosis.verdict;
     match restart::decide(&job.policy, job.origin.restart_requested, sealed.is_some(), diagnosis) {
         Decision::NotWanted => None,
-        Decision::Refused(why) => Some(RestartOutcome { attempted: false, ok: false, detail: why }),
+        Decision::Refused(why) => Some(RestartReport { attempted: false, ok: false, detail: why }),
         Decision::Go => {
             let sealed = sealed?;
             let req = RestartRequest {
@@ -256,7 +257,7 @@ pub async fn restart_step(
                 reason: format!("job {} ({}): verdict {verdict}", job.id, describe(job)),
             };
             let r = tokio::task::spawn_blocking(move || restarter.restart(&req)).await;
-            Some(r.unwrap_or_else(|e| RestartOutcome {
+            Some(r.unwrap_or_else(|e| RestartReport {
                 attempted: true,
                 ok: false,
                 detail: format!("restart task failed: {e}"),
@@ -266,7 +267,7 @@ pub async fn restart_step(
 }
 
 /// The completion document from the job record as it stands.
-fn completion(ctx: &Ctx, id: JobId) -> Option<Completion> {
+fn completion(ctx: &Service, id: JobId) -> Option<Completion> {
     let j = ctx.store.get(id)?;
     Some(Completion {
         job: j.id,
@@ -294,7 +295,7 @@ fn completion(ctx: &Ctx, id: JobId) -> Option<Completion> {
 }
 
 /// Copy (so the document can name it), then hook, then POSTs.
-async fn deliver(ctx: &Arc<Ctx>, id: JobId, doc: &mut Completion) {
+async fn deliver(ctx: &Arc<Service>, id: JobId, doc: &mut Completion) {
     let mut results = Vec::new();
     if let (Some(dir), Some(archive), Some(sha)) = (&ctx.cfg.copy_to, &doc.archive, &doc.sha256) {
         let (dir, archive, sha) = (dir.clone(), std::path::PathBuf::from(archive), sha.clone());
@@ -347,7 +348,7 @@ mod tests {
     use super::*;
     use crate::diagnose::Verdict;
     use crate::serve::config::{Action, Policy};
-    use crate::serve::jobs::{Limits, Origin, Submit};
+    use crate::serve::jobs::{Origin, QueueLimits, Submit};
     use crate::target::Proof;
 
     /// Records every call; never touches a process.
@@ -357,14 +358,14 @@ mod tests {
     }
 
     impl Restarter for FakeRestarter {
-        fn restart(&self, req: &RestartRequest) -> RestartOutcome {
+        fn restart(&self, req: &RestartRequest) -> RestartReport {
             self.calls.lock().unwrap().push(req.clone());
-            RestartOutcome { attempted: true, ok: true, detail: format!("fake restart of {}", req.vmid) }
+            RestartReport { attempted: true, ok: true, detail: format!("fake restart of {}", req.vmid) }
         }
     }
 
     fn job(policy: Policy, requested: bool) -> Job {
-        let store = Store::new(Limits {
+        let store = Store::new(QueueLimits {
             repeat_window: Duration::from_secs(60),
             vm_cooldown: Duration::ZERO,
             max_queue: 9,

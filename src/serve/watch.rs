@@ -16,7 +16,7 @@ use chrono::Utc;
 
 use super::config::Watch;
 use super::jobs::{Origin, Submit};
-use super::runner::Ctx;
+use super::runner::Service;
 use super::watch_state::VmWatch;
 use crate::archive::manifest::Trigger;
 use crate::autopsy::sweep;
@@ -26,7 +26,7 @@ use crate::target::VmId;
 pub use crate::autopsy::sweep::running_vms;
 
 /// Runs until the store shuts down.
-pub async fn run(ctx: Arc<Ctx>, w: Watch) {
+pub async fn run(ctx: Arc<Service>, w: Watch) {
     ctx.watch.lock().unwrap_or_else(|e| e.into_inner()).consecutive = w.consecutive;
     let mut settings = ctx.settings.clone();
     if let Some(win) = w.window {
@@ -92,7 +92,8 @@ pub async fn run(ctx: Arc<Ctx>, w: Watch) {
                         firing: Some(format!("watch:{vmid}@{}", since.to_rfc3339())),
                         restart_requested: false,
                     };
-                    if let Ok((id, super::jobs::Outcome::Started)) = ctx.store.submit(Submit { vmid, origin, policy }) {
+                    if let Ok((id, super::jobs::Admission::Started)) = ctx.store.submit(Submit { vmid, origin, policy })
+                    {
                         ctx.spawn(id);
                     }
                 }
