@@ -345,12 +345,13 @@ fn seal_failure_stops_nothing() {
     let lab = Lab::start(LabOptions { vmid: 124, name: "noseal".into(), ..LabOptions::default() });
     let old = lab.pid();
     let cfg = config(&lab, "");
-    // A capture step occupies the archive's final path with a directory, so the
-    // rename at the end of sealing fails (as a full or broken disk would fail it).
+    // The output directory is a small tmpfs, and a capture step fills it: sealing then
+    // fails writing the archive, as on a full disk. (Taking the archive's name no longer
+    // fails a seal: a taken name gets the next free one.)
     let out_dir = lab.out_dir();
+    let _mounted = common::tmpfs(&out_dir, "64m");
     let prog = format!(
-        "import glob, os\nfor s in glob.glob({:?} + '/.autopsy-124-*.staging'):\n    name = os.path.basename(s)[1:].rsplit('.', 2)[0]\n    d = os.path.join({:?}, name + '.tar.zst')\n    os.makedirs(d)\n    open(os.path.join(d, 'x'), 'w').close()\n    print(d)\n",
-        out_dir.display().to_string(),
+        "import os\nf = open(os.path.join({:?}, 'filler'), 'wb')\ntry:\n    while True:\n        f.write(b'x' * (1 << 20))\n        f.flush()\nexcept OSError as e:\n    print('full:', e)\n",
         out_dir.display().to_string()
     );
     let rb = lab.root().join("block.toml");
