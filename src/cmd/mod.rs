@@ -34,3 +34,34 @@ pub fn load_settings(o: &Overrides) -> Result<Settings, Error> {
     }
     Ok(s)
 }
+
+/// `runbook check` and `signatures check`: each file read and given to `parse` (its text
+/// and its name for error positions), which returns the detail of a good file or its
+/// errors. "FILE: ok (detail)" per good file on stdout, every error on stderr; exit 2
+/// when any file is bad, so a CI job can gate on it.
+pub fn check_files<E: std::fmt::Display>(
+    files: &[std::path::PathBuf],
+    parse: impl Fn(&str, &str) -> Result<String, E>,
+) -> wedge_autopsy::error::Exit {
+    let mut bad = 0;
+    for f in files {
+        match std::fs::read_to_string(f) {
+            Ok(text) => match parse(&text, &f.display().to_string()) {
+                Ok(detail) => println!("{}: ok ({detail})", f.display()),
+                Err(errs) => {
+                    bad += 1;
+                    eprintln!("{errs}");
+                }
+            },
+            Err(e) => {
+                bad += 1;
+                eprintln!("{}: cannot read: {e}", f.display());
+            }
+        }
+    }
+    if bad == 0 {
+        wedge_autopsy::error::Exit::Ok
+    } else {
+        wedge_autopsy::error::Exit::BadInput
+    }
+}

@@ -33,24 +33,8 @@ pub fn run(action: RunbookAction, settings: &Settings) -> Result<Exit, Error> {
             println!("{}", serde_json::to_string_pretty(&runbook::json_schema())?);
             Ok(Exit::Ok)
         }
-        RunbookAction::Check { files } => {
-            let mut bad = 0;
-            for f in &files {
-                match std::fs::read_to_string(f) {
-                    Ok(text) => match runbook::parse(&text, &f.display().to_string()) {
-                        Ok(rb) => println!("{}: ok ({} steps)", f.display(), rb.steps.len()),
-                        Err(errs) => {
-                            bad += 1;
-                            eprintln!("{errs}");
-                        }
-                    },
-                    Err(e) => {
-                        bad += 1;
-                        eprintln!("{}: cannot read: {e}", f.display());
-                    }
-                }
-            }
-            Ok(if bad == 0 { Exit::Ok } else { Exit::BadInput })
-        }
+        RunbookAction::Check { files } => Ok(crate::cmd::check_files(&files, |text, name| {
+            runbook::parse(text, name).map(|rb| format!("{} steps", rb.steps.len()))
+        })),
     }
 }

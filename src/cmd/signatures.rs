@@ -15,7 +15,11 @@ pub fn run(action: SignaturesAction, settings: &Settings) -> Result<Exit, Error>
                 "no signature with id {id:?}; `wedge-autopsy signatures list` shows them"
             )))?
         ),
-        SignaturesAction::Check { files } => return Ok(signatures::check_files(&files)),
+        SignaturesAction::Check { files } => {
+            return Ok(crate::cmd::check_files(&files, |text, name| {
+                signatures::parse(text, name).map(|s| format!("{} {}, fixed in: {}", s.kind, s.id, s.fixed_in()))
+            }))
+        }
     }
     Ok(Exit::Ok)
 }

@@ -422,31 +422,5 @@ pub fn show_text(id: &str, dir: &Path) -> Option<String> {
     }
 }
 
-/// `signatures check FILE…`: "ok" per good file on stdout, every error (file:line:
-/// key: message) on stderr; exit 2 when any file is bad.
-pub fn check_files(files: &[PathBuf]) -> crate::error::Exit {
-    let mut bad = 0;
-    for f in files {
-        match std::fs::read_to_string(f) {
-            Ok(text) => match parse(&text, &f.display().to_string()) {
-                Ok(s) => println!("{}: ok ({} {}, fixed in: {})", f.display(), s.kind, s.id, s.fixed_in()),
-                Err(errs) => {
-                    bad += 1;
-                    eprintln!("{errs}");
-                }
-            },
-            Err(e) => {
-                bad += 1;
-                eprintln!("{}: cannot read: {e}", f.display());
-            }
-        }
-    }
-    if bad == 0 {
-        crate::error::Exit::Ok
-    } else {
-        crate::error::Exit::BadInput
-    }
-}
-
 #[cfg(test)]
 mod tests;
