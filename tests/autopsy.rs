@@ -259,12 +259,7 @@ fn sigint_mid_run_still_seals_what_was_captured() {
     let child = cmd.spawn().unwrap();
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     // Wait until the sleep step is running, then interrupt.
-    assert!(common::wait_until(Duration::from_secs(20), || {
-        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
-                .is_some_and(|a| a == ["sleep", "60"])
-        })
-    }));
+    assert!(common::wait_until(Duration::from_secs(20), || { common::proc_cmdline_exists(&["sleep", "60"]) }));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", stderr(&out)));
@@ -277,13 +272,7 @@ fn sigint_mid_run_still_seals_what_was_captured() {
     let ar = sealed_archive(&json);
     assert!(ar.manifest.interrupted);
     assert!(ar.read("proc/status").is_some());
-    assert!(
-        !std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-            common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
-                .is_some_and(|a| a == ["sleep", "60"])
-        }),
-        "the interrupted command's process group was killed"
-    );
+    assert!(!common::proc_cmdline_exists(&["sleep", "60"]), "the interrupted command's process group was killed");
 }
 
 #[test]

@@ -225,13 +225,9 @@ fn wedged_vm_ignoring_quit_and_sigterm_is_sigkilled_after_the_deadline() {
 fn qm_processes(lab: &Lab) -> Vec<Vec<String>> {
     let qm = common::qm_path().display().to_string();
     let vmid = lab.vmid().to_string();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| pid_alive(p))
+    common::live_pids_where(|a| a.contains(&qm) && a.contains(&vmid))
+        .into_iter()
         .filter_map(common::proc_cmdline)
-        .filter(|a| a.contains(&qm) && a.contains(&vmid))
         .collect()
 }
 

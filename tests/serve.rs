@@ -339,13 +339,6 @@ fn proc_kib(pid: i32, key: &str) -> u64 {
     s.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap()
 }
 
-fn sleeping_command_running(argv: &[&str]) -> bool {
-    std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
-        common::proc_cmdline(e.file_name().to_str().and_then(|s| s.parse().ok()).unwrap_or(0))
-            .is_some_and(|a| a == argv)
-    })
-}
-
 // ---------------------------------------------------------------------------
 // tests
 
@@ -557,7 +550,7 @@ fn sigterm_during_an_autopsy_lets_it_seal_then_exits() {
     let mut server = Server::start(&lab, &config);
     let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 109, "reason": "INC-42"}));
     assert_eq!(st, 202, "{body}");
-    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "4.5"])), "{}", server.log());
+    assert!(wait_until(Duration::from_secs(60), || common::proc_cmdline_exists(&["sleep", "4.5"])), "{}", server.log());
     let code = server.stop(libc::SIGTERM, Duration::from_secs(90));
     assert_eq!(code, Some(0), "clean exit after the seal; log:\n{}", server.log());
     // Sealed with every step done: the capture was not cut short.
@@ -599,7 +592,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
     let (st, body) = server.request("POST", "/v1/autopsy", &[], json!({"vmid": 112}).to_string().as_bytes());
     assert_eq!(st, 202, "loopback without a token, as the config allows: {body}");
-    assert!(wait_until(Duration::from_secs(60), || sleeping_command_running(&["sleep", "300.112"])));
+    assert!(wait_until(Duration::from_secs(60), || common::proc_cmdline_exists(&["sleep", "300.112"])));
     assert_eq!(server.stop(libc::SIGTERM, Duration::from_secs(60)), Some(0), "{}", server.log());
     let n = notify.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
@@ -608,7 +601,7 @@ fn sigterm_past_the_grace_interrupts_the_capture_which_still_seals() {
     let ar = ArchiveReader::open(&found[0]).unwrap();
     assert!(ar.manifest.interrupted, "cut at the grace");
     assert_eq!(ar.manifest.steps.iter().find(|s| s.id == "proc").unwrap().status.to_string(), "ok");
-    assert!(!sleeping_command_running(&["sleep", "300.112"]), "the interrupted step's process was killed");
+    assert!(!common::proc_cmdline_exists(&["sleep", "300.112"]), "the interrupted step's process was killed");
 }
 
 /// Fault: 1000 distinct firings for one VM from 8 senders at once; 152 of them carry a

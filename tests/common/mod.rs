@@ -978,20 +978,7 @@ impl Lab {
     /// (found via /proc, so `qm`-restarted VMs count too).
     pub fn qemu_pids(&self) -> Vec<i32> {
         let prefix = format!("{}/", self.run_dir().display());
-        let mut pids = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                if let Some(argv) = proc_cmdline(pid) {
-                    if pidfile_arg(&argv).is_some_and(|p| p.starts_with(&prefix)) && pid_alive(pid) {
-                        pids.push(pid);
-                    }
-                }
-            }
-        }
-        pids
+        live_pids_where(|argv| pidfile_arg(argv).is_some_and(|p| p.starts_with(&prefix)))
     }
 }
 
@@ -1008,24 +995,10 @@ impl Lab {
     /// a socket or mount point under this lab's unique root).
     fn guest_helper_pids(&self) -> Vec<i32> {
         let root = format!("{}/", self.root.display());
-        let mut pids = Vec::new();
-        if let Ok(rd) = std::fs::read_dir("/proc") {
-            for e in rd.flatten() {
-                let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                if let Some(argv) = proc_cmdline(pid) {
-                    let prog = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a).to_string());
-                    if matches!(prog.as_deref(), Some("nbdkit" | "nbdfuse"))
-                        && argv.iter().any(|a| a.contains(&root))
-                        && pid_alive(pid)
-                    {
-                        pids.push(pid);
-                    }
-                }
-            }
-        }
-        pids
+        live_pids_where(|argv| {
+            let prog = argv.first().map(|a| a.rsplit('/').next().unwrap_or(a));
+            matches!(prog, Some("nbdkit" | "nbdfuse")) && argv.iter().any(|a| a.contains(&root))
+        })
     }
 
     /// Mount points under this lab's root (the guests' FUSE images).
@@ -1108,12 +1081,20 @@ impl Drop for Lab {
     }
 }
 
+/// Live processes (not zombies) whose cmdline satisfies `f`.
+pub fn live_pids_where(f: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| proc_cmdline(pid).is_some_and(|a| f(&a)) && pid_alive(pid))
+        .collect()
+}
+
 /// Whether any live process has exactly this argv.
 pub fn proc_cmdline_exists(argv: &[&str]) -> bool {
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|e| {
-        let pid = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()).unwrap_or(0);
-        pid_alive(pid) && proc_cmdline(pid).is_some_and(|a| a == argv)
-    })
+    !live_pids_where(|a| a == argv).is_empty()
 }
 
 /// Mounts a tmpfs of `size` at `dir`. CI runs as root with CAP_SYS_ADMIN, so a refusal
