@@ -265,9 +265,16 @@ fn is_free_text(rel: &str) -> bool {
 
 /// The set of secret values learned from the structured sources, and the pass that
 /// replaces them in every file of a staging directory.
-#[derive(Debug, Default)]
+#[derive(Default, Clone)]
 pub struct Redactor {
     values: BTreeSet<String>,
+}
+
+/// Never the values: a `{:?}` of a report must not print what it hides.
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} values)", self.values.len())
+    }
 }
 
 pub use crate::archive::manifest::Redaction;
@@ -418,6 +425,11 @@ impl Redactor {
         self.scrub_json(v)
     }
 
+    /// Text shown outside the archive (the printed summary): every learned value replaced.
+    pub fn scrub_text(&self, s: &str) -> String {
+        String::from_utf8_lossy(&self.scrub(s.as_bytes()).0).into_owned()
+    }
+
     /// A JSON value (the manifest) with every learned value replaced in its strings.
     pub fn scrub_json(&self, v: &mut serde_json::Value) -> u64 {
         match v {
@@ -436,6 +448,14 @@ impl Redactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_shows_how_many_never_what() {
+        let mut r = Redactor::default();
+        r.learn(["HiddenValue1".to_string()]);
+        assert_eq!(format!("{r:?}"), "Redactor(1 values)");
+        assert_eq!(r.scrub_text("a HiddenValue1 b"), format!("a {REDACTED} b"));
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()

@@ -104,6 +104,13 @@ impl Waiting {
 /// Keys that may be stuck at once in a long-running process (each holds one thread).
 pub const MAX_STUCK: usize = 32;
 
+/// The registry for reads made on behalf of one run (the CLI's or one of `serve`'s):
+/// shared by every run of the process, so a VM whose reads hang gains at most one thread.
+pub fn process() -> &'static Arc<Stuck> {
+    static REG: std::sync::OnceLock<Arc<Stuck>> = std::sync::OnceLock::new();
+    REG.get_or_init(|| Stuck::new(MAX_STUCK))
+}
+
 /// Why [`bounded`] returned no value.
 #[derive(Debug, thiserror::Error)]
 pub enum Bounded {

@@ -346,3 +346,48 @@ fn shipped_config_documents_restart_and_serve_as_the_loader_reads_them() {
     let o = run_bounded(tool().args(["runbook", "list", "--config"]).arg(&cfg), RUN_TIMEOUT);
     assert_eq!(o.status.code(), Some(0), "{}\n{body}", stderr(&o));
 }
+
+/// What a run prints leaves the host as surely as its archive (it is pasted into tickets):
+/// a secret in the VM's command line or environment, or typed into `--reason`, reaches
+/// neither stdout nor stderr, in the printed summary or in `--json`. The reason here
+/// carries a URL with a password (redacted structurally where it enters the run) and
+/// the VM's environment secret (redacted because the seal pass learned it).
+#[test]
+fn secrets_never_reach_the_printed_summary_or_the_json() {
+    const SECRETS: [&str; 3] = ["Cmd11neS3cret", "EnvS3cretV4l", "Re4sonS3cret"];
+    let lab = Lab::start(LabOptions {
+        vmid: 187,
+        name: "oc187".into(),
+        qemu_args: vec!["-object".into(), "secret,id=sec0,data=Cmd11neS3cret".into()],
+        qemu_env: vec![("BACKUP_PASSWORD".into(), "EnvS3cretV4l".into())],
+        ..LabOptions::default()
+    });
+    let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{}/environ", lab.pid())).unwrap()).into_owned();
+    assert!(environ.contains("EnvS3cretV4l"), "the lab QEMU carries the secret in its environment");
+    let reason = "INC-9: https://ops:Re4sonS3cret@pve.example:8006 refused; backup env had EnvS3cretV4l";
+    let base = ["187", "--sample-interval", "0", "--stacks", "none", "--reason", reason];
+
+    let out = run(&lab, &base);
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(matches!(out.status.code(), Some(0 | 1)), "{}", stderr(&out));
+    assert!(printed.contains("## Verdict"), "the summary is printed: {printed}");
+    let line = printed.lines().find(|l| l.contains("INC-9")).unwrap_or_else(|| panic!("no reason line in {printed}"));
+    assert!(
+        line.contains("https://ops:<redacted>@pve.example:8006") && line.contains("backup env had <redacted>"),
+        "the printed reason, redacted: {line}"
+    );
+    let json_out = run(&lab, &[&base[..], &["--json"]].concat());
+    let json: Value =
+        serde_json::from_slice(&json_out.stdout).unwrap_or_else(|e| panic!("no JSON ({e}): {}", stderr(&json_out)));
+    assert_eq!(json["sealed"], true, "{json}");
+    for (what, o) in [("summary run", &out), ("--json run", &json_out)] {
+        let all = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
+        let leaked: Vec<&str> = SECRETS.iter().copied().filter(|s| all.contains(s)).collect();
+        assert!(leaked.is_empty(), "{what} printed {leaked:?}:\n{all}");
+    }
+    // The sealed copy says the same as the printed one.
+    let ar = archive::ArchiveReader::open(Path::new(json["archive"].as_str().unwrap())).unwrap();
+    let md = wedge_autopsy::archive::Evidence::read_string(&ar, "summary.md").unwrap();
+    assert!(md.contains("https://ops:<redacted>@pve.example:8006"), "{md}");
+    assert!(SECRETS.iter().all(|s| !md.contains(s)), "{md}");
+}

@@ -1011,11 +1011,13 @@ fn abuse_control_characters_and_replayed_signatures() {
 /// Fault: the VM's QEMU carries `-object secret,id=sec0,data=SUPERSECRET`, its
 /// environment a proxy URL with a password and a `*_TICKET` value, its config a
 /// `cipassword` and a secret object in `args`; the autopsy is asked for by API with a
-/// `copy_to` and a notify URL that carries credentials.
-/// Outcome: no secret in any file of the archive or its copy (decompressed, manifest included); proc/cmdline keeps the secret object with data=<redacted>; proc/environ keeps the proxy URL with the password redacted; manifest.json records the redaction and how many values it replaced; no secret in the completion document; the job record names the notify URL without its password.
+/// `copy_to` and a notify URL that carries credentials, with a reason that carries a URL
+/// with a password and the environment's ticket.
+/// Outcome: no secret in any file of the archive or its copy (decompressed, manifest included); proc/cmdline keeps the secret object with data=<redacted>; proc/environ keeps the proxy URL with the password redacted; manifest.json records the redaction and how many values it replaced; no secret in the completion document; the job record names the notify URL without its password; the job record (GET /v1/autopsies/N) keeps the reason with its secrets redacted.
 #[test]
 fn abuse_secrets_never_reach_the_archive() {
-    const SECRETS: [&str; 5] = ["SUPERSECRET", "Pr0xyS3cret", "T1cketS3cret", "CiPassw0rd", "CONFSECRET"];
+    const SECRETS: [&str; 6] =
+        ["SUPERSECRET", "Pr0xyS3cret", "T1cketS3cret", "CiPassw0rd", "CONFSECRET", "Re4sonS3cret"];
     let lab = Lab::start(LabOptions {
         vmid: 119,
         name: "secret".into(),
@@ -1042,7 +1044,8 @@ fn abuse_secrets_never_reach_the_archive() {
         shared.display().to_string()
     );
     let server = Server::start(&lab, &config);
-    let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 119, "reason": "INC-7"}));
+    let reason = "INC-7 https://ops:Re4sonS3cret@pve.example:8006 refused; env had PVE:root@pam:T1cketS3cret";
+    let (st, body) = server.post_json("/v1/autopsy", &json!({"vmid": 119, "reason": reason}));
     assert_eq!(st, 202, "{body}");
     let job = server.wait_job(body["id"].as_u64().unwrap());
     assert_eq!(job["state"], "sealed", "{job}");
@@ -1101,6 +1104,16 @@ fn abuse_secrets_never_reach_the_archive() {
         "the job record names the notify URL without its password",
         !job_text.contains("N0tifyS3cret") && job_text.contains("ticketbot:<redacted>@"),
         "{job_text}"
+    );
+    let (st, shown) = server.get(&format!("/v1/autopsies/{}", body["id"]));
+    assert_eq!(st, 200, "{shown}");
+    let shown_text = shown.to_string();
+    let leaked: Vec<&str> = SECRETS.iter().copied().filter(|s| shown_text.contains(s)).collect();
+    claim!(
+        "the job record (GET /v1/autopsies/N) keeps the reason with its secrets redacted",
+        leaked.is_empty()
+            && shown["origin"]["reason"] == "INC-7 https://ops:<redacted>@pve.example:8006 refused; env had <redacted>",
+        "{leaked:?} in {shown_text}"
     );
 }
 

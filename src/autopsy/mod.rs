@@ -25,7 +25,6 @@ use serde::Serialize;
 pub use outcome::{run_with_restart, Outcome};
 pub use parallel::run_bounded;
 pub use progress::{Prefixed, Progress, Silent};
-pub use redaction::learn_target;
 pub use sampling::Pacing;
 
 use crate::archive::manifest::{self, Manifest, RunbookRef, Trigger};
@@ -81,6 +80,10 @@ pub struct Report {
     pub interrupted: bool,
     pub started_at: chrono::DateTime<Utc>,
     pub duration_ms: u64,
+    /// The secret values the seal pass learned: whatever of this report is shown outside
+    /// the archive (the printed summary, `--json`) goes through it. Never serialized.
+    #[serde(skip)]
+    pub secrets: crate::redact::Redactor,
 }
 
 impl Report {
@@ -245,7 +248,7 @@ pub async fn run(
         vmid: Some(req.vmid.get()),
         pid: Some(target.pid),
         command_line: req.command_line.clone(),
-        trigger: req.trigger.clone(),
+        trigger: redaction::trigger(&req.trigger),
         started_at,
         ended_at: Utc::now(),
         utc_offset: manifest::local_offset(),
@@ -287,7 +290,14 @@ pub async fn run(
         sink.close();
     }
     // Nothing secret leaves the host: one pass over every staged file and the manifest.
-    manifest.redaction = Some(redaction::seal_pass(&staging.dir, &target, &mut manifest));
+    let (learned, learn_note) = redaction::learn_target_bounded(&target).await;
+    let (redaction, secrets) = redaction::seal_pass(&staging.dir, learned, &mut manifest);
+    manifest.redaction = Some(redaction);
+    if let Some(note) = learn_note {
+        if let Some(first) = manifest.steps.first_mut() {
+            first.notes.push(note);
+        }
+    }
     if !stale.is_empty() {
         if let Some(first) = manifest.steps.first_mut() {
             first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
@@ -328,6 +338,7 @@ pub async fn run(
         interrupted,
         started_at,
         duration_ms: t0.elapsed().as_millis() as u64,
+        secrets,
     })
 }
 

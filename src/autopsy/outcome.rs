@@ -28,13 +28,21 @@ impl Outcome {
         }
     }
 
-    /// The `--json` object: the capture's fields plus `restart` when one was requested.
+    /// The `--json` object: the capture's fields plus `restart` when one was requested,
+    /// with every secret value the seal pass learned replaced.
     pub fn json(&self) -> Value {
         let mut json = report_json(&self.report);
         if let Some(r) = &self.restart {
             json["restart"] = serde_json::to_value(r).unwrap_or_default();
         }
+        self.report.secrets.scrub_json(&mut json);
         json
+    }
+
+    /// The summary as printed after the run ([`Outcome::summary`] rendered), redacted
+    /// like the archive's copy: the printed text may end up in a ticket too.
+    pub fn summary_markdown(&self) -> String {
+        self.report.secrets.scrub_text(&crate::summary::markdown(&self.summary()))
     }
 
     /// The summary as printed after the run: the sealed copy plus the archive's own hash

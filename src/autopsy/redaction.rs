@@ -8,9 +8,8 @@ use crate::redact::{self, Redactor};
 use crate::target::Target;
 
 /// The secret values of the VM, learned from the sources themselves: the target's command
-/// line, its `/proc/PID/environ` and its VM config. Also used by `serve` for what leaves
-/// the host outside the archive (the completion document, the hook's environment).
-pub fn learn_target(target: &Target) -> Redactor {
+/// line, its `/proc/PID/environ` and its VM config.
+fn learn_target(target: &Target) -> Redactor {
     let mut r = Redactor::default();
     r.learn_argv(&target.cmdline);
     // Best effort: a process that is gone has no environ to learn from (nor to leak).
@@ -23,13 +22,34 @@ pub fn learn_target(target: &Target) -> Redactor {
     r
 }
 
-/// The one pass before sealing: learns from the sources themselves (the target's command
-/// line, its `/proc/PID/environ` and its VM config, read again because the staged copies
-/// are already redacted) and from the staged files; replaces what it learned in every
-/// staged file and in the manifest (whose target command line is also redacted
-/// structurally). An I/O error leaves `applied: false`, which the manifest shows.
-pub(super) fn seal_pass(dir: &Path, target: &Target, manifest: &mut Manifest) -> Redaction {
-    let r = &mut learn_target(target);
+/// [`learn_target`] on a thread of its own, at most 5 s: reading `environ` takes the
+/// target's memory lock, which a wedged QEMU may hold. Past the deadline (or while an
+/// earlier read of this VM is still stuck) only the command line is learned, and the
+/// second value says why.
+pub(super) async fn learn_target_bounded(target: &Target) -> (Redactor, Option<String>) {
+    let t = target.clone();
+    let key = format!("pid {} environ", target.pid);
+    match crate::stuck::bounded(crate::stuck::process(), &key, LEARN_BUDGET, move || learn_target(&t)).await {
+        Ok(r) => (r, None),
+        Err(e) => {
+            let mut r = Redactor::default();
+            r.learn_argv(&target.cmdline);
+            (r, Some(format!("redaction learned from the command line only: reading the environment {e}")))
+        }
+    }
+}
+
+const LEARN_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The one pass before sealing: starts from what `learned` holds (the sources themselves,
+/// see [`learn_target_bounded`]: the staged copies are already redacted) and learns from
+/// the staged files; replaces what it learned in every staged file and in the manifest
+/// (whose target command line is also redacted structurally). An I/O error leaves
+/// `applied: false`, which the manifest shows. Returns the result and the redactor with
+/// everything it learned, for what the run shows outside the archive (the printed
+/// summary, `--json`).
+pub(super) fn seal_pass(dir: &Path, mut learned: Redactor, manifest: &mut Manifest) -> (Redaction, Redactor) {
+    let r = &mut learned;
     let mut result = r.scrub_dir(dir).unwrap_or_default();
     if let Some(serde_json::Value::Object(t)) = manifest.target.as_mut() {
         if let Some(serde_json::Value::Array(a)) = t.get_mut("cmdline") {
@@ -45,5 +65,14 @@ pub(super) fn seal_pass(dir: &Path, target: &Target, manifest: &mut Manifest) ->
         manifest.command_line = serde_json::from_value(other[0].take()).unwrap_or_default();
         manifest.trigger.reason = serde_json::from_value(other[1].take()).unwrap_or_default();
     }
-    result
+    (result, learned)
+}
+
+/// A reason someone typed or an alert carried, structurally redacted where it enters a
+/// run (`password=…`, URL user-info): the manifest, the summary and every copy of them
+/// then hold only the redacted text.
+pub(super) fn trigger(t: &crate::archive::manifest::Trigger) -> crate::archive::manifest::Trigger {
+    let mut t = t.clone();
+    t.reason = t.reason.map(|r| redact::text(&r).0);
+    t
 }

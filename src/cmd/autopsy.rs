@@ -322,7 +322,7 @@ fn report(
             if args.json {
                 let _ = writeln!(std::io::stdout(), "{}", o.json());
             } else if !args.quiet {
-                let _ = writeln!(std::io::stdout(), "\n{}", wedge_autopsy::summary::markdown(&o.summary()));
+                let _ = writeln!(std::io::stdout(), "\n{}", o.summary_markdown());
             } else if let Some(s) = &o.report.sealed {
                 // What a cron job keeps: the archive's path, one line.
                 let _ = writeln!(std::io::stdout(), "{}", s.path.display());

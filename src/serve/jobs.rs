@@ -72,6 +72,33 @@ pub struct Origin {
     pub restart_requested: bool,
 }
 
+impl Origin {
+    /// The origin as kept and shown (job records, the archive's trigger reason, logs):
+    /// URL user-info and `password=`-style options in the sender's text redacted, since
+    /// an alert's labels, annotations and generator URL are whatever its sender put there.
+    fn redacted(mut self) -> Origin {
+        let text = |s: &mut String| *s = crate::redact::text(s).0;
+        self.reason.iter_mut().for_each(text);
+        self.firing.iter_mut().for_each(text);
+        self.labels.values_mut().for_each(text);
+        self.annotations.values_mut().for_each(text);
+        if let Some(u) = self.generator_url.as_mut() {
+            *u = crate::redact::url(u);
+        }
+        self
+    }
+
+    /// Replaces every value `secrets` learned (the VM's, the service's) in the sender's text.
+    pub fn scrub(&mut self, secrets: &crate::redact::Redactor) {
+        let scrub = |s: &mut String| *s = secrets.scrub_text(s);
+        self.reason.iter_mut().for_each(scrub);
+        self.firing.iter_mut().for_each(scrub);
+        self.labels.values_mut().for_each(scrub);
+        self.annotations.values_mut().for_each(scrub);
+        self.generator_url.iter_mut().for_each(scrub);
+    }
+}
+
 /// One delivery's notification result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Delivery {
@@ -203,7 +230,8 @@ impl Store {
     }
 
     /// Applies the rules in the module doc. `Started` means the caller must run the job.
-    pub fn submit(&self, s: Submit) -> Result<(JobId, Admission), SubmitError> {
+    pub fn submit(&self, mut s: Submit) -> Result<(JobId, Admission), SubmitError> {
+        s.origin = s.origin.redacted();
         let now = Instant::now();
         let mut g = self.lock();
         let inner = &mut *g;
@@ -443,6 +471,30 @@ mod tests {
             },
             policy: Policy::default(),
         }
+    }
+
+    /// An alert's text is the sender's: what `GET /v1/autopsies/N` shows (and what the
+    /// archive's trigger reason becomes) has its credentials redacted, and the same
+    /// firing still finds its job.
+    #[test]
+    fn origin_is_kept_redacted_and_still_deduplicates() {
+        let s = store();
+        let mut a = alert("102", "fp1@now password=F1ringS3cret");
+        a.origin.reason = Some("Alertmanager alert DiskStuck db_password=Re4sonS3cret".into());
+        a.origin.labels.insert("dsn".into(), "postgres://app:L4belS3cret@db/app".into());
+        a.origin.annotations.insert("runbook".into(), "see https://wiki/x?token=Ann0tS3cret&a=1".into());
+        a.origin.generator_url = Some("http://admin:G3nS3cret@prometheus:9090/graph?g0.expr=up".into());
+        let again = Submit { origin: a.origin.clone(), ..alert("102", "") };
+        let (id, adm) = s.submit(a).unwrap();
+        assert_eq!(adm, Admission::Started);
+        let shown = serde_json::to_string(&s.get(id).unwrap()).unwrap();
+        for secret in ["F1ringS3cret", "Re4sonS3cret", "L4belS3cret", "Ann0tS3cret", "G3nS3cret"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://app:<redacted>@db/app"), "{shown}");
+        assert!(shown.contains("http://admin:<redacted>@prometheus:9090/graph?g0.expr=up"), "{shown}");
+        assert!(shown.contains("db_password=<redacted>"), "{shown}");
+        assert_eq!(s.submit(again).unwrap(), (id, Admission::Duplicate));
     }
 
     #[test]

@@ -85,8 +85,8 @@ async fn run_job(ctx: &Arc<Service>, id: JobId) {
     let took = t0.elapsed();
     let doc = match outcome {
         Ok(((report, target), _lock)) => {
-            // Learned before a restart replaces the process.
-            let secrets = vm_secrets(ctx, &target).await;
+            // Learned by the run's seal pass, before a restart replaces the process.
+            let secrets = report.secrets.clone();
             finish_sealed(ctx, &job, report, target, took).await.map(|d| (d, secrets))
         }
         Err(e) => {
@@ -100,24 +100,10 @@ async fn run_job(ctx: &Arc<Service>, id: JobId) {
     let Some((mut doc, mut secrets)) = doc else { return };
     service_secrets(&ctx.cfg, &mut secrets);
     doc.redact(&mut secrets);
+    // The job record shows the sender's text too: what the VM's secrets were is known now.
+    ctx.store.update(id, |j| j.origin.scrub(&secrets));
     // Also marks the job delivered when there is nowhere to deliver to.
     deliver(ctx, id, &mut doc).await;
-}
-
-/// The VM's secret values (command line, environment, config), as the archive's
-/// redaction learns them; read on a bounded blocking thread (`environ` can block like
-/// `cmdline`), falling back to the command line alone.
-async fn vm_secrets(ctx: &Service, target: &Target) -> Redactor {
-    let t = target.clone();
-    let key = format!("vm {} environ", target.vmid);
-    match crate::stuck::bounded(&ctx.stuck, &key, Duration::from_secs(5), move || autopsy::learn_target(&t)).await {
-        Ok(r) => r,
-        Err(_) => {
-            let mut r = Redactor::default();
-            r.learn_argv(&target.cmdline);
-            r
-        }
-    }
 }
 
 /// The service's own secrets: the bearer token, the HMAC secret, passwords in notify URLs.
