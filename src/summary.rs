@@ -189,9 +189,16 @@ fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMat
     if matches.is_empty() {
         return;
     }
+    use crate::signatures::Status;
     o.push_str("## Known bugs and risk stacks\n\n");
     for m in matches {
-        let what = if m.kind == "bug" { "Known bug" } else { "Risk stack" };
+        let what = match (m.kind.as_str(), m.status) {
+            ("bug", Status::Matched) => "Known bug",
+            // The stack rule could not be evaluated: never shown as a confirmed bug.
+            ("bug", Status::Possible) => "Possible known bug, not verified",
+            (_, Status::Matched) => "Risk stack",
+            (_, Status::Possible) => "Possible risk stack, not verified",
+        };
         o.push_str(&format!("- **{what}: {}** (`{}`)\n", m.title, m.id));
         o.push_str(&format!("  - fixed in: {}\n", m.fixed_in));
         for l in &m.links {

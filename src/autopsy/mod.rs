@@ -286,6 +286,10 @@ pub async fn run(
     {
         let sink = staging.sink();
         let _ = sink.write("summary.json", &serde_json::to_vec_pretty(&summary).unwrap_or_default());
+        // The signature set the matches were computed with, so `inspect` elsewhere can
+        // say whether it recomputes against the same one.
+        let set = crate::signatures::record(crate::signatures::active());
+        let _ = sink.write(crate::signatures::RECORD_PATH, &serde_json::to_vec_pretty(&set).unwrap_or_default());
         let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
         sink.close();
     }

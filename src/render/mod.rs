@@ -255,7 +255,14 @@ pub fn inspect_text(
     };
     o.push_str(&format!("\nRecomputed from the archive: {}\n", recomputed.verdict));
     for m in &recomputed.findings.signatures {
-        o.push_str(&format!("Recomputed {} match: {} (fixed in: {})\n", m.kind, m.id, m.fixed_in));
+        let how = match m.status {
+            crate::signatures::Status::Matched => "match",
+            crate::signatures::Status::Possible => "possible match (not verified)",
+        };
+        o.push_str(&format!("Recomputed {} {how}: {} (fixed in: {})\n", m.kind, m.id, m.fixed_in));
+    }
+    if let Some(note) = crate::signatures::record_note(reader, crate::signatures::active()) {
+        o.push_str(&format!("{note}\n"));
     }
     o.push_str(&format!("\nFiles ({}):\n", m.files.len()));
     for f in &m.files {

@@ -3,8 +3,11 @@
 //!
 //! Every condition a signature states must hold. A condition the evidence cannot
 //! decide (no version captured, no layer yet) does not block a match but is listed in
-//! `unverified`. The condition that carries the match (a bug's stack, a risk's config)
-//! must be positively seen: no stacks, no bug match.
+//! `unverified`. A bug's stack rule that the evidence cannot evaluate (no stacks, or
+//! the QEMU frames where the rule's functions would be are unnamed because the debug
+//! symbols are not installed) makes a `possible` match, never a confirmed one. A bug
+//! without a stack rule matches only when its version range and its config rule are
+//! both verified; a risk needs its config seen.
 
 use serde::Serialize;
 use serde_json::Value;
@@ -13,12 +16,24 @@ use super::{ConfigRule, FramePattern, Set, Signature, StackRule};
 use crate::archive::Evidence;
 use crate::pve::vmconfig::{Options, PveConfig};
 
+/// Whether the evidence confirms a signature or only fails to rule it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Every condition that carries the match was seen.
+    Matched,
+    /// The stack rule could not be evaluated; the other conditions hold or are
+    /// unverifiable. Never a confirmed known bug.
+    Possible,
+}
+
 /// A signature the evidence matches, as the summary shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct SignatureMatch {
     pub id: String,
     /// `bug` or `risk`.
     pub kind: String,
+    pub status: Status,
     pub title: String,
     pub links: Vec<String>,
     pub fixed_in: String,
@@ -30,7 +45,7 @@ pub struct SignatureMatch {
     pub unverified: Vec<String>,
 }
 
-/// One thread's frames, innermost first.
+/// One thread's frames, innermost first (inlined calls expanded as gdb lists them).
 struct Thread {
     tid: i64,
     name: String,
@@ -41,6 +56,25 @@ struct Frame {
     symbol: Option<String>,
     module: Option<String>,
     offset: Option<u64>,
+    /// No name, in QEMU's own image: any function a rule names could be here.
+    unnamed_qemu: bool,
+}
+
+/// Whether a mapped file is QEMU's image (Proxmox's `kvm` is a link to it).
+fn is_qemu_module(path: &str) -> bool {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.starts_with("qemu-system-") || file == "kvm"
+}
+
+/// Where the pve-qemu-kvm version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PveSource {
+    /// `query-version` of the running process.
+    Running,
+    /// Installed (pveversion or dpkg), and the QEMU image on disk is the running one.
+    InstalledSameImage,
+    /// Installed; the running build may differ.
+    Installed,
 }
 
 /// Known-bug and risk signatures of `set` that the evidence matches.
@@ -59,9 +93,85 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
         let q = &v["return"]["qemu"];
         Some(format!("{}.{}.{}", q["major"].as_u64()?, q["minor"].as_u64()?, q["micro"].as_u64()?))
     });
-    let pve = version.as_ref().and_then(|v| v["return"]["package"].as_str()).and_then(crate::pve::pve_build);
-    let facts = Facts { verdict, layer, threads: threads.as_deref(), config: config.as_ref(), qemu, pve };
+    let package = version.as_ref().and_then(|v| v["return"]["package"].as_str().map(str::to_string));
+    let host = crate::hostinfo::load(ev);
+    let (pve, pve_source) = pve_version(ev, package.as_deref(), host.as_ref());
+    let facts = Facts {
+        verdict,
+        layer,
+        threads: threads.as_deref(),
+        config: config.as_ref(),
+        qemu,
+        pve,
+        pve_source,
+        proxmox: is_proxmox(ev, package.as_deref()),
+        symbols_hint: symbols_hint(ev, package.as_deref(), host.as_ref()),
+    };
     set.signatures.iter().filter_map(|s| one(s, &facts)).collect()
+}
+
+/// The pve-qemu-kvm build: the running one from `query-version`, else the installed
+/// one (`commands/pveversion.txt`, then host info's dpkg record). A main-loop deadlock
+/// leaves QMP unanswered, so the installed version is often all there is.
+fn pve_version(
+    ev: &dyn Evidence,
+    package: Option<&str>,
+    host: Option<&crate::hostinfo::HostInfo>,
+) -> (Option<String>, Option<PveSource>) {
+    if let Some(p) = package.and_then(crate::pve::pve_build) {
+        return (Some(p), Some(PveSource::Running));
+    }
+    let from_pveversion = ev
+        .read_string("commands/pveversion.txt")
+        .and_then(|t| t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| v.trim().to_string())));
+    let from_dpkg = || {
+        host.and_then(|h| h.versions.qemu_installed.as_deref())
+            .and_then(|i| i.strip_prefix("pve-qemu-kvm "))
+            .map(|v| v.trim().to_string())
+    };
+    let installed = from_pveversion.or_else(from_dpkg).filter(|v| super::version::is_version(v));
+    let same = host.and_then(|h| h.versions.qemu_on_disk.as_deref()) == Some("same");
+    let source = if same { PveSource::InstalledSameImage } else { PveSource::Installed };
+    (installed.clone(), installed.map(|_| source))
+}
+
+/// Whether the QEMU is Proxmox's build: `query-proxmox-support` answers only there, and
+/// `query-version`'s package names the build. `None` when nothing says.
+fn is_proxmox(ev: &dyn Evidence, package: Option<&str>) -> Option<bool> {
+    if let Some(v) = ev.read_json("qmp/query-proxmox-support.json") {
+        if v.get("return").is_some() {
+            return Some(true);
+        }
+        if v["error"]["class"].as_str() == Some("CommandNotFound") {
+            return Some(false);
+        }
+    }
+    let p = package?.trim();
+    if p.is_empty() {
+        return None;
+    }
+    Some(crate::pve::pve_build(p).is_some())
+}
+
+/// "install the debug symbols for build-id … (pve-qemu-kvm-dbgsym=…)": what would make
+/// QEMU's frames named.
+fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&crate::hostinfo::HostInfo>) -> String {
+    let from_stacks = ev.read_json("stacks/threads.json").and_then(|v| {
+        v["modules"].as_array()?.iter().find_map(|m| {
+            let name = m["name"].as_str()?;
+            is_qemu_module(name).then(|| m["build_id"].as_str().map(str::to_string)).flatten()
+        })
+    });
+    let build_id = from_stacks.or_else(|| host.and_then(|h| h.versions.qemu_build_id.clone()));
+    let installed = ev.read_string("commands/pveversion.txt").and_then(|t| {
+        t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| format!("pve-qemu-kvm_{}", v.trim())))
+    });
+    let pkg = crate::stacks::dbgsym::for_module("qemu-system-x86_64", package.or(installed.as_deref()));
+    format!(
+        "install the debug symbols for build-id {}{} (see `wedge-autopsy audit`) and re-run `inspect --resymbolize`",
+        build_id.map(|b| crate::qmp::one_line(&b, 64)).unwrap_or_else(|| "(not recorded)".into()),
+        pkg.map(|p| format!(" ({})", crate::qmp::one_line(&p, 120))).unwrap_or_default()
+    )
 }
 
 struct Facts<'a> {
@@ -71,6 +181,17 @@ struct Facts<'a> {
     config: Option<&'a PveConfig>,
     qemu: Option<String>,
     pve: Option<String>,
+    pve_source: Option<PveSource>,
+    proxmox: Option<bool>,
+    symbols_hint: String,
+}
+
+/// What a signature's stack rules say of the captured threads.
+enum StackFinding {
+    Hit(String),
+    /// Cannot be evaluated, and why.
+    NotEvaluable(String),
+    Miss,
 }
 
 fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
@@ -90,37 +211,67 @@ fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
         }
     }
     // A Proxmox build is judged by its own range: pve-qemu-kvm carries fixes before upstream.
+    let mut version_verified = false;
     match (&f.pve, &s.pve_qemu_affected, &f.qemu, &s.qemu_affected) {
         (Some(p), Some(r), _, _) => {
             if !r.contains(p) {
                 return None;
             }
-            evidence.push(format!("pve-qemu-kvm {p} is in the affected range {}", r.text));
+            let (from, verified) = match f.pve_source {
+                Some(PveSource::Running) | None => ("the running build", true),
+                Some(PveSource::InstalledSameImage) => ("installed; the QEMU image on disk is the running one", true),
+                Some(PveSource::Installed) => ("installed; the running build may differ", false),
+            };
+            version_verified = verified;
+            evidence.push(format!("pve-qemu-kvm {p} ({from}) is in the affected range {}", r.text));
+            if !verified {
+                unverified.push(format!("the running pve-qemu-kvm (installed is {p}; QMP did not say)"));
+            }
         }
+        // Not Proxmox's QEMU: a range given only for pve-qemu-kvm (a bug of its patches)
+        // does not apply.
+        (_, Some(_), _, None) if f.proxmox == Some(false) => return None,
         (_, _, Some(q), Some(r)) => {
             if !r.contains(q) {
                 return None;
             }
+            version_verified = true;
             evidence.push(format!("QEMU {q} is in the affected range {}", r.text));
         }
         (_, _, None, Some(_)) | (None, Some(_), None, None) => unverified.push("QEMU version (not captured)".into()),
         _ => {}
     }
+    let mut config_verified = false;
     if let Some(rule) = &s.config {
         match f.config {
-            Some(cfg) => evidence.push(config_holds(rule, cfg)?),
+            Some(cfg) => {
+                evidence.push(config_holds(rule, cfg)?);
+                config_verified = true;
+            }
             None if s.kind == "risk" => return None,
             None => unverified.push("VM config (not captured)".into()),
         }
     }
-    if !s.stacks.is_empty() {
-        let threads = f.threads?;
-        let hit = s.stacks.iter().find_map(|rule| threads.iter().find_map(|t| stack_holds(rule, t)))?;
-        evidence.push(hit);
+    let mut status = Status::Matched;
+    if s.stacks.is_empty() {
+        // Without frames, the version and the config are the evidence: both must be seen.
+        if s.kind == "bug" && !(version_verified && config_verified) {
+            return None;
+        }
+    } else {
+        match stacks_hold(&s.stacks, f.threads) {
+            StackFinding::Hit(hit) => evidence.push(hit),
+            StackFinding::Miss => return None,
+            StackFinding::NotEvaluable(why) => {
+                status = Status::Possible;
+                unverified.push(format!("stack rule not evaluable: {why}; {}", f.symbols_hint));
+            }
+        }
     }
     Some(SignatureMatch {
         id: s.id.clone(),
         kind: s.kind.clone(),
+        status,
         title: s.title.clone(),
         links: s.links.clone(),
         fixed_in: s.fixed_in(),
@@ -130,8 +281,27 @@ fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
     })
 }
 
+/// A thread whose frames contain a rule's frames: a hit. Else, when unnamed QEMU frames
+/// could stand for the missing names (or no stacks were captured), not evaluable.
+fn stacks_hold(rules: &[StackRule], threads: Option<&[Thread]>) -> StackFinding {
+    let Some(threads) = threads.filter(|t| !t.is_empty()) else {
+        return StackFinding::NotEvaluable("no stacks were captured".into());
+    };
+    if let Some(hit) = rules.iter().find_map(|rule| threads.iter().find_map(|t| stack_holds(rule, t, false))) {
+        return StackFinding::Hit(hit);
+    }
+    match rules.iter().find_map(|rule| threads.iter().find_map(|t| stack_holds(rule, t, true))) {
+        Some(could) => StackFinding::NotEvaluable(format!(
+            "QEMU frames unnamed ({})",
+            could.split_once(':').map(|(t, _)| t).unwrap_or(&could)
+        )),
+        None => StackFinding::Miss,
+    }
+}
+
 /// `Some(description)` when the thread's frames contain the rule's frames in order.
-fn stack_holds(rule: &StackRule, t: &Thread) -> Option<String> {
+/// With `unnamed_any`, an unnamed QEMU frame stands for any named function.
+fn stack_holds(rule: &StackRule, t: &Thread, unnamed_any: bool) -> Option<String> {
     if let Some(want) = &rule.thread {
         if !t.name.contains(want.as_str()) {
             return None;
@@ -140,7 +310,9 @@ fn stack_holds(rule: &StackRule, t: &Thread) -> Option<String> {
     let mut at = 0;
     let mut seen = Vec::new();
     for p in &rule.frames {
-        let i = t.frames[at..].iter().position(|fr| frame_is(p, fr))? + at;
+        let i = t.frames[at..].iter().position(|fr| {
+            frame_is(p, fr) || (unnamed_any && fr.unnamed_qemu && matches!(p, FramePattern::Names(_)))
+        })? + at;
         seen.push(format!("#{i} {}", shown(&t.frames[i])));
         at = i + 1;
     }
@@ -169,6 +341,18 @@ fn frame_is(p: &FramePattern, fr: &Frame) -> bool {
     }
 }
 
+/// Whether qemu-server gives the disk `key` an iothread: `virtioN` honours `iothread=1`;
+/// `scsiN` only with scsihw `virtio-scsi-single` (otherwise it is ignored with a
+/// warning); IDE and SATA have none (PVE/QemuServer.pm, config_to_command).
+pub(crate) fn effective_iothread(key: &str, o: &Options, scsihw: &str) -> bool {
+    let on = matches!(o.get("iothread").map(String::as_str), Some("1" | "on" | "yes" | "true"));
+    match key.trim_end_matches(|c: char| c.is_ascii_digit()) {
+        "virtio" => on,
+        "scsi" => on && scsihw == "virtio-scsi-single",
+        _ => false,
+    }
+}
+
 fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
     let disks = cfg.disks();
     let mut why = Vec::new();
@@ -186,14 +370,16 @@ fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
         (!on.is_empty()).then_some(())?;
         why.push(format!("disks on {}: {}", rule.bus.join("/"), on.join(", ")));
     }
-    let iothread = |o: &Options| o.get("iothread").map(String::as_str) == Some("1");
+    let scsihw = cfg.scsihw();
     if let Some(min) = rule.iothreads_min {
-        let n = disks.iter().filter(|(_, o)| iothread(o)).count();
-        (n >= min).then_some(())?;
-        why.push(format!("{n} disks with an iothread"));
+        let with: Vec<&str> =
+            disks.iter().filter(|(k, o)| effective_iothread(k, o, scsihw)).map(|(k, _)| k.as_str()).collect();
+        (with.len() >= min).then_some(())?;
+        why.push(format!("{} disks with an effective iothread ({})", with.len(), with.join(", ")));
     }
     if rule.no_iothread {
-        let without: Vec<&str> = disks.iter().filter(|(_, o)| !iothread(o)).map(|(k, _)| k.as_str()).collect();
+        let without: Vec<&str> =
+            disks.iter().filter(|(k, o)| !effective_iothread(k, o, scsihw)).map(|(k, _)| k.as_str()).collect();
         (!without.is_empty()).then_some(())?;
         why.push(format!("no iothread: {}", without.join(", ")));
     }
@@ -238,7 +424,7 @@ fn threads(ev: &dyn Evidence) -> Option<Vec<Thread>> {
                 .map(|t| Thread {
                     tid: t["tid"].as_i64().unwrap_or(0),
                     name: t["name"].as_str().unwrap_or("").to_string(),
-                    frames: t["frames"].as_array().into_iter().flatten().map(native_frame).collect(),
+                    frames: t["frames"].as_array().into_iter().flatten().flat_map(native_frames).collect(),
                 })
                 .collect(),
         );
@@ -246,16 +432,31 @@ fn threads(ev: &dyn Evidence) -> Option<Vec<Thread>> {
     ev.read_string("stacks/gdb.txt").map(|t| gdb_threads(&t))
 }
 
-fn native_frame(fr: &Value) -> Frame {
-    Frame {
-        symbol: fr["symbol"].as_str().map(str::to_string),
-        module: fr["module"].as_str().map(str::to_string),
-        offset: fr["module_offset"].as_u64(),
-    }
+/// One native frame as gdb would list it: its inlined calls (recorded innermost
+/// first) each as a frame at the same address, then the function they were inlined into.
+fn native_frames(fr: &Value) -> Vec<Frame> {
+    let module = fr["module"].as_str().map(str::to_string);
+    let offset = fr["module_offset"].as_u64();
+    let at = |symbol: Option<String>| Frame {
+        unnamed_qemu: symbol.is_none() && module.as_deref().is_some_and(is_qemu_module),
+        symbol,
+        module: module.clone(),
+        offset,
+    };
+    let mut out: Vec<Frame> = fr["inlined"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["function"].as_str())
+        .map(|f| at(Some(f.to_string())))
+        .collect();
+    out.push(at(fr["symbol"].as_str().map(str::to_string)));
+    out
 }
 
 /// gdb's `thread apply all bt`: `Thread N (Thread 0x… (LWP tid) "name"):` then
-/// `#k  0x… in func (…) at …` or `#k  func (…) at …` lines.
+/// `#k  0x… in func (…) at …` or `#k  func (…) at …` lines. `?? ()` is an unnamed
+/// frame; gdb adds `from LIB` only for shared libraries, so one without is QEMU's own.
 fn gdb_threads(text: &str) -> Vec<Thread> {
     let mut out: Vec<Thread> = Vec::new();
     for line in text.lines() {
@@ -279,7 +480,9 @@ fn gdb_threads(text: &str) -> Vec<Thread> {
             w = words.next().unwrap_or("");
         }
         let symbol = (!w.is_empty() && w != "??").then(|| w.to_string());
-        t.frames.push(Frame { symbol, module: None, offset: None });
+        let module = l.split(" from ").nth(1).map(|m| m.trim().to_string());
+        let unnamed_qemu = symbol.is_none() && module.as_deref().is_none_or(is_qemu_module);
+        t.frames.push(Frame { symbol, module, offset: None, unnamed_qemu });
     }
     out
 }

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
-pub use matching::{matches, SignatureMatch};
+pub use matching::{matches, SignatureMatch, Status};
 pub use version::{compare as compare_versions, Range};
 
 use crate::runbook::{RunbookError as SignatureError, RunbookErrors as SignatureErrors};
@@ -172,6 +172,9 @@ pub struct Signature {
     pub config: Option<ConfigRule>,
     /// `built-in` or the file it came from.
     pub source: String,
+    /// SHA-256 of the file's text, recorded in the archive (`signatures.json`) so
+    /// `inspect` can tell whether it recomputes against the same set.
+    pub sha256: String,
 }
 
 impl Signature {
@@ -281,8 +284,17 @@ pub fn parse(text: &str, file: &str) -> Result<Signature, SignatureErrors> {
     });
     let config = config.filter(|c| !c.is_empty());
     match raw.kind.as_str() {
-        "bug" if stacks.is_empty() => {
-            err("stack", "a bug signature needs a [[match.stack]] rule: its frames are the evidence".into())
+        // Without frames, the version and the config are the evidence: both must be stated
+        // (and, when matching, verified).
+        "bug"
+            if stacks.is_empty() && (config.is_none() || (qemu_affected.is_none() && pve_qemu_affected.is_none())) =>
+        {
+            err(
+                "stack",
+                "a bug signature without a [[match.stack]] rule needs an affected version range and a \
+                 [match.config] rule: they are its evidence"
+                    .into(),
+            )
         }
         "risk" if config.is_none() => err("config", "a risk signature needs a [match.config] rule".into()),
         _ => {}
@@ -305,6 +317,7 @@ pub fn parse(text: &str, file: &str) -> Result<Signature, SignatureErrors> {
         stacks,
         config,
         source: file.into(),
+        sha256: format!("{:x}", <sha2::Sha256 as sha2::Digest>::digest(text.as_bytes())),
     })
 }
 
@@ -378,6 +391,56 @@ pub fn load(dir: &Path) -> Set {
     }
     set.signatures.sort_by(|a, b| a.id.cmp(&b.id));
     set
+}
+
+/// Where a capture records the set it matched against.
+pub const RECORD_PATH: &str = "signatures.json";
+
+/// One signature of the set a capture used: `signatures.json` in the archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordEntry {
+    pub id: String,
+    /// `built-in` or the operator file's path.
+    pub source: String,
+    /// SHA-256 of the file's text.
+    pub sha256: String,
+}
+
+/// The set as recorded in an archive.
+pub fn record(set: &Set) -> Vec<RecordEntry> {
+    set.signatures
+        .iter()
+        .map(|s| RecordEntry { id: s.id.clone(), source: s.source.clone(), sha256: s.sha256.clone() })
+        .collect()
+}
+
+/// `inspect`'s one-line note when the archive's recorded set differs from `set` (the
+/// recomputed matches may then differ from the summary's). `None` when they are the
+/// same; a note too when the archive predates the record.
+pub fn record_note(ev: &dyn crate::archive::Evidence, set: &Set) -> Option<String> {
+    let Some(bytes) = ev.read(RECORD_PATH) else {
+        return Some(format!(
+            "note: this archive does not record its signature set ({RECORD_PATH}); recomputed matches use this \
+             host's {} signatures",
+            set.signatures.len()
+        ));
+    };
+    let Ok(then) = serde_json::from_slice::<Vec<RecordEntry>>(&bytes) else {
+        return Some(format!("note: {RECORD_PATH} in the archive is unreadable; recomputed with this host's set"));
+    };
+    let now = record(set);
+    let sha = |v: &[RecordEntry], id: &str| v.iter().find(|e| e.id == id).map(|e| e.sha256.clone());
+    let mut ids: Vec<&str> = then.iter().chain(&now).map(|e| e.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    let differ: Vec<&str> = ids.into_iter().filter(|id| sha(&then, id) != sha(&now, id)).collect();
+    (!differ.is_empty()).then(|| {
+        format!(
+            "note: the signature set differs from the capture's ({}: {}); recomputed matches use this host's set",
+            differ.len(),
+            crate::qmp::one_line(&differ.join(", "), 200)
+        )
+    })
 }
 
 static ACTIVE: OnceLock<Set> = OnceLock::new();

@@ -1,6 +1,6 @@
 //! Version comparison as dpkg does it (epoch, upstream, revision; `~` sorts first), so
 //! `10.1.2-1 < 10.1.2-7 < 10.2.1-1` and QEMU's `7.2.22 < 10.0.0`; and ranges like
-//! `">= 10.0.0, < 10.1.2-1"`.
+//! `">= 10.0.0, < 10.1.2-1"`, with `||` between alternatives.
 
 use std::cmp::Ordering;
 
@@ -72,43 +72,52 @@ pub fn compare(a: &str, b: &str) -> Ordering {
     ea.cmp(&eb).then_with(|| cmp_part(ua, ub)).then_with(|| cmp_part(ra, rb))
 }
 
-/// A conjunction of bounds: `">= 10.0.0, < 10.1.2-1"`.
+/// Alternatives of conjunctions of bounds: `">= 10.0.0, < 10.1.2-1"`, or
+/// `">= 10.0.0, < 10.0.7 || >= 10.1.0, < 10.2.0"` when a stable backport splits a range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Range {
     pub text: String,
-    bounds: Vec<(String, String)>,
+    /// Each alternative's bounds; a version is in the range when it meets all bounds of one.
+    alternatives: Vec<Vec<(String, String)>>,
 }
 
 impl Range {
     pub fn parse(text: &str) -> Result<Range, String> {
-        let mut bounds = Vec::new();
-        for part in text.split(',') {
-            let p = part.trim();
-            let op = ["<=", ">=", "<", ">", "="].into_iter().find(|o| p.starts_with(o));
-            let Some(op) = op else {
-                return Err(format!(
-                    "{p:?}: each bound is <, <=, >, >= or = and a version, e.g. \">= 10.0.0, < 10.1.2-1\""
-                ));
-            };
-            let v = p[op.len()..].trim();
-            if !is_version(v) {
-                return Err(format!("{p:?}: {v:?} is not a version"));
+        let mut alternatives = Vec::new();
+        for alt in text.split("||") {
+            let mut bounds = Vec::new();
+            for part in alt.split(',') {
+                let p = part.trim();
+                let op = ["<=", ">=", "<", ">", "="].into_iter().find(|o| p.starts_with(o));
+                let Some(op) = op else {
+                    return Err(format!(
+                        "{p:?}: each bound is <, <=, >, >= or = and a version, e.g. \">= 10.0.0, < 10.1.2-1\" \
+                         (alternatives separated by ||)"
+                    ));
+                };
+                let v = p[op.len()..].trim();
+                if !is_version(v) {
+                    return Err(format!("{p:?}: {v:?} is not a version"));
+                }
+                bounds.push((op.to_string(), v.to_string()));
             }
-            bounds.push((op.to_string(), v.to_string()));
+            alternatives.push(bounds);
         }
-        Ok(Range { text: text.trim().to_string(), bounds })
+        Ok(Range { text: text.trim().to_string(), alternatives })
     }
 
     pub fn contains(&self, v: &str) -> bool {
-        self.bounds.iter().all(|(op, b)| {
-            let o = compare(v, b);
-            match op.as_str() {
-                "<" => o == Ordering::Less,
-                "<=" => o != Ordering::Greater,
-                ">" => o == Ordering::Greater,
-                ">=" => o != Ordering::Less,
-                _ => o == Ordering::Equal,
-            }
+        self.alternatives.iter().any(|bounds| {
+            bounds.iter().all(|(op, b)| {
+                let o = compare(v, b);
+                match op.as_str() {
+                    "<" => o == Ordering::Less,
+                    "<=" => o != Ordering::Greater,
+                    ">" => o == Ordering::Greater,
+                    ">=" => o != Ordering::Less,
+                    _ => o == Ordering::Equal,
+                }
+            })
         })
     }
 }
@@ -135,5 +144,16 @@ mod tests {
         assert!(!r.contains("10.1.2-1") && !r.contains("9.2.0-5"));
         assert!(Range::parse("10.0").is_err());
         assert!(Range::parse(">= ten").is_err());
+    }
+
+    #[test]
+    fn alternative_ranges() {
+        let r = Range::parse(">= 10.0.0, < 10.0.7 || >= 10.1.0, < 10.2.0").unwrap();
+        assert!(r.contains("10.0.0") && r.contains("10.0.6") && r.contains("10.1.0") && r.contains("10.1.2"));
+        assert!(!r.contains("10.0.7") && !r.contains("10.0.8") && !r.contains("10.2.0") && !r.contains("9.2.0"));
+        // An empty alternative or a bad bound in the second one is an error.
+        assert!(Range::parse(">= 10.0.0 ||").is_err());
+        let e = Range::parse(">= 10.0.0 || < ten").unwrap_err();
+        assert!(e.contains("\"ten\" is not a version"), "{e}");
     }
 }
