@@ -95,7 +95,12 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
     });
     let package = version.as_ref().and_then(|v| v["return"]["package"].as_str().map(str::to_string));
     let host = crate::hostinfo::load(ev);
-    let (pve, pve_source) = pve_version(ev, package.as_deref(), host.as_ref());
+    let proxmox = is_proxmox(ev, package.as_deref());
+    let (mut pve, mut pve_source) = pve_version(ev, package.as_deref(), host.as_ref());
+    // An installed pve-qemu-kvm says nothing of a running QEMU that is not Proxmox's.
+    if proxmox == Some(false) && pve_source != Some(PveSource::Running) {
+        (pve, pve_source) = (None, None);
+    }
     let facts = Facts {
         verdict,
         layer,
@@ -104,7 +109,7 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
         qemu,
         pve,
         pve_source,
-        proxmox: is_proxmox(ev, package.as_deref()),
+        proxmox,
         symbols_hint: symbols_hint(ev, package.as_deref(), host.as_ref()),
     };
     set.signatures.iter().filter_map(|s| one(s, &facts)).collect()

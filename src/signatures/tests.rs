@@ -190,6 +190,9 @@ fn ide_range_and_non_proxmox_qemu() {
         .with("config/102.conf", "scsihw: lsi\nscsi0: local:vm-102-disk-0\n")
         .with("qmp/query-proxmox-support.json", r#"{"error":{"class":"CommandNotFound","desc":"x"}}"#);
     assert!(matches(&unknown, "block-path-frozen", None, &set).iter().all(|m| m.kind != "bug"));
+    // Nor does the installed pve-qemu-kvm when the running QEMU is not Proxmox's.
+    let installed = unknown.clone().with("commands/pveversion.txt", "pve-qemu-kvm: 7.2.0-5\n");
+    assert!(matches(&installed, "block-path-frozen", None, &set).iter().all(|m| m.kind != "bug"));
 }
 
 #[test]
