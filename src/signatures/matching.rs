@@ -66,6 +66,13 @@ fn is_qemu_module(path: &str) -> bool {
     file.starts_with("qemu-system-") || file == "kvm"
 }
 
+const HOST_INFO: &str = "host/info.json";
+
+/// A `versions` string of host info.
+fn host_str<'a>(host: Option<&'a Value>, key: &str) -> Option<&'a str> {
+    host.and_then(|h| h[key].as_str())
+}
+
 /// Where the pve-qemu-kvm version came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PveSource {
@@ -94,7 +101,9 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
         Some(format!("{}.{}.{}", q["major"].as_u64()?, q["minor"].as_u64()?, q["micro"].as_u64()?))
     });
     let package = version.as_ref().and_then(|v| v["return"]["package"].as_str().map(str::to_string));
-    let host = crate::hostinfo::load(ev);
+    // host/info.json (hostinfo::PATH), read as JSON: hostinfo imports diagnose, which
+    // imports this module.
+    let host = ev.read_json(HOST_INFO).map(|h| h["versions"].clone());
     let proxmox = is_proxmox(ev, package.as_deref());
     let (mut pve, mut pve_source) = pve_version(ev, package.as_deref(), host.as_ref());
     // An installed pve-qemu-kvm says nothing of a running QEMU that is not Proxmox's.
@@ -118,24 +127,17 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
 /// The pve-qemu-kvm build: the running one from `query-version`, else the installed
 /// one (`commands/pveversion.txt`, then host info's dpkg record). A main-loop deadlock
 /// leaves QMP unanswered, so the installed version is often all there is.
-fn pve_version(
-    ev: &dyn Evidence,
-    package: Option<&str>,
-    host: Option<&crate::hostinfo::HostInfo>,
-) -> (Option<String>, Option<PveSource>) {
+fn pve_version(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) -> (Option<String>, Option<PveSource>) {
     if let Some(p) = package.and_then(crate::pve::pve_build) {
         return (Some(p), Some(PveSource::Running));
     }
     let from_pveversion = ev
         .read_string("commands/pveversion.txt")
         .and_then(|t| t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| v.trim().to_string())));
-    let from_dpkg = || {
-        host.and_then(|h| h.versions.qemu_installed.as_deref())
-            .and_then(|i| i.strip_prefix("pve-qemu-kvm "))
-            .map(|v| v.trim().to_string())
-    };
+    let from_dpkg =
+        || host_str(host, "qemu_installed").and_then(|i| i.strip_prefix("pve-qemu-kvm ")).map(|v| v.trim().to_string());
     let installed = from_pveversion.or_else(from_dpkg).filter(|v| super::version::is_version(v));
-    let same = host.and_then(|h| h.versions.qemu_on_disk.as_deref()) == Some("same");
+    let same = host_str(host, "qemu_on_disk") == Some("same");
     let source = if same { PveSource::InstalledSameImage } else { PveSource::Installed };
     (installed.clone(), installed.map(|_| source))
 }
@@ -160,14 +162,14 @@ fn is_proxmox(ev: &dyn Evidence, package: Option<&str>) -> Option<bool> {
 
 /// "install the debug symbols for build-id … (pve-qemu-kvm-dbgsym=…)": what would make
 /// QEMU's frames named.
-fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&crate::hostinfo::HostInfo>) -> String {
+fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) -> String {
     let from_stacks = ev.read_json("stacks/threads.json").and_then(|v| {
         v["modules"].as_array()?.iter().find_map(|m| {
             let name = m["name"].as_str()?;
             is_qemu_module(name).then(|| m["build_id"].as_str().map(str::to_string)).flatten()
         })
     });
-    let build_id = from_stacks.or_else(|| host.and_then(|h| h.versions.qemu_build_id.clone()));
+    let build_id = from_stacks.or_else(|| host_str(host, "qemu_build_id").map(str::to_string));
     let installed = ev.read_string("commands/pveversion.txt").and_then(|t| {
         t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| format!("pve-qemu-kvm_{}", v.trim())))
     });

@@ -133,9 +133,7 @@ fn lsi_regression_is_a_verified_version_and_config_rule() {
     // The installed version counts only when the image on disk is the running one.
     let installed = no_version.clone().with("commands/pveversion.txt", "proxmox-ve: 7.3-1\npve-qemu-kvm: 7.2.0-5\n");
     assert!(ids(&installed, "block-path-frozen").is_empty());
-    let mut host = crate::hostinfo::HostInfo::default();
-    host.versions.qemu_on_disk = Some("same".into());
-    let same = installed.clone().with(crate::hostinfo::PATH, &serde_json::to_string(&host).unwrap());
+    let same = installed.clone().with("host/info.json", r#"{"versions":{"qemu_on_disk":"same"}}"#);
     let m = matches(&same, "block-path-frozen", None, &set);
     let lsi = m.iter().find(|m| m.id == id).unwrap_or_else(|| panic!("{m:?}"));
     assert!(lsi.evidence.iter().any(|e| e.contains("7.2.0-5 (installed; the QEMU image on disk is the running one)")));
