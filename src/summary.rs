@@ -210,7 +210,8 @@ fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMat
         for u in &m.unverified {
             o.push_str(&format!("  - not verified: {u}\n"));
         }
-        o.push_str(&format!("  - what to do: {}\n", m.advice));
+        let todo = if m.status == Status::Possible { "what to do if confirmed" } else { "what to do" };
+        o.push_str(&format!("  - {todo}: {}\n", m.advice));
     }
     o.push('\n');
 }

@@ -301,6 +301,7 @@ fn signatures_show_summary_rendering_and_the_recorded_set() {
         "  - <https://example.org/lab-bug>",
         "- **Possible known bug, not verified: lab static function bug** (`lab-static-fn`)",
         "  - not verified: stack rule not evaluable: QEMU frames unnamed",
+        "  - what to do if confirmed: upgrade",
     ] {
         assert!(md.contains(want), "summary.md lacks {want:?}:\n{md}");
     }

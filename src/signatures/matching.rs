@@ -196,8 +196,12 @@ struct Facts<'a> {
 /// What a signature's stack rules say of the captured threads.
 enum StackFinding {
     Hit(String),
-    /// Cannot be evaluated, and why.
-    NotEvaluable(String),
+    /// Cannot be evaluated, and why; `unnamed`: because QEMU's frames have no names
+    /// (debug symbols would help), else because no stacks were captured.
+    NotEvaluable {
+        why: String,
+        unnamed: bool,
+    },
     Miss,
 }
 
@@ -269,9 +273,10 @@ fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
         match stacks_hold(&s.stacks, f.threads) {
             StackFinding::Hit(hit) => evidence.push(hit),
             StackFinding::Miss => return None,
-            StackFinding::NotEvaluable(why) => {
+            StackFinding::NotEvaluable { why, unnamed } => {
                 status = Status::Possible;
-                unverified.push(format!("stack rule not evaluable: {why}; {}", f.symbols_hint));
+                let next = if unnamed { f.symbols_hint.as_str() } else { "a capture with stacks would decide" };
+                unverified.push(format!("stack rule not evaluable: {why}; {next}"));
             }
         }
     }
@@ -292,16 +297,16 @@ fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
 /// could stand for the missing names (or no stacks were captured), not evaluable.
 fn stacks_hold(rules: &[StackRule], threads: Option<&[Thread]>) -> StackFinding {
     let Some(threads) = threads.filter(|t| !t.is_empty()) else {
-        return StackFinding::NotEvaluable("no stacks were captured".into());
+        return StackFinding::NotEvaluable { why: "no stacks were captured".into(), unnamed: false };
     };
     if let Some(hit) = rules.iter().find_map(|rule| threads.iter().find_map(|t| stack_holds(rule, t, false))) {
         return StackFinding::Hit(hit);
     }
     match rules.iter().find_map(|rule| threads.iter().find_map(|t| stack_holds(rule, t, true))) {
-        Some(could) => StackFinding::NotEvaluable(format!(
-            "QEMU frames unnamed ({})",
-            could.split_once(':').map(|(t, _)| t).unwrap_or(&could)
-        )),
+        Some(could) => StackFinding::NotEvaluable {
+            why: format!("QEMU frames unnamed ({})", could.split_once(':').map(|(t, _)| t).unwrap_or(&could)),
+            unnamed: true,
+        },
         None => StackFinding::Miss,
     }
 }

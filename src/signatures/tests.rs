@@ -221,6 +221,20 @@ fn native(frames: serde_json::Value) -> String {
     .to_string()
 }
 
+/// A Proxmox 10.1.0-1 VM on virtio-scsi-single: 6810's version and config, no stacks.
+fn tmf_ev() -> Mem {
+    Mem::default().with("config/102.conf", "scsihw: virtio-scsi-single\nscsi0: local:x\n").with(
+        "qmp/query-version.json",
+        r#"{"return":{"qemu":{"major":10,"minor":1,"micro":0},"package":"pve-qemu-kvm_10.1.0-1"}}"#,
+    )
+}
+
+/// 6810's entry among the matches (any status).
+fn tmf_of(ev: &Mem, set: &Set) -> SignatureMatch {
+    let m = matches(ev, "block-path-frozen", None, set);
+    m.iter().find(|m| m.id == "pve-6810-virtio-scsi-tmf-deadlock").cloned().unwrap_or_else(|| panic!("{m:?}"))
+}
+
 #[test]
 fn inlined_frames_count_as_gdb_shows_them() {
     let set = load(Path::new("/nonexistent"));
@@ -230,15 +244,8 @@ fn inlined_frames_count_as_gdb_shows_them() {
         {"symbol": "virtio_scsi_do_tmf_aio_context", "pc": 2, "module": "/usr/bin/qemu-system-x86_64",
          "inlined": [{"function": "qemu_mutex_lock_impl"}, {"function": "scsi_req_cancel_async"}]},
     ]);
-    let ev = Mem::default()
-        .with("stacks/threads.json", &native(frames))
-        .with("config/102.conf", "scsihw: virtio-scsi-single\nscsi0: local:x\n")
-        .with(
-            "qmp/query-version.json",
-            r#"{"return":{"qemu":{"major":10,"minor":1,"micro":0},"package":"pve-qemu-kvm_10.1.0-1"}}"#,
-        );
-    let m = matches(&ev, "block-path-frozen", None, &set);
-    let tmf = m.iter().find(|m| m.id == "pve-6810-virtio-scsi-tmf-deadlock").unwrap_or_else(|| panic!("{m:?}"));
+    let ev = tmf_ev().with("stacks/threads.json", &native(frames));
+    let tmf = tmf_of(&ev, &set);
     assert_eq!(tmf.status, Status::Matched);
     assert!(tmf.evidence.iter().any(|e| e.contains("#1 qemu_mutex_lock_impl < #2 scsi_req_cancel_async < #3 virtio")));
 }
@@ -248,15 +255,8 @@ fn unnamed_qemu_frames_make_a_possible_match_never_a_confirmed_one() {
     let set = load(Path::new("/nonexistent"));
     let unnamed = |o: u64| serde_json::json!({"pc": o, "module": "/usr/bin/kvm", "module_offset": o});
     let frames = serde_json::json!([{"symbol": "__lll_lock_wait"}, unnamed(0x100), unnamed(0x200), unnamed(0x300)]);
-    let ev = Mem::default()
-        .with("stacks/threads.json", &native(frames))
-        .with("config/102.conf", "scsihw: virtio-scsi-single\nscsi0: local:x\n")
-        .with(
-            "qmp/query-version.json",
-            r#"{"return":{"qemu":{"major":10,"minor":1,"micro":0},"package":"pve-qemu-kvm_10.1.0-1"}}"#,
-        );
-    let m = matches(&ev, "block-path-frozen", None, &set);
-    let tmf = m.iter().find(|m| m.id == "pve-6810-virtio-scsi-tmf-deadlock").unwrap_or_else(|| panic!("{m:?}"));
+    let ev = tmf_ev().with("stacks/threads.json", &native(frames));
+    let tmf = tmf_of(&ev, &set);
     assert_eq!(tmf.status, Status::Possible);
     let u = tmf.unverified.join("\n");
     assert!(u.contains("stack rule not evaluable: QEMU frames unnamed"), "{u}");
@@ -267,18 +267,18 @@ fn unnamed_qemu_frames_make_a_possible_match_never_a_confirmed_one() {
     let ev2 = ev.clone().with("stacks/threads.json", &native(named));
     assert!(matches(&ev2, "block-path-frozen", None, &set).iter().all(|m| m.id != "pve-6810-virtio-scsi-tmf-deadlock"));
     // No stacks at all: possible, saying so.
-    let ev3 = Mem::default().with("config/102.conf", "scsihw: virtio-scsi-single\nscsi0: local:x\n").with(
-        "qmp/query-version.json",
-        r#"{"return":{"qemu":{"major":10,"minor":1,"micro":0},"package":"pve-qemu-kvm_10.1.0-1"}}"#,
+    let tmf = tmf_of(&tmf_ev(), &set);
+    assert!(
+        tmf.status == Status::Possible
+            && tmf.unverified.iter().any(|u| u.contains("no stacks were captured; a capture with stacks"))
     );
-    let m = matches(&ev3, "block-path-frozen", None, &set);
-    let tmf = m.iter().find(|m| m.id == "pve-6810-virtio-scsi-tmf-deadlock").unwrap_or_else(|| panic!("{m:?}"));
-    assert!(tmf.status == Status::Possible && tmf.unverified.iter().any(|u| u.contains("no stacks were captured")));
     // gdb's `?? ()` frames of QEMU's own image are unnamed too.
     let gdb = "Thread 2 (Thread 0x7f (LWP 11) \"iothread\"):\n#0  0x1 in __lll_lock_wait () from /lib/libc.so.6\n#1  0x2 in ?? ()\n#2  0x3 in ?? ()\n#3  0x4 in ?? ()\n";
-    let ev4 = ev3.clone().with("stacks/gdb.txt", gdb);
-    let m = matches(&ev4, "block-path-frozen", None, &set);
-    assert!(m.iter().any(|m| m.id == "pve-6810-virtio-scsi-tmf-deadlock" && m.status == Status::Possible), "{m:?}");
+    let tmf = tmf_of(&tmf_ev().with("stacks/gdb.txt", gdb), &set);
+    assert!(
+        tmf.status == Status::Possible && tmf.unverified.iter().any(|u| u.contains("QEMU frames unnamed")),
+        "{tmf:?}"
+    );
 }
 
 #[test]
