@@ -146,6 +146,7 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
         || !p.vzdump_tail.is_empty()
         || p.ha.is_some()
         || !p.pending.is_empty()
+        || p.lock.is_some()
         || !p.stop_imminent.is_empty();
     if !any {
         return;
@@ -177,6 +178,9 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
     }
     if let Some(h) = &p.ha {
         o.push_str(&format!("- HA: {}\n", data(h)));
+    }
+    if let Some(l) = &p.lock {
+        o.push_str(&format!("- **Config lock:** {}\n", escape_control(l)));
     }
     for c in &p.pending {
         o.push_str(&format!("- pending (applies only at the next full stop→start): {}\n", data(c)));
@@ -469,6 +473,13 @@ fn versions_section(o: &mut String, p: &crate::pve::PveFindings, h: Option<&crat
     o.push_str(&format!("- **QEMU:** {qemu}\n"));
     let from_pveversion = p.pveversion.iter().find_map(|l| l.strip_prefix("pve-qemu-kvm:")).map(str::trim);
     let pve = match (&p.pve_qemu_build, from_pveversion, v.and_then(|v| v.qemu_installed.as_deref())) {
+        // An upgrade installed another build while this VM kept the old one: a fix in the
+        // installed build reaches this VM only with a full stop→start.
+        (Some(b), Some(i), _) if i.split_whitespace().next() != Some(b.as_str()) => format!(
+            "{} (query-version), but **{} is installed**: this VM runs the older build until a full stop→start",
+            data(b),
+            data(i)
+        ),
         (Some(b), _, _) => format!("{} (query-version)", data(b)),
         (None, Some(b), _) => format!("{} (pveversion; installed, not necessarily running)", data(b)),
         (None, None, Some(i)) if i.starts_with("pve-qemu-kvm ") => {
@@ -946,6 +957,28 @@ mod tests {
         assert_eq!(literal("plain"), "`plain`");
         assert_eq!(literal("a`b"), "``a`b``");
         assert_eq!(literal("`x"), "`` `x ``");
+    }
+
+    /// An upgrade with the VM still on the old build: the summary says the fix in the
+    /// installed build has not reached this VM.
+    #[test]
+    fn running_build_older_than_installed_is_called_out() {
+        let mut p = crate::pve::PveFindings {
+            qemu_version: Some("9.2.0".into()),
+            pve_qemu_build: Some("9.2.0-5".into()),
+            pveversion: vec!["pve-qemu-kvm: 10.1.2-1".into()],
+            ..Default::default()
+        };
+        let mut o = String::new();
+        versions_section(&mut o, &p, None, "pve1");
+        assert!(
+            o.contains("`9.2.0-5` (query-version), but **`10.1.2-1` is installed**: this VM runs the older build"),
+            "{o}"
+        );
+        p.pveversion = vec!["pve-qemu-kvm: 9.2.0-5".into()];
+        let mut o = String::new();
+        versions_section(&mut o, &p, None, "pve1");
+        assert!(o.contains("- **pve-qemu-kvm:** `9.2.0-5` (query-version)\n"), "{o}");
     }
 
     #[test]
