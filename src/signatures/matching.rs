@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use super::{ConfigRule, FramePattern, Set, Signature, StackRule};
 use crate::archive::Evidence;
-use crate::pve::vmconfig::{Options, PveConfig};
+use crate::pve::vmconfig::PveConfig;
 
 /// Whether the evidence confirms a signature or only fails to rule it out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -353,18 +353,6 @@ fn frame_is(p: &FramePattern, fr: &Frame) -> bool {
     }
 }
 
-/// Whether qemu-server gives the disk `key` an iothread: `virtioN` honours `iothread=1`;
-/// `scsiN` only with scsihw `virtio-scsi-single` (otherwise it is ignored with a
-/// warning); IDE and SATA have none (PVE/QemuServer.pm, config_to_command).
-pub(crate) fn effective_iothread(key: &str, o: &Options, scsihw: &str) -> bool {
-    let on = matches!(o.get("iothread").map(String::as_str), Some("1" | "on" | "yes" | "true"));
-    match key.trim_end_matches(|c: char| c.is_ascii_digit()) {
-        "virtio" => on,
-        "scsi" => on && scsihw == "virtio-scsi-single",
-        _ => false,
-    }
-}
-
 fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
     let disks = cfg.disks();
     let mut why = Vec::new();
@@ -382,23 +370,23 @@ fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
         (!on.is_empty()).then_some(())?;
         why.push(format!("disks on {}: {}", rule.bus.join("/"), on.join(", ")));
     }
-    let scsihw = cfg.scsihw();
+    // iothreads as qemu-server applies them (PveConfig::iothread_effective).
     if let Some(min) = rule.iothreads_min {
         let with: Vec<&str> =
-            disks.iter().filter(|(k, o)| effective_iothread(k, o, scsihw)).map(|(k, _)| k.as_str()).collect();
+            disks.iter().filter(|(k, o)| cfg.iothread_effective(k, o)).map(|(k, _)| k.as_str()).collect();
         (with.len() >= min).then_some(())?;
         why.push(format!("{} disks with an effective iothread ({})", with.len(), with.join(", ")));
     }
     if rule.no_iothread {
         let without: Vec<&str> =
-            disks.iter().filter(|(k, o)| !effective_iothread(k, o, scsihw)).map(|(k, _)| k.as_str()).collect();
+            disks.iter().filter(|(k, o)| !cfg.iothread_effective(k, o)).map(|(k, _)| k.as_str()).collect();
         (!without.is_empty()).then_some(())?;
         why.push(format!("no iothread: {}", without.join(", ")));
     }
     if rule.throttle {
         let t: Vec<&str> = disks
             .iter()
-            .filter(|(_, o)| o.keys().any(|k| k.starts_with("mbps") || k.starts_with("iops")))
+            .filter(|(_, o)| o.keys().any(|k| crate::pve::vmconfig::is_throttle_option(k)))
             .map(|(k, _)| k.as_str())
             .collect();
         (!t.is_empty()).then_some(())?;

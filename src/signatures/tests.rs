@@ -195,13 +195,6 @@ fn ide_range_and_non_proxmox_qemu() {
 
 #[test]
 fn effective_iothread_follows_qemu_server() {
-    use crate::pve::vmconfig::options;
-    assert!(matching::effective_iothread("virtio0", &options("local:x,iothread=1"), "lsi"));
-    assert!(matching::effective_iothread("scsi0", &options("local:x,iothread=1"), "virtio-scsi-single"));
-    assert!(!matching::effective_iothread("scsi0", &options("local:x,iothread=1"), "virtio-scsi-pci"));
-    assert!(!matching::effective_iothread("scsi0", &options("local:x,iothread=1"), "lsi"));
-    assert!(!matching::effective_iothread("sata0", &options("local:x,iothread=1"), "virtio-scsi-single"));
-    assert!(!matching::effective_iothread("ide0", &options("local:x,iothread=1"), "virtio-scsi-single"));
     // 3144 needs a throttle and an effective iothread: not on LSI where iothread=1 is ignored.
     let set = load(Path::new("/nonexistent"));
     let frames = ["__lll_lock_wait", "qemu_mutex_lock_impl", "throttle_group_co_io_limits_intercept"];
@@ -212,6 +205,8 @@ fn effective_iothread_follows_qemu_server() {
     };
     assert!(has("scsihw: virtio-scsi-single\nscsi0: local:x,iothread=1,mbps_wr=10\n"));
     assert!(has("scsihw: lsi\nvirtio0: local:x,iothread=1,iops_rd=100\n"));
+    assert!(has("scsihw: virtio-scsi-single\nscsi0: local:x,iothread=1,bps_wr=1048576\n"));
+    assert!(!has("scsihw: virtio-scsi-single\nscsi0: local:x,iothread=1\n"));
     assert!(!has("scsihw: lsi\nscsi0: local:x,iothread=1,mbps_wr=10\nscsi1: local:y,iothread=1\n"));
 }
 
