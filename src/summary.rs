@@ -146,6 +146,7 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
         || !p.vzdump_tail.is_empty()
         || p.ha.is_some()
         || !p.pending.is_empty()
+        || p.lock.is_some()
         || !p.stop_imminent.is_empty();
     if !any {
         return;
@@ -177,6 +178,9 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
     }
     if let Some(h) = &p.ha {
         o.push_str(&format!("- HA: {}\n", data(h)));
+    }
+    if let Some(l) = &p.lock {
+        o.push_str(&format!("- **Config lock:** {}\n", escape_control(l)));
     }
     for c in &p.pending {
         o.push_str(&format!("- pending (applies only at the next full stop→start): {}\n", data(c)));

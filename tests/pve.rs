@@ -63,6 +63,12 @@ fn proxmox_evidence_is_captured_and_unavailable_parts_do_not_fail_the_run() {
     std::fs::create_dir_all(lab.pve_dir().join("ha")).unwrap();
     std::fs::write(lab.pve_dir().join("ha/resources.cfg"), "vm: 102\n\tstate started\n").unwrap();
     let log = log_dir(lab.root());
+    // A backup lock left behind and a staged controller change, as `qm set` writes them.
+    let conf = lab.pve_dir().join("qemu-server/102.conf");
+    let mut text = std::fs::read_to_string(&conf).unwrap();
+    assert!(!text.contains('['), "the lab config has no sections yet: {text}");
+    text.push_str("lock: backup\n[PENDING]\nscsihw: virtio-scsi-single\n");
+    std::fs::write(&conf, text).unwrap();
     let path = format!("{}:{}", common::repo_root().join("tests/support").display(), std::env::var("PATH").unwrap());
     let mut cmd = lab.tool_args(&["102", "--json", "--sample-interval", "0", "--log-dir", log.to_str().unwrap()]);
     cmd.env("PATH", &path).env("WEDGE_LAB_ROOT", lab.root()).env("HA_STATE", "request_stop");
@@ -123,6 +129,8 @@ fn proxmox_evidence_is_captured_and_unavailable_parts_do_not_fail_the_run() {
         "unavailable: this QEMU has no query-backup (CommandNotFound)",
         "Risk stack: the 2026-06-11 risk stack",
         "fixed in: not a bug",
+        "**Config lock:** backup: set by vzdump, but no running backup was seen",
+        "pending (applies only at the next full stop→start): `scsihw: lsi → virtio-scsi-single`",
     ] {
         assert!(md.contains(want), "summary.md lacks {want:?}:\n{md}");
     }

@@ -64,8 +64,8 @@ pub fn audit_dir(dir: &Path) -> Result<Vec<VmAudit>, String> {
 /// The traits compared across VMs.
 fn traits(cfg: &PveConfig) -> Vec<(&'static str, String)> {
     let disks = cfg.disks();
-    let iothread = disks.iter().any(|(_, o)| o.get("iothread").map(String::as_str) == Some("1"));
-    let throttled = disks.iter().any(|(_, o)| o.keys().any(|k| k.starts_with("mbps") || k.starts_with("iops")));
+    let iothread = disks.iter().any(|(k, o)| cfg.iothread_effective(k, o));
+    let throttled = disks.iter().any(|(_, o)| o.keys().any(|k| crate::pve::vmconfig::is_throttle_option(k)));
     let aio: Vec<&str> = disks.iter().filter_map(|(_, o)| o.get("aio").map(String::as_str)).collect();
     vec![
         ("scsihw", cfg.scsihw().to_string()),

@@ -30,9 +30,7 @@ pub fn risks(cfg: &PveConfig) -> Vec<Risk> {
     }
     for (key, o) in cfg.disks() {
         let is_scsi = key.starts_with("scsi");
-        if (key.starts_with("virtio") || (is_scsi && hw == "virtio-scsi-single"))
-            && o.get("iothread").map(String::as_str) != Some("1")
-        {
+        if (key.starts_with("virtio") || (is_scsi && hw == "virtio-scsi-single")) && !cfg.iothread_effective(&key, &o) {
             out.push(Risk {
                 key: key.clone(),
                 what: format!("{key}: no iothread; disk emulation shares the main loop with timers and QMP"),
@@ -45,7 +43,7 @@ pub fn risks(cfg: &PveConfig) -> Vec<Risk> {
         }
         let limits: Vec<String> = o
             .iter()
-            .filter(|(k, _)| k.starts_with("mbps") || k.starts_with("iops"))
+            .filter(|(k, _)| crate::pve::vmconfig::is_throttle_option(k))
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         if !limits.is_empty() {
@@ -71,6 +69,10 @@ pub fn configured_limits(cfg: &PveConfig) -> BTreeMap<String, BTreeMap<String, u
     for (key, o) in cfg.disks() {
         let mut lim = BTreeMap::new();
         for (name, qmp, mult) in [
+            // The legacy byte-based keys (qemu-server converts them to mbps*).
+            ("bps", "bps", 1.0),
+            ("bps_rd", "bps_rd", 1.0),
+            ("bps_wr", "bps_wr", 1.0),
             ("mbps", "bps", 1048576.0),
             ("mbps_rd", "bps_rd", 1048576.0),
             ("mbps_wr", "bps_wr", 1048576.0),
@@ -117,6 +119,16 @@ mod tests {
         assert!(text.iter().any(|t| t.contains("io_uring")), "{text:?}");
         assert!(!text.iter().any(|t| t.contains("ide2")), "cdrom is not a disk: {text:?}");
         assert_eq!(configured_limits(&cfg)["scsi0"]["bps_wr"], 62914560);
+    }
+
+    /// An old config still written with the byte-based keys qemu-server converts.
+    #[test]
+    fn legacy_byte_limits_count_as_a_throttle() {
+        let cfg =
+            PveConfig::parse("scsihw: virtio-scsi-single\nscsi0: local-lvm:vm-1-disk-0,iothread=1,bps_wr=1048576\n");
+        let r = risks(&cfg);
+        assert!(r.iter().any(|r| r.what.contains("QEMU-level throttle bps_wr=1048576")), "{r:?}");
+        assert_eq!(configured_limits(&cfg)["scsi0"]["bps_wr"], 1048576);
     }
 
     #[test]

@@ -335,6 +335,14 @@ fn advice(r: &RunningQemu) -> Vec<String> {
                 out.push(format!(
                     "installed {d} would match the installed binary, not the running one; the running version is unknown (QMP did not answer)"
                 ));
+            } else if b.on_disk != OnDisk::Same {
+                // The debug package depends on pve-qemu-kvm of exactly its version: apt
+                // would downgrade the installed build or refuse. Unpack it beside instead.
+                let deb = d.replace('=', "_");
+                out.push(format!(
+                    "the running build is no longer installed, so do not apt install {d} (it depends on that exact pve-qemu-kvm and would downgrade it): \
+                     apt-get download {d}; dpkg-deb -x {deb}_amd64.deb /root/qemu-dbg; then pass --debug-dir /root/qemu-dbg/usr/lib/debug to audit and inspect --resymbolize (build-id {id})"
+                ));
             } else {
                 out.push(format!("apt install {d}   (then the debug file for build-id {id} appears under .build-id)"));
             }
@@ -359,5 +367,46 @@ mod tests {
         }
         let ids: Vec<String> = pidfile_vmids(dir.path()).iter().map(|v| v.to_string()).collect();
         assert_eq!(ids, ["102", "1000"]);
+    }
+
+    fn stripped_pve(version: &str, on_disk: OnDisk) -> RunningQemu {
+        RunningQemu {
+            vmid: "102".into(),
+            pid: Some(4242),
+            error: None,
+            binary: Some(Binary {
+                path: "/usr/bin/qemu-system-x86_64".into(),
+                build_id: Some("ab12".into()),
+                symtab: false,
+                dwarf: false,
+                on_disk,
+            }),
+            debug: None,
+            package: Some(crate::stacks::dbgsym::pve(version, "qmp", None)),
+            agent: None,
+            pin: Some(Pin::ExportedOnly),
+            advice: vec![],
+        }
+    }
+
+    /// The debug package depends on pve-qemu-kvm of exactly its version: installing it
+    /// for a build that is no longer installed would downgrade pve-qemu-kvm, so the
+    /// advice then unpacks it beside; for pre-8.0 builds it names pve-qemu-kvm-dbg.
+    #[test]
+    fn advice_names_the_right_package_and_never_downgrades() {
+        let same = advice(&stripped_pve("9.2.0-5", OnDisk::Same));
+        assert_eq!(same, ["apt install pve-qemu-kvm-dbgsym=9.2.0-5   (then the debug file for build-id ab12 appears under .build-id)"]);
+        let replaced = advice(&stripped_pve("9.2.0-5", OnDisk::Replaced { build_id: Some("cd34".into()) })).join("\n");
+        assert!(replaced.contains("another build (cd34)"), "{replaced}");
+        assert!(replaced.contains("do not apt install pve-qemu-kvm-dbgsym=9.2.0-5"), "{replaced}");
+        assert!(
+            replaced.contains(
+                "apt-get download pve-qemu-kvm-dbgsym=9.2.0-5; dpkg-deb -x pve-qemu-kvm-dbgsym_9.2.0-5_amd64.deb"
+            ),
+            "{replaced}"
+        );
+        assert!(!replaced.lines().any(|l| l.starts_with("apt install")), "{replaced}");
+        let old = advice(&stripped_pve("7.2.0-8", OnDisk::Same));
+        assert!(old[0].starts_with("apt install pve-qemu-kvm-dbg=7.2.0-8 "), "{old:?}");
     }
 }

@@ -23,8 +23,17 @@ use crate::step::{StepOutcome, StepSink};
 /// Task types that end with the VM's QEMU gone (qm stop/shutdown/reboot, HA's and
 /// vzdump's stop mode use these too).
 const STOPPING_TASKS: &[&str] = &["qmstop", "qmshutdown", "qmreboot", "qmdestroy", "hastop"];
-/// HA service states in which the local resource manager stops a running VM.
-const HA_STOP_STATES: &[&str] = &["stopped", "request_stop", "disabled", "fence", "recovery"];
+/// HA service states in which the running QEMU on this node is about to end, and how.
+const HA_STOP_STATES: &[(&str, &str)] = &[
+    ("stopped", "its resource manager will stop the running QEMU"),
+    ("request_stop", "its resource manager will stop the running QEMU"),
+    ("disabled", "its resource manager will stop the running QEMU"),
+    ("relocate", "its resource manager will stop the running QEMU and start the VM on another node"),
+    ("migrate", "it is being migrated: this QEMU ends when the migration completes"),
+    ("freeze", "the node is shutting down (shutdown policy freeze), which stops its guests"),
+    ("fence", "this node is being fenced (its watchdog resets it)"),
+    ("recovery", "the VM is being recovered on another node"),
+];
 /// Most task logs taken per run, newest first.
 const MAX_TASK_LOGS: usize = 8;
 /// Lines of the active task list read at most (the file is rewritten, not appended).
@@ -207,6 +216,9 @@ pub struct PveFindings {
     /// `[PENDING]` changes, compared as option sets.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// The config's `lock:` (backup, migrate, snapshot, …) and what it means here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lock: Option<String>,
     /// Something is about to stop this QEMU (qmeventd, a stop task, HA), with what to do.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stop_imminent: Vec<String>,
@@ -286,25 +298,54 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
             f.ha = Some(line.trim().to_string());
             // `service vm:102 (pve1, started)`
             let state = line.rsplit_once(',').map(|(_, s)| s.trim().trim_end_matches(')').trim()).unwrap_or("");
-            if HA_STOP_STATES.contains(&state) {
+            if let Some((_, what)) = HA_STOP_STATES.iter().find(|(s, _)| *s == state) {
                 f.stop_imminent.push(format!(
-                    "HA has this VM in state {state}: its resource manager will stop the running QEMU (quit, then SIGTERM/SIGKILL), destroying the evidence; to hold it off: `ha-manager set vm:{vmid} --state ignored` until you are done"
+                    "HA has this VM in state {state}: {what}, destroying the evidence; to hold HA off: `ha-manager set vm:{vmid} --state ignored` until you are done"
                 ));
             }
         }
     }
     if let Some(text) = ev.read_string(&format!("config/{vmid}.conf")) {
         f.pending = vmconfig::pending(&text);
+        if let Some(lock) = vmconfig::PveConfig::parse(&text).keys.get("lock") {
+            f.lock = Some(lock_meaning(&crate::qmp::one_line(lock, 40), &f));
+        }
     }
     if ev.read_json("qmp/query-status.json").and_then(|v| v["return"]["status"].as_str().map(str::to_string)).as_deref()
         == Some("shutdown")
     {
-        f.stop_imminent.push(
-            "the guest shut itself down (status shutdown): qmeventd sends QMP quit, then SIGTERM, then SIGKILL after about 60 s, which destroys the evidence; take anything else now (a core: --runbook qemu-wedge-full); only stopping qmeventd.service holds it off, and that affects every VM on this node".into(),
-        );
+        // qemu-server's qmeventd: on SHUTDOWN it checks query-status and, unless a vzdump
+        // backup is attached, sends QMP quit (SIGTERM only if that write fails), then
+        // SIGKILLs after its -t timeout (60 s by default).
+        let backup_running =
+            ev.read_json("qmp/query-backup.json").is_some_and(|v| v["return"]["status"].as_str() == Some("active"));
+        f.stop_imminent.push(if backup_running {
+            "the guest shut itself down (status shutdown) while a vzdump backup runs: qmeventd keeps QEMU alive until the backup ends, then sends QMP quit and SIGKILLs it 60 s later (qmeventd -t), which destroys the evidence; take anything else now (a core: --runbook qemu-wedge-full)".into()
+        } else {
+            "the guest shut itself down (status shutdown): qmeventd sends QMP quit (SIGTERM only if it cannot) and SIGKILLs the process 60 s later (qmeventd -t), which destroys the evidence; take anything else now (a core: --runbook qemu-wedge-full); only stopping qmeventd.service holds it off, and that affects every VM on this node".into()
+        });
     }
     f.stats = stats(ev);
     f
+}
+
+/// What a config lock means for this wedge. `qm stop`/`qm start` (and so a restart
+/// through Proxmox) refuse while the VM is locked; a `backup` lock with no backup running
+/// is the classic leftover of a vzdump that hung with the VM.
+fn lock_meaning(lock: &str, f: &PveFindings) -> String {
+    let backup_running = f.backup.as_deref().is_some_and(|b| b.starts_with("status active"))
+        || f.tasks.iter().any(|t| t.starts_with("vzdump") && t.ends_with(": running"));
+    let what = match lock {
+        "backup" if backup_running => "a vzdump backup holds it and is running (see Backup and the vzdump log)",
+        "backup" => {
+            "set by vzdump, but no running backup was seen: most likely left behind by a backup that hung with this VM; remove it with `qm unlock <vmid>` only once the capture is sealed and no vzdump process remains"
+        }
+        "migrate" => "a migration holds it (a wedged VM's migration may never finish)",
+        "snapshot" | "snapshot-delete" | "rollback" => "a snapshot operation holds it",
+        "suspending" | "suspended" => "the VM is being or was suspended to disk",
+        _ => "a Proxmox operation holds it",
+    };
+    format!("{lock}: {what}; qm stop/start (and a restart through Proxmox) refuse while it is set")
 }
 
 /// `pve-qemu-kvm_10.1.2-1` → `10.1.2-1`.

@@ -112,5 +112,59 @@ fn versions_backup_and_ha_from_evidence() {
     assert_eq!(f.proxmox_qemu.as_deref(), Some("no (CommandNotFound)"));
     assert_eq!(f.ha.as_deref(), Some("service vm:102 (pve1, request_stop)"));
     assert_eq!(f.stop_imminent.len(), 2, "HA and qmeventd: {:?}", f.stop_imminent);
+    // A backup is attached: qmeventd waits for it before its quit.
+    assert!(f.stop_imminent[1].contains("keeps QEMU alive until the backup ends"), "{:?}", f.stop_imminent);
     assert!(pve_build("Debian 1:7.2+dfsg-7+deb12u18+b3").is_none());
+}
+
+/// qmeventd: quit first (SIGTERM only if that fails), SIGKILL after its timeout; and each
+/// HA state that ends this QEMU says how, including relocation and a node shutting down.
+#[test]
+fn imminent_stops_say_who_acts_and_how() {
+    let shutdown = Mem::default()
+        .with("config/102.conf", "scsihw: lsi\n")
+        .with("qmp/query-status.json", r#"{"return":{"status":"shutdown","running":false}}"#);
+    let f = findings(&shutdown);
+    assert_eq!(f.stop_imminent.len(), 1, "{:?}", f.stop_imminent);
+    assert!(
+        f.stop_imminent[0].contains("sends QMP quit (SIGTERM only if it cannot) and SIGKILLs the process 60 s later")
+    );
+    for (state, says) in [
+        ("relocate", "start the VM on another node"),
+        ("freeze", "the node is shutting down"),
+        ("migrate", "ends when the migration completes"),
+        ("stopped", "will stop the running QEMU"),
+    ] {
+        let ev = Mem::default()
+            .with("config/102.conf", "scsihw: lsi\n")
+            .with("commands/ha-manager.txt", &format!("service vm:102 (pve1, {state})\n"));
+        let f = findings(&ev);
+        assert_eq!(f.stop_imminent.len(), 1, "{state}: {:?}", f.stop_imminent);
+        assert!(
+            f.stop_imminent[0].contains(says) && f.stop_imminent[0].contains("--state ignored"),
+            "{state}: {:?}",
+            f.stop_imminent
+        );
+    }
+    let started = Mem::default()
+        .with("config/102.conf", "scsihw: lsi\n")
+        .with("commands/ha-manager.txt", "service vm:102 (pve1, started)\n");
+    assert!(findings(&started).stop_imminent.is_empty());
+}
+
+/// `lock: backup` with no backup running is the leftover of a hung vzdump; with one
+/// running it is that backup's; either way a restart through Proxmox is refused.
+#[test]
+fn config_lock_says_whose_it_is() {
+    let leftover = Mem::default().with("config/102.conf", "lock: backup\nscsihw: lsi\n");
+    let l = findings(&leftover).lock.unwrap();
+    assert!(l.starts_with("backup: set by vzdump, but no running backup was seen"), "{l}");
+    assert!(l.contains("refuse while it is set"), "{l}");
+    let running = Mem::default()
+        .with("config/102.conf", "lock: backup\nscsihw: lsi\n")
+        .with("qmp/query-backup.json", r#"{"return":{"status":"active","total":100,"transferred":40}}"#);
+    assert!(findings(&running).lock.unwrap().contains("is running"));
+    // A snapshot section's lock is not the VM's.
+    let snap = Mem::default().with("config/102.conf", "scsihw: lsi\n[snap1]\nlock: snapshot\n");
+    assert!(findings(&snap).lock.is_none());
 }

@@ -58,10 +58,25 @@ impl PveConfig {
         self.keys.get("scsihw").map(String::as_str).unwrap_or("lsi")
     }
 
+    /// Whether disk `key`'s `iothread=1` takes effect, as qemu-server applies it:
+    /// virtio-blk disks honour it; SCSI disks only under scsihw virtio-scsi-single (it is
+    /// ignored with a warning otherwise); SATA and IDE have none.
+    pub fn iothread_effective(&self, key: &str, o: &Options) -> bool {
+        let on = o.get("iothread").is_some_and(|v| matches!(v.as_str(), "1" | "on" | "true" | "yes"));
+        on && (key.starts_with("virtio") || (key.starts_with("scsi") && self.scsihw() == "virtio-scsi-single"))
+    }
+
     /// The normalized form used for comparisons: every value as an option set.
     pub fn normalized(&self) -> BTreeMap<String, Options> {
         self.keys.iter().map(|(k, v)| (k.clone(), options(v))).collect()
     }
+}
+
+/// Whether a disk option is a QEMU-level I/O limit: `mbps*`, `iops*` (with their `_max`
+/// bursts and `_max_length`s) and the legacy byte-based `bps`, `bps_rd`, `bps_wr` (and
+/// their lengths), which qemu-server still accepts and converts to `mbps*`.
+pub fn is_throttle_option(key: &str) -> bool {
+    ["mbps", "iops", "bps"].iter().any(|p| key.strip_prefix(p).is_some_and(|r| r.is_empty() || r.starts_with('_')))
 }
 
 /// One property string as an option set; the leading bare element becomes `file`.
@@ -111,4 +126,33 @@ pub fn pending_changes(cur: &PveConfig, pend: &PveConfig) -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throttle_options_include_the_legacy_byte_keys() {
+        for k in ["mbps", "mbps_rd", "mbps_wr_max", "iops", "iops_rd_max_length", "bps", "bps_rd", "bps_wr_length"] {
+            assert!(is_throttle_option(k), "{k}");
+        }
+        for k in ["file", "iothread", "bpsx", "mbpsfoo", "size", "aio"] {
+            assert!(!is_throttle_option(k), "{k}");
+        }
+    }
+
+    /// qemu-server: virtio-blk honours iothread=1; SCSI only under virtio-scsi-single.
+    #[test]
+    fn iothread_takes_effect_as_qemu_server_applies_it() {
+        let cfg = |hw: &str| PveConfig::parse(&format!("scsihw: {hw}\n"));
+        let on = options("local-lvm:vm-1-disk-0,iothread=1");
+        assert!(cfg("virtio-scsi-single").iothread_effective("scsi0", &on));
+        assert!(!cfg("virtio-scsi-pci").iothread_effective("scsi0", &on));
+        assert!(!cfg("lsi").iothread_effective("scsi0", &on));
+        assert!(!PveConfig::parse("").iothread_effective("scsi0", &on), "lsi is the default");
+        assert!(cfg("lsi").iothread_effective("virtio0", &on));
+        assert!(!cfg("virtio-scsi-single").iothread_effective("sata0", &on));
+        assert!(!cfg("virtio-scsi-single").iothread_effective("scsi0", &options("local-lvm:vm-1-disk-0")));
+    }
 }

@@ -49,15 +49,20 @@ pub fn from_qmp(package: &str, qemu: Option<String>) -> Package {
     }
 }
 
-/// The Proxmox build `version`: its `-dbgsym` package of the same version.
+/// The Proxmox build `version`: its debug package of the same version. Builds before
+/// 8.0.0-1 shipped a hand-made `pve-qemu-kvm-dbg`; since then debhelper generates
+/// `pve-qemu-kvm-dbgsym` (pve-qemu commit d0603ef, `--dbgsym-migration` `<<8.0.0-1~`).
+/// Either depends on pve-qemu-kvm of exactly that version.
 pub fn pve(version: &str, source: &'static str, qemu: Option<String>) -> Package {
+    let before_8 = version.split(['.', ':']).next().and_then(|m| m.parse::<u32>().ok()).is_some_and(|m| m < 8);
+    let name = if before_8 { "pve-qemu-kvm-dbg" } else { "pve-qemu-kvm-dbgsym" };
     Package {
         source,
         name: Some("pve-qemu-kvm".into()),
         version: Some(version.into()),
         qemu,
-        dbgsym: Some(format!("pve-qemu-kvm-dbgsym={version}")),
-        note: "from the same Proxmox repository as pve-qemu-kvm (before 8.0: pve-qemu-kvm-dbg)".into(),
+        dbgsym: Some(format!("{name}={version}")),
+        note: format!("{name} from the same Proxmox repository as pve-qemu-kvm (before 8.0 the package was pve-qemu-kvm-dbg, since then pve-qemu-kvm-dbgsym)"),
     }
 }
 
@@ -112,6 +117,10 @@ mod tests {
     fn package_field_names_the_build() {
         let p = from_qmp("pve-qemu-kvm_9.0.2-4", Some("9.0.2".into()));
         assert_eq!(p.dbgsym.as_deref(), Some("pve-qemu-kvm-dbgsym=9.0.2-4"));
+        // Before 8.0.0-1 the debug package was the hand-made pve-qemu-kvm-dbg.
+        let old = from_qmp("pve-qemu-kvm_7.2.0-8", None);
+        assert_eq!(old.dbgsym.as_deref(), Some("pve-qemu-kvm-dbg=7.2.0-8"));
+        assert_eq!(pve("8.0.2-3", "dpkg", None).dbgsym.as_deref(), Some("pve-qemu-kvm-dbgsym=8.0.2-3"));
         let d = from_qmp("Debian 1:7.2+dfsg-7+deb12u6", Some("7.2.11".into()));
         assert_eq!((d.name.as_deref(), d.dbgsym.as_deref()), (Some("qemu-system-x86"), None));
         assert!(d.note.contains("no debug-symbol package is reachable"), "{}", d.note);
