@@ -18,8 +18,19 @@ use serde_json::{json, Value};
 
 /// Commands that read state the agent already has in memory or from /proc in the guest.
 /// `guest-get-diskstats` reads the guest's /proc/diskstats: no guest disk I/O.
-pub const ALLOWED: &[&str] =
-    &["guest-sync-delimited", "guest-ping", "guest-info", "guest-get-diskstats", "guest-get-osinfo", "guest-get-time"];
+/// `guest-get-disks` walks /sys/block and udev's database (device node, serial, the
+/// sysfs path that gives the controller's PCI address and the SCSI target); on NVMe disks
+/// it also reads the SMART log page (an admin command that changes nothing): no guest disk
+/// I/O on SCSI or virtio disks.
+pub const ALLOWED: &[&str] = &[
+    "guest-sync-delimited",
+    "guest-ping",
+    "guest-info",
+    "guest-get-diskstats",
+    "guest-get-disks",
+    "guest-get-osinfo",
+    "guest-get-time",
+];
 
 /// Largest reply line accepted; diskstats of a guest with many disks is a few KiB.
 const MAX_LINE: usize = 1 << 20;
@@ -182,6 +193,60 @@ pub fn parse_diskstats(v: &Value) -> Vec<GuestDisk> {
     out
 }
 
+/// Where a whole guest disk sits, from `guest-get-disks` (QEMU 5.2+ agents): what maps it
+/// to a QEMU drive. For a disk on the LSI 53C895A (guest driver `sym53c8xx`) the agent
+/// reports the SCSI target id as `unit`; on virtio-scsi, `unit` is the LUN.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GuestDiskAddr {
+    /// Kernel name (`sda`), as `guest-get-diskstats` names it.
+    pub name: String,
+    /// `scsi`, `virtio`, `sata`, `ide`, `nvme`, `unknown`, …
+    #[serde(default)]
+    pub bus_type: String,
+    #[serde(default)]
+    pub bus: u32,
+    #[serde(default)]
+    pub target: u32,
+    #[serde(default)]
+    pub unit: u32,
+    /// The controller's PCI address `(domain, bus, slot, function)`, when the agent knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pci: Option<(u32, u32, u32, u32)>,
+    /// udev's `ID_SERIAL` (`0QEMU_QEMU_HARDDISK_drive-scsi1`), when the guest runs udev.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+}
+
+/// Parses a `guest-get-disks` return value: whole disks with an address, partitions and
+/// device-mapper volumes left out (they are not a QEMU drive of their own).
+pub fn parse_disks(v: &Value) -> Vec<GuestDiskAddr> {
+    let mut out = Vec::new();
+    for d in v.as_array().into_iter().flatten() {
+        if d["partition"].as_bool() == Some(true) {
+            continue;
+        }
+        let (Some(name), Some(a)) = (d["name"].as_str(), d.get("address").filter(|a| a.is_object())) else { continue };
+        let name = name.strip_prefix("/dev/").unwrap_or(name);
+        let n = |v: &Value, k: &str| v[k].as_i64().and_then(|x| u32::try_from(x).ok());
+        let p = &a["pci-controller"];
+        // The agent writes -1 for a PCI field it could not read.
+        let pci = match (n(p, "domain"), n(p, "bus"), n(p, "slot"), n(p, "function")) {
+            (Some(d), Some(b), Some(s), Some(f)) => Some((d, b, s, f)),
+            _ => None,
+        };
+        out.push(GuestDiskAddr {
+            name: crate::qmp::one_line(name, 64),
+            bus_type: crate::qmp::one_line(a["bus-type"].as_str().unwrap_or("unknown"), 16),
+            bus: n(a, "bus").unwrap_or(0),
+            target: n(a, "target").unwrap_or(0),
+            unit: n(a, "unit").unwrap_or(0),
+            pci,
+            serial: a["serial"].as_str().filter(|s| !s.is_empty()).map(|s| crate::qmp::one_line(s, 128)),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +260,8 @@ mod tests {
         let stream = UnixStream::connect(&path).unwrap();
         let now = Instant::now();
         let mut q = Qga { reader: BufReader::new(stream), deadline: now + Duration::from_secs(5), since: now };
+        // Allowed and read-only: the disks' addresses (sysfs and udev in the guest).
+        assert!(ALLOWED.contains(&"guest-get-disks"));
         for cmd in ["guest-exec", "guest-file-open", "guest-fsfreeze-freeze", "guest-shutdown", "guest-set-time"] {
             assert!(matches!(q.execute(cmd, None), Err(QgaError::Refused(_))), "{cmd}");
         }
@@ -217,5 +284,33 @@ mod tests {
             {"name": "sda", "stats": {"ios-pgr": 2, "write-ios": 10, "read-ios": 5}},
         ]);
         assert_eq!(parse_diskstats(&v), vec![GuestDisk { name: "sda".into(), in_progress: 2, completed: 15 }]);
+    }
+
+    #[test]
+    fn disks_give_the_address_of_whole_disks() {
+        // As qemu-ga 7.2 answers for an LSI disk at scsi-id 1 on the controller at 00:05.0.
+        let v = json!([
+            {"name": "/dev/sdb", "partition": false, "address": {"bus-type": "scsi", "bus": 0, "target": 0, "unit": 1,
+             "pci-controller": {"domain": 0, "bus": 0, "slot": 5, "function": 0}, "dev": "/dev/sdb"}},
+            {"name": "/dev/sdb1", "partition": true, "dependencies": ["/dev/sdb"]},
+            {"name": "/dev/dm-0", "partition": false, "dependencies": ["/dev/sdb1"]},
+            {"name": "/dev/sdc", "partition": false, "address": {"bus-type": "unknown", "bus": 0, "target": 0, "unit": 0,
+             "pci-controller": {"domain": -1, "bus": -1, "slot": -1, "function": -1}, "serial": "0QEMU_QEMU_HARDDISK_drive-scsi2"}},
+        ]);
+        let d = parse_disks(&v);
+        assert_eq!(d.len(), 2, "{d:?}");
+        assert_eq!(
+            d[0],
+            GuestDiskAddr {
+                name: "sdb".into(),
+                bus_type: "scsi".into(),
+                bus: 0,
+                target: 0,
+                unit: 1,
+                pci: Some((0, 0, 5, 0)),
+                serial: None
+            }
+        );
+        assert_eq!((d[1].pci, d[1].serial.as_deref()), (None, Some("0QEMU_QEMU_HARDDISK_drive-scsi2")));
     }
 }

@@ -253,3 +253,121 @@ fn guest_agent_in_a_real_guest_proves_what_lsi_alone_cannot() {
     let step = ar.manifest.steps.iter().find(|s| s.id == "inflight").expect("inflight step");
     assert_eq!(step.status.as_str(), "ok", "{step:?}");
 }
+
+/// `(device, condition, strength)` of every disk in a diagnose/inspect JSON.
+fn disk_states(j: &Value) -> Vec<(String, String, String)> {
+    let s = |d: &Value, k: &str| d[k].as_str().unwrap_or_default().to_string();
+    j["disks"]
+        .as_array()
+        .map(|a| a.iter().map(|d| (s(d, "device"), s(d, "condition"), s(d, "strength"))).collect())
+        .unwrap_or_default()
+}
+
+/// A two-disk LSI guest with qemu-guest-agent: the guest writes on `sda` (drive-scsi0,
+/// scsi-id 0) and `sdb` (drive-scsi1, scsi-id 1) stays idle. `guest-get-disks` says where
+/// each sits (SCSI unit = target, on the controller at 00:05.0, qemu-server's slot for
+/// scsihw0), so the agent's counts decide per drive: the held write proves drive-scsi0
+/// stuck inside QEMU and drive-scsi1 idle, not "suspected" — live, and from the archive.
+#[test]
+fn guest_agent_decides_per_drive_on_a_two_disk_lsi_guest() {
+    let lab = Lab::up_guests(vec![GuestSpec {
+        vmid: 314,
+        controller: Controller::Lsi,
+        mode: GuestMode::Steady,
+        agent: true,
+        disks: 2,
+        ..GuestSpec::default()
+    }]);
+    let vm = lab.vm(314);
+    let up = vm.up_info();
+    eprintln!(
+        "guest 314: ready after {} s, agent answered {} s later: {}",
+        up["boot_to_ready_s"], up["agent_answered_s"], up["guest_ready"]
+    );
+    assert!(up["guest_ready"].as_str().unwrap_or("").contains("disk=/dev/sda agent=/dev/vport"), "{up}");
+    // The drive behind the guest's sda (the one that counted its first write): which one it
+    // is depends on the guest's probe order, not on the drive's number.
+    let busy = up["drive"].as_str().unwrap_or_default().to_string();
+    let busy_n: u32 = match busy.as_str() {
+        "drive-scsi0" => 0,
+        "drive-scsi1" => 1,
+        other => panic!("lab up named no written drive: {other:?} in {up}"),
+    };
+    let quiet_n = 1 - busy_n;
+    let quiet = format!("drive-scsi{quiet_n}");
+    eprintln!("guest 314 writes on sda = {busy}");
+    let mapped = |j: &Value, guest: &str, drive: &str, unit: u32| {
+        let want =
+            format!("guest agent: {guest} is {drive} (by SCSI unit {unit} on the controller at PCI 0000:00:05.0)");
+        assert!(j["disks"].to_string().contains(&want), "want {want:?} in the disks of {j}");
+    };
+    let in_order = |busy_state: &str, quiet_state: &str| {
+        let mut v = vec![
+            (busy.clone(), busy_state.to_string(), "proven".to_string()),
+            (quiet.clone(), quiet_state.to_string(), "proven".to_string()),
+        ];
+        v.sort();
+        v
+    };
+
+    // Writing: the busy drive moves, and the agent proves the unused one idle.
+    let (code, j) = diagnose(&lab, vm, FAST);
+    assert_eq!((code, j["verdict"].as_str()), (0, Some("healthy")), "{j}");
+    assert_eq!(disk_states(&j), in_order("moving", "idle"), "{j}");
+    // By the mapping, or (when sda too had nothing in progress at the end) by the rule that
+    // every guest disk idle proves every drive idle.
+    assert!(j["disks"][quiet_n as usize]["evidence"].to_string().contains("guest agent: "), "{j}");
+
+    // The guest's next write to sda is held inside QEMU: stuck on that drive only.
+    let w = vm.wedge_guest(WedgeKind::Inside);
+    assert!(w["wedged"].as_bool().unwrap_or(false) && w["drive"] == busy.as_str(), "{w}");
+    std::thread::sleep(Duration::from_secs(4));
+    let (code, j) = diagnose(&lab, vm, FAST);
+    assert_eq!(code, 11, "{j}");
+    assert_eq!(
+        (j["verdict"].as_str(), j["strength"].as_str(), j["layer"].as_str()),
+        (Some("block-path-frozen"), Some("proven"), Some("inside-qemu")),
+        "{j}"
+    );
+    let want = in_order("stuck", "idle");
+    assert_eq!(disk_states(&j), want, "{j}");
+    assert!(facts(&j).contains("guest agent: I/O in progress without completing across the window on sda"), "{j}");
+    mapped(&j, "sda", &busy, busy_n);
+    mapped(&j, "sdb", &quiet, quiet_n);
+
+    // The autopsy seals the addresses once (first sample), and the archive alone gives the
+    // same verdict per drive; `inspect` says so too.
+    let cfg = lab.root().join("fast.toml");
+    std::fs::write(&cfg, "min_idle = \"3s\"\nsample_interval = \"1s\"\n").unwrap();
+    let out =
+        run_bounded(&mut lab.tool_args(&["314", "--json", "--stacks", "none", "--config", cfg.to_str().unwrap()]), T);
+    let j: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("autopsy 314: {e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(j["verdict"], "block-path-frozen", "{j}");
+    let path = PathBuf::from(j["archive"].as_str().unwrap());
+    let ar = ArchiveReader::open(&path).unwrap();
+    let first = agent_in_sample(&ar, 1);
+    eprintln!("two-disk LSI guest, sample 1: agent {first}");
+    let addr = |name: &str| {
+        first["addresses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|d| d["name"] == name).cloned())
+            .unwrap_or_else(|| panic!("{name} in {first}"))
+    };
+    for (name, unit) in [("sda", busy_n), ("sdb", quiet_n)] {
+        let a = addr(name);
+        assert_eq!(
+            (a["bus_type"].as_str(), a["unit"].as_u64(), a["pci"].clone()),
+            (Some("scsi"), Some(unit as u64), serde_json::json!([0, 0, 5, 0])),
+            "{a}"
+        );
+    }
+    assert!(agent_in_sample(&ar, 2)["addresses"].is_null(), "asked once per run");
+    let again = diagnose::diagnose(&ar, &ar.manifest.steps, &Rules { min_idle_secs: 3.0 });
+    let again_json = serde_json::to_value(&again).unwrap();
+    assert_eq!(disk_states(&again_json), want, "recomputed from the archive: {:?}", again.facts);
+    assert_archive_proves_inside_qemu(&ar);
+    let out = run_bounded(common::tool().arg("inspect").arg(&path), T);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Recomputed from the archive: block-path-frozen"), "{text}");
+}

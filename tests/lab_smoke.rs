@@ -35,7 +35,7 @@ fn started_vm_is_laid_out_like_proxmox() {
     let chardev = format!("socket,id=qmp,path={},server=on,wait=off", qmp.display());
     assert!(argv.windows(2).any(|w| w[0] == "-chardev" && w[1] == chardev), "{argv:?}");
     assert!(argv.windows(2).any(|w| w[0] == "-name" && w[1] == "devvm,debug-threads=on"));
-    assert!(argv.iter().any(|a| a == "lsi53c895a,id=scsihw0"));
+    assert!(argv.iter().any(|a| a == "lsi53c895a,id=scsihw0,bus=pci.0,addr=0x5"));
     let drive = argv.iter().find(|a| a.contains("id=drive-scsi0")).expect("-drive");
     assert!(drive.starts_with("file=blkdebug::"), "{drive}");
     assert!(drive.contains("bps_rd=62914560,bps_wr=62914560"), "{drive}");

@@ -113,8 +113,11 @@ impl Sources {
         let agent_path = self.agent.clone();
         // The agent's own deadline reports first, with why; this one only catches a
         // thread that is not scheduled at all.
-        let agent_job =
-            agent_path.exists().then(|| blocking(AGENT_BUDGET + AGENT_SLACK, move || agent_sample(&agent_path)));
+        // Where the guest's disks sit is asked once, with the first sample: it does not
+        // change within a run, and `inspect` maps the later samples through it.
+        let agent_job = agent_path
+            .exists()
+            .then(|| blocking(AGENT_BUDGET + AGENT_SLACK, move || agent_sample(&agent_path, n == 1)));
 
         let path = inflight::sample_path(n).replace("inflight/sample.", "qmp/query-blockstats.");
         match self.lane.execute("query-blockstats", None, QMP_QUERY).await {
@@ -158,11 +161,11 @@ impl Sources {
         }
         if let Some(job) = agent_job {
             s.agent = Some(job.await.unwrap_or_else(|| AgentView {
-                disks: vec![],
                 error: Some(format!(
                     "the guest agent did not answer within {} ms (its client thread did not finish)",
                     (AGENT_BUDGET + AGENT_SLACK).as_millis()
                 )),
+                ..Default::default()
             }));
         }
         self.write(&s, sink)
@@ -188,16 +191,25 @@ fn vq(index: u32, v: &Value) -> Vq {
     }
 }
 
-fn agent_sample(path: &std::path::Path) -> AgentView {
+/// The agent's diskstats, and with `addresses` also `guest-get-disks` (after the
+/// diskstats, so a failure of the second never costs the first).
+fn agent_sample(path: &std::path::Path, addresses: bool) -> AgentView {
     let deadline = Instant::now() + AGENT_BUDGET;
-    let res = Qga::connect(path, deadline).and_then(|mut q| {
-        q.execute("guest-ping", None)?;
-        q.execute("guest-get-diskstats", None)
-    });
-    match res {
-        Ok(v) => AgentView { disks: qga::parse_diskstats(&v), error: None },
-        Err(e) => AgentView { disks: vec![], error: Some(e.to_string()) },
+    let mut q = match Qga::connect(path, deadline).and_then(|mut q| q.execute("guest-ping", None).map(|_| q)) {
+        Ok(q) => q,
+        Err(e) => return AgentView { error: Some(e.to_string()), ..Default::default() },
+    };
+    let mut view = match q.execute("guest-get-diskstats", None) {
+        Ok(v) => AgentView { disks: qga::parse_diskstats(&v), ..Default::default() },
+        Err(e) => return AgentView { error: Some(e.to_string()), ..Default::default() },
+    };
+    if addresses {
+        match q.execute("guest-get-disks", None) {
+            Ok(v) => view.addresses = qga::parse_disks(&v),
+            Err(e) => view.addresses_error = Some(e.to_string()),
+        }
     }
+    view
 }
 
 fn lane_err(e: &LaneError) -> String {

@@ -8,6 +8,7 @@
 use serde::Serialize;
 
 use super::findings::DeviceDelta;
+use super::guest_map;
 use super::{Layer, Strength};
 use crate::archive::Evidence;
 use crate::inflight::{self, Backend, ControllerKind, Disk, Sample, ThreadIo, Topology};
@@ -145,6 +146,14 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
         ),
         _ => None,
     };
+    // Which guest disk is which drive: from the addresses the first sample asked for.
+    let links = match (&a.agent, &b.agent) {
+        (Some(x), Some(y)) if x.error.is_none() && y.error.is_none() => {
+            let addrs = [x, y].into_iter().find(|v| !v.addresses.is_empty()).map(|v| v.addresses.as_slice());
+            super::guest_map::map(&inf.topology, addrs.unwrap_or_default())
+        }
+        _ => Default::default(),
+    };
     let local_disks = inf.topology.disks.iter().filter(|d| d.backend == Backend::Local).count();
     let mut out = Vec::new();
     for disk in &inf.topology.disks {
@@ -179,6 +188,7 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
             .collect();
         let queue = queue_view(disk, &inf.topology, a, b, deltas);
         let idle_txt = idle.map(|s| format!("{s:.1} s")).unwrap_or_else(|| "never (no completion yet)".into());
+        let guest = links.get(&disk.device).and_then(|l| guest_view(l, disk, a, b));
         match (&queue, mine.is_empty(), &agent_stuck) {
             (Some(q), _, _) if q.state == QState::Progress => {
                 st.condition = DiskCondition::Moving;
@@ -201,13 +211,6 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
                 st.strength = Strength::Proven;
                 st.evidence.push(q.sentence.clone());
             }
-            (None, true, Some(g)) if inf.topology.disks.len() == 1 && !g.is_empty() => {
-                st.evidence.push(format!(
-                    "guest agent: I/O in progress without completing across the window on {}",
-                    g.join(", ")
-                ));
-                stuck(&mut st, idle, min_idle_secs, &idle_txt);
-            }
             (None, true, Some(g))
                 if g.is_empty() && b.agent.as_ref().is_some_and(|x| x.disks.iter().all(|d| d.in_progress == 0)) =>
             {
@@ -215,6 +218,23 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
                 st.strength = Strength::Proven;
                 st.evidence
                     .push("guest agent: no I/O in progress on any guest disk at either end of the window".into());
+            }
+            (None, true, _) if guest.is_some() => {
+                let (state, sentences) = guest.unwrap_or((QState::OneEnd, vec![]));
+                st.evidence.extend(sentences);
+                match state {
+                    QState::InFlightBoth => stuck(&mut st, idle, min_idle_secs, &idle_txt),
+                    QState::Progress => (st.condition, st.strength) = (DiskCondition::Moving, Strength::Proven),
+                    QState::Empty => (st.condition, st.strength) = (DiskCondition::Idle, Strength::Proven),
+                    QState::OneEnd => (st.condition, st.strength) = (DiskCondition::Quiet, Strength::Proven),
+                }
+            }
+            (None, true, Some(g)) if inf.topology.disks.len() == 1 && !g.is_empty() => {
+                st.evidence.push(format!(
+                    "guest agent: I/O in progress without completing across the window on {}",
+                    g.join(", ")
+                ));
+                stuck(&mut st, idle, min_idle_secs, &idle_txt);
             }
             (None, true, _) => {
                 st.no_view = Some(no_view_reason(disk));
@@ -243,6 +263,38 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
         out.push(st);
     }
     out
+}
+
+/// The mapped guest disk's counters across the window, as the queue states: in progress
+/// at both ends with nothing completed, completed something, nothing in progress at either
+/// end, or in progress at one end only. `None` when a sample lacks the disk.
+fn guest_view(link: &guest_map::Link, disk: &Disk, a: &Sample, b: &Sample) -> Option<(QState, Vec<String>)> {
+    let at = |s: &Sample| s.agent.as_ref()?.disks.iter().find(|d| d.name == link.guest).cloned();
+    let (g1, g2) = (at(a)?, at(b)?);
+    let mapped = format!("guest agent: {} is {} (by {})", link.guest, disk.device, link.by);
+    let done = g2.completed.wrapping_sub(g1.completed);
+    let (state, what) = if g1.in_progress > 0 && g2.in_progress > 0 && done == 0 {
+        (
+            QState::InFlightBoth,
+            format!(
+                "guest agent: I/O in progress without completing across the window on {} ({} in progress)",
+                link.guest, g2.in_progress
+            ),
+        )
+    } else if done > 0 {
+        (QState::Progress, format!("guest agent: {}: {done} I/O(s) completed across the window", link.guest))
+    } else if g1.in_progress == 0 && g2.in_progress == 0 {
+        (QState::Empty, format!("guest agent: {}: no I/O in progress at either end of the window: idle", link.guest))
+    } else {
+        (
+            QState::OneEnd,
+            format!(
+                "guest agent: {}: I/O came and went across the window ({} then {} in progress)",
+                link.guest, g1.in_progress, g2.in_progress
+            ),
+        )
+    };
+    Some((state, vec![what, mapped]))
 }
 
 fn stuck(st: &mut DiskState, idle: Option<f64>, min_idle_secs: f64, idle_txt: &str) {

@@ -8,6 +8,7 @@
 pub mod audit;
 pub mod config;
 mod findings;
+mod guest_map;
 pub mod inflight;
 pub mod pinnable;
 

@@ -333,3 +333,158 @@ fn a_busy_vm_with_an_unused_disk_is_healthy() {
     let d = diagnose(&ev, &inflight_steps(), &Rules::default());
     assert_eq!(d.verdict, Verdict::Healthy, "{:?}", d.facts);
 }
+
+// The guest agent on a two-disk LSI VM: guest disks mapped to drives by `guest-get-disks`.
+
+/// Two LSI disks (scsi-id 0 and 1 on `scsihw0`, `addr` as qemu-server gives it when
+/// `addr` is set), both idle in QEMU for a minute; `agent(n)` is sample n's agent view.
+fn lsi_pair(ctl_addr: &str, agent: impl Fn(u32) -> serde_json::Value) -> Mem {
+    let idle = 60_000_000_000u64;
+    let stats = |extra: u64| {
+        json!({"return": [
+            {"device": "drive-scsi0", "stats": {"wr_operations": 5, "idle_time_ns": idle + extra}},
+            {"device": "drive-scsi1", "stats": {"wr_operations": 9, "idle_time_ns": idle + extra}}]})
+    };
+    let block = |n: u32| {
+        json!({"device": format!("drive-scsi{n}"), "qdev": format!("scsi{n}"),
+        "inserted": {"file": format!("/var/lib/vz/images/102/vm-102-disk-{n}.raw")}})
+    };
+    let cmd = [
+        "qemu",
+        "-device",
+        &format!("lsi,id=scsihw0{ctl_addr}"),
+        "-device",
+        "scsi-hd,bus=scsihw0.0,scsi-id=0,drive=drive-scsi0,id=scsi0",
+        "-device",
+        "scsi-hd,bus=scsihw0.0,scsi-id=1,drive=drive-scsi1,id=scsi1",
+    ]
+    .join("\0");
+    let s = |n: u32, t_ms: u64| {
+        let mut v = sample(n, t_ms, None, json!([]));
+        v["agent"] = agent(n);
+        v
+    };
+    running(Mem::default())
+        .put("qmp/query-blockstats.1.json", stats(0))
+        .put("qmp/query-blockstats.2.json", stats(2_000_000_000))
+        .put("qmp/query-block.json", json!({"return": [block(0), block(1)]}))
+        .put("qmp/x-query-virtio.json", json!({"return": []}))
+        .text("proc/cmdline", &cmd)
+        .put("inflight/sample.1.json", s(1, 0))
+        .put("inflight/sample.2.json", s(2, 2000))
+}
+
+/// As qemu-ga 7.2 answers `guest-get-disks` on that VM (sym53c8xx: the target is `unit`).
+fn lsi_addresses() -> serde_json::Value {
+    let a = |name: &str, unit: u32| json!({"name": name, "bus_type": "scsi", "bus": 0, "target": 0, "unit": unit, "pci": [0, 0, 5, 0]});
+    json!([a("sda", 0), a("sdb", 1)])
+}
+
+fn agent(n: u32, sda: (u64, u64), sdb: (u64, u64)) -> serde_json::Value {
+    let mut v = json!({"disks": [
+        {"name": "sda", "in_progress": sda.0, "completed": sda.1},
+        {"name": "sdb", "in_progress": sdb.0, "completed": sdb.1}]});
+    if n == 1 {
+        v["addresses"] = lsi_addresses();
+    }
+    v
+}
+
+fn conditions(d: &Diagnosis) -> Vec<(String, DiskCondition, Strength)> {
+    d.disks.iter().map(|s| (s.device.clone(), s.condition, s.strength)).collect()
+}
+
+#[test]
+fn agent_decides_per_drive_on_a_two_disk_lsi_vm() {
+    // sda holds one write that never completes; sdb has nothing in flight.
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| agent(n, (1, 40), (0, 7)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(
+        conditions(&d),
+        vec![
+            ("drive-scsi0".into(), DiskCondition::Stuck, Strength::Proven),
+            ("drive-scsi1".into(), DiskCondition::Idle, Strength::Proven)
+        ],
+        "{:?}",
+        d.facts
+    );
+    assert_eq!(
+        (d.verdict, d.strength, d.layer),
+        (Verdict::BlockPathFrozen, Some(Strength::Proven), Some(Layer::InsideQemu)),
+        "{:?}",
+        d.facts
+    );
+    let ev0 = &d.disks[0].evidence;
+    assert!(
+        ev0.iter()
+            .any(|f| f == "guest agent: I/O in progress without completing across the window on sda (1 in progress)"),
+        "{ev0:?}"
+    );
+    assert!(
+        ev0.iter()
+            .any(|f| f == "guest agent: sda is drive-scsi0 (by SCSI unit 0 on the controller at PCI 0000:00:05.0)"),
+        "{ev0:?}"
+    );
+    assert!(
+        d.disks[1].evidence.iter().any(|f| f.contains("sdb: no I/O in progress at either end")),
+        "{:?}",
+        d.disks[1]
+    );
+
+    // The stuck disk is the other one: the verdict follows the drive, not the guest name.
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| agent(n, (0, 40), (2, 7)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(
+        conditions(&d),
+        vec![
+            ("drive-scsi0".into(), DiskCondition::Idle, Strength::Proven),
+            ("drive-scsi1".into(), DiskCondition::Stuck, Strength::Proven)
+        ]
+    );
+
+    // sdb completes I/O while sda is stuck: sdb's drive is moving; in progress at one end
+    // only is a request that came or went, proven but not stuck.
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| agent(n, (1, 40), (if n == 1 { 1 } else { 0 }, 6 + n as u64)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(d.disks[1].condition, DiskCondition::Moving, "{:?}", d.disks[1]);
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| agent(n, (1, 40), (n as u64 - 1, 7)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!((d.disks[1].condition, d.disks[1].strength), (DiskCondition::Quiet, Strength::Proven));
+    assert_eq!(d.disks[0].condition, DiskCondition::Stuck);
+}
+
+#[test]
+fn an_unmapped_guest_disk_decides_nothing() {
+    let suspected = |d: &Diagnosis| {
+        conditions(d).iter().all(|(_, c, s)| (*c, *s) == (DiskCondition::Suspected, Strength::Suspected))
+    };
+    // The controller's slot is not on the command line: the guest's address could be any
+    // controller's, so neither drive is decided by the agent, and the stuck guest disk
+    // does not make either drive stuck.
+    let ev = lsi_pair("", |n| agent(n, (1, 40), (0, 7)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert!(suspected(&d), "{:?}", conditions(&d));
+    assert_eq!((d.verdict, d.strength), (Verdict::BlockPathFrozen, Some(Strength::Suspected)));
+    // An agent without `guest-get-disks` (or one that blocks it): the same.
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| {
+        let mut v = agent(n, (1, 40), (0, 7));
+        v.as_object_mut().unwrap().remove("addresses");
+        v["addresses_error"] = json!("guest agent error for `guest-get-disks`: command is disabled");
+        v
+    });
+    assert!(suspected(&diagnose(&ev, &inflight_steps(), &Rules::default())));
+    // Two guest disks at one address: neither is known to be the drive.
+    let ev = lsi_pair(",bus=pci.0,addr=0x5", |n| {
+        let mut v = agent(n, (1, 40), (0, 7));
+        if n == 1 {
+            v["addresses"][1]["unit"] = json!(0);
+        }
+        v
+    });
+    assert!(suspected(&diagnose(&ev, &inflight_steps(), &Rules::default())));
+    // Every guest disk idle at both ends still proves every drive idle, mapped or not.
+    let ev = lsi_pair("", |n| agent(n, (0, 40), (0, 7)));
+    let d = diagnose(&ev, &inflight_steps(), &Rules::default());
+    assert_eq!(d.verdict, Verdict::Healthy, "{:?}", d.facts);
+    assert!(conditions(&d).iter().all(|(_, c, s)| (*c, *s) == (DiskCondition::Idle, Strength::Proven)));
+}

@@ -9,7 +9,8 @@
 //!   inside `pwrite64` on an image file is I/O outstanding below QEMU;
 //! - io_uring rings (fdinfo heads and tails): submissions the kernel has not completed;
 //! - TCP sockets of the process (send/receive queues), for network-backed images;
-//! - the guest agent (`guest-get-diskstats`): the guest's own count of I/Os in progress.
+//! - the guest agent (`guest-get-diskstats`): the guest's own count of I/Os in progress,
+//!   and once per run (`guest-get-disks`) where each guest disk sits, to map it to a drive.
 //!
 //! [`topology`] maps block devices to the controller and virtio device that serve them
 //! and to their backend (local file or network), so a queue's evidence lands on a disk.
@@ -22,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 pub use topology::{Backend, ControllerKind, Disk, Topology};
 
-use crate::qga::GuestDisk;
+use crate::qga::{GuestDisk, GuestDiskAddr};
 
 /// Archive path of sample `n` (1-based).
 pub fn sample_path(n: u32) -> String {
@@ -156,11 +157,19 @@ pub struct Socket {
     pub rx_queue: Option<u64>,
 }
 
+/// The guest agent's view at one instant.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AgentView {
     pub disks: Vec<GuestDisk>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where each guest disk sits (`guest-get-disks`), asked once per run, at the first
+    /// sample: what maps `sdb` to `drive-scsi1`. Empty in later samples.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<GuestDiskAddr>,
+    /// Why `guest-get-disks` gave nothing (an older agent, or one that blocks it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses_error: Option<String>,
 }
 
 /// x86_64 system calls that move disk data or wait for it, and whether their first

@@ -38,6 +38,18 @@ pub struct Disk {
     /// QEMU-level throttling on this disk (`-drive` limits or a throttle group).
     #[serde(default)]
     pub throttled: bool,
+    /// SCSI target (`scsi-id=`) and LUN (`lun=`) of a SCSI disk, from its `-device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scsi_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lun: Option<u32>,
+    /// `serial=` of the disk's `-device` (Proxmox's `serial=` disk option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// `(slot, function)` of the controller on the root bus (`bus=pci.0,addr=0x5`): the
+    /// guest sees that as PCI 0000:00:05.0. Unknown behind a bridge or without `addr=`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller_pci: Option<(u32, u32)>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,15 +200,22 @@ pub fn build(block: Option<&Value>, virtio: Option<&Value>, cmdline: &[String]) 
             Some(rest) => rest.split('/').next().unwrap_or(rest).to_string(),
             None => q.to_string(),
         });
+        let num = |d: &DeviceOpt, k: &str| d.opts.get(k).and_then(|v| parse_num(v));
         match id.as_deref().and_then(|i| by_id.get(i)) {
             Some(dev) if dev.driver.starts_with("virtio-blk") => {
                 disk.controller = ControllerKind::VirtioBlk;
                 disk.controller_id = id.clone();
+                disk.controller_pci = root_pci(dev);
+                disk.serial = dev.opts.get("serial").cloned();
             }
             Some(dev) => match dev.opts.get("bus") {
                 Some(bus) => {
                     let ctl = bus.rsplit_once('.').map(|(c, _)| c).unwrap_or(bus);
                     disk.controller_id = Some(ctl.to_string());
+                    disk.scsi_id = num(dev, "scsi-id");
+                    disk.lun = num(dev, "lun");
+                    disk.serial = dev.opts.get("serial").cloned();
+                    disk.controller_pci = by_id.get(ctl).and_then(|c| root_pci(c));
                     disk.controller = match by_id.get(ctl) {
                         Some(c) => ControllerKind::from_driver(&c.driver),
                         // The built-in IDE buses (`ide.0`) have no -device of their own.
@@ -226,6 +245,27 @@ pub fn build(block: Option<&Value>, virtio: Option<&Value>, cmdline: &[String]) 
         t.disks.push(disk);
     }
     t
+}
+
+/// A decimal or `0x` number of a `-device` option.
+fn parse_num(v: &str) -> Option<u32> {
+    match v.strip_prefix("0x") {
+        Some(h) => u32::from_str_radix(h, 16).ok(),
+        None => v.parse().ok(),
+    }
+}
+
+/// `(slot, function)` of a PCI device placed on the root bus with an explicit `addr=`
+/// (`slot` or `slot.function`, hex). A device behind a bridge (`bus=pci.1`) gets a bus
+/// number from the guest's firmware, so its guest address is not known here.
+fn root_pci(d: &DeviceOpt) -> Option<(u32, u32)> {
+    if !matches!(d.opts.get("bus").map(String::as_str), None | Some("pci.0") | Some("pcie.0")) {
+        return None;
+    }
+    let addr = d.opts.get("addr")?;
+    let (slot, func) = addr.split_once('.').unwrap_or((addr, "0"));
+    let hex = |x: &str| u32::from_str_radix(x.trim_start_matches("0x"), 16).ok();
+    Some((hex(slot)?, hex(func)?))
 }
 
 /// Classifies the image chain: any network protocol in it makes the disk network-backed.
@@ -330,6 +370,8 @@ mod tests {
         assert!(d0.throttled);
         let d1 = &t.disks[1];
         assert_eq!(d1.controller, ControllerKind::Lsi);
+        assert_eq!((d1.scsi_id, d1.lun, d1.controller_pci), (Some(1), None, Some((5, 0))));
+        assert_eq!((d0.scsi_id, d0.lun, d0.controller_pci), (Some(0), Some(0), None));
         assert_eq!(d1.virtio_path, None);
         assert!(matches!(&d1.backend, Backend::Network { protocol, .. } if protocol == "nbd"));
         let d2 = &t.disks[2];

@@ -394,11 +394,49 @@ fn stats(ev: &dyn Evidence) -> Option<String> {
     if vm.is_none() && vcpu.is_none() {
         return None;
     }
-    Some(format!(
+    let mut s = format!(
         "query-stats (KVM): {} VM and {} vCPU values per sample{}",
         vm.unwrap_or(0),
         vcpu.unwrap_or(0),
         if vm == Some(0) && vcpu == Some(0) { " (none: not running under KVM)" } else { "" }
+    );
+    if let (Some(a), Some(b)) =
+        (ev.read_json("qmp/query-stats-vcpu.1.json"), ev.read_json("qmp/query-stats-vcpu.2.json"))
+    {
+        if let Some(d) = vcpu_activity(&a, &b) {
+            s.push_str(&format!("; {d}"));
+        }
+    }
+    Some(s)
+}
+
+/// What the guest's vCPUs did between two `query-stats` vCPU samples (cumulative KVM
+/// counters summed over vCPUs): exits, of which port I/O and MMIO (the guest touching a
+/// device, e.g. kicking a disk queue), and time halted. A guest waiting on a stuck disk
+/// typically halts with only timer exits; one still submitting I/O shows device exits.
+fn vcpu_activity(a: &Value, b: &Value) -> Option<String> {
+    let sum = |v: &Value, name: &str| -> Option<u64> {
+        let mut total = None;
+        for cpu in v["return"].as_array()? {
+            for st in cpu["stats"].as_array().into_iter().flatten() {
+                if st["name"] == name {
+                    *total.get_or_insert(0) += st["value"].as_u64()?;
+                }
+            }
+        }
+        total
+    };
+    let delta = |name: &str| Some(sum(b, name)?.saturating_sub(sum(a, name)?));
+    let cpus = b["return"].as_array().map(Vec::len).unwrap_or(0);
+    let exits = delta("exits")?;
+    let io = delta("io_exits").unwrap_or(0);
+    let mmio = delta("mmio_exits").unwrap_or(0);
+    let halted_ms = delta("halt_wait_ns").map(|ns| ns / 1_000_000);
+    Some(format!(
+        "between the two samples, {cpus} vCPU{}: {exits} exits ({io} port I/O, {mmio} MMIO: {}){}",
+        if cpus == 1 { "" } else { "s" },
+        if io + mmio == 0 { "the guest touched no device" } else { "the guest is touching devices" },
+        halted_ms.map(|ms| format!(", halted {ms} ms in total")).unwrap_or_default()
     ))
 }
 

@@ -168,3 +168,24 @@ fn config_lock_says_whose_it_is() {
     let snap = Mem::default().with("config/102.conf", "scsihw: lsi\n[snap1]\nlock: snapshot\n");
     assert!(findings(&snap).lock.is_none());
 }
+
+/// The two vCPU samples compared: exits, device exits and halted time over the window.
+#[test]
+fn vcpu_samples_are_compared() {
+    let sample = |exits: u64, io: u64, halt_ns: u64| {
+        format!(
+            r#"{{"return":[{{"provider":"kvm","qom-path":"/machine/unattached/device[0]","stats":[{{"name":"exits","value":{exits}}},{{"name":"io_exits","value":{io}}},{{"name":"mmio_exits","value":0}},{{"name":"halt_wait_ns","value":{halt_ns}}},{{"name":"halt_wait_hist","value":[1,2]}}]}},{{"provider":"kvm","qom-path":"/machine/unattached/device[1]","stats":[{{"name":"exits","value":10}},{{"name":"io_exits","value":0}},{{"name":"mmio_exits","value":0}},{{"name":"halt_wait_ns","value":0}}]}}]}}"#
+        )
+    };
+    let idle = Mem::default()
+        .with("config/102.conf", "scsihw: lsi\n")
+        .with("qmp/query-stats-vcpu.1.json", &sample(53, 0, 3_487_226_499))
+        .with("qmp/query-stats-vcpu.2.json", &sample(60, 0, 4_489_586_652));
+    let s = findings(&idle).stats.unwrap();
+    assert!(s.ends_with("between the two samples, 2 vCPUs: 7 exits (0 port I/O, 0 MMIO: the guest touched no device), halted 1002 ms in total"), "{s}");
+    let busy = Mem::default()
+        .with("config/102.conf", "scsihw: lsi\n")
+        .with("qmp/query-stats-vcpu.1.json", &sample(53, 0, 0))
+        .with("qmp/query-stats-vcpu.2.json", &sample(900, 400, 0));
+    assert!(findings(&busy).stats.unwrap().contains("847 exits (400 port I/O, 0 MMIO: the guest is touching devices)"));
+}

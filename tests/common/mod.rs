@@ -159,7 +159,7 @@ const GUEST_UP_TIMEOUT: Duration = Duration::from_secs(300);
 /// Disk controller of a guest VM, laid out as qemu-server does it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Controller {
-    /// `scsihw: lsi`: `lsi53c895a,id=scsihw0`, no in-flight view
+    /// `scsihw: lsi`: `lsi53c895a,id=scsihw0,bus=pci.0,addr=0x5`, no in-flight view
     Lsi,
     /// `scsihw: virtio-scsi-single` + `iothread=1`: `virtioscsi0` with `iothread-virtioscsi0`
     VirtioScsiSingle,
@@ -294,6 +294,9 @@ pub struct GuestSpec {
     /// `agent: 1`: qemu-guest-agent runs in the guest on Proxmox's virtio-serial port,
     /// and `up` returns once it answers (`lab up --agent`)
     pub agent: bool,
+    /// Disks (`lab up --disks`): the guest writes on the first, `sda`/`vda`; the others
+    /// stay idle. On LSI, seven per controller at `scsi-id` 0..6.
+    pub disks: u32,
 }
 
 impl Default for GuestSpec {
@@ -307,6 +310,7 @@ impl Default for GuestSpec {
             aio: "io_uring".into(),
             mbps: 60,
             agent: false,
+            disks: 1,
         }
     }
 }
@@ -343,6 +347,8 @@ impl GuestSpec {
         if self.agent {
             a.push("--agent".into());
         }
+        a.push("--disks".into());
+        a.push(self.disks.to_string());
         a.push("--guest-timeout".into());
         a.push((GUEST_UP_TIMEOUT.as_secs() - 30).to_string());
         a
