@@ -30,6 +30,19 @@ fn at(v: &Value) -> DateTime<Utc> {
     v["at"].as_str().and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("sample without a time: {v}"))
 }
 
+/// A guest-less VM on virtio-scsi-single with an iothread and no throttle: its queues
+/// are an in-flight view, so nothing queued proves it healthy.
+fn quiet_vm(vmid: u32) -> LabOptions {
+    LabOptions {
+        vmid,
+        name: format!("quiet{vmid}"),
+        scsihw: "virtio-scsi-single".into(),
+        iothread: true,
+        mbps: 0,
+        ..LabOptions::default()
+    }
+}
+
 #[test]
 fn a_sweep_names_and_captures_exactly_the_wedged_vms_in_one_window() {
     let guest = |vmid, controller, mode, backend| GuestSpec { vmid, controller, mode, backend, ..GuestSpec::default() };
@@ -41,14 +54,7 @@ fn a_sweep_names_and_captures_exactly_the_wedged_vms_in_one_window() {
     // Nine guest-less VMs on virtio-scsi-single (nothing in flight: healthy), one paused.
     let quiet: Vec<u32> = (611..=619).collect();
     for &vmid in &quiet {
-        lab.add_vm(LabOptions {
-            vmid,
-            name: format!("quiet{vmid}"),
-            scsihw: "virtio-scsi-single".into(),
-            iothread: true,
-            mbps: 0,
-            ..LabOptions::default()
-        });
+        lab.add_vm(quiet_vm(vmid));
     }
     lab.vm(619).pause();
     for (vmid, kind) in [(601, WedgeKind::Inside), (602, WedgeKind::Nbd)] {
@@ -136,19 +142,11 @@ fn a_sweep_names_and_captures_exactly_the_wedged_vms_in_one_window() {
 /// are in docs/scale.md, not asserted here.)
 #[test]
 fn a_held_or_silent_qmp_costs_only_its_own_vm() {
-    // The quiet ones on virtio-scsi-single (an in-flight view: nothing queued is proof of
-    // health); the other two as the incident's VM (LSI, a QEMU throttle).
-    let quiet = |vmid: u32| LabOptions {
-        vmid,
-        name: format!("quiet{vmid}"),
-        scsihw: "virtio-scsi-single".into(),
-        iothread: true,
-        mbps: 0,
-        ..LabOptions::default()
-    };
-    let mut lab = Lab::start(quiet(631));
+    // The quiet ones on virtio-scsi-single; the other two as the incident's VM (LSI, a
+    // QEMU throttle).
+    let mut lab = Lab::start(quiet_vm(631));
     for vmid in [634, 635] {
-        lab.add_vm(quiet(vmid));
+        lab.add_vm(quiet_vm(vmid));
     }
     for (vmid, name) in [(632, "held632"), (633, "hung633")] {
         lab.add_vm(LabOptions { vmid, name: name.into(), ..LabOptions::default() });
