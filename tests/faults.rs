@@ -568,7 +568,7 @@ timeout = "2s"
 [[step]]
 id = "nap"
 kind = "command"
-argv = ["sleep", "7.25"]
+argv = ["sleep", "{NAP}"]
 timeout = "30s"
 
 [[step]]
@@ -593,9 +593,17 @@ kind = "command"
 argv = ["cat", "/proc/{pid}/comm"]
 "#;
 
-/// [`SLOW_THEN_STACKS`] with the in-run "as found" check right after the stacks step.
-fn slow_then_stacks() -> String {
-    let (head, tail) = SLOW_THEN_STACKS.split_at(SLOW_THEN_STACKS.find("[[step]]\nid = \"proc-after\"").unwrap());
+/// The nap of VM `vmid`'s slow runbook: about 7 s, and an argv of its own, so a test
+/// waiting for its sleep never mistakes another test's (they run in parallel).
+fn nap(vmid: u32) -> String {
+    format!("7.{vmid}")
+}
+
+/// [`SLOW_THEN_STACKS`] for VM `vmid` (its [`nap`]) with the in-run "as found" check
+/// right after the stacks step.
+fn slow_then_stacks(vmid: u32) -> String {
+    let rb = SLOW_THEN_STACKS.replace("{NAP}", &nap(vmid));
+    let (head, tail) = rb.split_at(rb.find("[[step]]\nid = \"proc-after\"").unwrap());
     format!("{head}{}{tail}", check_step("during"))
 }
 
@@ -604,9 +612,9 @@ fn slow_then_stacks() -> String {
 #[test]
 fn target_exits_mid_capture() {
     let lab = lab(211);
-    let rb = write_runbook(&lab, "slow", &slow_then_stacks());
+    let rb = write_runbook(&lab, "slow", &slow_then_stacks(211));
     let child = spawn_tool(&lab, &["211", "--json", "--runbook", rb.to_str().unwrap()], None);
-    let sleeper = wait_for_argv(&["sleep", "7.25"]);
+    let sleeper = wait_for_argv(&["sleep", &nap(211)]);
     lab.kill();
     claim!("QEMU killed while the nap step ran (its sleep seen)", common::pid_alive(sleeper));
     let out = wait_output(child);
@@ -637,9 +645,9 @@ fn target_exits_mid_capture() {
 fn target_pid_reused_by_foreign_process() {
     let lab = lab(212);
     let pid = lab.pid();
-    let rb = write_runbook(&lab, "slow", &slow_then_stacks());
+    let rb = write_runbook(&lab, "slow", &slow_then_stacks(212));
     let mut child = spawn_tool(&lab, &["212", "--json", "--runbook", rb.to_str().unwrap()], None);
-    wait_for_argv(&["sleep", "7.25"]);
+    wait_for_argv(&["sleep", &nap(212)]);
     lab.kill();
     // Take the pid over: set the last pid handed out to pid-1 and fork, retrying
     // while other processes on the machine race us for it.
@@ -1056,9 +1064,9 @@ fn self_sigterm_during_gdb() {
 fn self_sigkill_leaves_nothing_the_next_run_does_not_clean() {
     let lab = lab(234);
     let before = lab.thread_states();
-    let rb = write_runbook(&lab, "slow", &slow_then_stacks());
+    let rb = write_runbook(&lab, "slow", &slow_then_stacks(234));
     let child = spawn_tool(&lab, &["234", "--json", "--runbook", rb.to_str().unwrap()], None);
-    let sleeper = wait_for_argv(&["sleep", "7.25"]);
+    let sleeper = wait_for_argv(&["sleep", &nap(234)]);
     claim!("killed while the nap step ran (its sleep seen)", common::pid_alive(sleeper));
     signal(&child, libc::SIGKILL);
     let out = wait_output(child);
@@ -1240,9 +1248,9 @@ fn storage_output_read_only() {
 fn storage_output_deleted_mid_run() {
     let lab = lab(243);
     let before = lab.thread_states();
-    let rb = write_runbook(&lab, "slow", &slow_then_stacks());
+    let rb = write_runbook(&lab, "slow", &slow_then_stacks(243));
     let child = spawn_tool(&lab, &["243", "--json", "--runbook", rb.to_str().unwrap()], None);
-    let sleeper = wait_for_argv(&["sleep", "7.25"]);
+    let sleeper = wait_for_argv(&["sleep", &nap(243)]);
     std::fs::remove_dir_all(lab.out_dir()).unwrap();
     claim!("deleted while the nap step ran (its sleep seen)", common::pid_alive(sleeper));
     let out = wait_output(child);
