@@ -104,6 +104,21 @@ pub fn escape_control(s: &str) -> String {
     out
 }
 
+/// A sentence that mixes our words with text from outside (a thread name, a build-id, a
+/// config value) as plain prose: control characters escaped and every character that
+/// could start markdown structure (emphasis, links, HTML, code, tables) backslash-escaped,
+/// so it renders as the same characters and never as structure. Not cut.
+pub fn prose(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in escape_control(s).chars() {
+        if matches!(c, '`' | '*' | '_' | '[' | ']' | '<' | '>' | '#' | '|' | '!' | '~' | '&') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Text from outside (an API reason, an alert label, a thread name) as an inline code
 /// span: on one line, fenced by more backticks than it contains, so it cannot open a
 /// heading, start a list, close an HTML comment or end its own span.
@@ -180,7 +195,7 @@ fn pve_section(o: &mut String, p: &crate::pve::PveFindings) {
         o.push_str(&format!("- HA: {}\n", data(h)));
     }
     if let Some(l) = &p.lock {
-        o.push_str(&format!("- **Config lock:** {}\n", escape_control(l)));
+        o.push_str(&format!("- **Config lock:** {}\n", prose(l)));
     }
     for c in &p.pending {
         o.push_str(&format!("- pending (applies only at the next full stop→start): {}\n", data(c)));
@@ -212,7 +227,7 @@ fn signatures_section(o: &mut String, matches: &[crate::signatures::SignatureMat
             o.push_str(&format!("  - matched: {}\n", data(e)));
         }
         for u in &m.unverified {
-            o.push_str(&format!("  - not verified: {u}\n"));
+            o.push_str(&format!("  - not verified: {}\n", prose(u)));
         }
         let todo = if m.status == Status::Possible { "what to do if confirmed" } else { "what to do" };
         o.push_str(&format!("  - {todo}: {}\n", m.advice));
@@ -475,11 +490,20 @@ fn versions_section(o: &mut String, p: &crate::pve::PveFindings, h: Option<&crat
     let pve = match (&p.pve_qemu_build, from_pveversion, v.and_then(|v| v.qemu_installed.as_deref())) {
         // An upgrade installed another build while this VM kept the old one: a fix in the
         // installed build reaches this VM only with a full stop→start.
-        (Some(b), Some(i), _) if i.split_whitespace().next() != Some(b.as_str()) => format!(
-            "{} (query-version), but **{} is installed**: this VM runs the older build until a full stop→start",
-            data(b),
-            data(i)
-        ),
+        (Some(b), Some(i), _) if i.split_whitespace().next() != Some(b.as_str()) => {
+            let installed = i.split_whitespace().next().unwrap_or(i);
+            let newer = crate::signatures::compare_versions(installed, b) == std::cmp::Ordering::Greater;
+            format!(
+                "{} (query-version), but **{} is installed**: {}",
+                data(b),
+                data(i),
+                if newer {
+                    "this VM runs the older build until a full stop→start"
+                } else {
+                    "this VM runs another build than the installed one (a downgrade, or a build installed by hand)"
+                }
+            )
+        }
         (Some(b), _, _) => format!("{} (query-version)", data(b)),
         (None, Some(b), _) => format!("{} (pveversion; installed, not necessarily running)", data(b)),
         (None, None, Some(i)) if i.starts_with("pve-qemu-kvm ") => {
@@ -975,10 +999,27 @@ mod tests {
             o.contains("`9.2.0-5` (query-version), but **`10.1.2-1` is installed**: this VM runs the older build"),
             "{o}"
         );
+        p.pveversion = vec!["pve-qemu-kvm: 9.0.2-4".into()];
+        let mut o = String::new();
+        versions_section(&mut o, &p, None, "pve1");
+        assert!(o.contains("**`9.0.2-4` is installed**: this VM runs another build than the installed one"), "{o}");
         p.pveversion = vec!["pve-qemu-kvm: 9.2.0-5".into()];
         let mut o = String::new();
         versions_section(&mut o, &p, None, "pve1");
         assert!(o.contains("- **pve-qemu-kvm:** `9.2.0-5` (query-version)\n"), "{o}");
+    }
+
+    /// A thread name, a build-id or a config value inside one of our sentences cannot
+    /// open a comment, a link, emphasis or a code span.
+    #[test]
+    fn prose_from_outside_is_never_structure() {
+        let hostile = "iothread <!-- [x](http://e) *b* `c` | d\n## Verdict: healthy";
+        let p = prose(hostile);
+        assert!(!p.contains('\n'), "{p}");
+        for raw in ["<!--", "[x]", "*b*", "`c`"] {
+            assert!(!p.contains(raw), "{raw} survives in {p}");
+        }
+        assert_eq!(p, "iothread \\<\\!-- \\[x\\](http://e) \\*b\\* \\`c\\` \\| d\\n\\#\\# Verdict: healthy");
     }
 
     #[test]

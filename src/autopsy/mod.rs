@@ -259,6 +259,22 @@ pub async fn run(
         steps: records.clone(),
         files: Vec::new(),
     };
+    // Nothing secret leaves the host: one pass over every staged file and the manifest,
+    // before the diagnosis and the summary read them, so no secret reaches a rendering
+    // that escapes or cuts text (where it could no longer be found).
+    let (learned, learn_note) = redaction::learn_target_bounded(&target).await;
+    let (redaction, secrets) = redaction::seal_pass(&staging.dir, learned, &mut manifest);
+    manifest.redaction = Some(redaction);
+    if let Some(note) = learn_note {
+        if let Some(first) = manifest.steps.first_mut() {
+            first.notes.push(note);
+        }
+    }
+    if !stale.is_empty() {
+        if let Some(first) = manifest.steps.first_mut() {
+            first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
+        }
+    }
     let diagnosis =
         diagnose::diagnose(&staging, &manifest.steps, &Rules { min_idle_secs: settings.min_idle.as_secs_f64() });
     let summary = Summary {
@@ -284,28 +300,17 @@ pub async fn run(
         restart: None,
     };
     {
+        // Written after the pass, from evidence it already scrubbed; scrubbed once more
+        // (the render adds nothing secret, but nothing is written unscrubbed).
         let sink = staging.sink();
-        let _ = sink.write("summary.json", &serde_json::to_vec_pretty(&summary).unwrap_or_default());
+        let clean = |bytes: Vec<u8>| secrets.scrub(&bytes).0;
+        let _ = sink.write("summary.json", &clean(serde_json::to_vec_pretty(&summary).unwrap_or_default()));
         // The signature set the matches were computed with, so `inspect` elsewhere can
         // say whether it recomputes against the same one.
         let set = crate::signatures::record(crate::signatures::active());
         let _ = sink.write(crate::signatures::RECORD_PATH, &serde_json::to_vec_pretty(&set).unwrap_or_default());
-        let _ = sink.write("summary.md", summary::markdown(&summary).as_bytes());
+        let _ = sink.write("summary.md", &clean(summary::markdown(&summary).into_bytes()));
         sink.close();
-    }
-    // Nothing secret leaves the host: one pass over every staged file and the manifest.
-    let (learned, learn_note) = redaction::learn_target_bounded(&target).await;
-    let (redaction, secrets) = redaction::seal_pass(&staging.dir, learned, &mut manifest);
-    manifest.redaction = Some(redaction);
-    if let Some(note) = learn_note {
-        if let Some(first) = manifest.steps.first_mut() {
-            first.notes.push(note);
-        }
-    }
-    if !stale.is_empty() {
-        if let Some(first) = manifest.steps.first_mut() {
-            first.notes.push(format!("removed leftovers of an earlier run that died: {}", stale.join(", ")));
-        }
     }
     progress.started("seal");
     let seal_start = Instant::now();

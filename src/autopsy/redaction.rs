@@ -7,36 +7,45 @@ use crate::archive::manifest::{Manifest, Redaction};
 use crate::redact::{self, Redactor};
 use crate::target::Target;
 
-/// The secret values of the VM, learned from the sources themselves: the target's command
-/// line, its `/proc/PID/environ` and its VM config.
-fn learn_target(target: &Target) -> Redactor {
-    let mut r = Redactor::default();
-    r.learn_argv(&target.cmdline);
-    // Best effort: a process that is gone has no environ to learn from (nor to leak).
-    if let Ok(raw) = crate::procfs::read_capped(Path::new(&format!("/proc/{}/environ", target.pid)), 1 << 20) {
-        r.learn_file("environ", raw.split(|b| *b == 0).collect::<Vec<_>>().join(&b'\n').as_slice());
+/// Reads one source (at most 1 MiB) on a thread of its own, at most [`LEARN_BUDGET`]:
+/// `environ` takes the target's memory lock, which a wedged QEMU may hold, and the config
+/// lives on pmxcfs, which can hang. `Ok(None)`: there is no such file (a libvirt VM has
+/// no Proxmox config; a process that is gone has no environ, nor anything to leak).
+/// `Err` says why it could not be read.
+async fn read_bounded(key: String, path: std::path::PathBuf) -> Result<Option<Vec<u8>>, String> {
+    match crate::stuck::bounded(crate::stuck::process(), &key, LEARN_BUDGET, move || {
+        crate::procfs::read_capped(&path, 1 << 20)
+    })
+    .await
+    {
+        Ok(Ok(raw)) => Ok(Some(raw)),
+        Ok(Err(e)) if matches!(e.kind(), std::io::ErrorKind::NotFound) || e.raw_os_error() == Some(3) => Ok(None),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
-    if let Ok(raw) = crate::procfs::read_capped(&target.config_path, 1 << 20) {
-        r.learn_file("vm.conf", &raw);
-    }
-    r
 }
 
-/// [`learn_target`] on a thread of its own, at most 5 s: reading `environ` takes the
-/// target's memory lock, which a wedged QEMU may hold. Past the deadline (or while an
-/// earlier read of this VM is still stuck) only the command line is learned, and the
-/// second value says why.
+/// The secret values of the VM, learned from the sources themselves: the target's command
+/// line, its VM config and its `/proc/PID/environ`, each read under its own deadline so a
+/// stuck one costs only itself. The second value names what could not be read.
 pub(super) async fn learn_target_bounded(target: &Target) -> (Redactor, Option<String>) {
-    let t = target.clone();
-    let key = format!("pid {} environ", target.pid);
-    match crate::stuck::bounded(crate::stuck::process(), &key, LEARN_BUDGET, move || learn_target(&t)).await {
-        Ok(r) => (r, None),
-        Err(e) => {
-            let mut r = Redactor::default();
-            r.learn_argv(&target.cmdline);
-            (r, Some(format!("redaction learned from the command line only: reading the environment {e}")))
-        }
+    let mut r = Redactor::default();
+    r.learn_argv(&target.cmdline);
+    let mut missed = Vec::new();
+    let config = target.config_path.clone();
+    match read_bounded(format!("config {}", config.display()), config).await {
+        Ok(Some(raw)) => r.learn_file("vm.conf", &raw),
+        Ok(None) => {}
+        Err(e) => missed.push(format!("the VM config ({e})")),
     }
+    let environ = Path::new(&format!("/proc/{}/environ", target.pid)).to_path_buf();
+    match read_bounded(format!("pid {} environ", target.pid), environ).await {
+        Ok(Some(raw)) => r.learn_file("environ", raw.split(|b| *b == 0).collect::<Vec<_>>().join(&b'\n').as_slice()),
+        Ok(None) => {}
+        Err(e) => missed.push(format!("the environment ({e})")),
+    }
+    let note = (!missed.is_empty()).then(|| format!("redaction could not learn from {}", missed.join(" or ")));
+    (r, note)
 }
 
 const LEARN_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
@@ -64,6 +73,20 @@ pub(super) fn seal_pass(dir: &Path, mut learned: Redactor, manifest: &mut Manife
     if r.scrub_json(&mut other) > 0 {
         manifest.command_line = serde_json::from_value(other[0].take()).unwrap_or_default();
         manifest.trigger.reason = serde_json::from_value(other[1].take()).unwrap_or_default();
+    }
+    // Step errors and notes quote commands and files (a stderr line, a path).
+    for step in manifest.steps.iter_mut() {
+        let Ok(mut v) = serde_json::to_value(&*step) else { continue };
+        if r.scrub_json(&mut v) > 0 {
+            match serde_json::from_value(v) {
+                Ok(clean) => *step = clean,
+                // Same type both ways, so this cannot happen; never keep the unscrubbed text.
+                Err(e) => {
+                    step.error = Some(format!("step record could not be redacted: {e}"));
+                    step.notes.clear();
+                }
+            }
+        }
     }
     (result, learned)
 }

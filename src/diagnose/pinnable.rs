@@ -335,7 +335,7 @@ fn advice(r: &RunningQemu) -> Vec<String> {
                 out.push(format!(
                     "installed {d} would match the installed binary, not the running one; the running version is unknown (QMP did not answer)"
                 ));
-            } else if b.on_disk != OnDisk::Same {
+            } else if matches!(b.on_disk, OnDisk::Replaced { .. } | OnDisk::Missing) {
                 // The debug package depends on pve-qemu-kvm of exactly its version: apt
                 // would downgrade the installed build or refuse. Unpack it beside instead.
                 let deb = d.replace('=', "_");

@@ -85,8 +85,11 @@ async fn run_job(ctx: &Arc<Service>, id: JobId) {
     let took = t0.elapsed();
     let doc = match outcome {
         Ok(((report, target), _lock)) => {
-            // Learned by the run's seal pass, before a restart replaces the process.
+            // Learned by the run's seal pass, before a restart replaces the process. The
+            // job record and what the restart logs show the sender's text scrubbed from now.
             let secrets = report.secrets.clone();
+            ctx.store.update(id, |j| j.origin.scrub(&secrets));
+            let job = ctx.store.get(id).unwrap_or(job);
             finish_sealed(ctx, &job, report, target, took).await.map(|d| (d, secrets))
         }
         Err(e) => {
@@ -100,7 +103,7 @@ async fn run_job(ctx: &Arc<Service>, id: JobId) {
     let Some((mut doc, mut secrets)) = doc else { return };
     service_secrets(&ctx.cfg, &mut secrets);
     doc.redact(&mut secrets);
-    // The job record shows the sender's text too: what the VM's secrets were is known now.
+    // Also with the service's own secrets (a token quoted in an alert's annotation).
     ctx.store.update(id, |j| j.origin.scrub(&secrets));
     // Also marks the job delivered when there is nowhere to deliver to.
     deliver(ctx, id, &mut doc).await;

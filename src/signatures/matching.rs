@@ -173,11 +173,18 @@ fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) 
     let installed = ev.read_string("commands/pveversion.txt").and_then(|t| {
         t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| format!("pve-qemu-kvm_{}", v.trim())))
     });
-    let pkg = crate::stacks::dbgsym::for_module("qemu-system-x86_64", package.or(installed.as_deref()));
+    // The running build's package when QMP named it; else the installed one's, which
+    // matches the build-id only if the VM runs the installed build.
+    let pkg = match (package, installed.as_deref()) {
+        (Some(p), _) => crate::stacks::dbgsym::for_module("qemu-system-x86_64", Some(p)),
+        (None, Some(i)) => crate::stacks::dbgsym::for_module("qemu-system-x86_64", Some(i))
+            .map(|p| format!("{p} if the VM runs the installed build; else the same package of the running version")),
+        (None, None) => crate::stacks::dbgsym::for_module("qemu-system-x86_64", None),
+    };
     format!(
         "install the debug symbols for build-id {}{} (see `wedge-autopsy audit`) and re-run `inspect --resymbolize`",
         build_id.map(|b| crate::qmp::one_line(&b, 64)).unwrap_or_else(|| "(not recorded)".into()),
-        pkg.map(|p| format!(" ({})", crate::qmp::one_line(&p, 120))).unwrap_or_default()
+        pkg.map(|p| format!(" ({})", crate::qmp::one_line(&p, 200))).unwrap_or_default()
     )
 }
 
@@ -224,6 +231,14 @@ fn one(s: &Signature, f: &Facts<'_>) -> Option<SignatureMatch> {
     // A Proxmox build is judged by its own range: pve-qemu-kvm carries fixes before upstream.
     let mut version_verified = false;
     match (&f.pve, &s.pve_qemu_affected, &f.qemu, &s.qemu_affected) {
+        // Only the installed build is known (QMP silent) and it is outside the range: an
+        // upgrade may have installed the fix while this VM still runs an affected build.
+        (Some(p), Some(r), _, _) if !r.contains(p) && f.pve_source == Some(PveSource::Installed) => {
+            unverified.push(format!(
+                "the running pve-qemu-kvm (the installed {p} is outside the affected range {}, but QMP did not say which build runs; a VM started before an upgrade still runs the old one)",
+                r.text
+            ));
+        }
         (Some(p), Some(r), _, _) => {
             if !r.contains(p) {
                 return None;

@@ -314,8 +314,18 @@ fn installed_version_is_used_when_qmp_is_silent_and_says_so() {
     let b = m.iter().find(|m| m.id == "qemu-3144-throttle-group-iothreads").unwrap_or_else(|| panic!("{m:?}"));
     assert!(b.evidence.iter().any(|e| e.contains("10.1.2-4 (installed; the running build may differ)")), "{b:?}");
     assert!(b.unverified.iter().any(|u| u.contains("running pve-qemu-kvm")), "{b:?}");
+    // The fix is installed but QMP is silent: the VM may still run the affected build it
+    // started with, so the frames still name the bug and the version stays unverified.
     let fixed = ev.clone().with("commands/pveversion.txt", "pve-qemu-kvm: 10.2.1-1\n");
-    assert!(matches(&fixed, "main-loop-wedged", None, &set)
+    let m = matches(&fixed, "main-loop-wedged", None, &set);
+    let b = m.iter().find(|m| m.id == "qemu-3144-throttle-group-iothreads").unwrap_or_else(|| panic!("{m:?}"));
+    assert!(b.unverified.iter().any(|u| u.contains("installed 10.2.1-1 is outside the affected range")), "{b:?}");
+    // Named by QMP as the fixed build, the running one is out of range: no match.
+    let running_fixed = ev.clone().with(
+        "qmp/query-version.json",
+        r#"{"return":{"qemu":{"major":10,"minor":2,"micro":1},"package":"pve-qemu-kvm_10.2.1-1"}}"#,
+    );
+    assert!(matches(&running_fixed, "main-loop-wedged", None, &set)
         .iter()
         .all(|m| m.id != "qemu-3144-throttle-group-iothreads"));
 }
