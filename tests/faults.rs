@@ -1329,22 +1329,6 @@ fn scale_64_disks_every_device_and_thread() {
 // ---------------------------------------------------------------------------
 // secrets
 
-/// Every entry of a sealed archive, decompressed: `(name, bytes)`.
-fn entries(path: &Path) -> Vec<(String, Vec<u8>)> {
-    use std::io::Read;
-    let dec = zstd::stream::read::Decoder::new(std::fs::File::open(path).unwrap()).unwrap();
-    let mut tar = tar::Archive::new(dec);
-    let mut out = Vec::new();
-    for e in tar.entries().unwrap() {
-        let mut e = e.unwrap();
-        let name = e.path().unwrap().display().to_string();
-        let mut bytes = Vec::new();
-        e.read_to_end(&mut bytes).unwrap();
-        out.push((name, bytes));
-    }
-    out
-}
-
 /// Fault: secrets outside the VM's command line: in the QEMU process's environment (a secret-named key, a database URL with a password) and in host files the tool captures (a kernel log line written to /dev/kmsg, journal lines with `password=`, a URL with user-info and the environment's secret value).
 /// Stand-in: a fake `journalctl` (a script) for the journal; the kernel log is the real /dev/kmsg.
 /// Outcome: every secret is in its source before the run; sealed; the archive verifies (every hash, the sidecar); no secret in any file of the sealed tar (decompressed, manifest included); proc/environ keeps the keys with the values redacted; host/kmsg.txt keeps the line with password=<redacted>; host/journal.txt keeps its lines with every secret redacted; manifest.json records the redaction and how many values it replaced.
@@ -1385,13 +1369,11 @@ fn secrets_in_the_environment_and_host_files_never_reach_the_archive() {
     let json = json_of(&out);
     let ar = sealed(&json);
     let path = PathBuf::from(json["archive"].as_str().unwrap());
-    let all = entries(&path);
+    let all = common::archive_entries(&path);
     assert!(all.len() > 5, "{} entries", all.len());
     let leaks: Vec<(String, &str)> = all
         .iter()
-        .flat_map(|(name, b)| {
-            SECRETS.iter().filter(|s| b.windows(s.len()).any(|w| w == s.as_bytes())).map(move |s| (name.clone(), *s))
-        })
+        .flat_map(|(name, b)| common::secrets_in(b, &SECRETS).into_iter().map(move |s| (name.clone(), s)))
         .collect();
     claim!("no secret in any file of the sealed tar (decompressed, manifest included)", leaks.is_empty(), "{leaks:?}");
     let env = ar.read_string("proc/environ").unwrap();

@@ -1056,15 +1056,8 @@ fn abuse_secrets_never_reach_the_archive() {
     // Every file of the archive and of its copy, decompressed.
     let mut entries = 0;
     for archive_file in [&path, &copy] {
-        let dec = zstd::stream::read::Decoder::new(std::fs::File::open(archive_file).unwrap()).unwrap();
-        let mut tar = tar::Archive::new(dec);
-        for e in tar.entries().unwrap() {
-            let mut e = e.unwrap();
-            let name = e.path().unwrap().display().to_string();
-            let mut bytes = Vec::new();
-            e.read_to_end(&mut bytes).unwrap();
-            let found: Vec<&str> =
-                SECRETS.iter().copied().filter(|s| memchr_find(&bytes, s.as_bytes()).is_some()).collect();
+        for (name, bytes) in common::archive_entries(archive_file) {
+            let found = common::secrets_in(&bytes, &SECRETS);
             claim!(
                 "no secret in any file of the archive or its copy (decompressed, manifest included)",
                 found.is_empty(),
@@ -1115,10 +1108,6 @@ fn abuse_secrets_never_reach_the_archive() {
             && shown["origin"]["reason"] == "INC-7 https://ops:<redacted>@pve.example:8006 refused; env had <redacted>",
         "{leaked:?} in {shown_text}"
     );
-}
-
-fn memchr_find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 // ---------------------------------------------------------------------------

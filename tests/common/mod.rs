@@ -355,6 +355,29 @@ impl GuestSpec {
     }
 }
 
+/// Every file of a sealed archive, decompressed: `(path in the tar, bytes)`.
+#[allow(dead_code)] // not every test binary reads whole archives
+pub fn archive_entries(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let dec = zstd::stream::read::Decoder::new(std::fs::File::open(path).unwrap()).unwrap();
+    let mut tar = tar::Archive::new(dec);
+    let mut out = Vec::new();
+    for e in tar.entries().unwrap() {
+        let mut e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        let mut bytes = Vec::new();
+        e.read_to_end(&mut bytes).unwrap();
+        out.push((name, bytes));
+    }
+    out
+}
+
+/// Which of `secrets` occur anywhere in `bytes`.
+#[allow(dead_code)]
+pub fn secrets_in<'a>(bytes: &[u8], secrets: &[&'a str]) -> Vec<&'a str> {
+    secrets.iter().copied().filter(|s| bytes.windows(s.len()).any(|w| w == s.as_bytes())).collect()
+}
+
 // ---------------------------------------------------------------------------
 // bounded process helpers
 
