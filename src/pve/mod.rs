@@ -269,9 +269,13 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
             _ => "unknown".into(),
         });
     }
-    if let Some(v) = ev.read_json("qmp/query-backup.json") {
-        f.backup = backup(&v);
-    }
+    let backup_active = match ev.read_json("qmp/query-backup.json") {
+        Some(v) => {
+            f.backup = backup(&v);
+            v["return"]["status"].as_str() == Some("active")
+        }
+        None => false,
+    };
     if let Some(v) = ev.read_json("pve/tasks.json") {
         for t in v["tasks"].as_array().into_iter().flatten() {
             let s = |k: &str| t[k].as_str().unwrap_or("").to_string();
@@ -306,9 +310,11 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
         }
     }
     if let Some(text) = ev.read_string(&format!("config/{vmid}.conf")) {
-        f.pending = vmconfig::pending(&text);
-        if let Some(lock) = vmconfig::PveConfig::parse(&text).keys.get("lock") {
-            f.lock = Some(lock_meaning(&crate::qmp::one_line(lock, 40), &f));
+        let cfg = vmconfig::PveConfig::parse(&text);
+        f.pending = vmconfig::pending_section(&text).map(|p| vmconfig::pending_changes(&cfg, &p)).unwrap_or_default();
+        if let Some(lock) = cfg.keys.get("lock") {
+            let vzdump_running = f.tasks.iter().any(|t| t.starts_with("vzdump") && t.ends_with(": running"));
+            f.lock = Some(lock_meaning(&crate::qmp::one_line(lock, 40), backup_active || vzdump_running));
         }
     }
     if ev.read_json("qmp/query-status.json").and_then(|v| v["return"]["status"].as_str().map(str::to_string)).as_deref()
@@ -317,9 +323,7 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
         // qemu-server's qmeventd: on SHUTDOWN it checks query-status and, unless a vzdump
         // backup is attached, sends QMP quit (SIGTERM only if that write fails), then
         // SIGKILLs after its -t timeout (60 s by default).
-        let backup_running =
-            ev.read_json("qmp/query-backup.json").is_some_and(|v| v["return"]["status"].as_str() == Some("active"));
-        f.stop_imminent.push(if backup_running {
+        f.stop_imminent.push(if backup_active {
             "the guest shut itself down (status shutdown) while a vzdump backup runs: qmeventd keeps QEMU alive until the backup ends, then sends QMP quit and SIGKILLs it 60 s later (qmeventd -t), which destroys the evidence; take anything else now (a core: --runbook qemu-wedge-full)".into()
         } else {
             "the guest shut itself down (status shutdown): qmeventd sends QMP quit (SIGTERM only if it cannot) and SIGKILLs the process 60 s later (qmeventd -t), which destroys the evidence; take anything else now (a core: --runbook qemu-wedge-full); only stopping qmeventd.service holds it off, and that affects every VM on this node".into()
@@ -331,10 +335,9 @@ pub fn findings(ev: &dyn Evidence) -> PveFindings {
 
 /// What a config lock means for this wedge. `qm stop`/`qm start` (and so a restart
 /// through Proxmox) refuse while the VM is locked; a `backup` lock with no backup running
-/// is the classic leftover of a vzdump that hung with the VM.
-fn lock_meaning(lock: &str, f: &PveFindings) -> String {
-    let backup_running = f.backup.as_deref().is_some_and(|b| b.starts_with("status active"))
-        || f.tasks.iter().any(|t| t.starts_with("vzdump") && t.ends_with(": running"));
+/// is the classic leftover of a vzdump that hung with the VM. `backup_running`: QMP's
+/// query-backup says active, or a vzdump task for the VM is running.
+fn lock_meaning(lock: &str, backup_running: bool) -> String {
     let what = match lock {
         "backup" if backup_running => "a vzdump backup holds it and is running (see Backup and the vzdump log)",
         "backup" => {

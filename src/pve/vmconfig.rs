@@ -91,12 +91,6 @@ pub fn options(value: &str) -> Options {
     out
 }
 
-/// The `[PENDING]` changes of one config's text, as `key: old → new` (option sets, so
-/// a reordering is no change). Used by `audit` and by the autopsy's Proxmox findings.
-pub fn pending(text: &str) -> Vec<String> {
-    pending_section(text).map(|p| pending_changes(&PveConfig::parse(text), &p)).unwrap_or_default()
-}
-
 /// The `[PENDING]` section, if any: changes written to the config but not yet applied.
 pub fn pending_section(text: &str) -> Option<PveConfig> {
     let start = text.lines().position(|l| l.trim() == "[PENDING]")?;
