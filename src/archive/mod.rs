@@ -90,6 +90,7 @@ pub fn prepare_out(out: &Path) -> Result<(), ArchiveError> {
 
 /// A run's working directory under `<out>`, named with our pid so a later run can tell
 /// an abandoned one (its owner is dead) from a live one.
+#[derive(Debug, Clone)]
 pub struct Staging {
     pub out: PathBuf,
     pub name: String,

@@ -237,7 +237,7 @@ pub async fn run(
     let name = archive::archive_name(req.vmid.get(), started_at, &host);
     let stale = archive::cleanup_stale(&settings.out);
     let staging = Staging::create(&settings.out, &name)?;
-    let mut records = capture(req, settings, &target, &staging, progress, cancel).await;
+    let mut records = capture_paced(req, settings, &target, &staging, progress, cancel, Pacing::default()).await;
     mark_vanished(&staging, &mut records);
     let interrupted = cancel.is_cancelled();
     let mut manifest = Manifest {
@@ -256,7 +256,7 @@ pub async fn run(
         target: serde_json::to_value(&target).ok(),
         interrupted,
         redaction: None,
-        steps: records.clone(),
+        steps: records,
         files: Vec::new(),
     };
     // Nothing secret leaves the host: one pass over every staged file and the manifest,
@@ -316,7 +316,7 @@ pub async fn run(
     let seal_start = Instant::now();
     let result = tokio::task::spawn_blocking({
         let manifest = manifest.clone();
-        let staging = Staging { out: staging.out.clone(), name: staging.name.clone(), dir: staging.dir.clone() };
+        let staging = staging.clone();
         move || staging.seal(manifest)
     })
     .await;
@@ -334,7 +334,6 @@ pub async fn run(
         }
     });
     progress.sealed(sealed.as_ref(), seal_error.as_deref(), seal_start.elapsed());
-    manifest.steps = records;
     Ok(Report {
         vmid: req.vmid,
         diagnosis,
@@ -375,20 +374,10 @@ fn mark_vanished(staging: &Staging, records: &mut [crate::step::StepRecord]) {
 }
 
 /// Runs every step of `req.runbook` against `target`, writing into `staging`. Never
-/// fails: each step's outcome is in the returned records, in runbook order.
-pub async fn capture(
-    req: &Request,
-    settings: &Settings,
-    target: &Target,
-    staging: &Staging,
-    progress: &dyn Progress,
-    cancel: &Cancel,
-) -> Vec<StepRecord> {
-    capture_paced(req, settings, target, staging, progress, cancel, Pacing::default()).await
-}
-
-/// [`capture`] as one VM of a sweep: later samples wait for the sweep's window, every
-/// step and sample takes one of the sweep's slots, QMP in short sessions if asked.
+/// fails: each step's outcome is in the returned records, in runbook order. `pacing`:
+/// [`Pacing::default`] for one VM alone; a sweep's shared one makes later samples wait
+/// for the sweep's window, every step and sample take one of its slots, and QMP run in
+/// short sessions if asked.
 pub async fn capture_paced(
     req: &Request,
     settings: &Settings,

@@ -105,8 +105,7 @@ fn blocking_job(ctx: &Ctx<'_>, step: &Step, timeout: Duration, sink: StepSink) -
         }),
         StepKind::HostInfo => {
             let target = ctx.target.clone();
-            let staging =
-                Staging { out: ctx.staging.out.clone(), name: ctx.staging.name.clone(), dir: ctx.staging.dir.clone() };
+            let staging = ctx.staging.clone();
             let input = crate::hostinfo::Input {
                 pid,
                 vmid: vars.vmid.clone(),

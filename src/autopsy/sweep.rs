@@ -192,7 +192,7 @@ fn sample_times(ev: &dyn Evidence) -> Vec<SampleTime> {
 pub async fn wedged(settings: &Settings, parallel: usize, cancel: &Cancel) -> Result<Vec<(VmId, Diagnosis)>, Error> {
     let opts = Options {
         parallel,
-        stuck: crate::stuck::Stuck::new(crate::stuck::MAX_STUCK),
+        stuck: crate::stuck::process().clone(),
         trigger: Trigger::manual(Some("--all-wedged sweep".into())),
         command_line: std::env::args().collect(),
     };

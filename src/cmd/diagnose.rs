@@ -73,7 +73,7 @@ pub fn run_all(
     }
     let opts = sweep::Options {
         parallel,
-        stuck: wedge_autopsy::stuck::Stuck::new(wedge_autopsy::stuck::MAX_STUCK),
+        stuck: wedge_autopsy::stuck::process().clone(),
         trigger: Trigger::manual(Some("diagnose --all".into())),
         command_line: std::env::args().collect(),
     };
