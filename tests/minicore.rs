@@ -88,7 +88,7 @@ fn minicore_loads_in_gdb_matches_the_snapshot_and_leaves_guest_ram_out() {
     // gdb opens it: as many threads as the process had, the same return addresses.
     let tmp = tempfile::tempdir().unwrap();
     let core = tmp.path().join("qemu.core");
-    archive::extract_entry(Path::new(&archive_path), &entry.path, &entry, &core).unwrap();
+    archive::extract_entry(Path::new(&archive_path), &entry, &core).unwrap();
     let exe = report["exe"].as_str().unwrap();
     let gdb = run_bounded(
         std::process::Command::new("gdb")

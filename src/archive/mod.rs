@@ -299,8 +299,9 @@ fn for_each_entry(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> std::io
 
 /// Streams one archived file (any size: a core) to `dest` (created 0600, must not
 /// exist), checking its SHA-256 against `expected` from the manifest. Returns its size.
-pub fn extract_entry(archive: &Path, rel: &str, expected: &FileEntry, dest: &Path) -> Result<u64, ArchiveError> {
+pub fn extract_entry(archive: &Path, expected: &FileEntry, dest: &Path) -> Result<u64, ArchiveError> {
     let shown = archive.display().to_string();
+    let rel = expected.path.as_str();
     let mut found = None;
     for_each_entry(archive, |name, reader| {
         if name != rel || found.is_some() {

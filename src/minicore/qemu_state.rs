@@ -163,7 +163,7 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
     }
     let tmp = TempDir::new().map_err(|e| QemuStateError::Tool(format!("cannot create a private temp dir: {e}")))?;
     let core = tmp.0.join("qemu.core");
-    archive::extract_entry(archive_path, &entry.path, &entry, &core)?;
+    archive::extract_entry(archive_path, &entry, &core)?;
     let mut argv: Vec<String> = vec![opts.gdb.clone(), "-batch".into(), "-nx".into()];
     if !opts.debuginfod {
         argv.extend(["-iex".into(), "set debuginfod enabled off".into()]);

@@ -178,12 +178,11 @@ fn starttime(pid: i32) -> Option<u64> {
     crate::procfs::parse_stat_file(&format!("/proc/{pid}/stat")).ok().map(|s| s.starttime)
 }
 
-/// The live half of a snapshot: what was read from the process (maps, modules with
-/// their files, the frozen register and stack copies). Everything after this works on
+/// The live half of a snapshot: what was read from the process (modules with their
+/// files, the frozen register and stack copies). Everything after this works on
 /// copies only ([`analyze`]), live or from an archive ([`raw`]).
 pub struct Captured {
     pub pid: i32,
-    pub maps: Vec<modules::Mapping>,
     pub modules: modules::Modules,
     pub snapshot: snapshot::Snapshot,
     /// Non-fatal problems of the capture (unloadable modules, post-check findings).
@@ -242,7 +241,7 @@ pub fn capture(
     for (tid, tp) in &traced {
         notes.push(format!("thread {tid} is still traced by pid {tp} after the snapshot"));
     }
-    Ok(Captured { pid, maps, modules: mods, snapshot: snap, notes, started: t0 })
+    Ok(Captured { pid, modules: mods, snapshot: snap, notes, started: t0 })
 }
 
 /// How [`analyze`] unwinds and names: the offline half of [`NativeOptions`].

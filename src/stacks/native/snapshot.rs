@@ -253,19 +253,15 @@ fn tracer_pid(path: &str) -> Option<i32> {
     s.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok())
 }
 
-/// Takes the snapshot on a dedicated OS thread (see the module docs for why). Also
-/// returns that thread's id: until the kernel has finished its exit, threads it still
-/// held may show it as their TracerPid for a moment.
-pub fn take(pid: i32, maps: &[Mapping], opts: &FreezeOptions, cancel: &Cancel) -> (Result<Snapshot, StackError>, i32) {
-    take_with(pid, maps, opts, cancel, None)
-}
-
 /// Work done while every thread is still stopped (after the last register and stack
 /// copy, before the first detach), e.g. a core's memory copy. It runs on the ptrace
 /// thread; whatever it takes adds to the freeze.
 pub type WhileFrozen = Box<dyn FnOnce() + Send>;
 
-/// [`take`], running `during` while the threads are stopped.
+/// Takes the snapshot on a dedicated OS thread (see the module docs for why), running
+/// `during` while the threads are stopped. Also returns that thread's id: until the
+/// kernel has finished its exit, threads it still held may show it as their TracerPid
+/// for a moment.
 pub fn take_with(
     pid: i32,
     maps: &[Mapping],
