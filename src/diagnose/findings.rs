@@ -296,13 +296,11 @@ fn unnamed(ev: &dyn Evidence, v: &Value) -> Vec<UnnamedFrames> {
 
 /// Which package would name a module's frames.
 fn unnamed_hint(module: &str, version: Option<&Value>) -> String {
-    if module.starts_with("qemu-system") || module == "kvm" {
+    if crate::stacks::dbgsym::is_qemu_image(module) {
         let Some(v) = version else {
             return "the QEMU build is unknown (no query-version reply): see `wedge-autopsy audit`".into();
         };
-        let q = &v["qemu"];
-        let qemu = format!("{}.{}.{}", q["major"], q["minor"], q["micro"]);
-        let p = crate::stacks::dbgsym::from_qmp(v["package"].as_str().unwrap_or(""), Some(qemu));
+        let p = crate::stacks::dbgsym::from_qmp(v["package"].as_str().unwrap_or(""), None);
         return match p.dbgsym {
             Some(d) => format!("`apt install {d}` (matches this build-id): {}", p.note),
             None => p.note,

@@ -60,12 +60,6 @@ struct Frame {
     unnamed_qemu: bool,
 }
 
-/// Whether a mapped file is QEMU's image (Proxmox's `kvm` is a link to it).
-fn is_qemu_module(path: &str) -> bool {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    file.starts_with("qemu-system-") || file == "kvm"
-}
-
 const HOST_INFO: &str = "host/info.json";
 
 /// A `versions` string of host info.
@@ -166,7 +160,7 @@ fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) 
     let from_stacks = ev.read_json("stacks/threads.json").and_then(|v| {
         v["modules"].as_array()?.iter().find_map(|m| {
             let name = m["name"].as_str()?;
-            is_qemu_module(name).then(|| m["build_id"].as_str().map(str::to_string)).flatten()
+            crate::stacks::dbgsym::is_qemu_image(name).then(|| m["build_id"].as_str().map(str::to_string)).flatten()
         })
     });
     let build_id = from_stacks.or_else(|| host_str(host, "qemu_build_id").map(str::to_string));
@@ -453,7 +447,7 @@ fn native_frames(fr: &Value) -> Vec<Frame> {
     let module = fr["module"].as_str().map(str::to_string);
     let offset = fr["module_offset"].as_u64();
     let at = |symbol: Option<String>| Frame {
-        unnamed_qemu: symbol.is_none() && module.as_deref().is_some_and(is_qemu_module),
+        unnamed_qemu: symbol.is_none() && module.as_deref().is_some_and(crate::stacks::dbgsym::is_qemu_image),
         symbol,
         module: module.clone(),
         offset,
@@ -496,7 +490,7 @@ fn gdb_threads(text: &str) -> Vec<Thread> {
         }
         let symbol = (!w.is_empty() && w != "??").then(|| w.to_string());
         let module = l.split(" from ").nth(1).map(|m| m.trim().to_string());
-        let unnamed_qemu = symbol.is_none() && module.as_deref().is_none_or(is_qemu_module);
+        let unnamed_qemu = symbol.is_none() && module.as_deref().is_none_or(crate::stacks::dbgsym::is_qemu_image);
         t.frames.push(Frame { symbol, module, offset: None, unnamed_qemu });
     }
     out

@@ -81,6 +81,13 @@ pub fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Pack
     }
 }
 
+/// Whether a mapped file (a path or a bare file name) is QEMU's image; Proxmox's `kvm`
+/// is a link to it.
+pub fn is_qemu_image(path: &str) -> bool {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.starts_with("qemu-system-") || file == "kvm"
+}
+
 /// The package that ships the debug info of `module` (a path as mapped), when known:
 /// glibc's libraries → `libc6-dbg`; QEMU → what [`from_qmp`] says of the archived
 /// `query-version` package (`pve-qemu-kvm-dbgsym=<version>` on Proxmox); any other file
@@ -92,7 +99,7 @@ pub fn for_module(module: &str, qemu_package: Option<&str>) -> Option<String> {
     if GLIBC.iter().any(|g| file.starts_with(g)) {
         return Some("libc6-dbg".into());
     }
-    if file.starts_with("qemu-system-") || file == "kvm" {
+    if is_qemu_image(file) {
         let p = qemu_package.map(|p| from_qmp(p, None));
         return Some(match p {
             Some(Package { dbgsym: Some(d), .. }) => d,
