@@ -87,6 +87,17 @@ pub struct Report {
 }
 
 impl Report {
+    /// The summary as shown after the run (printed, or POSTed by `serve`): the sealed copy
+    /// plus the archive's own hash, the seal's error and the restart outcome, which the
+    /// copy inside the archive cannot contain.
+    pub fn final_summary(&self, restart: Option<serde_json::Value>) -> Summary {
+        let mut s = self.summary.clone();
+        s.archive = self.sealed.as_ref().map(crate::summary::ArchiveFacts::from);
+        s.seal_error = self.seal_error.clone();
+        s.restart = restart;
+        s
+    }
+
     /// The exit code this run deserves (before any restart).
     pub fn exit(&self) -> Exit {
         if self.sealed.is_none() {

@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::error::{Error, Exit};
 use crate::lock::VmLock;
 use crate::restart::{self, RestartOutcome};
-use crate::summary::{ArchiveFacts, Summary};
+use crate::summary::Summary;
 use crate::target::Target;
 
 #[derive(Debug, Clone)]
@@ -48,11 +48,7 @@ impl Outcome {
     /// The summary as printed after the run: the sealed copy plus the archive's own hash
     /// and the restart outcome, which the copy inside the archive cannot contain.
     pub fn summary(&self) -> Summary {
-        let mut s = self.report.summary.clone();
-        s.archive = self.report.sealed.as_ref().map(ArchiveFacts::from);
-        s.seal_error = self.report.seal_error.clone();
-        s.restart = self.restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
-        s
+        self.report.final_summary(self.restart.as_ref().and_then(|r| serde_json::to_value(r).ok()))
     }
 
     /// One-line errors worth repeating at the end of the run.

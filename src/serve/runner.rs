@@ -23,7 +23,7 @@ use crate::diagnose::Diagnosis;
 use crate::error::Error;
 use crate::redact::Redactor;
 use crate::runbook;
-use crate::summary::{self, ArchiveFacts};
+use crate::summary;
 use crate::target::{Target, TargetError};
 
 /// Proving the target reads /proc/PID/cmdline, which can block on a wedged process's
@@ -194,10 +194,7 @@ async fn finish_sealed(
         Some(r) if r.attempted => ctx.store.count_restart("failed"),
         Some(_) => ctx.store.count_restart("not-attempted"),
     }
-    let mut summary = report.summary.clone();
-    summary.archive = report.sealed.as_ref().map(ArchiveFacts::from);
-    summary.seal_error = report.seal_error.clone();
-    summary.restart = restart.as_ref().and_then(|r| serde_json::to_value(r).ok());
+    let summary = report.final_summary(restart.as_ref().and_then(|r| serde_json::to_value(r).ok()));
     let markdown = summary::markdown(&summary);
     let state = if report.sealed.is_some() { State::Sealed } else { State::Failed };
     ctx.store.update(job.id, |j| {
