@@ -22,9 +22,6 @@ pub enum Error {
     BadInput(String),
     #[error(transparent)]
     Target(#[from] TargetError),
-    /// Refused for a reason other than target proof (e.g. missing privileges).
-    #[error("{0}")]
-    Refused(String),
     #[error("{0}")]
     Seal(String),
     #[error("{0}")]
@@ -55,7 +52,6 @@ impl Error {
         match self {
             Error::BadInput(_) => Exit::BadInput,
             Error::Target(e) => e.exit(),
-            Error::Refused(_) => Exit::Refused,
             Error::Seal(_) => Exit::SealFailed,
             Error::Busy(_) => Exit::Busy,
             Error::Archive(e) => e.exit(),

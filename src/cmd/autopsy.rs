@@ -172,8 +172,8 @@ fn dry_run(
     floor: &Floor,
 ) -> Result<Exit, Error> {
     let mut vms = Vec::new();
-    let mut exits = vec![Exit::Ok; vmids.len()];
-    let mut fails: Vec<Option<Error>> = Vec::new();
+    // Per VM: the first check that failed, as (the real run's exit, its message).
+    let mut fails: Vec<Option<(Exit, String)>> = Vec::new();
     for &vmid in vmids {
         let req = req_for(vmid);
         let target = autopsy::prepare(&req, s);
@@ -190,7 +190,7 @@ fn dry_run(
             exit: 0,
             error: None,
         });
-        fails.push(target.err());
+        fails.push(target.err().map(|e| (e.exit(), e.to_string())));
     }
     // As the real run: `--out` and the floor only once some VM is proven; they end the run.
     let mut free = None;
@@ -202,30 +202,32 @@ fn dry_run(
         }
     }
     if run_error.is_none() {
-        for ((vm, fail), exit) in vms.iter_mut().zip(fails.iter_mut()).zip(exits.iter_mut()) {
+        for (vm, fail) in vms.iter_mut().zip(fails.iter_mut()) {
             if fail.is_none() {
-                *fail = VmLock::probe(&s.out, vm.vmid).err().map(Error::from).or_else(|| {
-                    let r = restart_req?;
-                    restart::predict(r, vm.vmid).err().map(|e| match e.exit() {
-                        Exit::Busy => Error::Busy(e.to_string()),
-                        _ => Error::Refused(e.to_string()),
+                *fail = VmLock::probe(&s.out, vm.vmid)
+                    .err()
+                    .map(|e| {
+                        let e = Error::from(e);
+                        (e.exit(), e.to_string())
                     })
-                });
+                    .or_else(|| {
+                        let r = restart_req?;
+                        // A refused restart comes after a seal: 5, not 3; a cooldown is busy.
+                        restart::predict(r, vm.vmid).err().map(|e| match e.exit() {
+                            Exit::Busy => (Exit::Busy, e.to_string()),
+                            _ => (Exit::RestartFailed, e.to_string()),
+                        })
+                    });
             }
-            if let Some(e) = fail {
-                // A refused restart comes after a seal: 5, not 3.
-                *exit = match (&e, restart_req) {
-                    (Error::Refused(_), Some(_)) => Exit::RestartFailed,
-                    _ => e.exit(),
-                };
+            if let Some((exit, msg)) = fail {
                 vm.exit = exit.code();
-                vm.error = Some(e.to_string());
+                vm.error = Some(msg.clone());
             }
         }
     }
     let exit = match &run_error {
         Some(e) => e.exit(),
-        None => exits.iter().fold(Exit::Ok, |w, e| w.worse(*e)),
+        None => fails.iter().flatten().fold(Exit::Ok, |w, (e, _)| w.worse(*e)),
     };
     let mut out = std::io::stdout().lock();
     if args.json {
