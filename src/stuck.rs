@@ -122,6 +122,26 @@ pub enum Bounded {
     Failed(String),
 }
 
+/// [`bounded`] for synchronous callers: `f` on a thread of its own, waited for at most
+/// `limit`; past it the thread is abandoned and `key` counts as stuck until it returns.
+pub fn bounded_blocking<T: Send + 'static>(
+    stuck: &Arc<Stuck>,
+    key: &str,
+    limit: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Bounded> {
+    let (running, waiting) = stuck.admit(key)?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _running = running;
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit).map_err(|_| {
+        waiting.timed_out();
+        Bounded::Timeout(limit)
+    })
+}
+
 /// Runs `f` on a blocking thread, at most `limit`, unless `key` is still stuck: a read that
 /// outlives `limit` keeps its thread (it cannot be cancelled), but no second thread is
 /// started for `key` while it is stuck.
@@ -177,5 +197,27 @@ mod tests {
         drop(r);
         w.timed_out();
         assert_eq!(reg.count(), 0);
+    }
+
+    #[test]
+    fn bounded_blocking_abandons_a_stuck_call_and_refuses_its_key_until_it_returns() {
+        let reg = Stuck::new(4);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let r = bounded_blocking(&reg, "k", Duration::from_millis(50), move || {
+            go_rx.recv_timeout(Duration::from_secs(60)).expect("released by the test");
+            let _ = done_tx.send(());
+        });
+        assert!(matches!(r, Err(Bounded::Timeout(_))), "{r:?}");
+        assert!(matches!(bounded_blocking(&reg, "k", Duration::from_secs(1), || 1), Err(Bounded::Refused(_))));
+        assert_eq!(bounded_blocking(&reg, "other", Duration::from_secs(5), || 7).unwrap(), 7);
+        go_tx.send(()).unwrap();
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        // The registry forgets the key once the abandoned call has returned.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while reg.count() > 0 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(bounded_blocking(&reg, "k", Duration::from_secs(5), || 2).unwrap(), 2);
     }
 }

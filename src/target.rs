@@ -401,22 +401,12 @@ pub fn read_cmdline_bounded(pid: i32, limit: Duration) -> std::io::Result<Option
     static STUCK: std::sync::OnceLock<std::sync::Arc<crate::stuck::Stuck>> = std::sync::OnceLock::new();
     // A read still stuck from an earlier call gets the same answer as a timeout, without
     // another thread (repeated proofs of a hung process must not pile threads up).
-    let Ok((running, waiting)) =
-        STUCK.get_or_init(|| crate::stuck::Stuck::new(64)).admit(&format!("/proc/{pid}/cmdline"))
-    else {
-        return Ok(None);
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _running = running;
-        let _ = tx.send(procfs::read_cmdline(pid));
-    });
-    match rx.recv_timeout(limit) {
+    let stuck = STUCK.get_or_init(|| crate::stuck::Stuck::new(64));
+    match crate::stuck::bounded_blocking(stuck, &format!("/proc/{pid}/cmdline"), limit, move || {
+        procfs::read_cmdline(pid)
+    }) {
         Ok(r) => r.map(Some),
-        Err(_) => {
-            waiting.timed_out();
-            Ok(None)
-        }
+        Err(_) => Ok(None),
     }
 }
 

@@ -146,16 +146,13 @@ pub(crate) fn bounded<T: Send + 'static>(
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, String> {
     static STUCK: std::sync::OnceLock<std::sync::Arc<crate::stuck::Stuck>> = std::sync::OnceLock::new();
-    let (running, waiting) =
-        STUCK.get_or_init(|| crate::stuck::Stuck::new(16)).admit(key).map_err(|e| e.to_string())?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _running = running;
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(budget).map_err(|_| {
-        waiting.timed_out();
-        format!("did not return within {} ms: the storage under it is not answering", budget.as_millis())
+    crate::stuck::bounded_blocking(STUCK.get_or_init(|| crate::stuck::Stuck::new(16)), key, budget, f).map_err(|e| {
+        match e {
+            crate::stuck::Bounded::Timeout(_) => {
+                format!("did not return within {} ms: the storage under it is not answering", budget.as_millis())
+            }
+            other => other.to_string(),
+        }
     })
 }
 
