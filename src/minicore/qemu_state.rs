@@ -140,7 +140,7 @@ pub fn run(archive_path: &Path, reader: &ArchiveReader, opts: &Options) -> Resul
     }
     let elf = elf.expect("checked above");
     let search = DebugSearch { dirs: opts.debug_dirs.clone() };
-    let debug = if elf.has_dwarf { None } else { find_debug(&elf, elf.debuglink(), &meta.exe, &search) };
+    let debug = if elf.has_dwarf { None } else { find_debug(&elf, &meta.exe, &search) };
     let has_symbols = elf.has_dwarf || debug.as_ref().is_some_and(|d| d.has_dwarf);
     if !has_symbols {
         let qemu_package = reader

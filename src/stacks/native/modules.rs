@@ -106,13 +106,15 @@ pub struct Elf {
     pub sections: UnwindSections,
     pub has_symtab: bool,
     pub has_dwarf: bool,
+    /// The file name in `.gnu_debuglink`, where a separate debug file may be found.
+    pub debuglink: Option<String>,
     /// Decompressed copies of SHF_COMPRESSED DWARF sections, made on first use.
     pub(crate) dwarf_owned: OnceLock<BTreeMap<String, Vec<u8>>>,
 }
 
 impl Elf {
     pub fn parse(path: PathBuf, bytes: Bytes) -> Result<Elf, String> {
-        let (build_id, sections, has_symtab, has_dwarf) = {
+        let (build_id, sections, has_symtab, has_dwarf, debuglink) = {
             let obj = object::File::parse(&*bytes).map_err(|e| format!("{}: {e}", path.display()))?;
             let sec = |name: &str| {
                 obj.section_by_name(name).and_then(|s| {
@@ -136,9 +138,11 @@ impl Elf {
             let build_id = obj.build_id().ok().flatten().map(|b| b.to_vec());
             let has_symtab = obj.section_by_name(".symtab").is_some_and(|s| s.size() > 0);
             let has_dwarf = obj.section_by_name(".debug_info").is_some_and(|s| s.size() > 0);
-            (build_id, sections, has_symtab, has_dwarf)
+            let debuglink =
+                obj.gnu_debuglink().ok().flatten().map(|(name, _crc)| String::from_utf8_lossy(name).into_owned());
+            (build_id, sections, has_symtab, has_dwarf, debuglink)
         };
-        Ok(Elf { path, bytes, build_id, sections, has_symtab, has_dwarf, dwarf_owned: OnceLock::new() })
+        Ok(Elf { path, bytes, build_id, sections, has_symtab, has_dwarf, debuglink, dwarf_owned: OnceLock::new() })
     }
 
     pub fn open(path: &Path) -> Result<Elf, String> {
@@ -148,13 +152,6 @@ impl Elf {
         // rewritten in place, and map_files pins the inode the target itself maps.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: mmap: {e}", path.display()))?;
         Elf::parse(path.to_path_buf(), Bytes::Mapped(map))
-    }
-
-    /// The file name in `.gnu_debuglink`.
-    pub fn debuglink(&self) -> Option<String> {
-        let obj = object::File::parse(&*self.bytes).ok()?;
-        let (name, _crc) = obj.gnu_debuglink().ok().flatten()?;
-        Some(String::from_utf8_lossy(name).into_owned())
     }
 }
 
@@ -316,7 +313,7 @@ pub fn load(pid: i32, maps: &[Mapping], search: &DebugSearch) -> (Modules, Vec<S
                 continue;
             }
         };
-        let debug = if path == "[vdso]" { None } else { find_debug(&elf, elf.debuglink(), path, search) };
+        let debug = if path == "[vdso]" { None } else { find_debug(&elf, path, search) };
         list.push(Module { name: path.trim_end_matches(" (deleted)").to_string(), start, end, bias, elf, debug });
     }
     list.sort_by_key(|m| m.start);
@@ -387,7 +384,7 @@ pub fn build_id_path(dir: &Path, h: &str) -> PathBuf {
 
 /// The separate debug file of `elf` (mapped at `path`): by build-id under each search
 /// dir, then by its `.gnu_debuglink` name beside the binary and under each search dir.
-pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &DebugSearch) -> Option<Elf> {
+pub fn find_debug(elf: &Elf, path: &str, search: &DebugSearch) -> Option<Elf> {
     if elf.has_dwarf && elf.has_symtab {
         return None;
     }
@@ -395,7 +392,7 @@ pub fn find_debug(elf: &Elf, debuglink: Option<String>, path: &str, search: &Deb
     if let Some(dbg) = elf.build_id.as_deref().and_then(|id| debug_file_by_build_id(id, search)) {
         return Some(dbg);
     }
-    let link = debuglink?;
+    let link = elf.debuglink.clone()?;
     let dir = Path::new(clean).parent().unwrap_or(Path::new("/"));
     let mut cands = vec![dir.join(&link), dir.join(".debug").join(&link)];
     for d in &search.dirs {

@@ -253,7 +253,7 @@ pub fn encode(c: &Captured) -> (RawSnapshot, Vec<u8>) {
             end: m.end,
             bias: m.bias,
             build_id: m.build_id_hex(),
-            debuglink: m.elf.debuglink(),
+            debuglink: m.elf.debuglink.clone(),
             debug_file: m.debug.as_ref().map(|d| d.path.display().to_string()),
             has_symtab: m.elf.has_symtab,
             has_dwarf: m.elf.has_dwarf,
@@ -367,7 +367,7 @@ pub fn modules(
             Some(e) => (e, false),
             None => (archived_elf(rm, data), true),
         };
-        let mut debug = modules::find_debug(&elf, rm.debuglink.clone(), &rm.name, search);
+        let mut debug = modules::find_debug(&elf, &rm.name, search);
         if debug.is_none() && !(elf.has_dwarf && elf.has_symtab) && rm.name != "[vdso]" {
             if let (Some(f), Some(id)) = (fetch, rm.build_id.as_deref()) {
                 debug = f(id).and_then(|p| Elf::open(&p).ok()).filter(|d| d.build_id == elf.build_id);
@@ -394,7 +394,7 @@ fn archived_elf(rm: &RawModule, data: &[u8]) -> Elf {
     if let Some(img) = rm.sections.iter().find(|s| s.name == "image") {
         if let Ok(bytes) = slice(data, &img.data, &rm.name) {
             if let Ok(e) = Elf::parse(PathBuf::from(&rm.name), Bytes::Owned(bytes.to_vec())) {
-                return e;
+                return Elf { debuglink: rm.debuglink.clone(), ..e };
             }
         }
     }
@@ -418,6 +418,7 @@ fn archived_elf(rm: &RawModule, data: &[u8]) -> Elf {
         sections,
         has_symtab: false,
         has_dwarf: false,
+        debuglink: rm.debuglink.clone(),
         dwarf_owned: OnceLock::new(),
     }
 }
