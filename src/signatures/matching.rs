@@ -82,7 +82,12 @@ enum PveSource {
 /// `verdict` and `layer` are the diagnosis' kebab-case names (`block-path-frozen`,
 /// `inside-qemu`); `layer` is `None` when the diagnosis has none.
 pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set) -> Vec<SignatureMatch> {
-    let threads = threads(ev);
+    let stacks = ev.read_json("stacks/threads.json");
+    let threads = threads(ev, stacks.as_ref());
+    // `pve-qemu-kvm: <version>` of `pveversion --verbose`: what is installed.
+    let pveversion = ev
+        .read_string("commands/pveversion.txt")
+        .and_then(|t| t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| v.trim().to_string())));
     let config = ev
         .list()
         .iter()
@@ -99,7 +104,7 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
     // imports this module.
     let host = ev.read_json(HOST_INFO).map(|h| h["versions"].clone());
     let proxmox = is_proxmox(ev, package.as_deref());
-    let (mut pve, mut pve_source) = pve_version(ev, package.as_deref(), host.as_ref());
+    let (mut pve, mut pve_source) = pve_version(package.as_deref(), pveversion.clone(), host.as_ref());
     // An installed pve-qemu-kvm says nothing of a running QEMU that is not Proxmox's.
     if proxmox == Some(false) && pve_source != Some(PveSource::Running) {
         (pve, pve_source) = (None, None);
@@ -113,7 +118,7 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
         pve,
         pve_source,
         proxmox,
-        symbols_hint: symbols_hint(ev, package.as_deref(), host.as_ref()),
+        symbols_hint: symbols_hint(stacks.as_ref(), package.as_deref(), pveversion.as_deref(), host.as_ref()),
     };
     set.signatures.iter().filter_map(|s| one(s, &facts)).collect()
 }
@@ -121,13 +126,14 @@ pub fn matches(ev: &dyn Evidence, verdict: &str, layer: Option<&str>, set: &Set)
 /// The pve-qemu-kvm build: the running one from `query-version`, else the installed
 /// one (`commands/pveversion.txt`, then host info's dpkg record). A main-loop deadlock
 /// leaves QMP unanswered, so the installed version is often all there is.
-fn pve_version(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) -> (Option<String>, Option<PveSource>) {
+fn pve_version(
+    package: Option<&str>,
+    from_pveversion: Option<String>,
+    host: Option<&Value>,
+) -> (Option<String>, Option<PveSource>) {
     if let Some(p) = package.and_then(crate::pve::pve_build) {
         return (Some(p), Some(PveSource::Running));
     }
-    let from_pveversion = ev
-        .read_string("commands/pveversion.txt")
-        .and_then(|t| t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| v.trim().to_string())));
     let from_dpkg =
         || host_str(host, "qemu_installed").and_then(|i| i.strip_prefix("pve-qemu-kvm ")).map(|v| v.trim().to_string());
     let installed = from_pveversion.or_else(from_dpkg).filter(|v| super::version::is_version(v));
@@ -156,17 +162,20 @@ fn is_proxmox(ev: &dyn Evidence, package: Option<&str>) -> Option<bool> {
 
 /// "install the debug symbols for build-id … (pve-qemu-kvm-dbgsym=…)": what would make
 /// QEMU's frames named.
-fn symbols_hint(ev: &dyn Evidence, package: Option<&str>, host: Option<&Value>) -> String {
-    let from_stacks = ev.read_json("stacks/threads.json").and_then(|v| {
+fn symbols_hint(
+    stacks: Option<&Value>,
+    package: Option<&str>,
+    pveversion: Option<&str>,
+    host: Option<&Value>,
+) -> String {
+    let from_stacks = stacks.and_then(|v| {
         v["modules"].as_array()?.iter().find_map(|m| {
             let name = m["name"].as_str()?;
             crate::stacks::dbgsym::is_qemu_image(name).then(|| m["build_id"].as_str().map(str::to_string)).flatten()
         })
     });
     let build_id = from_stacks.or_else(|| host_str(host, "qemu_build_id").map(str::to_string));
-    let installed = ev.read_string("commands/pveversion.txt").and_then(|t| {
-        t.lines().find_map(|l| l.trim().strip_prefix("pve-qemu-kvm:").map(|v| format!("pve-qemu-kvm_{}", v.trim())))
-    });
+    let installed = pveversion.map(|v| format!("pve-qemu-kvm_{v}"));
     // The running build's package when QMP named it; else the installed one's, which
     // matches the build-id only if the VM runs the installed build.
     let pkg = match (package, installed.as_deref()) {
@@ -425,8 +434,10 @@ fn config_holds(rule: &ConfigRule, cfg: &PveConfig) -> Option<String> {
 
 /// Threads from the native `stacks/threads.json`, else gdb's `stacks/gdb.txt`.
 /// `None` when no stacks were captured.
-fn threads(ev: &dyn Evidence) -> Option<Vec<Thread>> {
-    if let Some(v) = ev.read_json("stacks/threads.json") {
+/// The threads of the native capture (`stacks`, the parsed `stacks/threads.json`), else
+/// of gdb's text.
+fn threads(ev: &dyn Evidence, stacks: Option<&Value>) -> Option<Vec<Thread>> {
+    if let Some(v) = stacks {
         let list = v["threads"].as_array()?;
         return Some(
             list.iter()
