@@ -387,16 +387,14 @@ impl Redactor {
         let mut total = 0;
         for rel in &files {
             let p = dir.join(rel);
-            let bytes = match rewritten.remove(rel) {
-                Some(b) => {
-                    std::fs::write(&p, &b)?;
-                    b
-                }
-                None => std::fs::read(&p)?,
+            // A file the text pass changed is written once, after the scrub too.
+            let (bytes, changed) = match rewritten.remove(rel) {
+                Some(b) => (b, true),
+                None => (std::fs::read(&p)?, false),
             };
             let (new, n) = self.scrub(&bytes);
             total += n;
-            if new != bytes {
+            if changed || new != bytes {
                 std::fs::write(&p, &new)?;
             }
         }
