@@ -67,7 +67,7 @@ impl Options {
             debug_dirs,
             script: script.unwrap_or_else(|| DEFAULT_SCRIPT.into()),
             gdb: "gdb".into(),
-            debuginfod: std::env::var("DEBUGINFOD_URLS").is_ok_and(|u| !u.trim().is_empty()),
+            debuginfod: crate::stacks::dbgsym::debuginfod_urls().is_some(),
         }
     }
 }

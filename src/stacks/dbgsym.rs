@@ -81,6 +81,11 @@ pub fn debian(version: &str, source: &'static str, qemu: Option<String>) -> Pack
     }
 }
 
+/// `DEBUGINFOD_URLS`, when set and not blank: debuginfod is used exactly then.
+pub fn debuginfod_urls() -> Option<String> {
+    std::env::var("DEBUGINFOD_URLS").ok().filter(|u| !u.trim().is_empty())
+}
+
 /// Whether a mapped file (a path or a bare file name) is QEMU's image; Proxmox's `kvm`
 /// is a link to it.
 pub fn is_qemu_image(path: &str) -> bool {

@@ -54,8 +54,7 @@ pub struct ResymbolizeOptions {
 impl ResymbolizeOptions {
     /// The debug dirs given, with debuginfod enabled exactly when `DEBUGINFOD_URLS` is set.
     pub fn from_env(debug_dirs: Vec<PathBuf>) -> Self {
-        let urls = std::env::var("DEBUGINFOD_URLS").ok().filter(|u| !u.trim().is_empty());
-        ResymbolizeOptions { debug_dirs, debuginfod_urls: urls }
+        ResymbolizeOptions { debug_dirs, debuginfod_urls: super::dbgsym::debuginfod_urls() }
     }
 }
 
