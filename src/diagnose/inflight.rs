@@ -132,28 +132,29 @@ pub fn assess(inf: &Inflight, deltas: &[DeviceDelta], min_idle_secs: f64) -> Vec
                 .any(|r1| r1.fd == r2.fd && r1.in_kernel() > 0 && r2.in_kernel() > 0 && r1.cq_tail == r2.cq_tail)
         })
         .collect();
-    let agent_stuck: Option<Vec<String>> = match (&a.agent, &b.agent) {
-        (Some(x), Some(y)) if x.error.is_none() && y.error.is_none() => Some(
-            y.disks
-                .iter()
-                .filter(|d2| {
-                    x.disks.iter().any(|d1| {
-                        d1.name == d2.name && d1.in_progress > 0 && d2.in_progress > 0 && d1.completed == d2.completed
-                    })
-                })
-                .map(|d| format!("{} ({} in progress)", d.name, d.in_progress))
-                .collect(),
-        ),
+    // The guest agent's view, when it answered at both ends of the window.
+    let agents = match (&a.agent, &b.agent) {
+        (Some(x), Some(y)) if x.error.is_none() && y.error.is_none() => Some((x, y)),
         _ => None,
     };
+    let agent_stuck: Option<Vec<String>> = agents.map(|(x, y)| {
+        y.disks
+            .iter()
+            .filter(|d2| {
+                x.disks.iter().any(|d1| {
+                    d1.name == d2.name && d1.in_progress > 0 && d2.in_progress > 0 && d1.completed == d2.completed
+                })
+            })
+            .map(|d| format!("{} ({} in progress)", d.name, d.in_progress))
+            .collect()
+    });
     // Which guest disk is which drive: from the addresses the first sample asked for.
-    let links = match (&a.agent, &b.agent) {
-        (Some(x), Some(y)) if x.error.is_none() && y.error.is_none() => {
+    let links = agents
+        .map(|(x, y)| {
             let addrs = [x, y].into_iter().find(|v| !v.addresses.is_empty()).map(|v| v.addresses.as_slice());
             super::guest_map::map(&inf.topology, addrs.unwrap_or_default())
-        }
-        _ => Default::default(),
-    };
+        })
+        .unwrap_or_default();
     let local_disks = inf.topology.disks.iter().filter(|d| d.backend == Backend::Local).count();
     let mut out = Vec::new();
     for disk in &inf.topology.disks {
