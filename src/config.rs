@@ -121,6 +121,9 @@ impl Settings {
                 "sample_interval {interval_text} is too long: the VM is down while you wait; use at most 60s"
             )));
         }
+        // `[retention] min_free` written out (else a runbook's estimate sets the floor).
+        let min_free_given = file.retention.as_ref().is_some_and(|r| r.min_free.is_some());
+        let retention = retention_limits(file.retention.unwrap_or_default())?;
         Ok(Settings {
             run_dir: o.run_dir.clone().or(file.run_dir).unwrap_or_else(|| DEFAULT_RUN_DIR.into()),
             pve_dir: o.pve_dir.clone().or(file.pve_dir).unwrap_or_else(|| DEFAULT_PVE_DIR.into()),
@@ -141,13 +144,8 @@ impl Settings {
             },
             log_dir: o.log_dir.clone().or(file.log_dir).unwrap_or_else(|| DEFAULT_LOG_DIR.into()),
             signature_dir: file.signature_dir.unwrap_or_else(|| crate::signatures::DEFAULT_DIR.into()),
-            min_free_set: match file.retention.as_ref().and_then(|r| r.min_free.as_deref()) {
-                Some(t) => {
-                    Some(crate::units::parse_size(t).map_err(|e| Error::BadInput(format!("retention.min_free: {e}")))?)
-                }
-                None => None,
-            },
-            retention: retention_limits(file.retention.unwrap_or_default())?,
+            min_free_set: min_free_given.then_some(retention.min_free),
+            retention,
             config_file,
             restart: file.restart,
             serve: file.serve,
